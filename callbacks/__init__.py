@@ -1,0 +1,3 @@
+"""Lightning callbacks: thin adapters over the sparsetrain core."""
+
+__all__: list[str] = []

@@ -1,0 +1,131 @@
+"""Run a function in N spawned gloo processes on CPU and collect what each rank returns.
+
+Every distributed test uses :func:`run_distributed`. The function must be importable by
+the spawned children (defined at module level in a test module or in ``sparsetrain``).
+It is called as ``fn(rank, world_size, *args)`` after ``init_process_group("gloo")``
+on a fresh ``FileStore``; its return value must be picklable (tensors are fine).
+
+A rank that raises makes the whole run fail with that rank's traceback; a run that does
+not finish within ``timeout`` seconds (a hung collective) is killed and fails too, so
+neither can hang CI.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import queue
+import socket
+import tempfile
+import time
+import traceback
+from datetime import timedelta
+from typing import Any, Callable
+
+__all__ = ["DistributedRunError", "run_distributed"]
+
+
+class DistributedRunError(RuntimeError):
+    """A rank raised, died or hung."""
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(fn, rank, world_size, store_path, timeout, args, results, env):
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    os.environ.update(env)
+    if env:
+        os.environ.update({"RANK": str(rank), "LOCAL_RANK": str(rank), "NODE_RANK": "0"})
+    import torch
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    try:
+        store = dist.FileStore(store_path, world_size)
+        dist.init_process_group(
+            "gloo", store=store, rank=rank, world_size=world_size, timeout=timedelta(seconds=timeout)
+        )
+        try:
+            out = fn(rank, world_size, *args)
+        finally:
+            dist.destroy_process_group()
+        results.put((rank, "ok", out))
+    except BaseException:  # noqa: BLE001 - everything a rank raises is reported to the parent
+        results.put((rank, "error", traceback.format_exc()))
+
+
+def run_distributed(
+    fn: Callable[..., Any], world_size: int, *args: Any, timeout: float = 120.0, lightning: bool = False
+) -> list[Any]:
+    """Run ``fn(rank, world_size, *args)`` on ``world_size`` gloo ranks; return results by rank.
+
+    With ``lightning=True`` each rank also gets the environment of an externally launched
+    job (``MASTER_ADDR``, ``MASTER_PORT``, ``WORLD_SIZE``, ``RANK``, ``LOCAL_RANK``,
+    ``NODE_RANK``), so a ``Trainer(accelerator="cpu", devices=world_size, strategy="ddp")``
+    built inside ``fn`` joins the existing process group instead of spawning processes.
+
+    Raises:
+        ValueError: ``world_size`` < 1.
+        DistributedRunError: a rank raised (its traceback is in the message), exited
+            without a result, or the run exceeded ``timeout`` seconds.
+    """
+    if world_size < 1:
+        raise ValueError(f"`world_size` must be >= 1, got {world_size}")
+    ctx = mp.get_context("spawn")
+    results = ctx.Queue()
+    with tempfile.TemporaryDirectory(prefix="sparsetrain-dist-") as tmp:
+        store_path = os.path.join(tmp, "store")
+        env = {}
+        if lightning:
+            env = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()), "WORLD_SIZE": str(world_size)}
+        procs = [
+            ctx.Process(
+                target=_worker,
+                args=(fn, rank, world_size, store_path, timeout, args, results, env),
+                daemon=True,
+            )
+            for rank in range(world_size)
+        ]
+        for p in procs:
+            p.start()
+        deadline = time.monotonic() + timeout
+        collected: dict[int, tuple[str, Any]] = {}
+        try:
+            while len(collected) < world_size:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    missing = sorted(set(range(world_size)) - set(collected))
+                    raise DistributedRunError(
+                        f"distributed run timed out after {timeout:.0f}s; ranks {missing} did not finish"
+                    )
+                try:
+                    rank, status, payload = results.get(timeout=min(remaining, 1.0))
+                except queue.Empty:
+                    dead = [
+                        r for r, p in enumerate(procs)
+                        if r not in collected and not p.is_alive() and p.exitcode not in (None, 0)
+                    ]
+                    if dead:
+                        # Give a dying rank's queue write a moment to arrive.
+                        try:
+                            rank, status, payload = results.get(timeout=2.0)
+                        except queue.Empty:
+                            codes = {r: procs[r].exitcode for r in dead}
+                            raise DistributedRunError(f"ranks exited without a result: {codes}") from None
+                    else:
+                        continue
+                collected[rank] = (status, payload)
+                if status == "error":
+                    raise DistributedRunError(f"rank {rank} raised:\n{payload}")
+        finally:
+            for p in procs:
+                p.join(timeout=5)
+            for p in procs:
+                if p.is_alive():
+                    p.kill()
+                    p.join(timeout=5)
+    return [collected[r][1] for r in range(world_size)]
