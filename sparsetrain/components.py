@@ -22,7 +22,8 @@ import importlib
 import inspect
 import types
 import typing
-from typing import Any, Callable, Literal, Union
+from collections.abc import Callable
+from typing import Any, Literal, Union
 
 __all__ = ["RecipeError", "available_components", "build_component", "check_value", "register_component"]
 

@@ -19,8 +19,9 @@ import socket
 import tempfile
 import time
 import traceback
+from collections.abc import Callable
 from datetime import timedelta
-from typing import Any, Callable
+from typing import Any
 
 __all__ = ["DistributedRunError", "run_distributed"]
 
