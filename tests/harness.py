@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import os
+import pickle
 import queue
 import socket
 import tempfile
@@ -54,7 +55,9 @@ def _worker(fn, rank, world_size, store_path, timeout, args, results, env):
             out = fn(rank, world_size, *args)
         finally:
             dist.destroy_process_group()
-        results.put((rank, "ok", out))
+        # Plain pickle copies tensors by value; the queue's own pickler would pass
+        # shared-memory handles that die with this process.
+        results.put((rank, "ok", pickle.dumps(out)))
     except BaseException:  # noqa: BLE001 - everything a rank raises is reported to the parent
         results.put((rank, "error", traceback.format_exc()))
 
@@ -129,4 +132,4 @@ def run_distributed(
                 if p.is_alive():
                     p.kill()
                     p.join(timeout=5)
-    return [collected[r][1] for r in range(world_size)]
+    return [pickle.loads(collected[r][1]) for r in range(world_size)]

@@ -1,0 +1,80 @@
+"""``sparsetrain`` command line: ``train``, ``check`` and ``report``.
+
+    sparsetrain train RECIPE [--devices N] [--max-steps N] [--out DIR] [--no-resume] [--set KEY=VALUE ...]
+    sparsetrain check RECIPE [--set KEY=VALUE ...]
+    sparsetrain report RUN_DIR
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+__all__ = ["main"]
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="sparsetrain", description="Sparse distributed training.")
+    sub = p.add_subparsers(dest="command", required=True)
+    t = sub.add_parser("train", help="train a recipe")
+    t.add_argument("recipe", help="YAML recipe")
+    t.add_argument("--devices", type=int, help="processes (CPU) or GPUs per node; overrides trainer.devices")
+    t.add_argument("--max-steps", type=int, help="overrides trainer.max_steps")
+    t.add_argument("--out", default=None, help="output directory (default runs/<recipe name>)")
+    t.add_argument("--no-resume", action="store_true", help="ignore an existing checkpoints/last.ckpt")
+    t.add_argument("--no-report", action="store_true", help="skip the PNG report")
+    t.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a recipe value, e.g. --set trainer.seed=1 --set callbacks[0].density=0.01")
+    c = sub.add_parser("check", help="validate a recipe without training")
+    c.add_argument("recipe")
+    c.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    r = sub.add_parser("report", help="(re)draw report.png of a finished run")
+    r.add_argument("run_dir")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    from .recipe import load_recipe
+
+    if args.command == "report":
+        from .report import summary_table, write_report
+
+        path = write_report(args.run_dir)
+        summary_file = Path(args.run_dir) / "summary.json"
+        if summary_file.is_file():
+            print(summary_table(json.loads(summary_file.read_text())))
+        print(f"report: {path}")
+        return 0
+    try:
+        recipe = load_recipe(args.recipe, args.overrides)
+    except ValueError as err:
+        print(f"sparsetrain: invalid recipe: {err}", file=sys.stderr)
+        return 2
+    if args.command == "check":
+        print(f"{args.recipe}: ok")
+        return 0
+    from .train import train
+
+    out = args.out or f"runs/{recipe.name}"
+    try:
+        summary = train(recipe, out, devices=args.devices, max_steps=args.max_steps, resume=not args.no_resume,
+                        report=not args.no_report)
+    except ValueError as err:
+        print(f"sparsetrain: {err}", file=sys.stderr)
+        return 2
+    import lightning.pytorch as pl  # noqa: F401  (already loaded by train)
+    from lightning.fabric.utilities.rank_zero import rank_zero_only
+
+    if rank_zero_only.rank == 0:
+        from .report import summary_table
+
+        print(summary_table(summary))
+        print(f"outputs: {out}/checkpoints/last.ckpt, {out}/metrics.csv, {out}/report.png, {out}/summary.json")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
