@@ -40,9 +40,10 @@ $(HOROVOD_STAMP): $(STAMP)
 		tar -xzf $$tmp/horovod-$(HOROVOD_VERSION).tar.gz -C $$tmp; \
 		src=$$tmp/horovod-$(HOROVOD_VERSION); \
 		sed -i 's/set(CMAKE_CXX_STANDARD 14)/set(CMAKE_CXX_STANDARD 17)/' $$src/CMakeLists.txt $$src/horovod/torch/CMakeLists.txt; \
-		$(PIP) install -q cmake packaging psutil cloudpickle; \
+		$(PIP) install -q "cmake>=3.18,<4" packaging psutil cloudpickle; \
 		HOROVOD_WITH_PYTORCH=1 HOROVOD_WITHOUT_TENSORFLOW=1 HOROVOD_WITHOUT_MXNET=1 \
-		HOROVOD_WITHOUT_MPI=1 HOROVOD_WITH_GLOO=1 MAKEFLAGS=-j2 \
+		HOROVOD_WITHOUT_MPI=1 HOROVOD_WITH_GLOO=1 HOROVOD_GPU_OPERATIONS= MAKEFLAGS=-j2 \
+		CMAKE_POLICY_VERSION_MINIMUM=3.5 \
 		$(PIP) wheel -q --no-build-isolation --no-deps -w $(WHEELS) $$src; \
 		rm -rf $$tmp; \
 		whl=$$(ls $(WHEELS)/horovod-$(HOROVOD_VERSION)-*.whl | head -n1); \
