@@ -1,3 +1,5 @@
 """Lightning callbacks: thin adapters over the sparsetrain core."""
 
-__all__: list[str] = []
+from .nm_sparsity import NMSparsity
+
+__all__: list[str] = ["NMSparsity"]

@@ -1,1 +1,31 @@
-__all__: list[str] = []
+"""N:M sparsity: masks along the GEMM reduction dim, training methods (STE, SR-STE, MDGF, SDGF),
+the exact N:M exported view, and channel permutation for pruning dense models to N:M.
+
+See ``docs/nm_sparsity.md``.
+"""
+
+from .export import nm_exact, nm_export_checkpoint, nm_export_state_dict
+from .masks import check_nm, is_nm, kept_magnitude, nm_mask, pack_mask, reduction_dim, select_nm_layers, unpack_mask
+from .methods import NMMask, masked_weight, mdgf_beta, sdgf_ladder, sdgf_pattern
+from .sparsifier import NMConfig, NMSparsifier
+
+__all__ = [
+    "NMConfig",
+    "NMMask",
+    "NMSparsifier",
+    "check_nm",
+    "is_nm",
+    "kept_magnitude",
+    "masked_weight",
+    "mdgf_beta",
+    "nm_exact",
+    "nm_export_checkpoint",
+    "nm_export_state_dict",
+    "nm_mask",
+    "pack_mask",
+    "reduction_dim",
+    "sdgf_ladder",
+    "sdgf_pattern",
+    "select_nm_layers",
+    "unpack_mask",
+]

@@ -1,0 +1,186 @@
+"""Lightning callback for N:M sparse training: a thin adapter over :class:`sparsetrain.nm.NMSparsifier`."""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Literal
+
+import lightning.pytorch as pl
+from lightning.pytorch.callbacks import Callback
+
+from sparsetrain.nm import NMConfig, NMSparsifier
+
+__all__ = ["NMSparsity"]
+
+
+def _parse_stage(s: Any) -> tuple[int, int]:
+    if isinstance(s, str) and s.count(":") == 1:
+        a, b = s.split(":")
+        if a.strip().isdigit() and b.strip().isdigit():
+            return int(a), int(b)
+    raise ValueError(f"`stages` entries must look like 'n:m' (e.g. '4:8'), got {s!r}")
+
+
+class NMSparsity(Callback):
+    """Train the LightningModule's Linear/Conv layers in an N:M pattern (SR-STE, STE, MDGF, SDGF).
+
+    At ``setup`` the callback attaches an :class:`~sparsetrain.nm.NMSparsifier` (a parametrization
+    on each selected weight, before the optimizer is built); at ``on_train_start`` (after DDP
+    has broadcast the weights, or after a checkpoint was restored) it computes the masks and checks
+    they are identical on every rank; after every optimizer step it advances the schedule,
+    recomputes the masks when due and logs ``nm/mask_flip_fraction`` (plus ``nm/beta`` for MDGF
+    and ``nm/density`` for SDGF); at ``on_train_end`` it makes the weights exactly N:M and removes
+    the parametrizations. Its checkpoint state (schedule step, masks) resumes bit for bit, and
+    :func:`sparsetrain.nm.nm_export_checkpoint` turns any checkpoint it wrote into the exact N:M
+    weights.
+
+    Args:
+        n: weights kept per group of ``m``, ``1 <= n < m``.
+        m: group size along the reduction dim (in_features; c_in*k_h*k_w for convs).
+        method: ``"srste"`` (STE + lambda_w * (1 - mask) * W, Zhou et al. 2021), ``"ste"``,
+            ``"mdgf"`` (decaying mask) or ``"sdgf"`` (staged patterns), Bambhaniya et al. 2024.
+        lambda_w: SR-STE's decay; None = 2e-4 for srste, 0 otherwise.
+        update_every: recompute the masks every this many optimizer steps (0: fixed masks).
+        decay: MDGF's beta schedule, ``"linear"`` or ``"exp"``.
+        decay_steps: steps over which MDGF's beta reaches 0 / SDGF reaches the target; None =
+            ``decay_fraction`` of the run's optimizer steps.
+        decay_fraction: see ``decay_steps``, in (0, 1].
+        stages: SDGF's intermediate patterns, e.g. ``["7:8", "4:8", "2:8"]``; None = default ladder.
+        include: fnmatch patterns of layer names to sparsify, e.g. ``["*.mlp.*"]`` (None: all).
+        exclude: fnmatch patterns of layer names to keep dense.
+        verify_every: check rank equality of the masks every this many mask updates (0: only at
+            the start and the end).
+        finalize: at the end of training make the weights exactly N:M and remove the
+            parametrizations (plain ``weight`` parameters again).
+        log_stats: log the statistics each step.
+
+    Raises:
+        ValueError: any argument out of range (named in the message).
+
+    Example::
+
+        trainer = pl.Trainer(callbacks=[NMSparsity(n=2, m=4, method="srste", include=["*.mlp.*"])])
+    """
+
+    def __init__(
+        self,
+        n: int = 2,
+        m: int = 4,
+        method: Literal["ste", "srste", "mdgf", "sdgf"] = "srste",
+        lambda_w: float | None = None,
+        update_every: int = 1,
+        decay: Literal["linear", "exp"] = "linear",
+        decay_steps: int | None = None,
+        decay_fraction: float = 0.5,
+        stages: list[str] | None = None,
+        include: list[str] | None = None,
+        exclude: list[str] | None = None,
+        verify_every: int = 100,
+        finalize: bool = True,
+        log_stats: bool = True,
+    ) -> None:
+        super().__init__()
+        if not (isinstance(decay_fraction, (int, float)) and 0 < decay_fraction <= 1):
+            raise ValueError(f"`decay_fraction` must be in (0, 1], got {decay_fraction!r}")
+        parsed_stages = None if stages is None else [_parse_stage(s) for s in stages]
+        self._kwargs = dict(
+            n=n, m=m, method=method, lambda_w=lambda_w, update_every=update_every, decay=decay,
+            stages=parsed_stages, include=list(include) if include is not None else None,
+            exclude=list(exclude) if exclude is not None else None, verify_every=verify_every,
+        )
+        # Validate everything now; decay_steps gets its real value in setup() when left to the run length.
+        probe = decay_steps if decay_steps is not None or method not in ("mdgf", "sdgf") else 1
+        NMConfig(**self._kwargs, decay_steps=probe)
+        self.decay_steps = decay_steps
+        self.decay_fraction = float(decay_fraction)
+        self.finalize = finalize
+        self.log_stats = log_stats
+        self.sparsifier: NMSparsifier | None = None
+        self._pending: dict[str, Any] | None = None
+        self._restored = False
+        self._seen_step = 0
+
+    @property
+    def state_key(self) -> str:
+        k = self._kwargs
+        return self._generate_state_key(n=k["n"], m=k["m"], method=k["method"], include=k["include"],
+                                        exclude=k["exclude"])
+
+    # ------------------------------------------------------------------ hooks
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage != "fit":
+            return
+        from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, SingleDeviceStrategy
+
+        strategy = trainer.strategy
+        if isinstance(strategy, DeepSpeedStrategy) or not isinstance(strategy, (SingleDeviceStrategy, DDPStrategy)):
+            raise ValueError(f"NMSparsity supports single-device and DDP training, got strategy "
+                             f"{type(strategy).__name__}; use strategy='ddp' (sharded optimizers keep master "
+                             f"weights the parametrization does not see)")
+        if self.sparsifier is not None and self.sparsifier.model is pl_module and not self.sparsifier._finalized:
+            return  # fit() called again with the same module: keep training the attached masks
+        decay_steps = self.decay_steps
+        if decay_steps is None and self._kwargs["method"] in ("mdgf", "sdgf"):
+            total = trainer.max_steps if trainer.max_steps > 0 else trainer.estimated_stepping_batches
+            if not math.isfinite(total):
+                raise ValueError("`decay_steps` must be given when the run length is unbounded "
+                                 "(set it, or the Trainer's max_steps/max_epochs)")
+            decay_steps = max(1, int(self.decay_fraction * total))
+        scaler = getattr(trainer.precision_plugin, "scaler", None)
+        config = NMConfig(**self._kwargs, decay_steps=decay_steps,
+                          grad_accumulation=max(1, int(trainer.accumulate_grad_batches)))
+        self.sparsifier = NMSparsifier(pl_module, config, grad_scaler=scaler, verify_now=False)
+        self._restored = False
+        if self._pending is not None:
+            self.load_state_dict(self._pending)
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        sp = self._require()
+        if self._restored:
+            sp.check_ranks()  # masks came from the checkpoint (they may be older than the weights)
+        else:
+            sp.refresh()  # the weights DDP broadcast / the precision plugin converted
+        self._seen_step = trainer.global_step
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any,
+                           batch: Any, batch_idx: int) -> None:
+        sp = self._require()
+        stepped = False
+        while self._seen_step < trainer.global_step:  # one sparsifier step per optimizer step
+            sp.step()
+            self._seen_step += 1
+            stepped = True
+        if stepped and self.log_stats:
+            if sp.last_flip_fraction is not None:
+                pl_module.log("nm/mask_flip_fraction", sp.last_flip_fraction.float(), on_step=True, on_epoch=False)
+            method = sp.config.method
+            if method == "mdgf":
+                pl_module.log("nm/beta", sp.config.beta(sp.step_count), on_step=True, on_epoch=False)
+            elif method == "sdgf":
+                pat = sp.pattern
+                pl_module.log("nm/density", pat[0] / pat[1] if pat else 1.0, on_step=True, on_epoch=False)
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.finalize and self.sparsifier is not None:
+            self.sparsifier.finalize()
+
+    # ------------------------------------------------------------------ state
+    def state_dict(self) -> dict[str, Any]:
+        if self.sparsifier is None:
+            return dict(self._pending or {})
+        return self.sparsifier.state_dict()
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if not state_dict:
+            return
+        if self.sparsifier is None:
+            self._pending = dict(state_dict)
+            return
+        self.sparsifier.load_state_dict(state_dict)
+        self._pending = None
+        self._restored = True
+
+    def _require(self) -> NMSparsifier:
+        if self.sparsifier is None:
+            raise RuntimeError("NMSparsity was not set up for fitting (setup(stage='fit') attaches it)")
+        return self.sparsifier

@@ -1,0 +1,216 @@
+"""N:M masks along the GEMM reduction dimension, and the choice of layers that can take them.
+
+An N:M pattern keeps at most ``n`` of every ``m`` consecutive weights along the reduction
+(input) dimension K of a GEMM: the last dim of an ``nn.Linear`` weight ``[out, in]``, the
+flattened ``c_in/groups * k_h * k_w`` of a convolution weight ``[out, c_in/groups, k_h, k_w]``
+(Zhou et al., "Learning N:M Fine-grained Structured Sparse Neural Networks From Scratch",
+ICLR 2021; the layout cuSPARSELt and ``torch.sparse.to_sparse_semi_structured`` expect).
+
+Legend: R rows (output channels), K reduction dim, G groups of ``m`` (G = R * K / m).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import warnings
+from collections.abc import Iterable, Sequence
+
+import torch
+from torch import nn
+
+__all__ = [
+    "check_nm",
+    "is_nm",
+    "kept_magnitude",
+    "nm_mask",
+    "pack_mask",
+    "reduction_dim",
+    "select_nm_layers",
+    "unpack_mask",
+]
+
+# Above this group size the pairwise-rank kernel (m^2 elementwise passes) costs more than one sort.
+_PAIRWISE_MAX_M = 16
+_NM_LAYER_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+
+def check_nm(n: int, m: int) -> None:
+    """Validate an N:M pattern.
+
+    Raises:
+        ValueError: ``n`` or ``m`` is not an integer >= 1, or ``n >= m``.
+    """
+    for name, v in (("n", n), ("m", m)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ValueError(f"`{name}` must be an integer >= 1, got {v!r}")
+    if n >= m:
+        raise ValueError(f"`n` must be < `m` (N:M keeps n of every m weights), got n={n}, m={m}")
+
+
+def reduction_dim(weight: torch.Tensor) -> int:
+    """Size K of the GEMM reduction dimension of a Linear/Conv weight (``numel / out_channels``).
+
+    Raises:
+        ValueError: ``weight`` has fewer than 2 dimensions.
+    """
+    if weight.dim() < 2:
+        raise ValueError(f"`weight` must have >= 2 dims (out, in, ...), got shape {tuple(weight.shape)}")
+    return weight[0].numel()
+
+
+def _groups(weight: torch.Tensor, m: int) -> torch.Tensor:
+    """|weight| as ``[G, m]`` groups of consecutive reduction-dim entries; NaN ranks as largest."""
+    k = reduction_dim(weight)
+    if k % m:
+        raise ValueError(f"the reduction dim of a weight of shape {tuple(weight.shape)} is {k}, "
+                         f"not a multiple of `m`={m}")
+    a = weight.detach().abs().reshape(-1, m)
+    if a.is_floating_point():
+        a = torch.nan_to_num(a, nan=float("inf"))
+    return a
+
+
+def nm_mask(weight: torch.Tensor, n: int, m: int) -> torch.Tensor:
+    """Boolean mask keeping the ``n`` largest-magnitude weights of every ``m`` along the reduction dim.
+
+    Exactly ``n`` entries per group are True. Ties are broken towards the lower index (the
+    order a stable descending sort gives), so the mask is a deterministic function of the
+    weight: ranks holding identical weights compute identical masks. NaN counts as the
+    largest magnitude.
+
+    For ``m <= 16`` the rank of each entry within its group is counted with ``m`` vectorised
+    comparison passes (elementwise, no per-group kernel launch); larger groups use one stable
+    sort. Both give the same mask.
+
+    Args:
+        weight: a Linear ``[out, in]`` or Conv ``[out, in/groups, *kernel]`` weight (any float dtype).
+        n: weights kept per group, ``1 <= n < m``.
+        m: group size; must divide the reduction dim.
+
+    Returns:
+        Bool tensor of ``weight``'s shape and device.
+
+    Raises:
+        ValueError: bad ``n``/``m``, or ``m`` does not divide the reduction dim.
+
+    Example::
+
+        >>> w = torch.tensor([[0.1, -0.9, 0.3, 0.2]])
+        >>> nm_mask(w, 2, 4)
+        tensor([[False,  True,  True, False]])
+    """
+    check_nm(n, m)
+    a_GM = _groups(weight, m)
+    if m <= _PAIRWISE_MAX_M:
+        # rank_i = #{j : a_j > a_i} + #{j < i : a_j == a_i}; keep rank < n.
+        rank_GM = torch.zeros(a_GM.shape, dtype=torch.uint8, device=a_GM.device)
+        for j in range(m):
+            a_j = a_GM[:, j : j + 1]
+            rank_GM[:, :j + 1] += a_j > a_GM[:, :j + 1]
+            rank_GM[:, j + 1 :] += a_j >= a_GM[:, j + 1 :]
+        keep_GM = rank_GM < n
+    else:
+        order_GM = torch.sort(a_GM, dim=-1, descending=True, stable=True).indices
+        keep_GM = torch.zeros(a_GM.shape, dtype=torch.bool, device=a_GM.device)
+        keep_GM.scatter_(-1, order_GM[:, :n], True)
+    return keep_GM.reshape(weight.shape)
+
+
+def is_nm(weight: torch.Tensor, n: int, m: int) -> bool:
+    """Whether every group of ``m`` consecutive reduction-dim entries holds at most ``n`` nonzeros."""
+    check_nm(n, m)
+    if reduction_dim(weight) % m:
+        return False
+    return bool(((weight.detach().reshape(-1, m) != 0).sum(-1) <= n).all())
+
+
+def kept_magnitude(weight: torch.Tensor, n: int, m: int) -> float:
+    """Fraction of ``sum |W|`` that an N:M mask of ``weight`` keeps (1.0 for an all-zero weight)."""
+    a = weight.detach().abs().float()
+    total = a.sum()
+    if total == 0:
+        return 1.0
+    return float(torch.where(nm_mask(weight, n, m), a, 0.0).sum() / total)
+
+
+def pack_mask(mask: torch.Tensor) -> torch.Tensor:
+    """Pack a bool mask into ``uint8`` bytes, 8 entries per byte, little bit order (``numpy.packbits``)."""
+    flat = mask.reshape(-1).to(torch.uint8)
+    pad = (-flat.numel()) % 8
+    if pad:
+        flat = torch.cat([flat, flat.new_zeros(pad)])
+    bits = torch.tensor([1, 2, 4, 8, 16, 32, 64, 128], dtype=torch.uint8, device=flat.device)
+    return (flat.view(-1, 8) * bits).sum(-1, dtype=torch.uint8)
+
+
+def unpack_mask(packed: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
+    """Inverse of :func:`pack_mask` for a mask of ``shape``."""
+    numel = 1
+    for s in shape:
+        numel *= int(s)
+    shifts = torch.arange(8, dtype=torch.uint8, device=packed.device)
+    bits = (packed.reshape(-1, 1) >> shifts) & 1
+    return bits.reshape(-1)[:numel].bool().reshape(tuple(shape))
+
+
+def _matches(name: str, patterns: Iterable[str]) -> bool:
+    return any(fnmatch.fnmatchcase(name, p) for p in patterns)
+
+
+def select_nm_layers(
+    model: nn.Module,
+    ms: int | Sequence[int],
+    include: Sequence[str] | None = None,
+    exclude: Sequence[str] | None = None,
+) -> dict[str, nn.Module]:
+    """The Linear/Conv layers of ``model`` that can take N:M sparsity, by qualified module name.
+
+    A layer qualifies when it is an ``nn.Linear`` or ``nn.Conv1d/2d/3d``, its name matches one of
+    ``include`` (fnmatch patterns; all layers when None) and none of ``exclude``, and every ``m``
+    in ``ms`` divides its reduction dim. Selected layers whose reduction dim does not divide are
+    skipped with ONE warning that names them all.
+
+    Args:
+        model: the model.
+        ms: the group size(s) the layers must accept (several for staged patterns).
+        include: name patterns to select, e.g. ``["*.mlp.*"]``.
+        exclude: name patterns to leave dense, e.g. ``["lm_head"]``.
+
+    Returns:
+        ``{name: module}`` in ``model.named_modules()`` order.
+
+    Raises:
+        ValueError: a pattern matches no Linear/Conv layer, or no selected layer can take ``m``.
+    """
+    ms = [ms] if isinstance(ms, int) else list(ms)
+    for pats, arg in ((include, "include"), (exclude, "exclude")):
+        if pats is not None and (isinstance(pats, str) or not all(isinstance(p, str) for p in pats)):
+            raise ValueError(f"`{arg}` must be a list of name patterns, got {pats!r}")
+    candidates = {
+        name: mod for name, mod in model.named_modules()
+        if isinstance(mod, _NM_LAYER_TYPES) and getattr(mod, "weight", None) is not None
+    }
+    for pats, arg in ((include, "include"), (exclude, "exclude")):
+        for p in pats or ():
+            if not any(fnmatch.fnmatchcase(name, p) for name in candidates):
+                raise ValueError(f"`{arg}` pattern {p!r} matches no Linear/Conv layer; layers are: "
+                                 f"{', '.join(candidates) or '(none)'}")
+    chosen, skipped = {}, []
+    for name, mod in candidates.items():
+        if include is not None and not _matches(name, include):
+            continue
+        if exclude and _matches(name, exclude):
+            continue
+        k = reduction_dim(mod.weight)
+        if any(k % m for m in ms):
+            skipped.append(f"{name} (K={k})")
+        else:
+            chosen[name] = mod
+    if not chosen:
+        raise ValueError(f"`m`={'/'.join(map(str, ms))} divides the reduction dim of none of the selected "
+                         f"layers: {', '.join(skipped) or '(none selected)'}")
+    if skipped:
+        warnings.warn(f"N:M sparsity (m={'/'.join(map(str, ms))}) skips {len(skipped)} layer(s) whose "
+                      f"reduction dim is not a multiple of m; they stay dense: {', '.join(skipped)}",
+                      stacklevel=3)
+    return chosen

@@ -1,0 +1,451 @@
+"""The stateful N:M sparsifier: attaches masks to a model, steps the schedule, checkpoints, finalizes.
+
+Plain-loop use::
+
+    sparsifier = NMSparsifier(model, NMConfig(n=2, m=4, method="srste"))  # after wrapping in DDP
+    for x, y in loader:
+        loss_fn(model(x), y).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        sparsifier.step()            # once per optimizer step: schedule, masks, statistics
+    sparsifier.finalize()            # weights exactly N:M, plain ``weight`` parameters again
+
+The Lightning callback :class:`sparsetrain.callbacks.NMSparsity` drives the same object.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.nn.utils import parametrize
+
+from .export import nm_export_state_dict
+from .masks import check_nm, nm_mask, pack_mask, select_nm_layers, unpack_mask
+from .methods import METHODS, NMMask, mdgf_beta, sdgf_ladder, sdgf_pattern
+
+__all__ = ["NMConfig", "NMSparsifier"]
+
+_STATE_VERSION = 1
+
+
+@dataclass(kw_only=True)
+class NMConfig:
+    """How to train with N:M sparsity.
+
+    Args:
+        n: weights kept per group, ``1 <= n < m``.
+        m: group size along the reduction dim.
+        method: ``"ste"``, ``"srste"``, ``"mdgf"`` or ``"sdgf"`` (see :mod:`sparsetrain.nm.methods`).
+        lambda_w: SR-STE's decay on pruned weights; None means 2e-4 for ``srste`` and 0 otherwise
+            (Zhou et al. 2021). Any method may use it.
+        update_every: recompute the masks every this many optimizer steps (1 = every step, as in
+            SR-STE); 0 keeps the masks fixed after attaching (fine-tuning a pruned model).
+        decay: MDGF's beta schedule, ``"linear"`` or ``"exp"``.
+        decay_steps: optimizer steps over which MDGF's beta decays to 0 / SDGF walks its ladder;
+            required for ``mdgf`` and ``sdgf``.
+        stages: SDGF's intermediate patterns ``[(n, m), ...]`` from dense towards the target;
+            None uses :func:`~sparsetrain.nm.methods.sdgf_ladder` (e.g. 7:8, 4:8, 2:8 for 1:8).
+        include: fnmatch patterns of layer names to sparsify (all Linear/Conv layers when None).
+        exclude: fnmatch patterns of layer names to leave dense.
+        grad_accumulation: micro-batches per optimizer step; SR-STE's term is added in every
+            backward pass, so it is divided by this to be applied once per step.
+        verify_every: check that the masks are identical on all ranks every this many mask
+            updates (and when attaching and finalizing); 0 checks only then.
+    """
+
+    n: int = 2
+    m: int = 4
+    method: Literal["ste", "srste", "mdgf", "sdgf"] = "srste"
+    lambda_w: float | None = None
+    update_every: int = 1
+    decay: Literal["linear", "exp"] = "linear"
+    decay_steps: int | None = None
+    stages: Sequence[tuple[int, int]] | None = None
+    include: Sequence[str] | None = None
+    exclude: Sequence[str] | None = None
+    grad_accumulation: int = 1
+    verify_every: int = 100
+    _ladder: list[tuple[int, int]] = field(init=False, repr=False, default_factory=list)
+
+    def __post_init__(self) -> None:
+        check_nm(self.n, self.m)
+        if self.method not in METHODS:
+            raise ValueError(f"`method` must be one of {', '.join(map(repr, METHODS))}, got {self.method!r}")
+        if self.lambda_w is None:
+            self.lambda_w = 2e-4 if self.method == "srste" else 0.0
+        if not (isinstance(self.lambda_w, (int, float)) and math.isfinite(self.lambda_w) and self.lambda_w >= 0):
+            raise ValueError(f"`lambda_w` must be a finite number >= 0, got {self.lambda_w!r}")
+        for name in ("update_every", "verify_every"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+                raise ValueError(f"`{name}` must be an integer >= 0, got {v!r}")
+        if isinstance(self.grad_accumulation, bool) or not isinstance(self.grad_accumulation, int) \
+                or self.grad_accumulation < 1:
+            raise ValueError(f"`grad_accumulation` must be an integer >= 1, got {self.grad_accumulation!r}")
+        if self.decay not in ("linear", "exp"):
+            raise ValueError(f"`decay` must be 'linear' or 'exp', got {self.decay!r}")
+        if self.method in ("mdgf", "sdgf"):
+            if self.decay_steps is None or isinstance(self.decay_steps, bool) \
+                    or not isinstance(self.decay_steps, int) or self.decay_steps < 1:
+                raise ValueError(f"`decay_steps` must be an integer >= 1 for method {self.method!r}, "
+                                 f"got {self.decay_steps!r}")
+        elif self.decay_steps is not None:
+            raise ValueError(f"`decay_steps` applies to 'mdgf' and 'sdgf' only, got {self.decay_steps!r} "
+                             f"with method {self.method!r}")
+        if self.stages is not None:
+            if self.method != "sdgf":
+                raise ValueError(f"`stages` applies to 'sdgf' only, got method {self.method!r}")
+            ladder = []
+            for st in self.stages:
+                if not (isinstance(st, (tuple, list)) and len(st) == 2):
+                    raise ValueError(f"`stages` must be (n, m) pairs, got {st!r}")
+                check_nm(int(st[0]), int(st[1]))
+                if st[0] / st[1] <= self.n / self.m:
+                    raise ValueError(f"`stages` must be denser than the target {self.n}:{self.m}, got "
+                                     f"{st[0]}:{st[1]}")
+                ladder.append((int(st[0]), int(st[1])))
+            self._ladder = ladder
+        elif self.method == "sdgf":
+            self._ladder = sdgf_ladder(self.n, self.m)
+
+    @property
+    def ms(self) -> list[int]:
+        """Every group size the layers must accept (the target's and the SDGF stages')."""
+        return sorted({self.m, *(mm for _, mm in self._ladder)})
+
+    def pattern(self, step: int) -> tuple[int, int] | None:
+        """The N:M pattern in force at optimizer step ``step`` (None: dense)."""
+        if self.method != "sdgf":
+            return (self.n, self.m)
+        return sdgf_pattern(step, (self.n, self.m), self._ladder, self.decay_steps)
+
+    def beta(self, step: int) -> float:
+        """The weight on pruned entries in the forward pass at ``step`` (MDGF; 0 otherwise)."""
+        if self.method != "mdgf":
+            return 0.0
+        return mdgf_beta(step, self.decay_steps, self.decay)
+
+
+class NMSparsifier:
+    """Trains a model's Linear/Conv layers in an N:M pattern with dense weights underneath.
+
+    Attaching registers an :class:`~sparsetrain.nm.methods.NMMask` parametrization on each
+    selected layer's ``weight`` (the dense parameter object is kept, so an optimizer built
+    before or after keeps working) and computes the masks from the current weights. Each
+    :meth:`step` (call it once per optimizer step) advances the schedule, recomputes the masks
+    when due (every ``update_every`` steps, and whenever the SDGF pattern changes) and records the
+    fraction of mask entries that flipped. Masks are a deterministic function of the weights;
+    under ``torch.distributed`` they are checked to be identical on every rank.
+
+    Attach after the model is on its device and wrapped in DDP (DDP broadcasts rank 0's weights
+    when it wraps); otherwise call :meth:`refresh` once the weights are final.
+
+    Args:
+        model: the model (or the module inside a DDP wrapper).
+        config: an :class:`NMConfig`; keyword arguments build one when omitted.
+        grad_scaler: a ``torch.amp.GradScaler`` when training in fp16 with loss scaling: the
+            SR-STE term is then multiplied by the current scale so it survives unscaling.
+        process_group: group for the rank-equality check (default group when None).
+        verify_now: check rank equality of the masks right away; pass False when the weights are
+            not synchronised yet (e.g. before DDP wraps the model) and call :meth:`refresh` later.
+        **kwargs: :class:`NMConfig` fields, when ``config`` is omitted.
+
+    Raises:
+        ValueError: bad config, no layer can take the pattern, or a layer already has a
+            parametrized ``weight``.
+    """
+
+    __slots__ = (
+        # hyperparameters
+        "config", "model", "grad_scaler", "process_group",
+        # internal state
+        "layers", "_params", "_hooks", "step_count", "_pattern", "_updates", "_finalized",
+        # statistics
+        "last_flip_fraction", "_flip_count", "_flip_total",
+    )
+
+    def __init__(self, model: nn.Module, config: NMConfig | None = None, *, grad_scaler: Any = None,
+                 process_group: Any = None, verify_now: bool = True, **kwargs: Any) -> None:
+        if config is None:
+            config = NMConfig(**kwargs)
+        elif kwargs:
+            raise ValueError(f"pass either `config` or keyword arguments, not both (got {sorted(kwargs)})")
+        if not isinstance(config, NMConfig):
+            raise ValueError(f"`config` must be an NMConfig, got {type(config).__name__}")
+        if isinstance(model, nn.parallel.DistributedDataParallel):
+            model = model.module
+        self.config = config
+        self.model = model
+        self.grad_scaler = grad_scaler
+        self.process_group = process_group
+        self.layers = select_nm_layers(model, config.ms, config.include, config.exclude)
+        for name, mod in self.layers.items():
+            if parametrize.is_parametrized(mod, "weight"):
+                raise ValueError(f"layer {name!r} already has a parametrized `weight` (is N:M sparsity "
+                                 f"attached twice?); N:M needs the plain weight")
+        self.step_count = 0
+        self._pattern = config.pattern(0)
+        self._updates = 0
+        self._finalized = False
+        self.last_flip_fraction: torch.Tensor | None = None
+        self._flip_count: torch.Tensor | None = None
+        self._flip_total = 0
+        self._params: dict[str, NMMask] = {}
+        self._hooks = []
+        lam = self._lambda()
+        for name, mod in self.layers.items():
+            p = NMMask(None, beta=config.beta(0), lambda_w=lam)
+            parametrize.register_parametrization(mod, "weight", p, unsafe=True)
+            self._hooks.append(mod.register_load_state_dict_pre_hook(_accept_plain_weight))
+            self._params[name] = p
+        with torch.no_grad():
+            self._recompute(count_flips=False)
+        if verify_now:
+            self.check_ranks()
+
+    # ------------------------------------------------------------------ weights and masks
+    def dense_weight(self, name: str) -> torch.Tensor:
+        """The live dense weight (the trained parameter) of layer ``name``."""
+        return self.layers[name].parametrizations.weight.original
+
+    @property
+    def masks(self) -> dict[str, torch.Tensor | None]:
+        """Current bool mask per layer (None during a dense SDGF stage)."""
+        return {name: p.mask for name, p in self._params.items()}
+
+    @property
+    def pattern(self) -> tuple[int, int] | None:
+        """The N:M pattern in force now (None: dense stage)."""
+        return self._pattern
+
+    def _lambda(self) -> float:
+        lam = self.config.lambda_w / self.config.grad_accumulation
+        if lam and self.grad_scaler is not None and self.grad_scaler.is_enabled():
+            lam *= float(self.grad_scaler.get_scale())
+        return lam
+
+    @torch.no_grad()
+    def refresh(self) -> None:
+        """Recompute every mask from the current weights (also checks rank equality)."""
+        self._check_live()
+        self._recompute(count_flips=False)
+        self.check_ranks()
+
+    def _recompute(self, count_flips: bool) -> None:
+        pat = self._pattern
+        flips = total = None
+        for name, p in self._params.items():
+            if pat is None:
+                p.mask = None
+                continue
+            new = nm_mask(self.dense_weight(name), *pat)
+            if count_flips and p.mask is not None and p.mask.shape == new.shape:
+                f = (new != p.mask.to(new.device)).sum()
+                flips = f if flips is None else flips + f.to(flips.device)
+                total = new.numel() + (total or 0)
+            p.mask = new
+        if flips is not None:
+            self.last_flip_fraction = flips.double() / total
+            self._flip_count = flips if self._flip_count is None else self._flip_count + flips
+            self._flip_total += total
+
+    # ------------------------------------------------------------------ the schedule
+    @torch.no_grad()
+    def step(self) -> None:
+        """Advance one optimizer step: schedule (beta, SDGF pattern), masks when due, statistics."""
+        self._check_live()
+        cfg = self.config
+        self.step_count += 1
+        t = self.step_count
+        new_pattern = cfg.pattern(t)
+        changed = new_pattern != self._pattern
+        self._pattern = new_pattern
+        beta, lam = cfg.beta(t), self._lambda()
+        for p in self._params.values():
+            p.beta, p.lambda_w = beta, lam
+        due = cfg.update_every > 0 and t % cfg.update_every == 0
+        if changed or due:
+            self._recompute(count_flips=not changed)
+            self._updates += 1
+            if cfg.verify_every and self._updates % cfg.verify_every == 0:
+                self.check_ranks()
+
+    def stats(self) -> dict[str, float]:
+        """Statistics: step, current n and m, beta, density of the forward weights, and the mask
+        flip fraction of the last update and averaged since attaching (SR-STE's aim is to make it fall).
+        """
+        pat = self._pattern
+        out = {
+            "step": float(self.step_count),
+            "n": float(pat[0]) if pat else float("nan"),
+            "m": float(pat[1]) if pat else float("nan"),
+            "beta": self.config.beta(self.step_count),
+            "density": pat[0] / pat[1] if pat else 1.0,
+        }
+        if self.last_flip_fraction is not None:
+            out["mask_flip_fraction"] = float(self.last_flip_fraction)
+            out["mean_mask_flip_fraction"] = float(self._flip_count) / self._flip_total
+        return out
+
+    # ------------------------------------------------------------------ distributed
+    @torch.no_grad()
+    def check_ranks(self) -> None:
+        """Raise unless every rank holds identical masks (no-op outside ``torch.distributed``).
+
+        One all-reduce (MAX of ``[fingerprint, -fingerprint]``) of a per-layer fingerprint: the
+        count of kept entries and a position hash of them.
+
+        Raises:
+            RuntimeError: naming the layers whose masks differ between ranks.
+        """
+        if not (dist.is_available() and dist.is_initialized()):
+            return
+        if dist.get_world_size(self.process_group) < 2:
+            return
+        names = [n for n, p in self._params.items() if p.mask is not None]
+        if not names:
+            return
+        fps = torch.stack([_fingerprint(self._params[n].mask) for n in names])
+        both = torch.cat([fps, -fps])
+        if dist.get_backend(self.process_group) == "nccl" and both.device.type != "cuda":
+            both = both.cuda()
+        dist.all_reduce(both, op=dist.ReduceOp.MAX, group=self.process_group)
+        hi, lo = both[: len(names)], -both[len(names):]
+        bad = [n for n, h, lo_ in zip(names, hi.tolist(), lo.tolist()) if h != lo_]
+        if bad:
+            raise RuntimeError(
+                f"N:M masks differ across ranks for {', '.join(bad)}: the weights are not identical "
+                f"on every rank (was the sparsifier attached before DDP broadcast the weights? call "
+                f"refresh() after wrapping)")
+
+    # ------------------------------------------------------------------ export / finalize
+    def exported_state_dict(self) -> dict[str, torch.Tensor]:
+        """The model's state dict with every sparse layer's weight exactly N:M (plain keys, copies).
+
+        Uses the current masks when they are at the target pattern; otherwise (an SDGF stage
+        before the target) the target mask of the current dense weights.
+        """
+        self._check_live()
+        return nm_export_state_dict(self.model.state_dict(), self.config.n, self.config.m,
+                                    masks=self._target_masks())
+
+    def _target_masks(self) -> dict[str, torch.Tensor]:
+        if self._pattern != (self.config.n, self.config.m):
+            return {}
+        return {name: p.mask for name, p in self._params.items() if p.mask is not None}
+
+    @torch.no_grad()
+    def finalize(self) -> dict[str, nn.Module]:
+        """End training: make each sparse weight exactly N:M in place and remove the parametrizations.
+
+        The layers get their plain ``weight`` parameter back (the same object the optimizer holds)
+        holding ``where(mask, W, 0)`` at the target pattern. Idempotent.
+
+        Returns:
+            The finalized layers by name.
+        """
+        if self._finalized:
+            return dict(self.layers)
+        self.check_ranks()
+        target = self._target_masks()
+        n, m = self.config.n, self.config.m
+        for name, mod in self.layers.items():
+            w = self.dense_weight(name)
+            mask = target.get(name)
+            mask = nm_mask(w, n, m) if mask is None else mask.to(w.device)
+            parametrize.remove_parametrizations(mod, "weight", leave_parametrized=False)
+            mod.weight.copy_(torch.where(mask, mod.weight, 0.0))
+            self._params[name].mask = None
+        for h in self._hooks:
+            h.remove()
+        self._finalized = True
+        return dict(self.layers)
+
+    def _check_live(self) -> None:
+        if self._finalized:
+            raise RuntimeError("this NMSparsifier was finalized; attach a new one to keep training sparse")
+
+    # ------------------------------------------------------------------ checkpointing
+    def state_dict(self) -> dict[str, Any]:
+        """Plain-dict state: schedule step, pattern, packed masks (loads with ``weights_only=True``)."""
+        cfg = self.config
+        masks = {}
+        shapes = {}
+        for name, p in self._params.items():
+            if p.mask is not None:
+                masks[name] = pack_mask(p.mask).cpu()
+                shapes[name] = list(p.mask.shape)
+        return {
+            "version": _STATE_VERSION,
+            "n": cfg.n, "m": cfg.m, "method": cfg.method,
+            "step": self.step_count,
+            "updates": self._updates,
+            "pattern": list(self._pattern) if self._pattern else None,
+            "layers": list(self.layers),
+            "masks": masks,
+            "mask_shapes": shapes,
+            "flip_count": int(self._flip_count) if self._flip_count is not None else None,
+            "flip_total": self._flip_total,
+            "last_flip_fraction": float(self.last_flip_fraction) if self.last_flip_fraction is not None else None,
+            "finalized": self._finalized,
+        }
+
+    @torch.no_grad()
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict` (after the model's own weights were restored).
+
+        Raises:
+            ValueError: the state was saved with another pattern, method or set of layers.
+        """
+        self._check_live()
+        cfg = self.config
+        if state.get("version") != _STATE_VERSION:
+            raise ValueError(f"`state` has version {state.get('version')!r}; this sparsetrain reads "
+                             f"version {_STATE_VERSION}")
+        saved = (state["n"], state["m"], state["method"])
+        if saved != (cfg.n, cfg.m, cfg.method):
+            raise ValueError(f"`state` was saved by {saved[0]}:{saved[1]} {saved[2]!r}; this sparsifier is "
+                             f"{cfg.n}:{cfg.m} {cfg.method!r}")
+        if list(state["layers"]) != list(self.layers):
+            missing = sorted(set(state["layers"]) ^ set(self.layers))
+            raise ValueError(f"`state` covers other layers than this sparsifier (differing: {', '.join(missing)})")
+        if state.get("finalized"):
+            raise ValueError("`state` comes from a finalized sparsifier; there is nothing left to resume")
+        self.step_count = int(state["step"])
+        self._updates = int(state["updates"])
+        self._pattern = tuple(state["pattern"]) if state["pattern"] is not None else None
+        beta, lam = cfg.beta(self.step_count), self._lambda()
+        for name, p in self._params.items():
+            p.beta, p.lambda_w = beta, lam
+            if name in state["masks"]:
+                w = self.dense_weight(name)
+                p.mask = unpack_mask(state["masks"][name].to(w.device), state["mask_shapes"][name])
+            else:
+                p.mask = None
+        fc = state.get("flip_count")
+        self._flip_count = torch.tensor(fc) if fc is not None else None
+        self._flip_total = int(state.get("flip_total") or 0)
+        lf = state.get("last_flip_fraction")
+        self.last_flip_fraction = torch.tensor(lf, dtype=torch.float64) if lf is not None else None
+        self.check_ranks()
+
+
+def _fingerprint(mask: torch.Tensor) -> torch.Tensor:
+    """``[count, position hash]`` of a bool mask as int64 (equal masks give equal fingerprints)."""
+    flat = mask.reshape(-1)
+    idx = torch.arange(flat.numel(), device=flat.device, dtype=torch.int64)
+    h = (idx * 2654435761) % 2147483647
+    return torch.stack([flat.sum(dtype=torch.int64), torch.where(flat, h, 0).sum()])
+
+
+def _accept_plain_weight(module, state_dict, prefix, local_metadata, strict, missing, unexpected, errors):
+    """Load a plain ``weight`` (a dense or finalized checkpoint) into a parametrized layer's dense weight."""
+    plain, orig = prefix + "weight", prefix + "parametrizations.weight.original"
+    if plain in state_dict and orig not in state_dict:
+        state_dict[orig] = state_dict.pop(plain)
