@@ -1,1 +1,39 @@
-__all__: list[str] = []
+"""Dynamic sparse training: RigL, SET, gradual magnitude pruning and static masks.
+
+Pure functions (densities, schedules, mask updates) and :class:`DynamicSparsifier`, the
+stateful object that keeps masks, enforces them after every optimizer step and updates them
+on schedule, from a plain PyTorch loop. The Lightning adapter is
+:class:`sparsetrain.callbacks.DynamicSparsity`; DeepSpeed ZeRO-1/2 support is in
+:mod:`sparsetrain.sparsity.deepspeed` (imported on demand).
+"""
+
+from .density import DISTRIBUTIONS, layer_active_counts, layer_densities
+from .dynamic import MASK_NAME, DynamicSparsifier, DynamicSparsityConfig, MaskDivergenceError
+from .gmp import magnitude_prune
+from .masks import DEFAULT_MODULE_TYPES, grow_mask, keep_largest, random_mask, select_modules
+from .rigl import rigl_update
+from .schedules import DROP_SCHEDULES, METHODS, MaskSchedule, cosine_drop_fraction, gmp_sparsity
+from .set import set_update
+
+__all__ = [
+    "DEFAULT_MODULE_TYPES",
+    "DISTRIBUTIONS",
+    "DROP_SCHEDULES",
+    "MASK_NAME",
+    "METHODS",
+    "DynamicSparsifier",
+    "DynamicSparsityConfig",
+    "MaskDivergenceError",
+    "MaskSchedule",
+    "cosine_drop_fraction",
+    "gmp_sparsity",
+    "grow_mask",
+    "keep_largest",
+    "layer_active_counts",
+    "layer_densities",
+    "magnitude_prune",
+    "random_mask",
+    "rigl_update",
+    "select_modules",
+    "set_update",
+]

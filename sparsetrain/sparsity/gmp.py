@@ -1,0 +1,38 @@
+"""Gradual magnitude pruning step (Zhu & Gupta 2017, "To prune, or not to prune").
+
+At each pruning step the layer keeps its ``n_keep`` largest-magnitude active weights; the
+schedule of ``n_keep`` (the cubic sparsity ramp) lives in :mod:`.schedules`. Masks only
+shrink: a pruned weight never comes back.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .masks import keep_largest
+
+__all__ = ["magnitude_prune"]
+
+
+def magnitude_prune(weight: torch.Tensor, mask: torch.Tensor, n_keep: int) -> torch.Tensor:
+    """Keep the ``n_keep`` largest-|W| active weights of ``mask``.
+
+    Args:
+        weight: the layer's weight.
+        mask: current bool mask, same shape.
+        n_keep: active weights to keep; clamped to the current active count (masks never grow).
+
+    Returns:
+        The new bool mask, a subset of ``mask``.
+
+    Raises:
+        ValueError: mismatched shapes or a negative ``n_keep``.
+    """
+    if weight.shape != mask.shape:
+        raise ValueError(f"`weight` and `mask` must have one shape, got {tuple(weight.shape)}, {tuple(mask.shape)}")
+    if n_keep < 0:
+        raise ValueError(f"`n_keep` must be >= 0, got {n_keep}")
+    n_active = int(mask.sum())
+    if n_keep >= n_active:
+        return mask.clone()
+    return keep_largest(weight.detach().abs(), mask, n_keep)

@@ -1,0 +1,52 @@
+"""RigL mask update (Evci et al. 2020, "Rigging the Lottery: Making All Tickets Winners", Alg. 1).
+
+Per layer, at an update step with drop fraction ``f``::
+
+    n_drop = floor(f * n_active)
+    kept   = top-(n_active - n_drop) active positions by |W|
+    grown  = top-n_drop positions NOT in kept by |dense gradient|
+
+so a dropped position may be regrown at once (it then keeps its value, as the reference
+``reinit_when_same=False`` does); connections that were inactive before the update start
+at zero, with zeroed optimizer state (that is done by the caller, :mod:`.dynamic`).
+The dense gradient is the gradient of the loss of the *masked* forward with respect to
+every weight, active or not.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .masks import grow_mask, keep_largest
+
+__all__ = ["rigl_update"]
+
+
+def rigl_update(weight: torch.Tensor, grad: torch.Tensor, mask: torch.Tensor, n_drop: int) -> torch.Tensor:
+    """Drop the ``n_drop`` smallest-magnitude active weights, grow as many by dense-gradient magnitude.
+
+    Args:
+        weight: the layer's weight (its values at inactive positions are ignored).
+        grad: the dense gradient of the masked forward, same shape.
+        mask: current bool mask, same shape.
+        n_drop: connections to replace, in [0, mask.sum()].
+
+    Returns:
+        The new bool mask, with as many active positions as ``mask``.
+
+    Raises:
+        ValueError: mismatched shapes or ``n_drop`` out of range.
+    """
+    if weight.shape != mask.shape or grad.shape != mask.shape:
+        raise ValueError(
+            f"`weight`, `grad` and `mask` must have one shape, got {tuple(weight.shape)}, "
+            f"{tuple(grad.shape)}, {tuple(mask.shape)}"
+        )
+    n_active = int(mask.sum())
+    if not 0 <= n_drop <= n_active:
+        raise ValueError(f"`n_drop` must be in [0, {n_active}] (the active count), got {n_drop}")
+    if n_drop == 0:
+        return mask.clone()
+    kept = keep_largest(weight.detach().abs(), mask, n_active - n_drop)
+    grown = grow_mask(grad.detach().abs(), kept, n_drop)
+    return kept | grown
