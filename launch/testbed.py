@@ -408,7 +408,7 @@ class TwoHostTestbed:
                 deadline = None if timeout is None else time.monotonic() + timeout
                 kill_at = None
                 timed_out = False
-                while any(p.poll() is None for p, _ in running.values()):
+                while None in [p.poll() for p, _ in running.values()]:  # poll every one, no short-circuit
                     now = time.monotonic()
                     if deadline is not None and now >= deadline:
                         timed_out = True
