@@ -1,0 +1,875 @@
+"""Deep Gradient Compression as a DDP communication hook: ``DGCState`` and ``dgc_hook``.
+
+Each rank sends only the largest entries of its accumulated gradient and keeps the rest
+for later (Lin et al., "Deep Gradient Compression", ICLR 2018). Per parameter ``p`` with
+local gradient ``g`` at step ``t`` (Sec. 3 of the paper; reference implementation
+``synxlin/deep-gradient-compression``):
+
+- local clipping (Sec. 3.2):   ``g <- g * min(1, c / (||g||_2 + 1e-6))``, ``c = clip_norm / sqrt(W)``;
+- momentum correction (Eq. 5): ``u <- m u + g``, ``a = u``;
+  Nesterov: ``u <- m (u + g)``, ``a = u + g``;  without momentum ``a = g``;
+- error feedback (Eq. 2):      ``v <- v + a``; send ``v[I]`` with ``I`` the top-k of ``|v|``;
+- masking (Sec. 3.2):          ``v[I] <- 0``, and ``u[I] <- 0`` (momentum factor masking);
+- every rank adds the W messages and divides by W; the optimizer applies the result with
+  plain SGD (no momentum of its own: the hook owns it).
+
+Tensors with fewer than 2 dimensions or fewer than ``min_numel`` elements, every tensor
+during the dense warm-up, and tensors for which the cost rule finds a dense all-reduce
+cheaper are sent whole: ``a + v`` is all-reduced (the residual is flushed, ``v <- 0``) and
+``u`` is not masked, so a dense step is exactly momentum SGD.
+
+The state is per parameter, not per DDP bucket, so DDP's bucket rebuild after the first
+iteration (and on every restart) does not disturb it. Nothing is committed to the state
+before the exchange has completed and every rank's gradient was finite (AMP safety).
+
+Legend: N elements of a bucket, K sparse slots of a bucket, W ranks.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+import time
+import warnings
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any, Literal
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from .topk import num_selected, sample_stride, threshold_indices, topk_indices
+from .wire import DTYPES, SegmentLayout, decode_values, encode_values, pack, unpack
+
+__all__ = [
+    "DENSITY_RAMP",
+    "DGCConfig",
+    "DGCState",
+    "check_optimizer",
+    "dgc_hook",
+]
+
+#: DGC's warm-up densities (paper Sec. 3.3: sparsity 75%, 93.75%, 98.4375%, 99.6%), then the target.
+DENSITY_RAMP = (0.25, 0.0625, 0.015625, 0.00390625)
+_STATE_VERSION = 1
+
+
+@dataclass(kw_only=True)
+class DGCConfig:
+    """Hyperparameters of Deep Gradient Compression.
+
+    Args:
+        density: fraction of each compressed tensor sent per step, in (0, 1] (DGC: 0.001).
+        warmup_steps: synced steps of plain dense all-reduce before compression starts; at
+            least 2, because DDP rebuilds its buckets after the first iteration (torch's
+            PowerSGD has the same rule).
+        ramp_steps: steps after the warm-up over which the density falls through
+            ``DENSITY_RAMP`` (25%, 6.25%, 1.56%, 0.39%; a quarter of the steps each, never
+            below ``density``) to ``density``; 0 goes straight to ``density``.
+        momentum: momentum factor of momentum correction, in [0, 1); 0 turns it off (plain
+            error feedback). When > 0 the optimizer must not apply momentum itself.
+        nesterov: Nesterov momentum correction (needs ``momentum`` > 0).
+        momentum_masking: zero the momentum at sent positions (momentum factor masking).
+        error_feedback: keep what was not sent and add it to the next step's gradient.
+        clip_norm: local gradient clipping: each tensor's local gradient is scaled to L2 norm
+            at most ``clip_norm / sqrt(W)``; None turns it off.
+        selection: ``"topk"`` (exact ``torch.topk``) or ``"threshold"`` (DGC's sampled
+            threshold; see :mod:`sparsetrain.compression.topk`).
+        sample_ratio: fraction of a tensor sampled by the threshold selection, in (0, 1].
+        min_numel: tensors with fewer elements are sent whole.
+        value_dtype: dtype of the sent values: ``"fp32"``, ``"fp16"`` (scaled per message so
+            nothing overflows) or ``"bf16"``. Rounding errors go back into the residual.
+        cost_rule: send a tensor densely whenever the sparse all-gather would move more bytes
+            than a ring all-reduce (``W * k * (4 + value bytes) >= 2 * n * fallback bytes``),
+            e.g. at high density or on many ranks.
+        fallback_dtype: dtype of dense all-reduces after the warm-up: ``"fp32"`` or ``"bf16"``.
+        check_finite: never let a non-finite gradient into the residual or momentum; a step
+            where any rank's bucket held one leaves the state untouched and delivers
+            non-finite gradients to every rank, so that a ``GradScaler`` skips it.
+
+    Raises:
+        ValueError: an option outside its range, naming it.
+    """
+
+    density: float = 0.001
+    warmup_steps: int = 10
+    ramp_steps: int = 100
+    momentum: float = 0.0
+    nesterov: bool = False
+    momentum_masking: bool = True
+    error_feedback: bool = True
+    clip_norm: float | None = None
+    selection: Literal["topk", "threshold"] = "threshold"
+    sample_ratio: float = 0.01
+    min_numel: int = 1024
+    value_dtype: Literal["fp32", "fp16", "bf16"] = "fp32"
+    cost_rule: bool = True
+    fallback_dtype: Literal["fp32", "bf16"] = "fp32"
+    check_finite: bool = True
+
+    def __post_init__(self) -> None:
+        _check_number("density", self.density, float)
+        if not 0.0 < self.density <= 1.0:
+            raise ValueError(f"`density` must be in (0, 1], got {self.density}")
+        _check_number("warmup_steps", self.warmup_steps, int)
+        if self.warmup_steps < 2:
+            raise ValueError(
+                f"`warmup_steps` must be >= 2 (DDP rebuilds its buckets after the first iteration), "
+                f"got {self.warmup_steps}"
+            )
+        _check_number("ramp_steps", self.ramp_steps, int)
+        if self.ramp_steps < 0:
+            raise ValueError(f"`ramp_steps` must be >= 0, got {self.ramp_steps}")
+        _check_number("momentum", self.momentum, float)
+        if not 0.0 <= self.momentum < 1.0:
+            raise ValueError(f"`momentum` must be in [0, 1), got {self.momentum}")
+        if self.nesterov and self.momentum == 0:
+            raise ValueError("`nesterov` needs `momentum` > 0, got momentum=0")
+        if self.clip_norm is not None:
+            _check_number("clip_norm", self.clip_norm, float)
+            if not self.clip_norm > 0:
+                raise ValueError(f"`clip_norm` must be > 0 or None, got {self.clip_norm}")
+        if self.selection not in ("topk", "threshold"):
+            raise ValueError(f"`selection` must be 'topk' or 'threshold', got {self.selection!r}")
+        _check_number("sample_ratio", self.sample_ratio, float)
+        if not 0.0 < self.sample_ratio <= 1.0:
+            raise ValueError(f"`sample_ratio` must be in (0, 1], got {self.sample_ratio}")
+        _check_number("min_numel", self.min_numel, int)
+        if self.min_numel < 1:
+            raise ValueError(f"`min_numel` must be >= 1, got {self.min_numel}")
+        if self.value_dtype not in DTYPES:
+            raise ValueError(f"`value_dtype` must be 'fp32', 'fp16' or 'bf16', got {self.value_dtype!r}")
+        if self.fallback_dtype not in ("fp32", "bf16"):
+            raise ValueError(f"`fallback_dtype` must be 'fp32' or 'bf16', got {self.fallback_dtype!r}")
+        for name in ("nesterov", "momentum_masking", "error_feedback", "cost_rule", "check_finite"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"`{name}` must be a bool, got {getattr(self, name)!r}")
+
+    def density_at(self, step: int) -> float:
+        """Density at synced step ``step`` (0-based); 1.0 during the dense warm-up."""
+        if step < self.warmup_steps:
+            return 1.0
+        t = step - self.warmup_steps
+        if self.ramp_steps and t < self.ramp_steps:
+            return max(self.density, DENSITY_RAMP[t * len(DENSITY_RAMP) // self.ramp_steps])
+        return self.density
+
+
+def _check_number(name: str, value: Any, kind: type) -> None:
+    ok = isinstance(value, (int, float)) if kind is float else isinstance(value, int)
+    if not ok or isinstance(value, bool):
+        raise ValueError(f"`{name}` must be a{'n int' if kind is int else ' number'}, got {value!r}")
+
+
+@dataclass
+class _Entry:
+    """One parameter of a bucket in one step's plan."""
+
+    key: str
+    offset: int
+    numel: int
+    compressible: bool
+    sparse: bool
+    k: int = 0
+    stride: int = 1
+    slot: int = 0  # first sparse slot in the message
+
+
+@dataclass
+class _Plan:
+    entries: list[_Entry]
+    numel: int
+    layout: SegmentLayout
+    sparse: bool
+    dense_pos: dict[torch.device, torch.Tensor] = field(default_factory=dict)
+    scale_of_slot: dict[torch.device, torch.Tensor] = field(default_factory=dict)
+
+
+@dataclass
+class _Pending:
+    """What one bucket computed before the exchange and commits after it."""
+
+    plan: _Plan
+    u_new: list[torch.Tensor | None]
+    v_new: list[torch.Tensor | None]
+    selected: list[torch.Tensor | None]
+    own_values: list[torch.Tensor | None] | None
+    dense_residual: list[torch.Tensor | None]
+    commit: bool
+    fast: bool
+    world: int = 1
+    bf16_dense: bool = False
+
+
+class DGCState:
+    """State of :func:`dgc_hook`: hyperparameters, per-parameter residuals and momenta, statistics.
+
+    Register it like any DDP communication hook::
+
+        >>> # xdoctest: +SKIP("needs an initialised process group")
+        >>> state = DGCState(density=0.001, momentum=0.9, module=model)
+        >>> ddp = DistributedDataParallel(model)
+        >>> ddp.register_comm_hook(state, dgc_hook)
+        >>> opt = torch.optim.SGD(model.parameters(), lr=0.1)   # no momentum: the hook owns it
+        >>> check_optimizer(state, opt)
+
+    or through Lightning's ``DDPStrategy(ddp_comm_state=state, ddp_comm_hook=dgc_hook)`` on CUDA
+    (Lightning ignores comm hooks on CPU; use :class:`sparsetrain.callbacks.GradientCompression`).
+
+    The state is keyed by parameter name when a ``module`` is bound (``module=`` or
+    :meth:`bind`), else by order of first appearance in DDP's first synced iteration (the
+    same on every rank and every restart of the same model).
+
+    Args:
+        process_group: the group the hook communicates over; None for the default group.
+        config: a :class:`DGCConfig`; or give its fields as keyword arguments instead.
+        module: the model (unwrapped or DDP) whose parameter names key the state.
+        grad_scaler: a ``torch.amp.GradScaler`` whose loss scale the gradients carry; the
+            residuals and momenta are rescaled whenever the scale changes, and the clip
+            threshold follows it.
+        **kwargs: :class:`DGCConfig` fields.
+
+    Raises:
+        ValueError: a bad option, or both ``config`` and keyword options.
+    """
+
+    __slots__ = (
+        "process_group",
+        # hyperparameters
+        "config",
+        "grad_scaler",
+        # internal state
+        "step",
+        "residuals",
+        "momenta",
+        "loss_scale",
+        "_names",
+        "_bound",
+        "_plans",
+        "_lock",
+        "_step_open",
+        "_scale_ratio",
+        "_scale_now",
+        "_nonfinite",
+        # statistics
+        "last_stats",
+        "totals",
+        "_acc",
+    )
+
+    def __init__(
+        self,
+        process_group: dist.ProcessGroup | None = None,
+        config: DGCConfig | None = None,
+        *,
+        module: nn.Module | None = None,
+        grad_scaler: Any = None,
+        **kwargs: Any,
+    ) -> None:
+        if config is not None and kwargs:
+            raise ValueError(f"give either `config` or keyword options, not both (got {sorted(kwargs)})")
+        if config is not None and not isinstance(config, DGCConfig):
+            raise ValueError(f"`config` must be a DGCConfig, got {type(config).__name__}")
+        known = {f.name for f in fields(DGCConfig)}
+        unknown = sorted(set(kwargs) - known)
+        if unknown:
+            raise ValueError(f"unknown option `{unknown[0]}`; allowed: {', '.join(sorted(known))}")
+        self.process_group = process_group
+        self.config = config if config is not None else DGCConfig(**kwargs)
+        self.grad_scaler = grad_scaler
+        self.step = 0
+        self.residuals: dict[str, torch.Tensor] = {}
+        self.momenta: dict[str, torch.Tensor] = {}
+        self.loss_scale: torch.Tensor | None = None
+        self._names: dict[int, str] = {}
+        self._bound = False
+        self._plans: dict[tuple, _Plan] = {}
+        self._lock = threading.Lock()
+        self._step_open = False
+        self._scale_ratio: torch.Tensor | None = None
+        self._scale_now: torch.Tensor | None = None
+        self._nonfinite: torch.Tensor | None = None
+        self.last_stats: dict[str, float] = {}
+        self.totals: dict[str, float] = {}
+        self._acc: dict[str, float] = {}
+        if module is not None:
+            self.bind(module)
+
+    # ------------------------------------------------------------------ naming
+
+    def bind(self, module: nn.Module) -> DGCState:
+        """Key the state by ``module``'s parameter names (a DDP wrapper's ``module.`` prefix is dropped).
+
+        Raises:
+            ValueError: ``module`` is not an ``nn.Module``, or the state already holds
+                residuals keyed by first appearance.
+        """
+        if not isinstance(module, nn.Module):
+            raise ValueError(f"`module` must be an nn.Module, got {type(module).__name__}")
+        if isinstance(module, nn.parallel.DistributedDataParallel):
+            module = module.module
+        if not self._bound and any(k.startswith("#") for k in (*self.residuals, *self.momenta)):
+            raise ValueError("`module`: bind before the first step; this state is already keyed by position")
+        self._names = {id(p): name for name, p in module.named_parameters()}
+        self._bound = True
+        self._plans.clear()
+        return self
+
+    def register(self, model: nn.Module) -> DGCState:
+        """Bind ``model``'s parameter names and register :func:`dgc_hook` on it.
+
+        Args:
+            model: a ``DistributedDataParallel`` model.
+
+        Raises:
+            ValueError: ``model`` is not ``DistributedDataParallel``.
+            RuntimeError: DDP already has a communication hook (DDP's own check).
+        """
+        if not isinstance(model, nn.parallel.DistributedDataParallel):
+            raise ValueError(
+                f"`model` must be a torch.nn.parallel.DistributedDataParallel (wrap it first), "
+                f"got {type(model).__name__}"
+            )
+        self.bind(model.module)
+        model.register_comm_hook(self, dgc_hook)
+        return self
+
+    def _key(self, p: torch.Tensor) -> str:
+        key = self._names.get(id(p))
+        if key is None:
+            if self._bound:
+                raise ValueError(
+                    f"a parameter of shape {tuple(p.shape)} reached the hook but is not in the bound module"
+                )
+            key = self._names[id(p)] = f"#{len(self._names)}"
+        return key
+
+    # ------------------------------------------------------------------ checkpointing
+
+    def state_dict(self) -> dict[str, Any]:
+        """This rank's state: step, loss scale, residuals, momenta, statistics (tensors and plain Python)."""
+        return {
+            "version": _STATE_VERSION,
+            "step": self.step,
+            "loss_scale": None if self.loss_scale is None else float(self.loss_scale),
+            "residuals": {k: v.detach().clone() for k, v in self.residuals.items()},
+            "momenta": {k: v.detach().clone() for k, v in self.momenta.items()},
+            "totals": dict(self.totals),
+            "config": asdict(self.config),
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore what :meth:`state_dict` returned (tensors move to the gradients' device at first use).
+
+        Raises:
+            ValueError: unknown version or malformed dict.
+        """
+        if not isinstance(state_dict, dict) or state_dict.get("version") != _STATE_VERSION:
+            got = state_dict.get("version") if isinstance(state_dict, dict) else type(state_dict).__name__
+            raise ValueError(f"`state_dict` must be a DGCState state of version {_STATE_VERSION}, got {got!r}")
+        self.step = int(state_dict["step"])
+        ls = state_dict.get("loss_scale")
+        self.loss_scale = None if ls is None else torch.tensor(float(ls))
+        self.residuals = {k: v.detach().clone() for k, v in state_dict["residuals"].items()}
+        self.momenta = {k: v.detach().clone() for k, v in state_dict["momenta"].items()}
+        self.totals = dict(state_dict.get("totals", {}))
+        self._plans.clear()
+
+    def full_state_dict(self) -> dict[str, Any]:
+        """Every rank's :meth:`state_dict`, gathered (a collective: call it on all ranks).
+
+        Residuals and momenta differ by rank, so a checkpoint written by one rank must carry
+        all of them for a resumed run to be bit-identical to an uninterrupted one.
+        """
+        own = _to_cpu(self.state_dict())
+        world = _group_size(self.process_group)
+        if world == 1:
+            return {"version": _STATE_VERSION, "world_size": 1, "ranks": [own]}
+        gathered: list[Any] = [None] * world
+        dist.all_gather_object(gathered, own, group=self.process_group)
+        return {"version": _STATE_VERSION, "world_size": world, "ranks": gathered}
+
+    def load_full_state_dict(self, full: dict[str, Any]) -> None:
+        """Load this rank's part of :meth:`full_state_dict`.
+
+        On a different world size each rank gets the mean of the saved ranks' residuals and
+        momenta (which keeps the averaged pending update unchanged), with a warning.
+
+        Raises:
+            ValueError: malformed dict.
+        """
+        if not isinstance(full, dict) or "ranks" not in full or full.get("version") != _STATE_VERSION:
+            raise ValueError("`full` must come from DGCState.full_state_dict()")
+        ranks = full["ranks"]
+        world = _group_size(self.process_group)
+        rank = _group_rank(self.process_group)
+        if len(ranks) == world:
+            self.load_state_dict(ranks[rank])
+            return
+        warnings.warn(
+            f"DGC state was saved on {len(ranks)} ranks and is loaded on {world}: every rank starts from "
+            "the mean of the saved residuals and momenta",
+            stacklevel=2,
+        )
+        merged = dict(ranks[0])
+        for part in ("residuals", "momenta"):
+            keys = ranks[0][part].keys()
+            merged[part] = {k: torch.stack([r[part][k] for r in ranks]).mean(0) for k in keys}
+        self.load_state_dict(merged)
+
+    def __getstate__(self) -> dict[str, Any]:
+        """Every slot but the process group, the parameter map, plans and locks (torch's PowerSGDState)."""
+        skip = {"process_group", "grad_scaler", "_names", "_plans", "_lock"}
+        return {s: getattr(self, s) for s in self.__slots__ if s not in skip}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        """Restore; the process group becomes the default group (with a warning) and must be re-bound."""
+        warnings.warn(
+            "DGCState unpickled: process group set to the default group; call bind(module) again if the "
+            "state was keyed by parameter names",
+            stacklevel=2,
+        )
+        self.process_group = None
+        self.grad_scaler = None
+        self._names = {}
+        self._plans = {}
+        self._lock = threading.Lock()
+        for slot, value in state.items():
+            setattr(self, slot, value)
+
+    # ------------------------------------------------------------------ statistics
+
+    @property
+    def nonfinite_steps(self) -> int:
+        """Bucket exchanges skipped because some rank's gradient was not finite (synchronises)."""
+        return 0 if self._nonfinite is None else int(self._nonfinite)
+
+    def _add_stat(self, **values: float) -> None:
+        for k, v in values.items():
+            self._acc[k] = self._acc.get(k, 0.0) + v
+
+    def _end_step(self) -> None:
+        acc = self._acc
+        total = acc.get("elements", 0.0)
+        stats = {
+            "step": float(self.step),
+            "density": self.config.density_at(self.step),
+            "sent_fraction": acc.get("sent", 0.0) / total if total else 0.0,
+            "payload_bytes": acc.get("payload_bytes", 0.0),
+            "dense_payload_bytes": acc.get("dense_payload_bytes", 0.0),
+            "wire_bytes": acc.get("wire_bytes", 0.0),
+            "dense_wire_bytes": acc.get("dense_wire_bytes", 0.0),
+            "compress_s": acc.get("compress_s", 0.0),
+            "sparse_buckets": acc.get("sparse_buckets", 0.0),
+            "dense_buckets": acc.get("dense_buckets", 0.0),
+        }
+        self.last_stats = stats
+        for k in ("payload_bytes", "dense_payload_bytes", "wire_bytes", "dense_wire_bytes", "compress_s"):
+            self.totals[k] = self.totals.get(k, 0.0) + stats[k]
+        self.totals["steps"] = self.totals.get("steps", 0.0) + 1
+        self._acc = {}
+        self._step_open = False
+        self.step += 1
+
+    # ------------------------------------------------------------------ the algorithm
+
+    def _plan(self, params: list[torch.Tensor], world: int, step: int) -> _Plan:
+        cfg = self.config
+        warm = step < cfg.warmup_steps
+        density = cfg.density_at(step)
+        cache_key = (tuple(id(p) for p in params), world, density, warm)
+        plan = self._plans.get(cache_key)
+        if plan is not None:
+            return plan
+        vb = torch.empty((), dtype=DTYPES[cfg.value_dtype]).element_size()
+        fb = 4 if cfg.fallback_dtype == "fp32" else 2
+        entries, offset, slot, n_dense = [], 0, 0, 0
+        for p in params:
+            n = p.numel()
+            compressible = p.dim() >= 2 and n >= cfg.min_numel
+            e = _Entry(key=self._key(p), offset=offset, numel=n, compressible=compressible, sparse=False)
+            if compressible and not warm:
+                k = num_selected(n, density)
+                if not cfg.cost_rule or world * k * (4 + vb) < 2 * n * fb:
+                    e.sparse, e.k, e.slot = True, k, slot
+                    e.stride = sample_stride(n, density, cfg.sample_ratio) if cfg.selection == "threshold" else 1
+                    slot += k
+            if not e.sparse:
+                n_dense += n
+            entries.append(e)
+            offset += n
+        any_sparse = slot > 0
+        n_scales = sum(e.sparse for e in entries)
+        layout = SegmentLayout(slot, n_dense if any_sparse else 0, n_scales, DTYPES[cfg.value_dtype])
+        plan = _Plan(entries=entries, numel=offset, layout=layout, sparse=any_sparse)
+        if len(self._plans) > 256:
+            self._plans.clear()
+        self._plans[cache_key] = plan
+        return plan
+
+    def _begin_step(self, device: torch.device) -> None:
+        """Once per step: follow the GradScaler's loss scale."""
+        self._step_open = True
+        self._scale_ratio = None
+        self._scale_now = None
+        scaler = self.grad_scaler
+        if scaler is None or not getattr(scaler, "is_enabled", lambda: True)():
+            return
+        cur = getattr(scaler, "_scale", None)
+        cur = torch.tensor(float(scaler.get_scale())) if cur is None else cur.detach()
+        cur = cur.to(device=device, dtype=torch.float32).reshape(())
+        if self.loss_scale is not None:
+            self._scale_ratio = cur / self.loss_scale.to(device)
+        self._scale_now = cur.clone()
+        self.loss_scale = self._scale_now
+
+    def _state_tensor(self, table: dict[str, torch.Tensor], key: str, like: torch.Tensor) -> torch.Tensor | None:
+        t = table.get(key)
+        if t is None:
+            return None
+        if t.numel() != like.numel():
+            raise ValueError(
+                f"saved state for parameter {key!r} has {t.numel()} elements, the parameter has {like.numel()}"
+            )
+        if t.device != like.device or t.dtype != torch.float32 or t.dim() != 1:
+            t = table[key] = t.to(device=like.device, dtype=torch.float32).reshape(-1)
+        return t
+
+    def _prepare(
+        self, flat_N: torch.Tensor, params: list[torch.Tensor], world: int
+    ) -> tuple[_Pending, torch.Tensor]:
+        """Compute this rank's message for one bucket; returns what to commit later and the tensor to send.
+
+        The send tensor is a ``uint8`` segment for a sparse exchange (all-gather) or a float
+        tensor of the bucket's size, already divided by ``world``, for a dense all-reduce (sum).
+        """
+        t0 = time.perf_counter()
+        cfg = self.config
+        if not self._step_open:
+            self._begin_step(flat_N.device)
+        plan = self._plan(params, world, self.step)
+        ratio = self._scale_ratio
+        has_state = any(e.key in self.residuals for e in plan.entries) or cfg.momentum > 0
+        fast = (
+            not plan.sparse
+            and not has_state
+            and cfg.clip_norm is None
+            and (cfg.fallback_dtype == "fp32" or self.step < cfg.warmup_steps)
+            and flat_N.dtype == torch.float32
+        )
+        self._add_stat(
+            elements=float(plan.numel),
+            dense_payload_bytes=4.0 * plan.numel,
+            dense_wire_bytes=_ring_allreduce_bytes(4 * plan.numel, world),
+        )
+        if fast:
+            # Exactly torch's allreduce_hook: divide in place, all-reduce the bucket.
+            self._add_stat(
+                sent=float(plan.numel),
+                payload_bytes=4.0 * plan.numel,
+                wire_bytes=_ring_allreduce_bytes(4 * plan.numel, world),
+                dense_buckets=1.0,
+                compress_s=time.perf_counter() - t0,
+            )
+            pending = _Pending(plan, [], [], [], None, [], commit=False, fast=True, world=world)
+            return pending, flat_N.div_(world)
+
+        bf16_dense = cfg.fallback_dtype == "bf16" and self.step >= cfg.warmup_steps
+        n_e = len(plan.entries)
+        u_new: list[torch.Tensor | None] = [None] * n_e
+        v_new: list[torch.Tensor | None] = [None] * n_e
+        selected: list[torch.Tensor | None] = [None] * n_e
+        dense_residual: list[torch.Tensor | None] = [None] * n_e
+        clip_thr = None
+        if cfg.clip_norm is not None:
+            clip_thr = cfg.clip_norm / math.sqrt(world)
+            if self._scale_now is not None:
+                clip_thr = self._scale_now * clip_thr
+        send_vals: list[torch.Tensor] = []  # per entry: the accumulated tensor to send (dense) or v_new
+        for i, e in enumerate(plan.entries):
+            g = flat_N[e.offset : e.offset + e.numel]
+            g_is_view = g.dtype == torch.float32
+            g = g.float()
+            if clip_thr is not None:
+                norm = torch.linalg.vector_norm(g)
+                g = g * (clip_thr / (norm + 1e-6)).clamp(max=1.0)
+                g_is_view = False
+            acc = g
+            if cfg.momentum > 0:
+                u = self._state_tensor(self.momenta, e.key, g)
+                if u is None:
+                    u = torch.zeros_like(g)
+                elif ratio is not None:
+                    u = u * ratio
+                if cfg.nesterov:
+                    u_n = (u + g) * cfg.momentum
+                    acc = u_n + g
+                else:
+                    u_n = u * cfg.momentum + g
+                    acc = u_n
+                u_new[i] = u_n
+                g_is_view = False
+            v = self._state_tensor(self.residuals, e.key, g) if cfg.error_feedback and e.compressible else None
+            if v is not None and ratio is not None:
+                v = v * ratio
+            if v is not None:
+                total = acc + v
+            else:
+                total = acc.clone() if (g_is_view and acc is g) else acc
+            if e.sparse:
+                if cfg.error_feedback:
+                    v_new[i] = total
+                if cfg.selection == "topk":
+                    idx = topk_indices(total, e.k)
+                else:
+                    idx = threshold_indices(total, e.k, stride=e.stride, offset=self.step)
+                selected[i] = idx
+            elif v is not None:
+                dense_residual[i] = total  # flushed; its rounding error may stay behind (bf16)
+            send_vals.append(total)
+
+        device = flat_N.device
+        if plan.sparse:
+            send, own_values = self._pack_sparse(plan, send_vals, selected, flat_N, device)
+            self._add_stat(
+                sparse_buckets=1.0,
+                payload_bytes=float(plan.layout.nbytes),
+                wire_bytes=float((world - 1) * plan.layout.nbytes),
+            )
+        else:
+            dt = torch.bfloat16 if bf16_dense else torch.float32
+            send = torch.empty(plan.numel, dtype=dt, device=device)
+            for e, val in zip(plan.entries, send_vals):
+                send[e.offset : e.offset + e.numel].copy_(val / world)
+            own_values = None
+            nbytes = send.numel() * send.element_size()
+            self._add_stat(
+                sent=float(plan.numel),
+                dense_buckets=1.0,
+                payload_bytes=float(nbytes),
+                wire_bytes=_ring_allreduce_bytes(nbytes, world),
+            )
+        self._add_stat(compress_s=time.perf_counter() - t0)
+        pending = _Pending(
+            plan, u_new, v_new, selected, own_values, dense_residual, commit=True, fast=False, world=world,
+            bf16_dense=bf16_dense,
+        )
+        return pending, send
+
+    def _pack_sparse(self, plan, send_vals, selected, flat_N, device):
+        cfg = self.config
+        layout = plan.layout
+        idx_K = torch.zeros(layout.n_sparse, dtype=torch.int32, device=device)
+        val_K = torch.zeros(layout.n_sparse, dtype=layout.value_dtype, device=device)
+        scales, dense_parts, own = [], [], []
+        sent = 0
+        for e, val, idx in zip(plan.entries, send_vals, selected):
+            if e.sparse:
+                c = idx.numel()
+                wire, scale = encode_values(val[idx], layout.value_dtype)
+                idx_K[e.slot : e.slot + c].copy_(idx + e.offset)
+                val_K[e.slot : e.slot + c].copy_(wire)
+                scales.append(scale.reshape(1))
+                own.append(decode_values(wire, scale) if layout.value_dtype != torch.float32 else None)
+                sent += c
+            else:
+                dense_parts.append(val)
+                own.append(None)
+                sent += e.numel
+        dense_D = torch.cat(dense_parts) if dense_parts else torch.zeros(0, device=device)
+        scales_E = torch.cat(scales)
+        if cfg.check_finite:
+            finite = torch.isfinite(flat_N).all()
+        else:
+            finite = torch.ones((), dtype=torch.bool, device=device)
+        send = pack(layout, finite=finite, scales_E=scales_E, indices_K=idx_K, values_K=val_K, dense_D=dense_D)
+        self._add_stat(sent=float(sent))
+        return send, (own if layout.value_dtype != torch.float32 else None)
+
+    def _finish(self, pending: _Pending, received: torch.Tensor, world: int) -> torch.Tensor:
+        """Turn the exchanged tensor into the averaged flat gradient and commit the state."""
+        plan = pending.plan
+        cfg = self.config
+        if pending.fast:
+            return received
+        if plan.sparse:
+            finite_W, scales_WE, idx_WK, val_WK, dense_WD = unpack(received, plan.layout, world)
+            result = torch.zeros(plan.numel, dtype=torch.float32, device=received.device)
+            if plan.layout.n_sparse:
+                vals_WK = val_WK.float()
+                if plan.layout.value_dtype == torch.float16:
+                    vals_WK = vals_WK * scales_WE.index_select(1, self._scale_of_slot(plan, received.device))
+                for r in range(world):
+                    result.index_add_(0, idx_WK[r].long(), vals_WK[r] / world)
+            if plan.layout.n_dense:
+                dense = dense_WD[0] / world
+                for r in range(1, world):
+                    dense = dense + dense_WD[r] / world
+                result.index_copy_(0, self._dense_positions(plan, result.device), dense)
+            ok = finite_W.all() if cfg.check_finite else None
+            if ok is not None:
+                result.masked_fill_(~ok, float("nan"))
+        else:
+            result = received.float()
+            ok = torch.isfinite(result).all() if cfg.check_finite else None
+        self._commit(pending, ok)
+        return result
+
+    def _scale_of_slot(self, plan: _Plan, device: torch.device) -> torch.Tensor:
+        pos = plan.scale_of_slot.get(device)
+        if pos is None:
+            sparse = [e for e in plan.entries if e.sparse]
+            counts = torch.tensor([e.k for e in sparse])
+            pos = plan.scale_of_slot[device] = torch.repeat_interleave(torch.arange(len(sparse)), counts).to(device)
+        return pos
+
+    def _dense_positions(self, plan: _Plan, device: torch.device) -> torch.Tensor:
+        pos = plan.dense_pos.get(device)
+        if pos is None:
+            parts = [torch.arange(e.offset, e.offset + e.numel) for e in plan.entries if not e.sparse]
+            pos = plan.dense_pos[device] = torch.cat(parts).to(device)
+        return pos
+
+    def _commit(self, pending: _Pending, ok: torch.Tensor | None) -> None:
+        cfg = self.config
+        ratio = self._scale_ratio
+        if ok is not None:
+            with self._lock:
+                bad = (~ok).to(torch.int64)
+                self._nonfinite = bad if self._nonfinite is None else self._nonfinite.to(bad.device) + bad
+        for i, e in enumerate(pending.plan.entries):
+            idx = pending.selected[i]
+            u_n = pending.u_new[i]
+            if u_n is not None:
+                if e.sparse and cfg.momentum_masking:
+                    u_n.index_fill_(0, idx, 0.0)
+                self.momenta[e.key] = _keep_if(ok, u_n, self.momenta.get(e.key), ratio)
+            v_n = pending.v_new[i]
+            if e.sparse and v_n is not None:
+                if pending.own_values is None:
+                    v_n.index_fill_(0, idx, 0.0)
+                else:  # what rounding took off the sent values stays behind
+                    v_n.index_put_((idx,), v_n[idx] - pending.own_values[i])
+                self.residuals[e.key] = _keep_if(ok, v_n, self.residuals.get(e.key), ratio)
+            elif pending.dense_residual[i] is not None:
+                total = pending.dense_residual[i]
+                if pending.bf16_dense and not pending.plan.sparse:
+                    sent = (total / pending.world).to(torch.bfloat16).float() * pending.world
+                    new = total - sent
+                else:
+                    new = torch.zeros_like(total)
+                self.residuals[e.key] = _keep_if(ok, new, self.residuals.get(e.key), ratio)
+
+
+def _keep_if(
+    ok: torch.Tensor | None, new: torch.Tensor, old: torch.Tensor | None, ratio: torch.Tensor | None
+) -> torch.Tensor:
+    """``new`` where the step was finite, else the old state (rescaled to the current loss scale)."""
+    if ok is None:
+        return new
+    if old is None:
+        return new.masked_fill_(~ok, 0.0)
+    old = old.to(new.device)
+    if ratio is not None:
+        old = old * ratio
+    return torch.where(ok, new, old)
+
+
+def _ring_allreduce_bytes(nbytes: int, world: int) -> float:
+    """Bytes each rank sends in a ring all-reduce of ``nbytes``."""
+    return 2.0 * (world - 1) / world * nbytes
+
+
+def _group_size(group: dist.ProcessGroup | None) -> int:
+    return dist.get_world_size(group) if dist.is_available() and dist.is_initialized() else 1
+
+
+def _group_rank(group: dist.ProcessGroup | None) -> int:
+    return dist.get_rank(group) if dist.is_available() and dist.is_initialized() else 0
+
+
+def _to_cpu(obj: Any) -> Any:
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().cpu()
+    if isinstance(obj, dict):
+        return {k: _to_cpu(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_to_cpu(v) for v in obj)
+    return obj
+
+
+def _all_gather(out: torch.Tensor, inp: torch.Tensor, group: dist.ProcessGroup | None) -> dist.Work:
+    gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+    return gather(out, inp, group=group, async_op=True)
+
+
+def dgc_hook(state: DGCState, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
+    """DDP communication hook for Deep Gradient Compression (see the module docstring).
+
+    Dense steps all-reduce the bucket (exactly ``allreduce_hook`` when there is no state
+    to carry); sparse steps all-gather one packed message per rank
+    (:mod:`sparsetrain.compression.wire`) and decode it with ``index_add_`` in rank order,
+    so every rank computes bit-identical gradients.
+
+    Args:
+        state: the :class:`DGCState`.
+        bucket: DDP's gradient bucket.
+
+    Returns:
+        A future holding the averaged flat gradient of the bucket.
+    """
+    group = state.process_group
+    world = dist.get_world_size(group)
+    buffer = bucket.buffer()
+    params = list(bucket.parameters())
+    pending, send = state._prepare(buffer, params, world)
+    if pending.plan.sparse:
+        out = torch.empty(world * send.numel(), dtype=torch.uint8, device=send.device)
+        fut = _all_gather(out, send, group).get_future()
+    else:
+        out = send
+        fut = dist.all_reduce(send, group=group, async_op=True).get_future()
+    if bucket.is_last():
+        state._end_step()
+
+    def finish(_: torch.futures.Future) -> torch.Tensor:
+        result = state._finish(pending, out, world)
+        if result is not buffer:
+            buffer.copy_(result)
+        return buffer
+
+    return fut.then(finish)
+
+
+# DDP checks the hook's annotations as objects; this module's are strings (PEP 563).
+dgc_hook.__annotations__ = {
+    "state": DGCState,
+    "bucket": dist.GradBucket,
+    "return": torch.futures.Future[torch.Tensor],
+}
+
+
+def check_optimizer(state: DGCState | DGCConfig, optimizer: torch.optim.Optimizer) -> None:
+    """Fail when the optimizer would apply momentum on top of the hook's momentum correction.
+
+    Raises:
+        ValueError: ``optimizer`` is SGD with ``momentum`` > 0 while momentum correction is on,
+            saying what to set instead.
+    """
+    cfg = state.config if isinstance(state, DGCState) else state
+    if cfg.momentum <= 0:
+        return
+    if isinstance(optimizer, torch.optim.SGD):
+        for i, group in enumerate(optimizer.param_groups):
+            if group.get("momentum", 0) > 0:
+                raise ValueError(
+                    f"optimizer `momentum` must be 0 when the compression applies momentum correction "
+                    f"(param group {i} has momentum={group['momentum']}): create SGD(momentum=0) and let "
+                    f"the compression own momentum={cfg.momentum}, or set the compression's momentum=0"
+                )
+    else:
+        warnings.warn(
+            f"momentum correction (momentum={cfg.momentum}) assumes plain SGD; "
+            f"{type(optimizer).__name__} adds its own moment estimates on top",
+            stacklevel=2,
+        )
