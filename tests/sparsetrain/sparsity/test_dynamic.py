@@ -1,0 +1,234 @@
+import io
+import math
+
+import pytest
+import torch
+from torch import nn
+from torch.func import functional_call
+
+from sparsetrain.demo import MLPClassifier
+from sparsetrain.sparsity import (
+    MASK_NAME,
+    DynamicSparsifier,
+    DynamicSparsityConfig,
+    layer_active_counts,
+    rigl_update,
+)
+
+
+def _model(seed=0):
+    torch.manual_seed(seed)
+    return MLPClassifier(in_features=16, hidden=32, n_classes=4)
+
+
+def _batch(step, n=8):
+    g = torch.Generator().manual_seed(1000 + step)
+    return torch.randn(n, 16, generator=g), torch.randint(0, 4, (n,), generator=g)
+
+
+def _optimizer(model, name):
+    if name == "sgd":
+        return torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=0.01)
+    return torch.optim.AdamW(model.parameters(), lr=0.01, weight_decay=0.1)
+
+
+def _train_step(model, opt, step):
+    x, y = _batch(step)
+    nn.functional.cross_entropy(model(x), y).backward()
+    opt.step()
+    opt.zero_grad()
+
+
+def _weights(model, sp):
+    mods = dict(model.named_modules())
+    return {name: mods[name].weight for name in sp.layer_names}
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adamw"])
+@pytest.mark.parametrize("distribution", ["erk", "er", "uniform"])
+@pytest.mark.parametrize("method", ["rigl", "set", "gmp", "static"])
+def test_invariants_after_every_step(method, distribution, optimizer):
+    model = _model()
+    opt = _optimizer(model, optimizer)
+    cfg = DynamicSparsityConfig(method=method, sparsity=0.8, distribution=distribution, update_interval=2,
+                                drop_fraction=0.5)
+    sp = DynamicSparsifier(model, cfg, total_steps=16, optimizer=opt)
+    shapes = {n: tuple(w.shape) for n, w in _weights(model, sp).items()}
+    final_counts = layer_active_counts(shapes, 0.8, distribution)
+    n_updates, n_regrown = 0, 0
+    for step in range(16):
+        before = {n: m.clone() for n, m in sp.masks.items()}
+        _train_step(model, opt, step)
+        stats = sp.last_statistics if sp.last_statistics and sp.last_statistics["step"] == step + 1 else None
+        n_updates += stats is not None
+        x, _ = _batch(99)
+        masked = {f"{n}.weight": torch.where(sp.masks[n], w, 0) for n, w in _weights(model, sp).items()}
+        assert torch.equal(model(x), functional_call(model, masked, (x,)))  # the forward sees masked weights
+        for name, w in _weights(model, sp).items():
+            mask = sp.masks[name]
+            # exact per-layer sparsity
+            if method == "gmp":
+                target = sp.schedule.sparsity_at(step + 1) if sp.schedule.is_update_step(step + 1) else None
+                if target is not None:
+                    assert int(mask.sum()) == layer_active_counts(shapes, target, distribution)[name]
+            else:
+                assert int(mask.sum()) == final_counts[name]
+            # weights and every same-shape optimizer state are zero outside the mask
+            assert not bool(w[~mask].any())
+            states = [v for v in opt.state[w].values() if torch.is_tensor(v) and v.shape == w.shape]
+            assert len(states) == (2 if optimizer == "adamw" else 1)
+            for v in states:
+                assert not bool(v[~mask].any())
+            # newly grown connections start at zero, with zero optimizer state
+            grown = mask & ~before[name]
+            n_regrown += int(grown.sum())
+            assert not bool(w[grown].any())
+            assert all(not bool(v[grown].any()) for v in states)
+    if method in ("rigl", "set"):
+        assert n_updates == len(sp.schedule.update_steps()) == 5 and n_regrown > 0
+        assert stats is None and sp.last_statistics["itop_rate"] > 0.2 + 1e-3  # some weights moved
+    if method == "gmp":
+        assert sp.statistics()["sparsity"] == pytest.approx(0.8, abs=1e-3)
+        assert sp.last_statistics["regrown"] == 0
+    if method == "static":
+        assert n_updates == 0 and sp.statistics()["itop_rate"] == pytest.approx(0.2, abs=1e-3)
+
+
+def _dense_grad_reference(model, masks, batches):
+    """Gradient of the masked forward w.r.t. the effective weights, summed over micro-batches."""
+    weights = {n: torch.where(m, dict(model.named_modules())[n].weight, 0).detach().requires_grad_()
+               for n, m in masks.items()}
+    total = {n: torch.zeros_like(w) for n, w in weights.items()}
+    for x, y in batches:
+        params = {f"{n}.weight": w for n, w in weights.items()}
+        loss = nn.functional.cross_entropy(functional_call(model, params, (x,)), y)
+        grads = torch.autograd.grad(loss, list(weights.values()))
+        for n, g in zip(weights, grads):
+            total[n] += g
+    return total
+
+
+@pytest.mark.parametrize("micro_batches", [1, 3])
+def test_rigl_grows_by_the_dense_gradient_of_the_masked_forward(micro_batches):
+    model = _model(3)
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)  # weights stay put, so the reference is exact
+    sp = DynamicSparsifier(model, DynamicSparsityConfig(method="rigl", sparsity=0.9, update_interval=1,
+                                                        drop_fraction=0.3, drop_schedule="constant"),
+                           total_steps=4, optimizer=opt)
+    old = {n: m.clone() for n, m in sp.masks.items()}
+    batches = [_batch(s, n=4) for s in range(micro_batches)]
+    expected_grad = _dense_grad_reference(model, old, batches)
+    for x, y in batches:  # gradient accumulation: one optimizer step over several backward passes
+        nn.functional.cross_entropy(model(x), y).backward()
+    for name, w in _weights(model, sp).items():  # the optimizer only ever sees the masked gradient
+        assert not bool(w.grad[~old[name]].any())
+    assert sp.step_count == 0
+    opt.step()
+    assert sp.step_count == 1 and sp.last_statistics["step"] == 1
+    for name, w in _weights(model, sp).items():
+        n_drop = math.floor(0.3 * int(old[name].sum()))
+        expected = rigl_update(w, expected_grad[name], old[name], n_drop)
+        assert torch.equal(sp.masks[name], expected), name
+        assert not torch.equal(expected, old[name])
+
+
+def _run(method, steps, *, stop=None, state=None, seed_model=0):
+    """Train ``steps`` optimizer steps; with ``stop`` return a checkpoint taken after that many steps."""
+    model = _model(seed_model)
+    opt = torch.optim.AdamW(model.parameters(), lr=0.01, weight_decay=0.05)
+    sp = DynamicSparsifier(model, DynamicSparsityConfig(method=method, sparsity=0.85, update_interval=3, seed=5,
+                                                            drop_schedule="constant", end_fraction=1.0),
+                           total_steps=steps, optimizer=opt)
+    start = 0
+    if state is not None:
+        ckpt = torch.load(io.BytesIO(state), weights_only=True)
+        model.load_state_dict(ckpt["model"])
+        opt.load_state_dict(ckpt["optimizer"])
+        sp.load_state_dict(ckpt["sparsifier"])
+        start = sp.step_count
+    for step in range(start, steps):
+        _train_step(model, opt, step)
+        if stop is not None and step + 1 == stop:
+            buf = io.BytesIO()
+            torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(),
+                        "sparsifier": sp.state_dict()}, buf)
+            return buf.getvalue()
+    return model, sp
+
+
+# Updates after steps 3, 6, 9, 12: stop between two, right after one, and just before one.
+@pytest.mark.parametrize("stop", [4, 6, 8])
+@pytest.mark.parametrize("method", ["rigl", "set", "gmp"])
+def test_crash_and_resume_is_bit_exact(method, stop):
+    ref_model, ref_sp = _run(method, 14)
+    ckpt = _run(method, 14, stop=stop)
+    model, sp = _run(method, 14, state=ckpt, seed_model=1)  # a fresh process would start from other weights
+    assert sp.step_count == 14
+    for name in ref_sp.layer_names:
+        assert torch.equal(sp.masks[name], ref_sp.masks[name])
+    for (n1, p1), (n2, p2) in zip(ref_model.state_dict().items(), model.state_dict().items()):
+        assert n1 == n2 and torch.equal(p1, p2), n1
+    assert sp.statistics() == ref_sp.statistics()
+
+
+def test_masks_live_in_the_state_dict_and_loading_remasks_the_weights():
+    model = _model()
+    sp = DynamicSparsifier(model, DynamicSparsityConfig(method="static", sparsity=0.7), total_steps=10)
+    sd = model.state_dict()
+    assert {k for k in sd if k.endswith(MASK_NAME)} == {f"net.{i}.{MASK_NAME}" for i in (0, 2, 4)}
+    assert sd[f"net.0.{MASK_NAME}"].dtype == torch.bool
+    other = _model(7)  # dense weights, different masks after loading
+    dense = {k: v for k, v in other.state_dict().items()}
+    model.load_state_dict(dense, strict=False)
+    for name, w in _weights(model, sp).items():
+        assert not bool(w[~sp.masks[name]].any())
+        assert torch.equal(w[sp.masks[name]], dict(other.named_modules())[name].weight[sp.masks[name]])
+
+
+def test_explicit_step_without_hook_and_remove():
+    model = _model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    sp = DynamicSparsifier(model, DynamicSparsityConfig(method="set", sparsity=0.5, update_interval=1),
+                           total_steps=5, optimizer=opt, hook_optimizer=False)
+    _train_step(model, opt, 0)
+    assert sp.step_count == 0
+    assert sp.step()["step"] == 1
+    sp.remove()
+    _train_step(model, opt, 1)
+    assert sp.step_count == 1
+
+
+def test_step_before_schedule_and_second_driving_optimizer_are_rejected():
+    model = _model()
+    sp = DynamicSparsifier(model, DynamicSparsityConfig())
+    with pytest.raises(RuntimeError, match="set_total_steps"):
+        sp.step()
+    sp.attach_optimizer(torch.optim.SGD(model.parameters(), lr=0.1))
+    with pytest.raises(ValueError, match="only one optimizer may drive"):
+        sp.attach_optimizer(torch.optim.SGD(model.parameters(), lr=0.1))
+    with pytest.raises(ValueError, match="already has a `weight_mask`"):
+        DynamicSparsifier(model, DynamicSparsityConfig())
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        (dict(sparsity=1.0), r"`sparsity` must be in \[0, 1\), got 1.0"),
+        (dict(sparsity=-0.2), r"`sparsity` must be in \[0, 1\), got -0.2"),
+        (dict(method="lottery"), r"`method` must be one of rigl, set, gmp, static, got 'lottery'"),
+        (dict(distribution="normal"), r"`distribution` must be one of erk, er, uniform, got 'normal'"),
+        (dict(update_interval=0), r"`update_interval` must be an int >= 1, got 0"),
+        (dict(end_fraction=0.0), r"`end_fraction` must be in \(0, 1\], got 0.0"),
+        (dict(end_fraction=1.01), r"`end_fraction` must be in \(0, 1\], got 1.01"),
+        (dict(drop_fraction=1.5), r"`drop_fraction` must be in \[0, 1\], got 1.5"),
+        (dict(include="fc"), r"`include` must be a list of glob strings"),
+    ],
+)
+def test_bad_config_is_rejected(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        DynamicSparsityConfig(**kwargs)
+
+
+def test_filter_matching_no_module_is_rejected_by_the_sparsifier():
+    with pytest.raises(ValueError, match=r"`exclude` pattern 'head' matches no sparsifiable module"):
+        DynamicSparsifier(_model(), DynamicSparsityConfig(exclude=["head"]))
