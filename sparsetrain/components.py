@@ -105,6 +105,11 @@ def check_value(value: Any, tp: Any, path: str) -> Any:
             return value
         raise RecipeError(f"{path}: must be one of {', '.join(repr(a) for a in args)}, got {value!r}")
     if origin in (Union, types.UnionType):
+        non_null = [a for a in args if a is not type(None)]
+        if value is None and len(non_null) < len(args):
+            return None
+        if len(non_null) == 1:  # `X | None`: report X's own, more precise, error
+            return check_value(value, non_null[0], path)
         for a in args:
             try:
                 return check_value(value, a, path)
