@@ -2,7 +2,8 @@
 
 Plain-loop use::
 
-    sparsifier = NMSparsifier(model, NMConfig(n=2, m=4, method="srste"))  # after wrapping in DDP
+    sparsifier = NMSparsifier(model, NMConfig(n=2, m=4, method="srste"))
+    # with DDP: attach first (verify_now=False), then model = DDP(model); sparsifier.refresh()
     for x, y in loader:
         loss_fn(model(x), y).backward()
         optimizer.step()
@@ -143,11 +144,14 @@ class NMSparsifier:
     fraction of mask entries that flipped. Masks are a deterministic function of the weights;
     under ``torch.distributed`` they are checked to be identical on every rank.
 
-    Attach after the model is on its device and wrapped in DDP (DDP broadcasts rank 0's weights
-    when it wraps); otherwise call :meth:`refresh` once the weights are final.
+    Under DDP, attach to the plain module BEFORE wrapping it (DDP's gradient hooks must be
+    registered on the parametrized weights; the parametrization re-seats the parameter), with
+    ``verify_now=False`` if the ranks' initial weights may differ, and call :meth:`refresh` after
+    wrapping: DDP broadcasts rank 0's weights when it wraps, and the masks must be recomputed
+    from those.
 
     Args:
-        model: the model (or the module inside a DDP wrapper).
+        model: the model (not yet wrapped in DDP).
         config: an :class:`NMConfig`; keyword arguments build one when omitted.
         grad_scaler: a ``torch.amp.GradScaler`` when training in fp16 with loss scaling: the
             SR-STE term is then multiplied by the current scale so it survives unscaling.
@@ -157,8 +161,8 @@ class NMSparsifier:
         **kwargs: :class:`NMConfig` fields, when ``config`` is omitted.
 
     Raises:
-        ValueError: bad config, no layer can take the pattern, or a layer already has a
-            parametrized ``weight``.
+        ValueError: bad config, no layer can take the pattern, a layer already has a
+            parametrized ``weight``, or ``model`` is already wrapped in DDP.
     """
 
     __slots__ = (
@@ -179,7 +183,9 @@ class NMSparsifier:
         if not isinstance(config, NMConfig):
             raise ValueError(f"`config` must be an NMConfig, got {type(config).__name__}")
         if isinstance(model, nn.parallel.DistributedDataParallel):
-            model = model.module
+            raise ValueError("`model` is already wrapped in DistributedDataParallel: attach the sparsifier to the "
+                             "plain module before wrapping (DDP's gradient hooks must see the parametrized "
+                             "weights), then call refresh() after wrapping")
         self.config = config
         self.model = model
         self.grad_scaler = grad_scaler

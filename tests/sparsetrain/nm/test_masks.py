@@ -1,0 +1,139 @@
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from sparsetrain.nm import check_nm, is_nm, kept_magnitude, nm_mask, pack_mask, select_nm_layers, unpack_mask
+from sparsetrain.nm import masks as masks_mod
+
+PATTERNS = [(1, 2), (1, 4), (2, 4), (3, 4), (1, 8), (2, 8), (4, 8), (7, 8), (5, 32)]
+SHAPES = [(8, 32), (3, 64), (4, 2, 4, 4), (6, 32, 1), (2, 1, 2, 4, 4)]
+DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
+
+
+def _groups(x, m):
+    return x.reshape(-1, m)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("n,m", PATTERNS)
+def test_exactly_n_per_group_and_largest_kept(n, m, shape, dtype):
+    g = torch.Generator().manual_seed(hash((n, m, shape)) % 2**31)
+    w = torch.randn(shape, generator=g).to(dtype)
+    mask = nm_mask(w, n, m)
+    assert mask.dtype == torch.bool and mask.shape == w.shape
+    kept = _groups(mask, m)
+    assert (kept.sum(-1) == n).all()
+    a = _groups(w.abs().float(), m)
+    min_kept = torch.where(kept, a, torch.inf).min(-1).values
+    max_dropped = torch.where(kept, -torch.inf, a).max(-1).values
+    assert (min_kept >= max_dropped).all()
+    assert is_nm(torch.where(mask, w, 0), n, m)
+
+
+@pytest.mark.parametrize("n,m", [(2, 4), (1, 8), (3, 16)])
+def test_matches_topk_on_distinct_values(n, m):
+    w = torch.randn(16, 64, dtype=torch.float64)
+    ref = torch.zeros(w.numel() // m, m, dtype=torch.bool)
+    ref.scatter_(-1, w.abs().reshape(-1, m).topk(n, -1).indices, True)
+    assert torch.equal(nm_mask(w, n, m), ref.reshape(w.shape))
+
+
+@pytest.mark.parametrize("n,m", [(1, 4), (2, 4), (3, 8), (2, 16)])
+def test_pairwise_and_sort_paths_agree_with_ties(n, m, monkeypatch):
+    w = torch.randint(-2, 3, (32, 64)).float()  # many ties, including zeros and +-equal magnitudes
+    pairwise = nm_mask(w, n, m)
+    monkeypatch.setattr(masks_mod, "_PAIRWISE_MAX_M", 0)
+    by_sort = nm_mask(w, n, m)
+    assert torch.equal(pairwise, by_sort)
+    assert (_groups(pairwise, m).sum(-1) == n).all()
+
+
+def test_ties_go_to_the_lower_index():
+    assert nm_mask(torch.zeros(2, 8), 2, 4).tolist() == [[True, True, False, False] * 2] * 2
+    assert nm_mask(torch.tensor([[1.0, -2.0, 2.0, 0.5]]), 1, 4).tolist() == [[False, True, False, False]]
+
+
+def test_nan_counts_as_largest_and_keeps_n():
+    w = torch.tensor([[0.1, float("nan"), 0.3, 0.2, float("nan"), float("nan"), float("nan"), 1.0]])
+    mask = nm_mask(w, 2, 4)
+    assert mask.tolist() == [[False, True, True, False, True, True, False, False]]
+
+
+def test_conv_groups_run_along_flattened_cin_kh_kw():
+    w = torch.randn(5, 3, 2, 2)  # K = 12
+    flat = nm_mask(w.reshape(5, 12), 2, 4)
+    assert torch.equal(nm_mask(w, 2, 4), flat.reshape(w.shape))
+
+
+def test_kept_magnitude():
+    w = torch.tensor([[4.0, -3.0, 2.0, 1.0]])
+    assert kept_magnitude(w, 2, 4) == pytest.approx(0.7)
+    assert kept_magnitude(torch.zeros(1, 4), 2, 4) == 1.0
+
+
+@pytest.mark.parametrize("shape", [(3, 5), (7, 8), (1, 1), (4, 2, 3)])
+def test_pack_matches_numpy_and_roundtrips(shape):
+    mask = torch.rand(shape) > 0.5
+    packed = pack_mask(mask)
+    ref = np.packbits(mask.numpy().reshape(-1), bitorder="little")
+    assert packed.dtype == torch.uint8 and packed.numpy().tolist() == ref.tolist()
+    assert torch.equal(unpack_mask(packed, shape), mask)
+
+
+@pytest.mark.parametrize("n,m,match", [(2, 2, "`n` must be < `m`"), (3, 2, "`n` must be < `m`"),
+                                       (0, 4, "`n` must be an integer >= 1"), (1, 0, "`m` must be an integer"),
+                                       (1.5, 4, "`n` must be an integer")])
+def test_bad_patterns(n, m, match):
+    with pytest.raises(ValueError, match=match):
+        check_nm(n, m)
+    with pytest.raises(ValueError, match=match):
+        nm_mask(torch.randn(4, 8), n, m)
+
+
+def test_reduction_dim_not_multiple():
+    with pytest.raises(ValueError, match="not a multiple of `m`=4"):
+        nm_mask(torch.randn(4, 6), 2, 4)
+    with pytest.raises(ValueError, match="`weight` must have >= 2 dims"):
+        nm_mask(torch.randn(8), 2, 4)
+    assert not is_nm(torch.randn(4, 6), 2, 4)
+
+
+class _Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(8, 16)
+        self.odd = nn.Linear(6, 8)
+        self.conv = nn.Conv2d(3, 4, 3)  # K = 27
+        self.conv_ok = nn.Conv2d(4, 4, 2)  # K = 16
+        self.emb = nn.Embedding(10, 8)
+        self.b = nn.Linear(16, 4)
+
+
+def test_skip_rule_warns_once_naming_every_skipped_layer():
+    with pytest.warns(UserWarning) as rec:
+        layers = select_nm_layers(_Net(), 4)
+    assert len(rec) == 1
+    msg = str(rec[0].message)
+    assert "odd (K=6)" in msg and "conv (K=27)" in msg and "a (" not in msg
+    assert list(layers) == ["a", "conv_ok", "b"]
+
+
+def test_include_exclude():
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert list(select_nm_layers(_Net(), 4, include=["a", "b"])) == ["a", "b"]
+        assert list(select_nm_layers(_Net(), 4, include=["a", "b", "conv_ok"], exclude=["b"])) == ["a", "conv_ok"]
+    assert list(select_nm_layers(_Net(), [4, 8], include=["a", "b"])) == ["a", "b"]
+
+
+def test_layer_selection_errors():
+    with pytest.raises(ValueError, match="divides the reduction dim of none"):
+        select_nm_layers(_Net(), 32, include=["a", "odd"])
+    with pytest.raises(ValueError, match="`include` pattern 'nope' matches no Linear/Conv layer"):
+        select_nm_layers(_Net(), 4, include=["nope"])
+    with pytest.raises(ValueError, match="`exclude` must be a list"):
+        select_nm_layers(_Net(), 4, exclude="a")

@@ -1,0 +1,279 @@
+import io
+
+import pytest
+import torch
+from torch import nn
+
+from sparsetrain.demo import GPT, GPTConfig
+from sparsetrain.nm import NMConfig, NMSparsifier, is_nm, nm_export_state_dict, nm_mask
+from tests.harness import run_distributed
+
+CFG = GPTConfig(block_size=16, n_layer=1, n_head=2, d_model=64)
+
+
+def _batch(seed, b=4):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randint(0, 256, (b, CFG.block_size + 1), generator=g)
+    return x[:, :-1], x[:, 1:]
+
+
+def _opt(params, sgd=False):
+    # SGD where results are compared across processes: Adam turns rounding noise (k_proj.bias has
+    # a zero true gradient) into full-size steps.
+    return torch.optim.SGD(params, lr=0.5) if sgd else torch.optim.AdamW(params, lr=1e-2)
+
+
+def _setup(seed=0, sgd=False, **kw):
+    torch.manual_seed(seed)
+    model = GPT(CFG)
+    sp = NMSparsifier(model, NMConfig(**kw))
+    opt = _opt(model.parameters(), sgd)  # built after attaching, as on resume
+    return model, sp, opt
+
+
+def _train(model, sp, opt, steps, start=0):
+    for t in range(start, start + steps):
+        model.loss(*_batch(t)).backward()
+        opt.step()
+        opt.zero_grad()
+        sp.step()
+
+
+def test_masks_follow_the_dense_weights_every_step():
+    model, sp, opt = _setup(method="srste", include=["*.mlp.*"])
+    assert list(sp.layers) == ["blocks.0.mlp.fc_in", "blocks.0.mlp.fc_out"]
+    flips = []
+    for t in range(4):
+        before = {k: v.clone() for k, v in sp.masks.items()}
+        _train(model, sp, opt, 1, start=t)
+        n_flip = sum(int((before[k] != sp.masks[k]).sum()) for k in before)
+        flips.append(n_flip / sum(v.numel() for v in before.values()))
+        for name, mask in sp.masks.items():
+            assert torch.equal(mask, nm_mask(sp.dense_weight(name), 2, 4))
+            w = sp.layers[name].weight  # what the forward pass computes with
+            assert torch.equal(w, torch.where(mask, sp.dense_weight(name), 0.0)) and is_nm(w, 2, 4)
+        assert sp.stats()["mask_flip_fraction"] == pytest.approx(flips[-1])
+    assert sp.stats()["mean_mask_flip_fraction"] == pytest.approx(sum(flips) / 4)
+
+
+@pytest.mark.parametrize("every", [0, 3])
+def test_update_every(every):
+    model, sp, opt = _setup(method="ste", update_every=every, include=["*.fc_in"])
+    seen = [sp.masks["blocks.0.mlp.fc_in"].clone()]
+    for t in range(6):
+        _train(model, sp, opt, 1, start=t)
+        seen.append(sp.masks["blocks.0.mlp.fc_in"].clone())
+    for t in range(1, 7):
+        if every and t % every == 0:
+            assert torch.equal(seen[t], nm_mask(sp.dense_weight("blocks.0.mlp.fc_in"), 2, 4)) or t < 6
+            assert not torch.equal(seen[t], seen[t - 1])
+        else:
+            assert torch.equal(seen[t], seen[t - 1])
+
+
+def test_sdgf_walks_its_ladder_and_mdgf_decays():
+    model, sp, opt = _setup(method="sdgf", n=1, m=8, decay_steps=8, include=["*.mlp.*"])
+    pats = [sp.pattern]
+    for t in range(9):
+        _train(model, sp, opt, 1, start=t)
+        pats.append(sp.pattern)
+        w = sp.layers["blocks.0.mlp.fc_in"].weight
+        if sp.pattern is None:
+            assert torch.equal(w, sp.dense_weight("blocks.0.mlp.fc_in"))
+        else:
+            assert is_nm(w, *sp.pattern) and (w != 0).sum() == w.numel() * sp.pattern[0] // sp.pattern[1]
+    assert pats == [None, None, (7, 8), (7, 8), (4, 8), (4, 8), (2, 8), (2, 8), (1, 8), (1, 8)]
+
+    model, sp, opt = _setup(method="mdgf", decay_steps=4, include=["*.mlp.*"])
+    for t in range(5):
+        name = "blocks.0.mlp.fc_out"
+        mask, dense, beta = sp.masks[name], sp.dense_weight(name), max(0.0, 1 - t / 4)
+        assert torch.allclose(sp.layers[name].weight, torch.where(mask, dense, dense * beta), atol=0, rtol=1e-6)
+        _train(model, sp, opt, 1, start=t)
+    assert is_nm(sp.layers["blocks.0.mlp.fc_out"].weight, 2, 4)
+
+
+@pytest.mark.parametrize("method,kw", [("ste", {}), ("srste", {}), ("sdgf", {"decay_steps": 20, "n": 1, "m": 8})])
+def test_exported_view_and_finalize(method, kw):
+    model, sp, opt = _setup(method=method, **kw)
+    _train(model, sp, opt, 6)
+    n, m = sp.config.n, sp.config.m
+    exported = sp.exported_state_dict()
+    plain = GPT(CFG)
+    plain.load_state_dict(exported)  # plain keys, strict
+    for name in sp.layers:
+        w = exported[name + ".weight"]
+        assert is_nm(w, n, m) and not torch.signbit(w[w == 0]).any()
+        if sp.pattern == (n, m):
+            assert torch.equal(w, sp.layers[name].weight)
+    x, _ = _batch(99)
+    with torch.no_grad():
+        if sp.pattern == (n, m):
+            assert torch.equal(plain(x), model(x))
+    params_before = {id(p) for p in opt.param_groups[0]["params"]}
+    sp.finalize()
+    assert {id(p) for p in model.parameters()} == params_before  # the optimizer's tensors, unchanged
+    assert set(model.state_dict()) == set(GPT(CFG).state_dict())
+    for name, mod in sp.layers.items():
+        assert isinstance(mod.weight, nn.Parameter) and torch.equal(mod.weight, exported[name + ".weight"])
+    with pytest.raises(RuntimeError, match="finalized"):
+        sp.step()
+    sp.finalize()  # idempotent
+
+
+def test_exported_view_during_a_dense_stage_is_the_target():
+    model, sp, opt = _setup(method="sdgf", n=1, m=8, decay_steps=100, include=["*.mlp.*"])
+    assert sp.pattern is None
+    exported = sp.exported_state_dict()
+    w = exported["blocks.0.mlp.fc_in.weight"]
+    assert torch.equal(w, torch.where(nm_mask(sp.dense_weight("blocks.0.mlp.fc_in"), 1, 8),
+                                      sp.dense_weight("blocks.0.mlp.fc_in"), 0.0))
+
+
+def test_plain_dense_checkpoint_loads_into_the_sparse_model():
+    torch.manual_seed(3)
+    dense = GPT(CFG)
+    model, sp, _ = _setup(method="ste", include=["*.mlp.*"])
+    model.load_state_dict(dense.state_dict())
+    assert torch.equal(sp.dense_weight("blocks.0.mlp.fc_in"), dense.blocks[0].mlp.fc_in.weight)
+
+
+@pytest.mark.parametrize("method,kw", [
+    ("ste", {"update_every": 2}), ("srste", {}), ("mdgf", {"decay_steps": 5, "decay": "exp"}),
+    ("sdgf", {"decay_steps": 6, "n": 1, "m": 8, "update_every": 4}),
+])
+def test_resume_is_bit_exact(method, kw):
+    model, sp, opt = _setup(method=method, **kw)
+    _train(model, sp, opt, 8)
+    ref = {k: v.clone() for k, v in model.state_dict().items()}
+
+    model, sp, opt = _setup(method=method, **kw)
+    _train(model, sp, opt, 3)
+    buf = io.BytesIO()
+    torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "nm": sp.state_dict()}, buf)
+    buf.seek(0)
+    ckpt = torch.load(buf, weights_only=True)
+
+    model, sp, opt = _setup(seed=123, method=method, **kw)  # other init: everything must come from ckpt
+    model.load_state_dict(ckpt["model"])
+    opt.load_state_dict(ckpt["opt"])
+    sp.load_state_dict(ckpt["nm"])
+    assert sp.step_count == 3
+    _train(model, sp, opt, 5, start=3)
+    got = model.state_dict()
+    assert set(got) == set(ref)
+    for k in ref:
+        assert torch.equal(got[k], ref[k]), k
+
+
+def test_load_state_dict_rejects_a_mismatch():
+    _, sp, _ = _setup(method="srste")
+    state = sp.state_dict()
+    _, other, _ = _setup(method="ste")
+    with pytest.raises(ValueError, match="saved by 2:4 'srste'; this sparsifier is 2:4 'ste'"):
+        other.load_state_dict(state)
+    _, other, _ = _setup(method="srste", include=["*.mlp.*"])
+    with pytest.raises(ValueError, match="covers other layers"):
+        other.load_state_dict(state)
+
+
+def test_attaching_twice_is_refused():
+    model, _, _ = _setup(include=["*.mlp.*"])
+    with pytest.raises(ValueError, match="already has a parametrized `weight`"):
+        NMSparsifier(model, NMConfig(include=["*.mlp.*"]))
+    with pytest.raises(ValueError, match="either `config` or keyword"):
+        NMSparsifier(GPT(CFG), NMConfig(), n=1)
+
+
+@pytest.mark.parametrize("autocast", [False, True])
+def test_bf16(autocast):
+    torch.manual_seed(0)
+    model = GPT(CFG)
+    if not autocast:
+        model = model.to(torch.bfloat16)
+    sp = NMSparsifier(model, NMConfig(method="srste"))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    for t in range(3):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            loss = model.loss(*_batch(t))
+        assert torch.isfinite(loss)
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        sp.step()
+    exported = sp.exported_state_dict()
+    for name in sp.layers:
+        w = exported[name + ".weight"]
+        assert w.dtype == (torch.float32 if autocast else torch.bfloat16) and is_nm(w, 2, 4)
+        assert torch.equal(sp.masks[name], nm_mask(sp.dense_weight(name), 2, 4))
+
+
+def test_pure_export_of_a_state_dict():
+    torch.manual_seed(0)
+    dense = GPT(CFG).state_dict()
+    out = nm_export_state_dict(dense, 2, 4, layers=["blocks.0.mlp.fc_in"])
+    assert is_nm(out["blocks.0.mlp.fc_in.weight"], 2, 4)
+    assert out["blocks.0.mlp.fc_out.weight"] is dense["blocks.0.mlp.fc_out.weight"]
+    assert not is_nm(dense["blocks.0.mlp.fc_in.weight"], 2, 4)  # input untouched
+    with pytest.raises(ValueError, match="`layers` names layers with no weight"):
+        nm_export_state_dict(dense, 2, 4, layers=["nope"])
+    with pytest.raises(ValueError, match="not an 2:4 mask"):
+        nm_export_state_dict(dense, 2, 4, layers=["lm_head"],
+                             masks={"lm_head": torch.ones_like(dense["lm_head.weight"], dtype=torch.bool)})
+
+
+# --------------------------------------------------------------------------- distributed
+def _ddp_ranks(rank, world_size, steps):
+    out = {}
+    # 1. Attaching to a DDP wrapper is refused (its gradient hooks would miss the parametrized weights).
+    try:
+        NMSparsifier(nn.parallel.DistributedDataParallel(GPT(CFG)), NMConfig())
+        out["wrapped"] = "no error"
+    except ValueError as err:
+        out["wrapped"] = str(err)
+    # 2. Different weights on each rank (no DDP broadcast): the rank check names the layers.
+    torch.manual_seed(rank)
+    try:
+        NMSparsifier(GPT(CFG), NMConfig(include=["*.mlp.*"]))
+        out["diverged"] = "no error"
+    except RuntimeError as err:
+        out["diverged"] = str(err)
+    # 3. The DDP recipe: attach, wrap, refresh; train on each rank's half of the batch.
+    torch.manual_seed(0)
+    model = GPT(CFG)
+    sp = NMSparsifier(model, NMConfig(method="srste", verify_every=1), verify_now=False)
+    ddp = nn.parallel.DistributedDataParallel(model)
+    sp.refresh()
+    opt = _opt(ddp.parameters(), sgd=True)
+    for t in range(steps):
+        x, y = _batch(t, b=4)
+        loss = torch.nn.functional.cross_entropy(ddp(x[rank::world_size]).reshape(-1, 256),
+                                                 y[rank::world_size].reshape(-1))
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        sp.step()  # verify_every=1: checks rank equality after every update
+    out["masks"] = {k: v.clone() for k, v in sp.masks.items()}
+    out["weights"] = {k: v.clone() for k, v in model.state_dict().items()}
+    return out
+
+
+@pytest.mark.slow
+def test_ddp_masks_identical_across_ranks_and_match_single_process():
+    steps = 4
+    r0, r1 = run_distributed(_ddp_ranks, 2, steps, timeout=180)
+    for r in (r0, r1):
+        assert "attach the sparsifier to the plain module before wrapping" in r["wrapped"]
+        assert "differ across ranks" in r["diverged"] and "blocks.0.mlp.fc_in" in r["diverged"]
+    for k in r0["masks"]:
+        assert torch.equal(r0["masks"][k], r1["masks"][k])
+    for k in r0["weights"]:
+        assert torch.equal(r0["weights"][k], r1["weights"][k])
+    # Single-process reference: the full batch (the mean of the ranks' gradients).
+    model, sp, opt = _setup(method="srste", sgd=True)
+    _train(model, sp, opt, steps)
+    ref = model.state_dict()
+    for k in r0["weights"]:
+        assert torch.allclose(r0["weights"][k], ref[k], atol=1e-5, rtol=1e-4), k
+    agree = sum(int((r0["masks"][k] == sp.masks[k]).sum()) for k in sp.masks)
+    assert agree / sum(v.numel() for v in sp.masks.values()) > 0.999
