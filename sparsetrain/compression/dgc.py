@@ -199,6 +199,7 @@ class _Pending:
     fast: bool
     world: int = 1
     bf16_dense: bool = False
+    result: torch.Tensor | None = None
 
 
 class DGCState:
@@ -251,6 +252,9 @@ class DGCState:
         "_scale_ratio",
         "_scale_now",
         "_nonfinite",
+        "_n_prepared",
+        "_expected",
+        "_done",
         # statistics
         "last_stats",
         "totals",
@@ -289,6 +293,9 @@ class DGCState:
         self._scale_ratio: torch.Tensor | None = None
         self._scale_now: torch.Tensor | None = None
         self._nonfinite: torch.Tensor | None = None
+        self._n_prepared = 0
+        self._expected: int | None = None
+        self._done: list[tuple[_Pending, torch.Tensor | None]] = []
         self.last_stats: dict[str, float] = {}
         self.totals: dict[str, float] = {}
         self._acc: dict[str, float] = {}
@@ -419,7 +426,7 @@ class DGCState:
 
     def __getstate__(self) -> dict[str, Any]:
         """Every slot but the process group, the parameter map, plans and locks (torch's PowerSGDState)."""
-        skip = {"process_group", "grad_scaler", "_names", "_plans", "_lock"}
+        skip = {"process_group", "grad_scaler", "_names", "_plans", "_lock", "_done", "_expected", "_n_prepared"}
         return {s: getattr(self, s) for s in self.__slots__ if s not in skip}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -434,6 +441,7 @@ class DGCState:
         self._names = {}
         self._plans = {}
         self._lock = threading.Lock()
+        self._done, self._expected, self._n_prepared = [], None, 0
         for slot, value in state.items():
             setattr(self, slot, value)
 
@@ -441,7 +449,7 @@ class DGCState:
 
     @property
     def nonfinite_steps(self) -> int:
-        """Bucket exchanges skipped because some rank's gradient was not finite (synchronises)."""
+        """Steps whose state update was skipped because some rank's gradient was not finite (synchronises)."""
         return 0 if self._nonfinite is None else int(self._nonfinite)
 
     def _add_stat(self, **values: float) -> None:
@@ -470,6 +478,45 @@ class DGCState:
         self._acc = {}
         self._step_open = False
         self.step += 1
+        with self._lock:
+            self._expected, self._n_prepared = self._n_prepared, 0
+            done = self._take_done()
+        if done:
+            self._commit_step(done)
+
+    def _take_done(self) -> list[tuple[_Pending, torch.Tensor | None]] | None:
+        """Under the lock: the step's finished buckets once all of them are in."""
+        if self._expected is None or len(self._done) < self._expected:
+            return None
+        done, self._done, self._expected = self._done, [], None
+        return done
+
+    def _complete(self, pending: _Pending, ok: torch.Tensor | None) -> None:
+        with self._lock:
+            self._done.append((pending, ok))
+            done = self._take_done()
+        if done:
+            self._commit_step(done)
+
+    def _commit_step(self, done: list[tuple[_Pending, torch.Tensor | None]]) -> None:
+        """Commit every bucket of a step, or none: a non-finite gradient anywhere skips the whole
+        step's state update, as the GradScaler skips the whole optimizer step."""
+        if not any(p.commit for p, _ in done):
+            return
+        oks = []
+        if self.config.check_finite:
+            for p, ok in done:
+                if ok is None and p.fast and p.result is not None:
+                    ok = torch.isfinite(p.result).all()
+                if ok is not None:
+                    oks.append(ok.reshape(1))
+        ok = torch.cat([o.to(oks[0].device) for o in oks]).all() if oks else None
+        if ok is not None:
+            bad = (~ok).to(torch.int64)
+            self._nonfinite = bad if self._nonfinite is None else self._nonfinite.to(bad.device) + bad
+        for p, _ in done:
+            if p.commit:
+                self._commit(p, ok)
 
     # ------------------------------------------------------------------ the algorithm
 
@@ -547,6 +594,7 @@ class DGCState:
         cfg = self.config
         if not self._step_open:
             self._begin_step(flat_N.device)
+        self._n_prepared += 1
         plan = self._plan(params, world, self.step)
         ratio = self._scale_ratio
         has_state = any(e.key in self.residuals for e in plan.entries) or cfg.momentum > 0
@@ -691,6 +739,8 @@ class DGCState:
         plan = pending.plan
         cfg = self.config
         if pending.fast:
+            pending.result = received
+            self._complete(pending, None)
             return received
         if plan.sparse:
             finite_W, scales_WE, idx_WK, val_WK, dense_WD = unpack(received, plan.layout, world)
@@ -712,7 +762,7 @@ class DGCState:
         else:
             result = received.float()
             ok = torch.isfinite(result).all() if cfg.check_finite else None
-        self._commit(pending, ok)
+        self._complete(pending, ok)
         return result
 
     def _scale_of_slot(self, plan: _Plan, device: torch.device) -> torch.Tensor:
@@ -733,10 +783,6 @@ class DGCState:
     def _commit(self, pending: _Pending, ok: torch.Tensor | None) -> None:
         cfg = self.config
         ratio = self._scale_ratio
-        if ok is not None:
-            with self._lock:
-                bad = (~ok).to(torch.int64)
-                self._nonfinite = bad if self._nonfinite is None else self._nonfinite.to(bad.device) + bad
         for i, e in enumerate(pending.plan.entries):
             idx = pending.selected[i]
             u_n = pending.u_new[i]

@@ -160,7 +160,7 @@ def encode_values(values_K: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Ten
         return values_K.to(torch.bfloat16), one
     if dtype != torch.float16:
         raise ValueError(f"`dtype` must be float32, float16 or bfloat16, got {dtype}")
-    amax = values_K.abs().amax() if values_K.numel() else one
+    amax = values_K.abs().amax() if values_K.numel() else torch.zeros_like(one)
     finite_pos = torch.isfinite(amax) & (amax > 0)
     # amax = m * 2**e with m in [0.5, 1): dividing by 2**(e - 15) puts amax in [2**14, 2**15).
     _, exp = torch.frexp(torch.where(finite_pos, amax, one))

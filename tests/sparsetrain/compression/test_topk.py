@@ -1,0 +1,111 @@
+import math
+
+import pytest
+import torch
+
+from sparsetrain.compression.topk import (
+    num_selected,
+    sample_stride,
+    select_indices,
+    threshold_indices,
+    topk_indices,
+)
+
+
+def _is_top_set(x, idx):
+    """Everything selected is at least as large (in magnitude) as everything left out."""
+    mask = torch.zeros(x.numel(), dtype=torch.bool)
+    mask[idx] = True
+    if mask.all() or not mask.any():
+        return True
+    return bool(x.abs()[mask].min() >= x.abs()[~mask].max())
+
+
+@pytest.mark.parametrize("numel,density,expected", [(1000, 0.001, 1), (1000, 0.01, 10), (10, 0.001, 1),
+                                                    (999, 0.01, 10), (64, 1.0, 64)])
+def test_num_selected(numel, density, expected):
+    assert num_selected(numel, density) == expected
+
+
+@pytest.mark.parametrize("density", [0.0, 1.5, -0.1])
+def test_num_selected_rejects_density(density):
+    with pytest.raises(ValueError, match="`density` must be in \\(0, 1\\]"):
+        num_selected(100, density)
+
+
+def test_sample_stride_small_tensors_are_sampled_densely():
+    assert sample_stride(100_000_000, 0.001, 0.01) == 100  # 1% sample
+    assert sample_stride(10_000, 0.001, 0.01) == 1  # too few hits at 1%: whole tensor
+    s = sample_stride(1_000_000, 0.01, 0.01)
+    assert 1_000_000 // s * 0.01 >= 32
+
+
+@pytest.mark.parametrize("k", [1, 7, 100, 1000])
+def test_topk_indices_is_the_exact_top_set(k):
+    x = torch.randn(1000, generator=torch.Generator().manual_seed(k))
+    idx = topk_indices(x, k)
+    assert idx.numel() == k and idx.unique().numel() == k
+    expected = set(torch.sort(x.abs(), descending=True).indices[:k].tolist())
+    assert set(idx.tolist()) == expected
+
+
+@pytest.mark.parametrize("seed", range(5))
+@pytest.mark.parametrize("numel,density", [(200_000, 0.001), (50_000, 0.01), (8192, 0.05)])
+def test_threshold_indices_returns_a_top_set_near_k(seed, numel, density):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(numel, generator=g) * torch.rand(numel, generator=g)
+    k = num_selected(numel, density)
+    stride = sample_stride(numel, density, 0.01)
+    idx = threshold_indices(x, k, stride=stride, offset=seed)
+    assert idx.unique().numel() == idx.numel()
+    assert 0.8 * k <= idx.numel() <= k
+    assert _is_top_set(x, idx)
+
+
+def test_threshold_indices_is_deterministic_and_rank_independent():
+    x = torch.randn(100_000, generator=torch.Generator().manual_seed(3))
+    a = threshold_indices(x, 100, stride=50, offset=17)
+    b = threshold_indices(x.clone(), 100, stride=50, offset=17)
+    assert torch.equal(a, b)
+
+
+def test_threshold_indices_with_stride_one_is_exact():
+    x = torch.randn(5000, generator=torch.Generator().manual_seed(4))
+    assert set(threshold_indices(x, 50, stride=1).tolist()) == set(topk_indices(x, 50).tolist())
+
+
+def test_threshold_lowers_until_enough_pass():
+    # A sample that sees only the few huge entries sets the threshold far too high;
+    # the rounds must lower it (x0.8 each) until >= 0.8k entries pass.
+    x = torch.full((10_000,), 1.0)
+    x[::100] = 1.5  # 100 entries, all in the sample at stride 100
+    idx = threshold_indices(x, 200, stride=100, offset=0, max_rounds=10)
+    assert 160 <= idx.numel() <= 200
+    assert _is_top_set(x, idx)
+
+
+def test_threshold_gives_up_after_max_rounds():
+    x = torch.full((10_000,), 1.0)
+    x[::100] = 100.0
+    idx = threshold_indices(x, 200, stride=100, offset=0, max_rounds=2)
+    assert idx.numel() == 100  # only the spikes pass after 2 rounds (100 * 0.8 > 1)
+
+
+def test_all_zero_tensor():
+    idx = threshold_indices(torch.zeros(10_000), 10, stride=100)
+    assert idx.numel() == 10
+
+
+def test_select_indices_dispatch_and_errors():
+    x = torch.randn(4096)
+    assert set(select_indices(x, 10, "topk").tolist()) == set(topk_indices(x, 10).tolist())
+    assert select_indices(x, 10, "threshold").numel() <= 10
+    with pytest.raises(ValueError, match="`method` must be"):
+        select_indices(x, 10, "random")
+    with pytest.raises(ValueError, match="`k` must be in"):
+        topk_indices(x, 0)
+    with pytest.raises(ValueError, match="`x_N` must be 1-D"):
+        topk_indices(x.view(64, 64), 3)
+    with pytest.raises(ValueError, match="`stride` must be"):
+        threshold_indices(x, 3, stride=0)
+    assert math.isclose(sample_stride(10**6, 1.0, 1.0), 1)
