@@ -1,5 +1,6 @@
 """Lightning callbacks: thin adapters over the sparsetrain core."""
 
+from .dynamic_sparsity import DynamicSparsity
 from .nm_sparsity import NMSparsity
 
-__all__: list[str] = ["NMSparsity"]
+__all__: list[str] = ["DynamicSparsity", "NMSparsity"]
