@@ -1,6 +1,7 @@
 """Lightning callbacks: thin adapters over the sparsetrain core."""
 
+from .compression import GradientCompression
 from .dynamic_sparsity import DynamicSparsity
 from .nm_sparsity import NMSparsity
 
-__all__: list[str] = ["DynamicSparsity", "NMSparsity"]
+__all__: list[str] = ["DynamicSparsity", "GradientCompression", "NMSparsity"]

@@ -36,6 +36,7 @@ _REGISTRY: dict[str, str] = {
     # name: "module:attribute"; each capability adds its line here.
     "nm_sparsity": "sparsetrain.callbacks.nm_sparsity:NMSparsity",
     "dynamic_sparsity": "sparsetrain.callbacks.dynamic_sparsity:DynamicSparsity",
+    "gradient_compression": "sparsetrain.callbacks.compression:GradientCompression",
 }
 
 
