@@ -31,6 +31,7 @@ import math
 import threading
 import time
 import warnings
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Literal
 
@@ -304,20 +305,32 @@ class DGCState:
 
     # ------------------------------------------------------------------ naming
 
-    def bind(self, module: nn.Module) -> DGCState:
-        """Key the state by ``module``'s parameter names (a DDP wrapper's ``module.`` prefix is dropped).
+    def bind(self, module: nn.Module | Iterable[tuple[str, torch.Tensor]]) -> DGCState:
+        """Key the state by parameter names: a module's (a DDP wrapper's ``module.`` prefix is
+        dropped) or given ``(name, parameter)`` pairs.
 
         Raises:
-            ValueError: ``module`` is not an ``nn.Module``, or the state already holds
+            ValueError: not a module or pairs, duplicate names, or the state already holds
                 residuals keyed by first appearance.
         """
-        if not isinstance(module, nn.Module):
-            raise ValueError(f"`module` must be an nn.Module, got {type(module).__name__}")
         if isinstance(module, nn.parallel.DistributedDataParallel):
             module = module.module
+        if isinstance(module, nn.Module):
+            named = list(module.named_parameters())
+        else:
+            try:
+                named = [(str(n), p) for n, p in module]
+            except (TypeError, ValueError):
+                raise ValueError(
+                    f"`module` must be an nn.Module or (name, parameter) pairs, got {type(module).__name__}"
+                ) from None
+            if not all(isinstance(p, torch.Tensor) for _, p in named):
+                raise ValueError("`module`: every (name, parameter) pair must hold a tensor")
+            if len({n for n, _ in named}) != len(named):
+                raise ValueError("`module`: parameter names must be unique")
         if not self._bound and any(k.startswith("#") for k in (*self.residuals, *self.momenta)):
             raise ValueError("`module`: bind before the first step; this state is already keyed by position")
-        self._names = {id(p): name for name, p in module.named_parameters()}
+        self._names = {id(p): name for name, p in named}
         self._bound = True
         self._plans.clear()
         return self
