@@ -1,9 +1,8 @@
 """One-page PNG report of a run, from its ``metrics.csv`` and ``summary.json``.
 
-Panel 1 is the loss (training and validation). Every other logged metric is grouped
-by the prefix before its first ``/`` (components log ``sparsity/...``,
-``compression/...``, ``nm/...``), one panel per group, so a component's figures appear
-without the report knowing about it.
+The loss (training and validation) and a summary table come first; every other logged
+metric that changes gets a small panel of its own, so a component's figures (sparsity,
+compression ratio, mask flips, ...) appear without the report knowing about it.
 """
 
 from __future__ import annotations
@@ -37,17 +36,25 @@ def read_metrics(path: str | Path) -> dict[str, list[tuple[int, float]]]:
     return dict(series)
 
 
-def _groups(series: dict[str, list[tuple[int, float]]]) -> dict[str, list[str]]:
-    groups: dict[str, list[str]] = defaultdict(list)
-    for key in sorted(series):
-        if key in _SKIP or key.startswith("lr-"):
-            continue
-        groups[key.split("/", 1)[0] if "/" in key else "other"].append(key)
-    return dict(groups)
+_PREFERRED = ("sparsity", "density", "ratio", "flip", "bytes", "regrown", "itop", "drop")
+
+
+def _panels(series: dict[str, list[tuple[int, float]]], limit: int) -> list[str]:
+    """Metrics to draw, one panel each: those that change, preferred names first."""
+    keys = [
+        k for k in sorted(series)
+        if k not in _SKIP and not k.startswith("lr-") and len({v for _, v in series[k]}) > 1
+    ]
+    rank = {k: next((i for i, word in enumerate(_PREFERRED) if word in k), len(_PREFERRED)) for k in keys}
+    return sorted(keys, key=lambda k: (rank[k], k))[:limit]
 
 
 def write_report(run_dir: str | Path, out: str | Path | None = None, max_panels: int = 6) -> Path:
     """Draw ``report.png`` (or ``out``) for the run in ``run_dir``; return its path.
+
+    The top row holds the loss curves and the summary table; below it, one small panel per
+    logged metric that changed during the run (component metrics such as sparsity,
+    compression ratio or mask flips), at most ``max_panels``.
 
     Raises:
         ValueError: ``run_dir`` has no ``metrics.csv``.
@@ -65,14 +72,12 @@ def write_report(run_dir: str | Path, out: str | Path | None = None, max_panels:
     summary = {}
     if (run_dir / "summary.json").is_file():
         summary = json.loads((run_dir / "summary.json").read_text())
-    groups = list(_groups(series).items())[: max_panels - 2]
-    n_panels = 2 + len(groups)
-    cols = 2
-    rows = math.ceil(n_panels / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(11, 3.6 * rows), squeeze=False)
-    axes = axes.ravel()
+    keys = _panels(series, max_panels)
+    rows = 1 + math.ceil(len(keys) / 3)
+    fig = plt.figure(figsize=(13, 3.4 * rows + 0.6))
+    grid = fig.add_gridspec(rows, 3)
 
-    ax = axes[0]
+    ax = fig.add_subplot(grid[0, :2])
     for key, style in (("train_loss", "-"), ("val_loss", "o-")):
         if key in series:
             steps, values = zip(*series[key])
@@ -82,20 +87,19 @@ def write_report(run_dir: str | Path, out: str | Path | None = None, max_panels:
     ax.legend()
     ax.grid(alpha=0.3)
 
-    for ax, (group, keys) in zip(axes[1:], groups):
-        for key in keys[:8]:
-            steps, values = zip(*series[key])
-            ax.plot(steps, values, label=key.split("/", 1)[-1])
-        ax.set_title(group)
-        ax.set_xlabel("step")
-        ax.legend(fontsize=7)
-        ax.grid(alpha=0.3)
-
-    text_ax = axes[1 + len(groups)]
+    text_ax = fig.add_subplot(grid[0, 2])
     text_ax.axis("off")
-    text_ax.text(0.0, 1.0, summary_table(summary), family="monospace", fontsize=9, va="top")
-    for ax in axes[2 + len(groups):]:
-        ax.axis("off")
+    text_ax.text(0.0, 1.0, summary_table(summary), family="monospace", fontsize=8, va="top")
+
+    for i, key in enumerate(keys):
+        ax = fig.add_subplot(grid[1 + i // 3, i % 3])
+        steps, values = zip(*series[key])
+        ax.plot(steps, values)
+        ax.set_title(key, fontsize=9)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+        if min(values) > 0 and max(values) / min(values) > 100:
+            ax.set_yscale("log")
     fig.suptitle(f"sparsetrain run: {summary.get('recipe', run_dir.name)}")
     fig.tight_layout()
     out = Path(out) if out else run_dir / "report.png"
@@ -119,6 +123,8 @@ def summary_table(summary: dict) -> str:
     ]
     for comp, stats in (summary.get("component_summaries") or {}).items():
         for key, value in stats.items():
-            rows.append((f"{comp}.{key}", f"{value:.4g}" if isinstance(value, float) else value))
+            if isinstance(value, (dict, list, tuple)):
+                continue
+            rows.append((f"{comp}.{key}", f"{value:.4g}" if isinstance(value, float) else str(value)[:24]))
     width = max(len(k) for k, _ in rows)
     return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
