@@ -117,7 +117,7 @@ class NMSparsity(Callback):
             raise ValueError(f"NMSparsity supports single-device and DDP training, got strategy "
                              f"{type(strategy).__name__}; use strategy='ddp' (sharded optimizers keep master "
                              f"weights the parametrization does not see)")
-        if self.sparsifier is not None and self.sparsifier.model is pl_module and not self.sparsifier._finalized:
+        if self.sparsifier is not None and self.sparsifier.model is pl_module and not self.sparsifier.finalized:
             return  # fit() called again with the same module: keep training the attached masks
         decay_steps = self.decay_steps
         if decay_steps is None and self._kwargs["method"] in ("mdgf", "sdgf"):
@@ -163,6 +163,20 @@ class NMSparsity(Callback):
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.finalize and self.sparsifier is not None:
             self.sparsifier.finalize()
+
+    def summary(self) -> dict[str, Any]:
+        """JSON-ready summary for the run's ``summary.json``: pattern, layers, statistics, exactness."""
+        sp = self.sparsifier
+        if sp is None:
+            return {}
+        from sparsetrain.nm import is_nm
+
+        cfg = sp.config
+        out: dict[str, Any] = {"n": cfg.n, "m": cfg.m, "method": cfg.method, "layers": list(sp.layers),
+                               **sp.stats()}
+        if sp.finalized:
+            out["exact_nm"] = all(is_nm(mod.weight, cfg.n, cfg.m) for mod in sp.layers.values())
+        return out
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:

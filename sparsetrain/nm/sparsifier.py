@@ -230,6 +230,11 @@ class NMSparsifier:
         """The N:M pattern in force now (None: dense stage)."""
         return self._pattern
 
+    @property
+    def finalized(self) -> bool:
+        """Whether :meth:`finalize` ran (weights exactly N:M, parametrizations removed)."""
+        return self._finalized
+
     def _lambda(self) -> float:
         lam = self.config.lambda_w / self.config.grad_accumulation
         if lam and self.grad_scaler is not None and self.grad_scaler.is_enabled():
@@ -282,15 +287,15 @@ class NMSparsifier:
             if cfg.verify_every and self._updates % cfg.verify_every == 0:
                 self.check_ranks()
 
-    def stats(self) -> dict[str, float]:
-        """Statistics: step, current n and m, beta, density of the forward weights, and the mask
-        flip fraction of the last update and averaged since attaching (SR-STE's aim is to make it fall).
+    def stats(self) -> dict[str, Any]:
+        """Statistics: step, the pattern in force (``"2:4"``, ``"dense"``), beta, density of the
+        forward weights, and the fraction of mask entries that flipped at the last update and on
+        average since attaching (SR-STE's aim is to make it fall).
         """
         pat = self._pattern
-        out = {
-            "step": float(self.step_count),
-            "n": float(pat[0]) if pat else float("nan"),
-            "m": float(pat[1]) if pat else float("nan"),
+        out: dict[str, Any] = {
+            "step": self.step_count,
+            "pattern": f"{pat[0]}:{pat[1]}" if pat else "dense",
             "beta": self.config.beta(self.step_count),
             "density": pat[0] / pat[1] if pat else 1.0,
         }
@@ -406,6 +411,9 @@ class NMSparsifier:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore :meth:`state_dict` (after the model's own weights were restored).
 
+        The state of a finalized sparsifier resumes too (training more steps after a finished
+        run): the masks are then recomputed from the restored, already N:M, weights.
+
         Raises:
             ValueError: the state was saved with another pattern, method or set of layers.
         """
@@ -421,15 +429,16 @@ class NMSparsifier:
         if list(state["layers"]) != list(self.layers):
             missing = sorted(set(state["layers"]) ^ set(self.layers))
             raise ValueError(f"`state` covers other layers than this sparsifier (differing: {', '.join(missing)})")
-        if state.get("finalized"):
-            raise ValueError("`state` comes from a finalized sparsifier; there is nothing left to resume")
         self.step_count = int(state["step"])
         self._updates = int(state["updates"])
         self._pattern = tuple(state["pattern"]) if state["pattern"] is not None else None
         beta, lam = cfg.beta(self.step_count), self._lambda()
         for name, p in self._params.items():
             p.beta, p.lambda_w = beta, lam
-            if name in state["masks"]:
+            if state.get("finalized"):
+                # Training continues after a finished run: its weights are already exactly N:M.
+                p.mask = nm_mask(self.dense_weight(name), *self._pattern) if self._pattern else None
+            elif name in state["masks"]:
                 w = self.dense_weight(name)
                 p.mask = unpack_mask(state["masks"][name].to(w.device), state["mask_shapes"][name])
             else:
