@@ -1,0 +1,179 @@
+import os
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from lightning.pytorch.callbacks import Callback
+from sparsetrain.callbacks import DynamicSparsity
+from torch.utils.data import DataLoader, TensorDataset
+
+from sparsetrain.components import RecipeError, build_component
+from sparsetrain.demo import make_classification
+from sparsetrain.demo.lightning import MLPTask
+from tests.harness import run_distributed
+
+
+class _Data(pl.LightningDataModule):
+    """A fixed classification set, not shuffled, so a run is a pure function of its settings."""
+
+    def __init__(self, n=64, batch_size=8, rank=0, world=1):
+        super().__init__()
+        x, y = make_classification(n, 64, 8, seed=0).tensors
+        # Rank r of w takes samples r, r + w, ...: its batch i and the other ranks' batch i together
+        # are the single-process batch i of w times the size.
+        self.data = TensorDataset(x[rank::world], y[rank::world])
+        self.batch_size = batch_size
+
+    def train_dataloader(self):
+        return DataLoader(self.data, batch_size=self.batch_size, shuffle=False, drop_last=True)
+
+
+def _trainer(**kw):
+    args = dict(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0)
+    return pl.Trainer(**(args | kw))
+
+
+def _task(seed=0):
+    torch.manual_seed(seed)
+    return MLPTask(optimizer="adamw", lr=0.01, weight_decay=0.05)
+
+
+def _masked_weights(task):
+    mods = dict(task.named_modules())
+    return {name: (mods[name].weight, mods[name].weight_mask) for name in mods if hasattr(mods[name], "weight_mask")}
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        (dict(sparsity=1.0), r"`sparsity` must be in \[0, 1\), got 1.0"),
+        (dict(sparsity=-0.5), r"`sparsity` must be in \[0, 1\), got -0.5"),
+        (dict(method="magnitude"), r"`method` must be one of rigl, set, gmp, static, got 'magnitude'"),
+        (dict(distribution="erdos"), r"`distribution` must be one of erk, er, uniform, got 'erdos'"),
+        (dict(update_interval=0), r"`update_interval` must be an int >= 1, got 0"),
+        (dict(end_fraction=0.0), r"`end_fraction` must be in \(0, 1\], got 0.0"),
+        (dict(end_fraction=2.0), r"`end_fraction` must be in \(0, 1\], got 2.0"),
+    ],
+)
+def test_bad_arguments_are_rejected(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        DynamicSparsity(**kwargs)
+    ((key, value),) = kwargs.items()
+    with pytest.raises(RecipeError, match=rf"callbacks\[0\]\.{key}: .*got {value!r}"):
+        build_component({"name": "dynamic_sparsity", **kwargs}, "callbacks[0]")
+
+
+def test_filter_matching_no_module_fails_at_setup():
+    cb = DynamicSparsity(include=["encoder.*"])
+    with pytest.raises(ValueError, match=r"`include` pattern 'encoder\.\*' matches no sparsifiable module"):
+        _trainer(max_steps=2, callbacks=[cb]).fit(_task(), _Data())
+
+
+def test_recipe_entry_builds_the_callback():
+    cb = build_component({"name": "dynamic_sparsity", "method": "set", "sparsity": 0.9, "distribution": "uniform",
+                          "update_interval": 25, "exclude": ["model.net.4"]}, "callbacks[0]")
+    assert isinstance(cb, DynamicSparsity)
+    assert (cb.config.method, cb.config.sparsity, cb.config.exclude) == ("set", 0.9, ("model.net.4",))
+
+
+def test_schedule_from_estimated_stepping_batches_with_accumulation_logs_and_checkpoint(tmp_path):
+    # 64 samples / batch 8 = 8 batches per epoch, accumulated by 2 -> 4 optimizer steps per epoch, 3 epochs.
+    cb = DynamicSparsity(method="rigl", sparsity=0.9, update_interval=2, end_fraction=1.0, log_per_layer=True)
+    logged = {}
+
+    class _Grab(Callback):
+        def on_train_batch_end(self, trainer, *args):
+            logged.update({k: float(v) for k, v in trainer.logged_metrics.items()})
+
+    task = _task()
+    trainer = _trainer(max_epochs=3, accumulate_grad_batches=2, callbacks=[cb, _Grab()])
+    trainer.fit(task, _Data())
+    sp = cb.sparsifier
+    assert sp.schedule.total_steps == 12 == trainer.global_step == sp.step_count
+    assert sp.schedule.update_steps() == [2, 4, 6, 8, 10]
+    assert logged["sparsity/global"] == pytest.approx(0.9, abs=1e-3)
+    assert logged["sparsity/regrown"] >= 0 and 0.1 < logged["sparsity/itop_rate"] <= 1.0
+    assert "sparsity/layer/model.net.0" in logged
+    opt = trainer.optimizers[0]
+    for w, mask in _masked_weights(task).values():
+        assert not bool(w[~mask].any())
+        assert all(not bool(v[~mask].any()) for v in opt.state[w].values() if v.shape == w.shape)
+    path = tmp_path / "last.ckpt"
+    trainer.save_checkpoint(path)
+    ckpt = torch.load(path, weights_only=True)
+    assert {k for k in ckpt["state_dict"] if k.endswith("weight_mask")} == {
+        "model.net.0.weight_mask", "model.net.2.weight_mask", "model.net.4.weight_mask"}
+    state = ckpt["callbacks"]["DynamicSparsity"]
+    assert state["step"] == 12 and state["schedule"]["total_steps"] == 12
+
+
+class _Crash(Callback):
+    def __init__(self, at, path):
+        self.at, self.path = at, path
+
+    def on_train_batch_end(self, trainer, *args):
+        if trainer.global_step == self.at:
+            trainer.save_checkpoint(self.path)
+            raise KeyError("simulated crash")
+
+
+def _lightning_run(method, ckpt=None, crash=None, seed=0):
+    cb = DynamicSparsity(method=method, sparsity=0.8, update_interval=3, drop_schedule="constant",
+                         end_fraction=1.0, drop_fraction=0.4, seed=4)
+    callbacks = [cb] + ([_Crash(*crash)] if crash else [])
+    task = _task(seed)
+    # batch = the whole set: every epoch is one step, so any step is a clean resume point.
+    trainer = _trainer(max_steps=12, callbacks=callbacks)
+    trainer.fit(task, _Data(n=32, batch_size=32), ckpt_path=ckpt)
+    return task, cb
+
+
+@pytest.fixture(scope="module")
+def uninterrupted():
+    return {m: _lightning_run(m) for m in ("rigl", "set")}
+
+
+# Updates after steps 3, 6, 9: stop between two (4, resume crosses 6) and right after one (6).
+@pytest.mark.parametrize("stop", [4, 6])
+@pytest.mark.parametrize("method", ["rigl", "set"])
+def test_crash_and_resume_matches_uninterrupted_run_bit_for_bit(tmp_path, uninterrupted, method, stop):
+    path = str(tmp_path / "crash.ckpt")
+    with pytest.raises(KeyError, match="simulated crash"):
+        _lightning_run(method, crash=(stop, path))
+    task, cb = _lightning_run(method, ckpt=path, seed=123)
+    ref_task, ref_cb = uninterrupted[method]
+    assert cb.sparsifier.step_count == ref_cb.sparsifier.step_count == 12
+    ref_state = ref_task.state_dict()
+    for k, v in task.state_dict().items():
+        assert torch.equal(v, ref_state[k]), k
+    assert cb.sparsifier.statistics() == ref_cb.sparsifier.statistics()
+    assert cb.state_dict()["rng_state"].equal(ref_cb.state_dict()["rng_state"])
+
+
+def _ddp_fit(rank, world):
+    cb = DynamicSparsity(method="rigl", sparsity=0.8, update_interval=2, end_fraction=1.0, drop_fraction=0.5)
+    task = _task()
+    trainer = _trainer(devices=world, strategy="ddp", max_steps=6, callbacks=[cb], use_distributed_sampler=False)
+    trainer.fit(task, _Data(n=96, batch_size=16 // world, rank=rank, world=world))
+    return {n: m.clone() for n, m in cb.sparsifier.masks.items()}, {
+        k: v.clone() for k, v in task.state_dict().items()}
+
+
+@pytest.mark.slow
+def test_ddp_ranks_reach_the_masks_of_a_single_process_run():
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    results = run_distributed(_ddp_fit, 2, timeout=240, lightning=True)
+    cb = DynamicSparsity(method="rigl", sparsity=0.8, update_interval=2, end_fraction=1.0, drop_fraction=0.5)
+    task = _task()
+    _trainer(max_steps=6, callbacks=[cb]).fit(task, _Data(n=96, batch_size=16))
+    initial = DynamicSparsity(method="rigl", sparsity=0.8)
+    initial.setup(None, _task(), "fit")
+    moved = False
+    for masks, state in results:
+        for name, mask in cb.sparsifier.masks.items():
+            assert torch.equal(masks[name], mask), name
+            moved |= not torch.equal(mask, initial.sparsifier.masks[name])
+        for k, v in task.state_dict().items():
+            torch.testing.assert_close(state[k], v, rtol=1e-4, atol=1e-5)
+    assert moved
