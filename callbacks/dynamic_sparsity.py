@@ -30,9 +30,10 @@ class DynamicSparsity(Callback):
     cross-rank checksum). Under Lightning's DeepSpeed strategy (ZeRO 1/2) the fp32 master weights
     are masked too (:class:`~sparsetrain.sparsity.deepspeed.DeepSpeedSparsity`).
 
-    Logged after each mask update: ``sparsity/global``, ``sparsity/target``, ``sparsity/regrown``,
-    ``sparsity/itop_rate`` and ``sparsity/drop_fraction`` (and ``sparsity/layer/<name>`` with
-    ``log_per_layer``). The callback's checkpoint state (step, schedule, generator state,
+    Logged after each mask update and at the Trainer's logging steps: ``sparsity/global``,
+    ``sparsity/target``, ``sparsity/regrown`` (by the latest update), ``sparsity/regrown_total``,
+    ``sparsity/updates``, ``sparsity/itop_rate`` and ``sparsity/drop_fraction`` (and
+    ``sparsity/layer/<name>`` with ``log_per_layer``). The callback's checkpoint state (step, schedule, generator state,
     ever-active masks) resumes a crashed run bit for bit.
 
     Args:
@@ -93,6 +94,7 @@ class DynamicSparsity(Callback):
         self._deepspeed: Any = None
         self._pending_state: dict[str, Any] | None = None
         self._logged_step = -1
+        self._initial_stats: dict[str, Any] | None = None
 
     # ------------------------------------------------------------------ hooks
 
@@ -141,14 +143,25 @@ class DynamicSparsity(Callback):
             return
         if self._deepspeed is not None:
             self._deepspeed.step()
-        stats = sp.last_statistics
-        if not self.log_stats or stats is None or stats["step"] == self._logged_step:
+        if not self.log_stats:
             return
+        stats = sp.last_statistics
+        fresh = stats is not None and stats["step"] != self._logged_step
+        # Between updates, log only when the Trainer writes logs (the figures change only at updates).
+        due = bool(getattr(getattr(trainer, "_logger_connector", None), "should_update_logs", False))
+        if not (fresh or due):
+            return
+        if stats is None:
+            stats = self._initial_stats = self._initial_stats or {
+                **sp.statistics(), "regrown": 0, "drop_fraction": 0.0,
+                "target_sparsity": sp.schedule.sparsity_at(0) if sp.schedule else self.config.sparsity}
         self._logged_step = stats["step"]
         values = {
             "sparsity/global": stats["sparsity"],
             "sparsity/target": stats["target_sparsity"],
             "sparsity/regrown": float(stats["regrown"]),
+            "sparsity/regrown_total": float(stats["regrown_total"]),
+            "sparsity/updates": float(stats["updates"]),
             "sparsity/itop_rate": stats["itop_rate"],
             "sparsity/drop_fraction": stats["drop_fraction"],
         }

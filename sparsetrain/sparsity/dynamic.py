@@ -224,6 +224,8 @@ class DynamicSparsifier:
         self._dense_grads: dict[str, torch.Tensor] = {}
         # statistics
         self._ever_active: dict[str, torch.Tensor] = {}
+        self._updates = 0
+        self._regrown_total = 0
         self.last_statistics: dict[str, Any] | None = None
 
         names = select_modules(
@@ -472,6 +474,8 @@ class DynamicSparsifier:
             ever |= mask
         # Newly grown connections were inactive, so their weights and optimizer states are already 0.
         self.apply_masks()
+        self._updates += 1
+        self._regrown_total += regrown
         if cfg.check_sync:
             self.check_masks_in_sync()
         stats = self.statistics()
@@ -510,8 +514,9 @@ class DynamicSparsifier:
             ``sparsity`` (global, over the sparsified layers), ``layer_sparsity`` (name -> sparsity),
             ``active`` and ``total`` weight counts, ``itop_rate`` (in-time over-parameterisation:
             fraction of the sparsified weights that have ever been active, Liu et al. 2021) and
-            ``step``. :meth:`step` adds ``regrown`` (connections that were inactive before the
-            update), ``drop_fraction`` and ``target_sparsity`` for an update.
+            ``step``, ``updates`` (mask updates so far) and ``regrown_total`` (connections grown so
+            far). :meth:`step` adds ``regrown`` (connections that were inactive before this update),
+            ``drop_fraction`` and ``target_sparsity`` for an update.
         """
         layer, active, total, ever = {}, 0, 0, 0
         for name, mask in self.masks.items():
@@ -528,6 +533,8 @@ class DynamicSparsifier:
             "active": active,
             "total": total,
             "itop_rate": ever / total,
+            "updates": self._updates,
+            "regrown_total": self._regrown_total,
         }
 
     def state_dict(self) -> dict[str, Any]:
@@ -536,6 +543,8 @@ class DynamicSparsifier:
             "version": _STATE_VERSION,
             "method": self.config.method,
             "step": self._step,
+            "updates": self._updates,
+            "regrown_total": self._regrown_total,
             "layers": list(self._modules),
             "rng_state": self._generator.get_state(),
             "ever_active": {name: t.clone() for name, t in self._ever_active.items()},
@@ -559,6 +568,8 @@ class DynamicSparsifier:
                 f"`state` covers layers {list(state['layers'])}, this sparsifier covers {list(self._modules)}"
             )
         self._step = int(state["step"])
+        self._updates = int(state.get("updates", 0))
+        self._regrown_total = int(state.get("regrown_total", 0))
         self._generator.set_state(state["rng_state"].clone())
         for name, t in state["ever_active"].items():
             self._ever_active[name] = t.to(self._modules[name]._buffers[MASK_NAME].device).clone()

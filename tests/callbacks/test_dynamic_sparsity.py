@@ -94,6 +94,7 @@ def test_schedule_from_estimated_stepping_batches_with_accumulation_logs_and_che
     assert sp.schedule.update_steps() == [2, 4, 6, 8, 10]
     assert logged["sparsity/global"] == pytest.approx(0.9, abs=1e-3)
     assert logged["sparsity/regrown"] >= 0 and 0.1 < logged["sparsity/itop_rate"] <= 1.0
+    assert logged["sparsity/updates"] == 5 and logged["sparsity/regrown_total"] > 0
     assert "sparsity/layer/model.net.0" in logged
     opt = trainer.optimizers[0]
     for w, mask in _masked_weights(task).values():
