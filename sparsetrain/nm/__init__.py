@@ -7,12 +7,23 @@ See ``docs/nm_sparsity.md``.
 from .export import nm_exact, nm_export_checkpoint, nm_export_state_dict
 from .masks import check_nm, is_nm, kept_magnitude, nm_mask, pack_mask, reduction_dim, select_nm_layers, unpack_mask
 from .methods import NMMask, masked_weight, mdgf_beta, sdgf_ladder, sdgf_pattern
+from .permute import (
+    PermutationSite,
+    apply_channel_permutation,
+    find_permutation_sites,
+    permute_for_nm,
+    prune_to_nm,
+    search_channel_permutation,
+)
 from .sparsifier import NMConfig, NMSparsifier
 
 __all__ = [
     "NMConfig",
     "NMMask",
     "NMSparsifier",
+    "PermutationSite",
+    "apply_channel_permutation",
+    "find_permutation_sites",
     "check_nm",
     "is_nm",
     "kept_magnitude",
@@ -23,9 +34,12 @@ __all__ = [
     "nm_export_state_dict",
     "nm_mask",
     "pack_mask",
+    "permute_for_nm",
+    "prune_to_nm",
     "reduction_dim",
     "sdgf_ladder",
     "sdgf_pattern",
+    "search_channel_permutation",
     "select_nm_layers",
     "unpack_mask",
 ]

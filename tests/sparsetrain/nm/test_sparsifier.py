@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from sparsetrain.demo import GPT, GPTConfig
-from sparsetrain.nm import NMConfig, NMSparsifier, is_nm, nm_export_state_dict, nm_mask
+from sparsetrain.nm import NMConfig, NMSparsifier, is_nm, nm_export_state_dict, nm_mask, permute_for_nm
 from tests.harness import run_distributed
 
 CFG = GPTConfig(block_size=16, n_layer=1, n_head=2, d_model=64)
@@ -255,6 +255,15 @@ def _ddp_ranks(rank, world_size, steps):
         sp.step()  # verify_every=1: checks rank equality after every update
     out["masks"] = {k: v.clone() for k, v in sp.masks.items()}
     out["weights"] = {k: v.clone() for k, v in model.state_dict().items()}
+    # 4. Channel permutation: identical on every rank for the same weights and seed, refused otherwise.
+    torch.manual_seed(0)
+    out["perms"] = [site.info["perm"] for site in permute_for_nm(GPT(CFG), 2, 4, escapes=2)]
+    torch.manual_seed(rank)
+    try:
+        permute_for_nm(GPT(CFG), 2, 4, escapes=0)
+        out["perm_diverged"] = "no error"
+    except RuntimeError as err:
+        out["perm_diverged"] = str(err)
     return out
 
 
@@ -277,3 +286,10 @@ def test_ddp_masks_identical_across_ranks_and_match_single_process():
         assert torch.allclose(r0["weights"][k], ref[k], atol=1e-5, rtol=1e-4), k
     agree = sum(int((r0["masks"][k] == sp.masks[k]).sum()) for k in sp.masks)
     assert agree / sum(v.numel() for v in sp.masks.values()) > 0.999
+    # Permutations: equal across ranks and to a single process's.
+    torch.manual_seed(0)
+    ref_perms = [site.info["perm"] for site in permute_for_nm(GPT(CFG), 2, 4, escapes=2)]
+    assert len(ref_perms) == 2
+    for a, b, c in zip(r0["perms"], r1["perms"], ref_perms):
+        assert torch.equal(a, b) and torch.equal(a, c)
+    assert "channel permutations differ across ranks" in r0["perm_diverged"]

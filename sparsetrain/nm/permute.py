@@ -1,0 +1,433 @@
+"""Channel permutation for N:M pruning (Pool & Yu, "Channel Permutations for N:M Sparsity", NeurIPS 2021).
+
+Which weights share a group of M depends on the order of a layer's input channels. Permuting the
+input channels of a consumer layer and, the same way, the output channels of the layer that
+produces them (its weight rows and bias) leaves the network's function unchanged, so the order
+can be chosen to keep the most magnitude when pruning to N:M:
+
+- an MLP: ``fc_out``'s input columns with ``fc_in``'s output rows (the activation between them
+  is elementwise); likewise consecutive Linears of an ``nn.Sequential`` with elementwise
+  activations between;
+- attention: ``out_proj``'s input columns with ``v_proj``'s output rows, within each head (the
+  attention weights of a head mix only that head's value channels). The Q/K permutation of the
+  seed (the same order on Q's and K's channels, within heads, keeps ``Q K^T``) is supported by
+  :func:`apply_channel_permutation` but gains nothing for weight N:M: it moves weight ROWS, and
+  groups of M run along the columns, so it is not searched.
+
+The search (:func:`search_channel_permutation`) is the paper's greedy one: evaluate every swap
+of two channels in different stripes of M columns, apply the best, repeat until no swap gains;
+then escape the local optimum with a bounded number of random swaps ("bounded regressions"),
+each followed by another greedy climb, keeping the best order seen. Every swap is scored exactly
+and incrementally: with ``c_p`` the n-th largest magnitude left in a row's stripe once position
+``p`` leaves it, putting column ``q`` into ``p``'s slot gains ``sum_r relu(|W_rq| - c_p[r])`` plus
+the (non-positive) loss of removing ``p``; a swap's gain is the sum of its two halves. After a swap
+only the two stripes involved are rescored. It is seeded and deterministic, and
+:func:`permute_for_nm` checks that all ranks found the same permutations.
+
+Legend: R rows of the stacked consumer weights, K their input channels, B a block of K searched
+independently (a head, or all of K), S stripes of M in a block.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.nn.utils import parametrize
+
+from .export import nm_exact
+from .masks import check_nm, kept_magnitude, select_nm_layers
+
+__all__ = [
+    "PermutationSite",
+    "apply_channel_permutation",
+    "find_permutation_sites",
+    "permute_for_nm",
+    "prune_to_nm",
+    "search_channel_permutation",
+]
+
+_ELEMENTWISE = (nn.ReLU, nn.GELU, nn.SiLU, nn.Tanh, nn.Sigmoid, nn.LeakyReLU, nn.ELU, nn.Identity, nn.Dropout)
+
+
+# ---------------------------------------------------------------------------------------- search
+def _stripe_scores(A_RB: torch.Tensor, n: int, m: int, stripes: Sequence[int]):
+    """For the given stripes: kept magnitude per stripe, and per position ``const_p`` and ``c_p[r]``."""
+    idx = torch.tensor([s * m + j for s in stripes for j in range(m)], device=A_RB.device)
+    V_RSM = A_RB[:, idx].reshape(A_RB.shape[0], len(stripes), m)
+    top_RSM, order_RSM = torch.sort(V_RSM, dim=-1, descending=True, stable=True)
+    kept_RS = top_RSM[..., :n].sum(-1)
+    rank_RSM = torch.empty_like(order_RSM)
+    rank_RSM.scatter_(-1, order_RSM, torch.arange(m, device=A_RB.device).expand_as(order_RSM))
+    in_top = rank_RSM < n
+    # Removing a kept entry promotes the (n+1)-th largest; removing a dropped one changes nothing.
+    base_RSM = torch.where(in_top, kept_RS.unsqueeze(-1) - V_RSM + top_RSM[..., n : n + 1], kept_RS.unsqueeze(-1))
+    c_RSM = torch.where(in_top, top_RSM[..., n : n + 1], top_RSM[..., n - 1 : n])
+    const = (base_RSM - kept_RS.unsqueeze(-1)).sum(0).reshape(-1)
+    return kept_RS.sum(0), const, c_RSM.reshape(A_RB.shape[0], -1), idx
+
+
+def _gain_rows(A_RB: torch.Tensor, const_P: torch.Tensor, c_RP: torch.Tensor, chunk: int = 64) -> torch.Tensor:
+    """``G[p, q] = const_p + sum_r relu(A[r, q] - c[r, p])`` for the positions p given, all q."""
+    rows = []
+    for i in range(0, c_RP.shape[1], chunk):
+        c = c_RP[:, i : i + chunk]
+        rows.append((A_RB.unsqueeze(1) - c.unsqueeze(-1)).clamp_min_(0).sum(0))
+    return torch.cat(rows) + const_P.unsqueeze(-1)
+
+
+def _search_block(A_RB: torch.Tensor, n: int, m: int, gen: torch.Generator, escapes: int,
+                  max_swaps: int) -> tuple[torch.Tensor, dict[str, Any]]:
+    R, B = A_RB.shape
+    S = B // m
+    perm = torch.arange(B)
+    if S < 2:
+        return perm, {"swaps": 0, "escapes": 0}
+    A = A_RB.clone()
+    kept_S, const, c_RB, _ = _stripe_scores(A, n, m, range(S))
+    G = _gain_rows(A, const, c_RB)
+    stripe_of = torch.arange(B, device=A.device) // m
+    same = stripe_of.unsqueeze(0) == stripe_of.unsqueeze(1)
+    tol = 1e-9 * float(kept_S.sum().abs()) + 1e-30
+    best_obj, best_perm = float(kept_S.sum()), perm.clone()
+    swaps = used_escapes = 0
+
+    D = G + G.T  # D[p, q]: gain of swapping the channels at positions p and q
+    D.masked_fill_(same, float("-inf"))
+
+    def do_swap(p: int, q: int) -> None:
+        A[:, [p, q]] = A[:, [q, p]]
+        perm[[p, q]] = perm[[q, p]]
+        G[:, [p, q]] = G[:, [q, p]]
+        touched = sorted({p // m, q // m})
+        kept_t, const_t, c_t, idx = _stripe_scores(A, n, m, touched)
+        kept_S[touched] = kept_t
+        G[idx] = _gain_rows(A, const_t, c_t)
+        # Only entries in the touched stripes' rows and columns change (p and q are among them).
+        rows = G[idx] + G[:, idx].T
+        rows.masked_fill_(same[idx], float("-inf"))
+        D[idx] = rows
+        D[:, idx] = rows.T
+
+    while True:
+        # Greedy climb: best swap until none gains.
+        while swaps < max_swaps:
+            flat = int(torch.argmax(D))
+            if float(D.view(-1)[flat]) <= tol:
+                break
+            do_swap(flat // B, flat % B)
+            swaps += 1
+        obj = float(kept_S.sum())
+        if obj > best_obj + tol:
+            best_obj, best_perm = obj, perm.clone()
+        if used_escapes >= escapes or swaps >= max_swaps:
+            break
+        # Bounded regression: one random swap between two stripes, then climb again.
+        p = int(torch.randint(B, (1,), generator=gen))
+        q = int(torch.randint(B - m, (1,), generator=gen))
+        q = q if q < (p // m) * m else q + m  # a position outside p's stripe
+        do_swap(p, q)
+        used_escapes += 1
+    return best_perm, {"swaps": swaps, "escapes": used_escapes}
+
+
+@torch.no_grad()
+def search_channel_permutation(
+    weight: torch.Tensor,
+    n: int,
+    m: int,
+    *,
+    block_size: int | None = None,
+    seed: int = 0,
+    escapes: int = 16,
+    max_swaps: int | None = None,
+    device: torch.device | str | None = None,
+) -> tuple[torch.Tensor, dict[str, Any]]:
+    """Input-channel order of ``weight`` that keeps the most magnitude under an N:M mask.
+
+    Greedy channel swaps with bounded random escapes (Pool & Yu 2021, section 4); the returned
+    order never keeps less than the identity.
+
+    Args:
+        weight: ``[R, K]`` consumer weight(s) (several consumers of the same channels: concatenate
+            their rows). Magnitudes are used.
+        n: kept per group.
+        m: group size; must divide ``block_size``.
+        block_size: channels may move only within consecutive blocks of this size (attention
+            heads); None = all of K.
+        seed: seed of the random escapes.
+        escapes: random swaps allowed per block after the first local optimum.
+        max_swaps: cap on greedy swaps per block (default ``16 * K / m``).
+        device: where to search (default: ``weight``'s device). Float64 throughout.
+
+    Returns:
+        ``(perm, info)``: ``perm`` is a LongTensor with ``weight[:, perm]`` the permuted weight;
+        ``info`` has ``kept_before``/``kept_after`` (fractions of ``sum |W|``), ``swaps``, ``escapes``.
+
+    Raises:
+        ValueError: bad ``n``/``m``, ``weight`` not 2-D, ``block_size`` not dividing K, or ``m`` not
+            dividing ``block_size``.
+    """
+    check_nm(n, m)
+    if weight.dim() != 2:
+        raise ValueError(f"`weight` must be 2-D [rows, channels], got shape {tuple(weight.shape)}")
+    K = weight.shape[1]
+    B = K if block_size is None else block_size
+    if B < 1 or K % B:
+        raise ValueError(f"`block_size` must divide the {K} channels, got {block_size}")
+    if B % m:
+        raise ValueError(f"`m`={m} must divide `block_size` ({B})")
+    if escapes < 0:
+        raise ValueError(f"`escapes` must be >= 0, got {escapes}")
+    max_swaps = 16 * K // m if max_swaps is None else max_swaps
+    if max_swaps < 0:
+        raise ValueError(f"`max_swaps` must be >= 0, got {max_swaps}")
+    dev = torch.device(device) if device is not None else weight.device
+    A = weight.detach().to(dev, torch.float64).abs()
+    gen = torch.Generator().manual_seed(seed)
+    perm = torch.empty(K, dtype=torch.long)
+    info: dict[str, Any] = {"swaps": 0, "escapes": 0}
+    for b0 in range(0, K, B):
+        p, i = _search_block(A[:, b0 : b0 + B], n, m, gen, escapes, max_swaps)
+        perm[b0 : b0 + B] = p.cpu() + b0
+        info["swaps"] += i["swaps"]
+        info["escapes"] += i["escapes"]
+    info["kept_before"] = kept_magnitude(weight, n, m)
+    info["kept_after"] = kept_magnitude(weight[:, perm.to(weight.device)], n, m)
+    return perm, info
+
+
+# ---------------------------------------------------------------------------------------- sites
+@dataclass
+class PermutationSite:
+    """Layers that share one channel dimension: permuting it together keeps the function.
+
+    Args:
+        consumers: names of Linears whose INPUT channels (weight columns) are the dimension;
+            their N:M groups are what the search optimises.
+        producers: names of Linears whose OUTPUT channels (weight rows, bias) are the dimension.
+        block_size: channels move only within blocks of this size (attention heads); None = free.
+    """
+
+    consumers: list[str]
+    producers: list[str]
+    block_size: int | None = None
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+def _linear(model: nn.Module, name: str) -> nn.Linear:
+    mod = model.get_submodule(name)
+    if not isinstance(mod, nn.Linear):
+        raise ValueError(f"permutation sites must name nn.Linear layers, got {name!r} ({type(mod).__name__})")
+    return mod
+
+
+def _weight(mod: nn.Linear) -> torch.Tensor:
+    """The trained weight tensor (the dense original when an N:M parametrization is attached)."""
+    if parametrize.is_parametrized(mod, "weight"):
+        return mod.parametrizations.weight.original
+    return mod.weight
+
+
+def find_permutation_sites(model: nn.Module) -> list[PermutationSite]:
+    """Sites found by structure: ``fc_in -> fc_out`` MLPs, ``v_proj -> out_proj`` attention (within
+    heads, ``n_head`` read from the attention module), and Linear -> elementwise activation(s) ->
+    Linear runs inside ``nn.Sequential`` containers.
+    """
+    sites = []
+    for name, mod in model.named_modules():
+        prefix = f"{name}." if name else ""
+        children = dict(mod.named_children())
+        if isinstance(children.get("fc_in"), nn.Linear) and isinstance(children.get("fc_out"), nn.Linear):
+            sites.append(PermutationSite(consumers=[prefix + "fc_out"], producers=[prefix + "fc_in"]))
+        if all(isinstance(children.get(k), nn.Linear) for k in ("v_proj", "out_proj")) and hasattr(mod, "n_head"):
+            width = children["v_proj"].out_features
+            sites.append(PermutationSite(consumers=[prefix + "out_proj"], producers=[prefix + "v_proj"],
+                                         block_size=width // int(mod.n_head)))
+        if isinstance(mod, nn.Sequential):
+            items = list(children.items())
+            for i, (pname, pmod) in enumerate(items):
+                if not isinstance(pmod, nn.Linear):
+                    continue
+                j = i + 1
+                while j < len(items) and isinstance(items[j][1], _ELEMENTWISE):
+                    j += 1
+                if j < len(items) and isinstance(items[j][1], nn.Linear):
+                    sites.append(PermutationSite(consumers=[prefix + items[j][0]], producers=[prefix + pname]))
+    return sites
+
+
+@torch.no_grad()
+def apply_channel_permutation(model: nn.Module, site: PermutationSite, perm: torch.Tensor) -> None:
+    """Reorder a site's channels in place: consumer weight columns, producer weight rows and biases.
+
+    Call before the optimizer is built (its state is not permuted).
+
+    Raises:
+        ValueError: a named layer is not an ``nn.Linear`` or its channel count differs from ``perm``.
+    """
+    perm = perm.long()
+    for name in site.consumers:
+        w = _weight(_linear(model, name))
+        if w.shape[1] != perm.numel():
+            raise ValueError(f"consumer {name!r} has {w.shape[1]} input channels, `perm` has {perm.numel()}")
+        w.copy_(w[:, perm.to(w.device)])
+    for name in site.producers:
+        mod = _linear(model, name)
+        w = _weight(mod)
+        if w.shape[0] != perm.numel():
+            raise ValueError(f"producer {name!r} has {w.shape[0]} output channels, `perm` has {perm.numel()}")
+        w.copy_(w[perm.to(w.device)])
+        if mod.bias is not None:
+            mod.bias.copy_(mod.bias[perm.to(mod.bias.device)])
+
+
+def _check_ranks_agree(perms: list[torch.Tensor], names: list[str]) -> None:
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() < 2 or not perms:
+        return
+    fp = torch.stack([(p * torch.arange(1, p.numel() + 1)).sum() for p in perms]).double()
+    both = torch.cat([fp, -fp])
+    if dist.get_backend() == "nccl":
+        both = both.cuda()
+    dist.all_reduce(both, op=dist.ReduceOp.MAX)
+    k = len(perms)
+    bad = [nm for nm, hi, lo in zip(names, both[:k].tolist(), (-both[k:]).tolist()) if hi != lo]
+    if bad:
+        raise RuntimeError(f"channel permutations differ across ranks for {', '.join(bad)}: the weights or the "
+                           f"seed differ between ranks")
+
+
+def permute_for_nm(
+    model: nn.Module,
+    n: int,
+    m: int,
+    *,
+    sites: Sequence[PermutationSite] | None = None,
+    include: Sequence[str] | None = None,
+    exclude: Sequence[str] | None = None,
+    seed: int = 0,
+    escapes: int = 16,
+    max_swaps: int | None = None,
+    device: torch.device | str | None = None,
+) -> list[PermutationSite]:
+    """Permute channels in place so that N:M pruning keeps more magnitude; the function is unchanged.
+
+    For each site (found with :func:`find_permutation_sites` unless given) whose consumers are
+    selected (``include``/``exclude`` as in :func:`~sparsetrain.nm.select_nm_layers`) and whose
+    channel count ``m`` divides, search an order with :func:`search_channel_permutation` and apply
+    it to consumers and producers. Use on a dense model before pruning and before building the
+    optimizer. Deterministic for a seed; under ``torch.distributed`` the ranks' permutations are
+    checked to be identical.
+
+    Args:
+        model: the dense model.
+        n: kept per group.
+        m: group size.
+        sites: permutation sites; None = found by structure.
+        include: fnmatch patterns of consumer layer names to optimise (None: all).
+        exclude: fnmatch patterns of consumer layer names to skip.
+        seed: seed of the random escapes (the same on every rank).
+        escapes: bounded random escapes per block.
+        max_swaps: cap on greedy swaps per block.
+        device: where to search (default: the weights' device).
+
+    Returns:
+        The sites permuted, each with ``info`` (``kept_before``, ``kept_after``, ``swaps``, ``escapes``,
+        ``perm``).
+
+    Raises:
+        ValueError: bad ``n``/``m`` or a site naming a non-Linear layer.
+        RuntimeError: ranks found different permutations.
+
+    Example::
+
+        >>> from sparsetrain.demo import GPT, GPTConfig
+        >>> model = GPT(GPTConfig(n_layer=1, d_model=64, n_head=1))
+        >>> done = permute_for_nm(model, 2, 4, escapes=0)
+        >>> all(s.info["kept_after"] >= s.info["kept_before"] for s in done)
+        True
+    """
+    check_nm(n, m)
+    sites = list(find_permutation_sites(model) if sites is None else sites)
+    try:
+        with warnings.catch_warnings():  # the skip warning belongs to whoever prunes or trains
+            warnings.simplefilter("ignore")
+            eligible = set(select_nm_layers(model, m, include, exclude))
+    except ValueError:
+        if include is not None or exclude is not None:
+            raise
+        eligible = set()
+    done, perms, names = [], [], []
+    for i, site in enumerate(sites):
+        consumers = [_linear(model, c) for c in site.consumers]
+        for p in site.producers:
+            _linear(model, p)
+        if not consumers or not all(c in eligible for c in site.consumers):
+            continue
+        stacked = torch.cat([_weight(c).detach() for c in consumers])
+        block = site.block_size or stacked.shape[1]
+        if block % m or stacked.shape[1] % block:
+            continue
+        perm, info = search_channel_permutation(stacked, n, m, block_size=site.block_size, seed=seed + i,
+                                                escapes=escapes, max_swaps=max_swaps, device=device)
+        apply_channel_permutation(model, site, perm)
+        info["perm"] = perm
+        site.info = info
+        done.append(site)
+        perms.append(perm)
+        names.append(",".join(site.consumers))
+    _check_ranks_agree(perms, names)
+    return done
+
+
+@torch.no_grad()
+def prune_to_nm(
+    model: nn.Module,
+    n: int,
+    m: int,
+    *,
+    permute: bool = True,
+    include: Sequence[str] | None = None,
+    exclude: Sequence[str] | None = None,
+    seed: int = 0,
+    escapes: int = 16,
+    max_swaps: int | None = None,
+) -> dict[str, Any]:
+    """One-shot magnitude pruning of a dense model to exact N:M, optionally after channel permutation.
+
+    The usual start of fine-tuning a pretrained model in N:M (NVIDIA's train -> prune -> retrain
+    workflow); continue with ``NMSparsifier(model, NMConfig(method="ste", update_every=0))`` to
+    keep the masks fixed while fine-tuning.
+
+    Args:
+        model: the dense model (pruned in place).
+        n: kept per group.
+        m: group size.
+        permute: run :func:`permute_for_nm` first.
+        include: fnmatch patterns of layer names to prune (None: every Linear/Conv that takes ``m``).
+        exclude: fnmatch patterns of layer names to keep dense.
+        seed: seed of the permutation search.
+        escapes: bounded random escapes of the search.
+        max_swaps: cap on greedy swaps per block.
+
+    Returns:
+        ``{"layers": [...], "kept_magnitude": {layer: fraction}, "sites": [PermutationSite, ...]}``.
+
+    Raises:
+        ValueError: bad ``n``/``m`` or no layer can take the pattern.
+    """
+    check_nm(n, m)
+    sites = permute_for_nm(model, n, m, include=include, exclude=exclude, seed=seed, escapes=escapes,
+                           max_swaps=max_swaps) if permute else []
+    layers = select_nm_layers(model, m, include, exclude)
+    kept = {}
+    for name, mod in layers.items():
+        w = _weight(mod)
+        kept[name] = kept_magnitude(w, n, m)
+        w.copy_(nm_exact(w, n, m))
+    return {"layers": list(layers), "kept_magnitude": kept, "sites": sites}
