@@ -40,7 +40,7 @@ import torch.distributed as dist
 from torch import nn
 
 from .topk import num_selected, sample_stride, threshold_indices, topk_indices
-from .wire import DTYPES, SegmentLayout, decode_values, encode_values, pack, unpack
+from .wire import DTYPES, SegmentLayout, encode_segments, pack, unpack
 
 __all__ = [
     "DENSITY_RAMP",
@@ -178,12 +178,36 @@ class _Entry:
 
 @dataclass
 class _Plan:
+    """How one bucket (a fixed list of parameters) is exchanged at one density."""
+
     entries: list[_Entry]
     numel: int
     layout: SegmentLayout
     sparse: bool
-    dense_pos: dict[torch.device, torch.Tensor] = field(default_factory=dict)
-    scale_of_slot: dict[torch.device, torch.Tensor] = field(default_factory=dict)
+    _index: dict[tuple[str, torch.device], torch.Tensor] = field(default_factory=dict)
+
+    @property
+    def sparse_entries(self) -> list[_Entry]:
+        return [e for e in self.entries if e.sparse]
+
+    @property
+    def compressible(self) -> list[_Entry]:
+        return [e for e in self.entries if e.compressible]
+
+    def positions(self, which: str, device: torch.device) -> torch.Tensor:
+        """Cached int64 index tensors: ``"dense"`` (elements not sent sparsely), ``"fixed"`` (elements
+        of tensors that are never compressed), ``"slot_entry"`` (sparse entry of each message slot)."""
+        t = self._index.get((which, device))
+        if t is None:
+            if which == "slot_entry":
+                ks = [e.k for e in self.sparse_entries]
+                t = torch.repeat_interleave(torch.arange(len(ks)), torch.tensor(ks, dtype=torch.long))
+            else:
+                keep = (lambda e: not e.sparse) if which == "dense" else (lambda e: not e.compressible)
+                parts = [torch.arange(e.offset, e.offset + e.numel) for e in self.entries if keep(e)]
+                t = torch.cat(parts) if parts else torch.zeros(0, dtype=torch.long)
+            t = self._index[(which, device)] = t.to(device)
+        return t
 
 
 @dataclass
@@ -191,16 +215,21 @@ class _Pending:
     """What one bucket computed before the exchange and commits after it."""
 
     plan: _Plan
-    u_new: list[torch.Tensor | None]
-    v_new: list[torch.Tensor | None]
-    selected: list[torch.Tensor | None]
-    own_values: list[torch.Tensor | None] | None
-    dense_residual: list[torch.Tensor | None]
-    commit: bool
     fast: bool
     world: int = 1
     bf16_dense: bool = False
+    u_old: torch.Tensor | None = None
+    u_new: torch.Tensor | None = None
+    v_old: torch.Tensor | None = None
+    total: torch.Tensor | None = None
+    idx_real: torch.Tensor | None = None  # positions sent (no padding)
+    idx_msg: torch.Tensor | None = None  # message slots (padding: position 0, value 0)
+    sent_msg: torch.Tensor | None = None  # the values as the receivers decode them, per slot
     result: torch.Tensor | None = None
+
+    @property
+    def commit(self) -> bool:
+        return not self.fast
 
 
 class DGCState:
@@ -583,17 +612,46 @@ class DGCState:
         self._scale_now = cur.clone()
         self.loss_scale = self._scale_now
 
-    def _state_tensor(self, table: dict[str, torch.Tensor], key: str, like: torch.Tensor) -> torch.Tensor | None:
-        t = table.get(key)
-        if t is None:
+    def _flat_state(self, table: dict[str, torch.Tensor], plan: _Plan, entries: list[_Entry],
+                    like: torch.Tensor) -> torch.Tensor | None:
+        """The bucket-shaped float32 state of ``entries`` (zeros elsewhere), or None when none has any.
+
+        After the first commit on a bucket the per-parameter tensors are views of one flat
+        tensor, which is returned as is; otherwise (first step, loaded checkpoint, new bucket
+        layout) it is assembled.
+        """
+        got = [table.get(e.key) for e in entries]
+        if all(t is None for t in got):
             return None
-        if t.numel() != like.numel():
-            raise ValueError(
-                f"saved state for parameter {key!r} has {t.numel()} elements, the parameter has {like.numel()}"
-            )
-        if t.device != like.device or t.dtype != torch.float32 or t.dim() != 1:
-            t = table[key] = t.to(device=like.device, dtype=torch.float32).reshape(-1)
-        return t
+        base = got[0]._base if got[0] is not None else None
+        if (
+            base is not None
+            and base.numel() == plan.numel
+            and base.device == like.device
+            and all(t is not None and t._base is base and t.storage_offset() == e.offset for t, e in zip(got, entries))
+            and (len(entries) == len(plan.entries) or self._zero_outside(base, plan, entries))
+        ):
+            return base
+        flat = torch.zeros(plan.numel, dtype=torch.float32, device=like.device)
+        for t, e in zip(got, entries):
+            if t is None:
+                continue
+            if t.numel() != e.numel:
+                raise ValueError(
+                    f"saved state for parameter {e.key!r} has {t.numel()} elements, the parameter has {e.numel}"
+                )
+            flat[e.offset : e.offset + e.numel].copy_(t.reshape(-1))
+        return flat
+
+    @staticmethod
+    def _zero_outside(base: torch.Tensor, plan: _Plan, entries: list[_Entry]) -> bool:
+        # residual flats are kept zero outside the compressible tensors by _commit
+        return entries == plan.compressible
+
+    @staticmethod
+    def _store(table: dict[str, torch.Tensor], flat: torch.Tensor, entries: list[_Entry]) -> None:
+        for e in entries:
+            table[e.key] = flat[e.offset : e.offset + e.numel]
 
     def _prepare(
         self, flat_N: torch.Tensor, params: list[torch.Tensor], world: int
@@ -610,21 +668,30 @@ class DGCState:
         self._n_prepared += 1
         plan = self._plan(params, world, self.step)
         ratio = self._scale_ratio
-        has_state = any(e.key in self.residuals for e in plan.entries) or cfg.momentum > 0
-        fast = (
-            not plan.sparse
-            and not has_state
-            and cfg.clip_norm is None
-            and (cfg.fallback_dtype == "fp32" or self.step < cfg.warmup_steps)
-            and flat_N.dtype == torch.float32
+        bf16_dense = cfg.fallback_dtype == "bf16" and self.step >= cfg.warmup_steps and not plan.sparse
+        u_old = self._flat_state(self.momenta, plan, plan.entries, flat_N) if cfg.momentum > 0 else None
+        compressible = plan.compressible
+        v_old = (
+            self._flat_state(self.residuals, plan, compressible, flat_N)
+            if cfg.error_feedback and compressible
+            else None
         )
         self._add_stat(
             elements=float(plan.numel),
             dense_payload_bytes=4.0 * plan.numel,
             dense_wire_bytes=_ring_allreduce_bytes(4 * plan.numel, world),
         )
-        if fast:
+        pending = _Pending(plan, fast=False, world=world, bf16_dense=bf16_dense, u_old=u_old, v_old=v_old)
+        if (
+            not plan.sparse
+            and cfg.momentum == 0
+            and v_old is None
+            and cfg.clip_norm is None
+            and not bf16_dense
+            and flat_N.dtype == torch.float32
+        ):
             # Exactly torch's allreduce_hook: divide in place, all-reduce the bucket.
+            pending.fast = True
             self._add_stat(
                 sent=float(plan.numel),
                 payload_bytes=4.0 * plan.numel,
@@ -632,77 +699,47 @@ class DGCState:
                 dense_buckets=1.0,
                 compress_s=time.perf_counter() - t0,
             )
-            pending = _Pending(plan, [], [], [], None, [], commit=False, fast=True, world=world)
             return pending, flat_N.div_(world)
 
-        bf16_dense = cfg.fallback_dtype == "bf16" and self.step >= cfg.warmup_steps
-        n_e = len(plan.entries)
-        u_new: list[torch.Tensor | None] = [None] * n_e
-        v_new: list[torch.Tensor | None] = [None] * n_e
-        selected: list[torch.Tensor | None] = [None] * n_e
-        dense_residual: list[torch.Tensor | None] = [None] * n_e
-        clip_thr = None
+        g = flat_N.float()
+        g_is_view = flat_N.dtype == torch.float32
         if cfg.clip_norm is not None:
-            clip_thr = cfg.clip_norm / math.sqrt(world)
+            g = g.clone() if g_is_view else g
+            g_is_view = False
+            clip = cfg.clip_norm / math.sqrt(world)
             if self._scale_now is not None:
-                clip_thr = self._scale_now * clip_thr
-        send_vals: list[torch.Tensor] = []  # per entry: the accumulated tensor to send (dense) or v_new
-        for i, e in enumerate(plan.entries):
-            g = flat_N[e.offset : e.offset + e.numel]
-            g_is_view = g.dtype == torch.float32
-            g = g.float()
-            if clip_thr is not None:
-                norm = torch.linalg.vector_norm(g)
-                g = g * (clip_thr / (norm + 1e-6)).clamp(max=1.0)
-                g_is_view = False
-            acc = g
-            if cfg.momentum > 0:
-                u = self._state_tensor(self.momenta, e.key, g)
-                if u is None:
-                    u = torch.zeros_like(g)
-                elif ratio is not None:
-                    u = u * ratio
-                if cfg.nesterov:
-                    u_n = (u + g) * cfg.momentum
-                    acc = u_n + g
-                else:
-                    u_n = u * cfg.momentum + g
-                    acc = u_n
-                u_new[i] = u_n
-                g_is_view = False
-            v = self._state_tensor(self.residuals, e.key, g) if cfg.error_feedback and e.compressible else None
-            if v is not None and ratio is not None:
-                v = v * ratio
-            if v is not None:
-                total = acc + v
+                clip = self._scale_now * clip
+            views = [g[e.offset : e.offset + e.numel] for e in plan.entries]
+            coefs = [(clip / (torch.linalg.vector_norm(v) + 1e-6)).clamp(max=1.0) for v in views]
+            torch._foreach_mul_(views, coefs)
+        acc = g
+        if cfg.momentum > 0:
+            u = torch.zeros_like(g) if u_old is None else (u_old * ratio if ratio is not None else u_old)
+            if cfg.nesterov:
+                pending.u_new = (u + g) * cfg.momentum
+                acc = pending.u_new + g
             else:
-                total = acc.clone() if (g_is_view and acc is g) else acc
-            if e.sparse:
-                if cfg.error_feedback:
-                    v_new[i] = total
-                if cfg.selection == "topk":
-                    idx = topk_indices(total, e.k)
-                else:
-                    idx = threshold_indices(total, e.k, stride=e.stride, offset=self.step)
-                selected[i] = idx
-            elif v is not None:
-                dense_residual[i] = total  # flushed; its rounding error may stay behind (bf16)
-            send_vals.append(total)
+                pending.u_new = u * cfg.momentum + g
+                acc = pending.u_new
+        if v_old is not None:
+            total = acc + (v_old * ratio if ratio is not None else v_old)
+        elif (g_is_view and acc is g) or acc is pending.u_new:
+            total = acc.clone()  # becomes the residual: must not share memory with the bucket or the momentum
+        else:
+            total = acc
+        pending.total = total
 
-        device = flat_N.device
         if plan.sparse:
-            send, own_values = self._pack_sparse(plan, send_vals, selected, flat_N, device)
+            send = self._pack_sparse(pending, flat_N)
             self._add_stat(
                 sparse_buckets=1.0,
                 payload_bytes=float(plan.layout.nbytes),
                 wire_bytes=float((world - 1) * plan.layout.nbytes),
             )
         else:
-            dt = torch.bfloat16 if bf16_dense else torch.float32
-            send = torch.empty(plan.numel, dtype=dt, device=device)
-            for e, val in zip(plan.entries, send_vals):
-                send[e.offset : e.offset + e.numel].copy_(val / world)
-            own_values = None
+            send = total / world
+            if bf16_dense:
+                send = send.to(torch.bfloat16)
             nbytes = send.numel() * send.element_size()
             self._add_stat(
                 sent=float(plan.numel),
@@ -711,44 +748,49 @@ class DGCState:
                 wire_bytes=_ring_allreduce_bytes(nbytes, world),
             )
         self._add_stat(compress_s=time.perf_counter() - t0)
-        pending = _Pending(
-            plan, u_new, v_new, selected, own_values, dense_residual, commit=True, fast=False, world=world,
-            bf16_dense=bf16_dense,
-        )
         return pending, send
 
-    def _pack_sparse(self, plan, send_vals, selected, flat_N, device):
+    def _pack_sparse(self, pending: _Pending, flat_N: torch.Tensor) -> torch.Tensor:
         cfg = self.config
+        plan, total = pending.plan, pending.total
         layout = plan.layout
-        idx_K = torch.zeros(layout.n_sparse, dtype=torch.int32, device=device)
-        val_K = torch.zeros(layout.n_sparse, dtype=layout.value_dtype, device=device)
-        scales, dense_parts, own = [], [], []
+        device = total.device
+        real, msg, padded = [], [], False
         sent = 0
-        for e, val, idx in zip(plan.entries, send_vals, selected):
-            if e.sparse:
-                c = idx.numel()
-                wire, scale = encode_values(val[idx], layout.value_dtype)
-                idx_K[e.slot : e.slot + c].copy_(idx + e.offset)
-                val_K[e.slot : e.slot + c].copy_(wire)
-                scales.append(scale.reshape(1))
-                own.append(decode_values(wire, scale) if layout.value_dtype != torch.float32 else None)
-                sent += c
+        for e in plan.sparse_entries:
+            x = total[e.offset : e.offset + e.numel]
+            if cfg.selection == "topk":
+                idx = topk_indices(x, e.k)
             else:
-                dense_parts.append(val)
-                own.append(None)
-                sent += e.numel
-        dense_D = torch.cat(dense_parts) if dense_parts else torch.zeros(0, device=device)
-        scales_E = torch.cat(scales)
-        if cfg.check_finite:
-            finite = torch.isfinite(flat_N).all()
+                idx = threshold_indices(x, e.k, stride=e.stride, offset=self.step)
+            idx = idx + e.offset
+            real.append(idx)
+            msg.append(idx)
+            c = idx.numel()
+            if c < e.k:
+                msg.append(torch.zeros(e.k - c, dtype=idx.dtype, device=device))
+                padded = True
+            sent += c
+        idx_real = torch.cat(real)
+        idx_msg = torch.cat(msg) if padded else idx_real
+        vals = total[idx_msg]
+        if padded:
+            pad = torch.ones(layout.n_sparse, dtype=torch.bool, device=device)
+            pad[torch.cat([torch.arange(e.slot, e.slot + r.numel(), device=device)
+                           for e, r in zip(plan.sparse_entries, real)])] = False
+            vals.masked_fill_(pad, 0.0)
+        wire, scales_E, sent_vals = encode_segments(vals, layout.value_dtype, plan.positions("slot_entry", device))
+        dense_D = total[plan.positions("dense", device)] if layout.n_dense else total.new_zeros(0)
+        if cfg.check_finite:  # a sum is cheaper than a mask and keeps any inf or nan
+            finite = torch.isfinite(flat_N.sum(dtype=torch.float32))
         else:
             finite = torch.ones((), dtype=torch.bool, device=device)
-        send = pack(layout, finite=finite, scales_E=scales_E, indices_K=idx_K, values_K=val_K, dense_D=dense_D)
-        self._add_stat(sent=float(sent))
-        return send, (own if layout.value_dtype != torch.float32 else None)
+        pending.idx_real, pending.idx_msg, pending.sent_msg = idx_real, idx_msg, sent_vals
+        self._add_stat(sent=float(sent + layout.n_dense))
+        return pack(layout, finite=finite, scales_E=scales_E, indices_K=idx_msg, values_K=wire, dense_D=dense_D)
 
     def _finish(self, pending: _Pending, received: torch.Tensor, world: int) -> torch.Tensor:
-        """Turn the exchanged tensor into the averaged flat gradient and commit the state."""
+        """Turn the exchanged tensor into the averaged flat gradient; commit once the step is complete."""
         plan = pending.plan
         cfg = self.config
         if pending.fast:
@@ -761,14 +803,14 @@ class DGCState:
             if plan.layout.n_sparse:
                 vals_WK = val_WK.float()
                 if plan.layout.value_dtype == torch.float16:
-                    vals_WK = vals_WK * scales_WE.index_select(1, self._scale_of_slot(plan, received.device))
+                    vals_WK = vals_WK * scales_WE.index_select(1, plan.positions("slot_entry", received.device))
                 for r in range(world):
                     result.index_add_(0, idx_WK[r].long(), vals_WK[r] / world)
             if plan.layout.n_dense:
                 dense = dense_WD[0] / world
                 for r in range(1, world):
                     dense = dense + dense_WD[r] / world
-                result.index_copy_(0, self._dense_positions(plan, result.device), dense)
+                result.index_copy_(0, plan.positions("dense", result.device), dense)
             ok = finite_W.all() if cfg.check_finite else None
             if ok is not None:
                 result.masked_fill_(~ok, float("nan"))
@@ -778,46 +820,32 @@ class DGCState:
         self._complete(pending, ok)
         return result
 
-    def _scale_of_slot(self, plan: _Plan, device: torch.device) -> torch.Tensor:
-        pos = plan.scale_of_slot.get(device)
-        if pos is None:
-            sparse = [e for e in plan.entries if e.sparse]
-            counts = torch.tensor([e.k for e in sparse])
-            pos = plan.scale_of_slot[device] = torch.repeat_interleave(torch.arange(len(sparse)), counts).to(device)
-        return pos
-
-    def _dense_positions(self, plan: _Plan, device: torch.device) -> torch.Tensor:
-        pos = plan.dense_pos.get(device)
-        if pos is None:
-            parts = [torch.arange(e.offset, e.offset + e.numel) for e in plan.entries if not e.sparse]
-            pos = plan.dense_pos[device] = torch.cat(parts).to(device)
-        return pos
-
     def _commit(self, pending: _Pending, ok: torch.Tensor | None) -> None:
         cfg = self.config
+        plan = pending.plan
         ratio = self._scale_ratio
-        for i, e in enumerate(pending.plan.entries):
-            idx = pending.selected[i]
-            u_n = pending.u_new[i]
-            if u_n is not None:
-                if e.sparse and cfg.momentum_masking:
-                    u_n.index_fill_(0, idx, 0.0)
-                self.momenta[e.key] = _keep_if(ok, u_n, self.momenta.get(e.key), ratio)
-            v_n = pending.v_new[i]
-            if e.sparse and v_n is not None:
-                if pending.own_values is None:
-                    v_n.index_fill_(0, idx, 0.0)
-                else:  # what rounding took off the sent values stays behind
-                    v_n.index_put_((idx,), v_n[idx] - pending.own_values[i])
-                self.residuals[e.key] = _keep_if(ok, v_n, self.residuals.get(e.key), ratio)
-            elif pending.dense_residual[i] is not None:
-                total = pending.dense_residual[i]
-                if pending.bf16_dense and not pending.plan.sparse:
-                    sent = (total / pending.world).to(torch.bfloat16).float() * pending.world
-                    new = total - sent
-                else:
-                    new = torch.zeros_like(total)
-                self.residuals[e.key] = _keep_if(ok, new, self.residuals.get(e.key), ratio)
+        device = pending.total.device
+        if pending.u_new is not None:
+            u_new = pending.u_new
+            if plan.sparse and cfg.momentum_masking:
+                u_new.index_fill_(0, pending.idx_real, 0.0)
+            self._store(self.momenta, _keep_if(ok, u_new, pending.u_old, ratio), plan.entries)
+        if not cfg.error_feedback or not plan.compressible:
+            return
+        if plan.sparse:
+            v_new = pending.total
+            # what was not sent (or what rounding took off the sent values) stays behind
+            v_new.index_put_((pending.idx_msg,), -pending.sent_msg, accumulate=True)
+            v_new.index_fill_(0, plan.positions("dense", device), 0.0)
+        elif pending.bf16_dense:
+            total = pending.total
+            v_new = total - (total / pending.world).to(torch.bfloat16).float() * pending.world
+            v_new.index_fill_(0, plan.positions("fixed", device), 0.0)
+        elif pending.v_old is not None:
+            v_new = torch.zeros_like(pending.total)  # flushed by the dense exchange
+        else:
+            return
+        self._store(self.residuals, _keep_if(ok, v_new, pending.v_old, ratio), plan.compressible)
 
 
 def _keep_if(

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["DTYPES", "SegmentLayout", "decode_values", "encode_values", "pack", "unpack"]
+__all__ = ["DTYPES", "SegmentLayout", "decode_values", "encode_segments", "encode_values", "pack", "unpack"]
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -172,3 +172,35 @@ def encode_values(values_K: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Ten
 def decode_values(values_K: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """Inverse of :func:`encode_values`, as float32."""
     return values_K.float() * scale
+
+
+def encode_segments(
+    values_K: torch.Tensor, dtype: torch.dtype, segment_K: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`encode_values` for several tensors' values at once, one scale per tensor.
+
+    Args:
+        values_K: float32 values of all sparse tensors of a message, tensor after tensor.
+        dtype: wire dtype.
+        segment_K: int64, the tensor (0..E-1) each value belongs to.
+
+    Returns:
+        ``(wire_K, scales_E, decoded_K)``: the values as sent, the per-tensor scales, and the
+        values the receivers will decode (float32).
+    """
+    n_seg = int(segment_K[-1]) + 1 if segment_K.numel() else 0
+    ones = torch.ones(n_seg, dtype=torch.float32, device=values_K.device)
+    if dtype == torch.float32:
+        return values_K, ones, values_K
+    if dtype == torch.bfloat16:
+        wire = values_K.to(torch.bfloat16)
+        return wire, ones, wire.float()
+    if dtype != torch.float16:
+        raise ValueError(f"`dtype` must be float32, float16 or bfloat16, got {dtype}")
+    amax_E = torch.zeros_like(ones).scatter_reduce_(0, segment_K, values_K.abs(), "amax")
+    finite_pos = torch.isfinite(amax_E) & (amax_E > 0)
+    _, exp = torch.frexp(torch.where(finite_pos, amax_E, ones))
+    scales_E = torch.where(finite_pos, torch.ldexp(ones, (exp - 15).to(torch.int32)), ones)
+    scale_K = scales_E.index_select(0, segment_K)
+    wire = (values_K / scale_K).to(torch.float16)
+    return wire, scales_E, wire.float() * scale_K

@@ -307,8 +307,9 @@ def test_updates_match_the_dgc_equations(world, selection):
                     # every rank applies the same update, bit for bit
                     assert torch.equal(got["grad"][p], results[0][name][t]["grad"][p]), (name, t, r, p)
                     _close(got["grad"][p], ref[t]["grad"][p], f"{name} step {t} rank {r} grad {p}")
-                assert set(got["residual"]) == set(ref[t]["residual"][r]), (name, t)
-                for p, x in ref[t]["residual"][r].items():
+                assert set(got["residual"]) >= set(ref[t]["residual"][r]), (name, t)
+                for p, x in got["residual"].items():  # a compressible tensor not yet sent sparsely: zeros
+                    x = ref[t]["residual"][r].get(p, torch.zeros_like(x))
                     _close(got["residual"][p], x, f"{name} step {t} rank {r} residual {p}")
                 assert set(got["momentum"]) == set(ref[t]["momentum"][r]), (name, t)
                 for p, x in ref[t]["momentum"][r].items():
