@@ -126,6 +126,8 @@ class TrainerConfig:
         checkpoint_every_n_steps: write ``checkpoints/last.ckpt`` this often (0: only at the end).
         seed: seeds model initialisation and the data order.
         deepspeed_stage: ZeRO stage for ``strategy: deepspeed``.
+        deterministic: ask torch for deterministic kernels (exact resumes; on GPU some kernels
+            then refuse to run, so GPU recipes may turn it off).
     """
 
     devices: int = 2
@@ -142,6 +144,7 @@ class TrainerConfig:
     checkpoint_every_n_steps: int = 0
     seed: int = 0
     deepspeed_stage: Literal[1, 2, 3] = 2
+    deterministic: bool = True
 
     def __post_init__(self) -> None:
         _positive(self, "devices", "num_nodes", "max_steps", "val_check_interval", "limit_val_batches",

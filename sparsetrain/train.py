@@ -216,7 +216,7 @@ def train(recipe: Recipe, out: str | Path, *, devices: int | None = None, max_st
         num_sanity_val_steps=0,
         default_root_dir=str(out),
         use_distributed_sampler=False,
-        deterministic=True,
+        deterministic=t.deterministic,
     )
     start = time.perf_counter()
     trainer.fit(module, datamodule=data, ckpt_path=ckpt_path, weights_only=True)
