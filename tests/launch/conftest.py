@@ -1,12 +1,27 @@
-"""After the launch tests, no network namespace or veth made by a test bed may remain."""
+"""After the launch tests, no network namespace (nor the veth inside it) made by their test beds may remain.
+
+Beds are named after the process that made them, so beds of other programs running at the
+same time (a benchmark) are not counted; a bed whose owner died without teardown is.
+"""
+
+import os
 
 import pytest
-from sparsetrain.launch.testbed import list_testbed_namespaces
+from sparsetrain.launch.testbed import _NAME_RE, _pid_alive, list_testbed_namespaces
+
+
+def _ours_or_orphaned():
+    out = set()
+    for ns in list_testbed_namespaces():
+        pid = int(_NAME_RE.match(ns).group(1))
+        if pid == os.getpid() or not _pid_alive(pid):
+            out.add(ns)
+    return out
 
 
 @pytest.fixture(scope="session", autouse=True)
 def no_testbed_left_behind():
-    before = set(list_testbed_namespaces())
+    before = _ours_or_orphaned()
     yield
-    left = set(list_testbed_namespaces()) - before
+    left = _ours_or_orphaned() - before
     assert not left, f"test bed namespaces left behind: {sorted(left)}"
