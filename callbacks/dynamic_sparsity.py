@@ -51,6 +51,9 @@ class DynamicSparsity(Callback):
         keep_last_dense: keep the last selected layer dense.
         seed: seed of the mask generator (the same on every rank).
         check_sync: compare a checksum of the masks across ranks after every update.
+        enforce_interval: zero weights and optimizer states outside the masks every this many
+            optimizer steps (1: every step; see :class:`~sparsetrain.sparsity.DynamicSparsityConfig`
+            for when larger values stay exact).
         log_stats: log the statistics after each update.
         log_per_layer: also log each layer's sparsity.
 
@@ -78,6 +81,7 @@ class DynamicSparsity(Callback):
         keep_last_dense: bool = False,
         seed: int = 0,
         check_sync: bool = True,
+        enforce_interval: int = 1,
         log_stats: bool = True,
         log_per_layer: bool = False,
     ) -> None:
@@ -87,6 +91,7 @@ class DynamicSparsity(Callback):
             drop_fraction=drop_fraction, drop_schedule=drop_schedule, begin_fraction=begin_fraction,
             end_fraction=end_fraction, include=include, exclude=exclude or (),
             keep_first_dense=keep_first_dense, keep_last_dense=keep_last_dense, seed=seed, check_sync=check_sync,
+            enforce_interval=enforce_interval,
         )
         self.log_stats = log_stats
         self.log_per_layer = log_per_layer

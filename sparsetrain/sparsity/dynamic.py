@@ -97,6 +97,13 @@ class DynamicSparsityConfig:
         module_types: module classes that can be sparsified.
         seed: seed of the generator drawing random masks and SET growth (same on every rank).
         check_sync: compare a checksum of the masks across ranks after every update.
+        enforce_interval: zero weights and optimizer states outside the masks every this many
+            optimizer steps (always also after each mask update, at attach and after loading).
+            1 (default) enforces after every step. Larger values save that memory pass; they stay
+            exact for elementwise optimizers that map (zero gradient, zero state, zero weight) to
+            zero -- SGD with momentum / weight decay, Adam, AdamW, RMSprop, Adagrad, Lion -- because
+            the gradient is masked before the optimizer sees it; not for optimizers that mix
+            coordinates (Shampoo, Muon).
     """
 
     method: str = "rigl"
@@ -114,6 +121,7 @@ class DynamicSparsityConfig:
     module_types: tuple[type[nn.Module], ...] = field(default=DEFAULT_MODULE_TYPES)
     seed: int = 0
     check_sync: bool = True
+    enforce_interval: int = 1
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -147,6 +155,9 @@ class DynamicSparsityConfig:
             setattr(self, arg, tuple(value))
         if not isinstance(self.seed, int):
             raise ValueError(f"`seed` must be an int, got {self.seed!r}")
+        if isinstance(self.enforce_interval, bool) or not isinstance(self.enforce_interval, int) \
+                or self.enforce_interval < 1:
+            raise ValueError(f"`enforce_interval` must be an int >= 1, got {self.enforce_interval!r}")
 
     def schedule(self, total_steps: int) -> MaskSchedule:
         """The schedule of a run of ``total_steps`` optimizer steps."""
@@ -222,6 +233,7 @@ class DynamicSparsifier:
         self._step = 0
         self._capture = False
         self._dense_grads: dict[str, torch.Tensor] = {}
+        self._zeros: dict[tuple[torch.dtype, torch.device], torch.Tensor] = {}
         # statistics
         self._ever_active: dict[str, torch.Tensor] = {}
         self._updates = 0
@@ -282,7 +294,7 @@ class DynamicSparsifier:
                 else:
                     buf.add_(grad.detach())
             mask = module._buffers[MASK_NAME]
-            return torch.where(mask, grad, grad.new_zeros(()))
+            return torch.where(mask, grad, self._zero(grad))
 
         return hook
 
@@ -383,15 +395,22 @@ class DynamicSparsifier:
 
     # ------------------------------------------------------------------ enforcement
 
+    def _zero(self, like: torch.Tensor) -> torch.Tensor:
+        """A cached 0-dim zero of ``like``'s dtype and device (no allocation or fill kernel per call)."""
+        key = (like.dtype, like.device)
+        z = self._zeros.get(key)
+        if z is None:
+            z = self._zeros[key] = torch.zeros((), dtype=like.dtype, device=like.device)
+        return z
+
     @torch.no_grad()
     def apply_masks(self) -> None:
         """Zero every sparsified weight and its same-shape optimizer states outside the mask."""
         pairs = self._pairs()
         for weight, mask in pairs:
-            zero = weight.new_zeros(())
-            torch.where(mask, weight, zero, out=weight)
+            torch.where(mask, weight, self._zero(weight), out=weight)
             for state in self._iter_state_tensors(weight):
-                torch.where(mask, state, state.new_zeros(()), out=state)
+                torch.where(mask, state, self._zero(state), out=state)
         for masker in self._state_maskers:
             masker(pairs)
 
@@ -415,7 +434,7 @@ class DynamicSparsifier:
         stats = None
         if self.schedule.is_update_step(t):
             stats = self._update(t)
-        else:
+        elif t % self.config.enforce_interval == 0:
             self.apply_masks()
         self._capture = self.schedule.needs_gradient(t + 1)
         return stats

@@ -48,10 +48,21 @@ def _weights(model, sp):
 @pytest.mark.parametrize("distribution", ["erk", "er", "uniform"])
 @pytest.mark.parametrize("method", ["rigl", "set", "gmp", "static"])
 def test_invariants_after_every_step(method, distribution, optimizer):
+    _check_invariants(method, distribution, optimizer, enforce_interval=1)
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adamw"])
+@pytest.mark.parametrize("method", ["rigl", "gmp"])
+def test_invariants_hold_between_sparse_enforcements_for_elementwise_optimizers(method, optimizer):
+    # Gradients are masked before the optimizer sees them, so SGD/AdamW keep zeros at zero on their own.
+    _check_invariants(method, "erk", optimizer, enforce_interval=5)
+
+
+def _check_invariants(method, distribution, optimizer, enforce_interval):
     model = _model()
     opt = _optimizer(model, optimizer)
     cfg = DynamicSparsityConfig(method=method, sparsity=0.8, distribution=distribution, update_interval=2,
-                                drop_fraction=0.5)
+                                drop_fraction=0.5, enforce_interval=enforce_interval)
     sp = DynamicSparsifier(model, cfg, total_steps=16, optimizer=opt)
     shapes = {n: tuple(w.shape) for n, w in _weights(model, sp).items()}
     final_counts = layer_active_counts(shapes, 0.8, distribution)
@@ -222,6 +233,7 @@ def test_step_before_schedule_and_second_driving_optimizer_are_rejected():
         (dict(end_fraction=1.01), r"`end_fraction` must be in \(0, 1\], got 1.01"),
         (dict(drop_fraction=1.5), r"`drop_fraction` must be in \[0, 1\], got 1.5"),
         (dict(include="fc"), r"`include` must be a list of glob strings"),
+        (dict(enforce_interval=0), r"`enforce_interval` must be an int >= 1, got 0"),
     ],
 )
 def test_bad_config_is_rejected(kwargs, match):
