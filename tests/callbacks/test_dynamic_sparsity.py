@@ -178,3 +178,24 @@ def test_ddp_ranks_reach_the_masks_of_a_single_process_run():
         for k, v in task.state_dict().items():
             torch.testing.assert_close(state[k], v, rtol=1e-4, atol=1e-5)
     assert moved
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="Lightning's DeepSpeed strategy needs CUDA")
+@pytest.mark.parametrize("stage", [1, 2])
+def test_deepspeed_strategy_keeps_master_weights_masked(stage):
+    pytest.importorskip("deepspeed")
+    from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
+    from lightning.pytorch.strategies import DeepSpeedStrategy
+
+    cb = DynamicSparsity(method="rigl", sparsity=0.8, update_interval=2, end_fraction=1.0, drop_fraction=0.5)
+    task = _task()
+    trainer = _trainer(accelerator="gpu", devices=1, strategy=DeepSpeedStrategy(stage=stage), precision="bf16-mixed",
+                       max_steps=8, callbacks=[cb])
+    trainer.fit(task, _Data())
+    assert cb.sparsifier.step_count == 8 and cb.sparsifier.statistics()["updates"] == 3
+    for w, mask in _masked_weights(task).values():
+        assert not bool(w[~mask].any())
+        assert not bool(safe_get_full_fp32_param(w)[~mask].any())
+        for key in ("exp_avg", "exp_avg_sq"):
+            assert not bool(safe_get_full_optimizer_state(w, key)[~mask].any())
