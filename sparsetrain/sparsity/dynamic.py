@@ -50,6 +50,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.nn.utils import parametrize
 
 from .density import DISTRIBUTIONS, layer_active_counts
 from .gmp import magnitude_prune
@@ -249,6 +250,10 @@ class DynamicSparsifier:
             module = named[name]
             if MASK_NAME in module._buffers or hasattr(module, MASK_NAME):
                 raise ValueError(f"module {name!r} already has a `{MASK_NAME}` (sparsified twice, or pruned?)")
+            if parametrize.is_parametrized(module, "weight"):
+                raise ValueError(
+                    f"module {name!r} has a parametrized `weight` (another sparsifier?): exclude it with `exclude`"
+                )
             self._modules[name] = module
         self._shapes = {name: tuple(m.weight.shape) for name, m in self._modules.items()}
         if config.method == "gmp" or config.sparsity == 0.0:
@@ -260,7 +265,8 @@ class DynamicSparsifier:
             mask = random_mask(w.shape, counts[name], self._generator, w.device)
             module.register_buffer(MASK_NAME, mask, persistent=True)
             self._ever_active[name] = mask.clone()
-            self._handles.append(w.register_hook(self._make_grad_hook(name)))
+            if w.requires_grad:
+                self._handles.append(w.register_hook(self._make_grad_hook(name)))
         self._handles.append(model.register_load_state_dict_post_hook(self._after_load))
         self._exclude_masks_from_ddp()
         if total_steps is not None:

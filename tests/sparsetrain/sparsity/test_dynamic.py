@@ -244,3 +244,18 @@ def test_bad_config_is_rejected(kwargs, match):
 def test_filter_matching_no_module_is_rejected_by_the_sparsifier():
     with pytest.raises(ValueError, match=r"`exclude` pattern 'head' matches no sparsifiable module"):
         DynamicSparsifier(_model(), DynamicSparsityConfig(exclude=["head"]))
+
+
+def test_parametrized_weights_are_refused_and_frozen_weights_are_masked_without_hooks():
+    class Identity(nn.Module):
+        def forward(self, w):
+            return w
+
+    model = _model()
+    torch.nn.utils.parametrize.register_parametrization(model.net[0], "weight", Identity())
+    with pytest.raises(ValueError, match=r"module 'net\.0' has a parametrized `weight`.*`exclude`"):
+        DynamicSparsifier(model, DynamicSparsityConfig())
+    frozen = _model()
+    frozen.net[0].weight.requires_grad_(False)
+    sp = DynamicSparsifier(frozen, DynamicSparsityConfig(method="static", sparsity=0.5))
+    assert not bool(frozen.net[0].weight[~sp.masks["net.0"]].any())
