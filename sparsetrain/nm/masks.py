@@ -70,7 +70,27 @@ def _groups(weight: torch.Tensor, m: int) -> torch.Tensor:
     return a
 
 
-def nm_mask(weight: torch.Tensor, n: int, m: int) -> torch.Tensor:
+def _pairwise_keep(a_GM: torch.Tensor, n: int) -> torch.Tensor:
+    """Keep-mask of ``[G, m]`` magnitudes: rank_i = #{j : a_j > a_i} + #{j < i : a_j == a_i} < n."""
+    m = a_GM.shape[-1]
+    rank_GM = torch.zeros(a_GM.shape, dtype=torch.uint8, device=a_GM.device)
+    for j in range(m):
+        a_j = a_GM[:, j : j + 1]
+        rank_GM[:, : j + 1] += a_j > a_GM[:, : j + 1]
+        rank_GM[:, j + 1 :] += a_j >= a_GM[:, j + 1 :]
+    return rank_GM < n
+
+
+_COMPILED: dict[str, object] = {}
+
+
+def _compiled_pairwise_keep():
+    if "pairwise" not in _COMPILED:
+        _COMPILED["pairwise"] = torch.compile(_pairwise_keep, dynamic=True)
+    return _COMPILED["pairwise"]
+
+
+def nm_mask(weight: torch.Tensor, n: int, m: int, *, compiled: bool = False) -> torch.Tensor:
     """Boolean mask keeping the ``n`` largest-magnitude weights of every ``m`` along the reduction dim.
 
     Exactly ``n`` entries per group are True. Ties are broken towards the lower index (the
@@ -79,13 +99,14 @@ def nm_mask(weight: torch.Tensor, n: int, m: int) -> torch.Tensor:
     largest magnitude.
 
     For ``m <= 16`` the rank of each entry within its group is counted with ``m`` vectorised
-    comparison passes (elementwise, no per-group kernel launch); larger groups use one stable
-    sort. Both give the same mask.
+    comparison passes (elementwise, no per-group kernel launch; ``torch.topk`` launches a thread
+    block per group); larger groups use one stable sort. Both give the same mask.
 
     Args:
         weight: a Linear ``[out, in]`` or Conv ``[out, in/groups, *kernel]`` weight (any float dtype).
         n: weights kept per group, ``1 <= n < m``.
         m: group size; must divide the reduction dim.
+        compiled: run the comparison passes under ``torch.compile`` (one fused kernel on GPU).
 
     Returns:
         Bool tensor of ``weight``'s shape and device.
@@ -102,13 +123,7 @@ def nm_mask(weight: torch.Tensor, n: int, m: int) -> torch.Tensor:
     check_nm(n, m)
     a_GM = _groups(weight, m)
     if m <= _PAIRWISE_MAX_M:
-        # rank_i = #{j : a_j > a_i} + #{j < i : a_j == a_i}; keep rank < n.
-        rank_GM = torch.zeros(a_GM.shape, dtype=torch.uint8, device=a_GM.device)
-        for j in range(m):
-            a_j = a_GM[:, j : j + 1]
-            rank_GM[:, :j + 1] += a_j > a_GM[:, :j + 1]
-            rank_GM[:, j + 1 :] += a_j >= a_GM[:, j + 1 :]
-        keep_GM = rank_GM < n
+        keep_GM = (_compiled_pairwise_keep() if compiled else _pairwise_keep)(a_GM, n)
     else:
         order_GM = torch.sort(a_GM, dim=-1, descending=True, stable=True).indices
         keep_GM = torch.zeros(a_GM.shape, dtype=torch.bool, device=a_GM.device)

@@ -58,6 +58,8 @@ class NMConfig:
             backward pass, so it is divided by this to be applied once per step.
         verify_every: check that the masks are identical on all ranks every this many mask
             updates (and when attaching and finalizing); 0 checks only then.
+        compile_masks: compute the masks with ``torch.compile`` (one fused kernel per layer on GPU;
+            see ``benchmarks/gpu_nm_overhead.py``).
     """
 
     n: int = 2
@@ -72,6 +74,7 @@ class NMConfig:
     exclude: Sequence[str] | None = None
     grad_accumulation: int = 1
     verify_every: int = 100
+    compile_masks: bool = False
     _ladder: list[tuple[int, int]] = field(init=False, repr=False, default_factory=list)
 
     def __post_init__(self) -> None:
@@ -255,7 +258,7 @@ class NMSparsifier:
             if pat is None:
                 p.mask = None
                 continue
-            new = nm_mask(self.dense_weight(name), *pat)
+            new = nm_mask(self.dense_weight(name), *pat, compiled=self.config.compile_masks)
             if count_flips and p.mask is not None and p.mask.shape == new.shape:
                 f = (new != p.mask.to(new.device)).sum()
                 flips = f if flips is None else flips + f.to(flips.device)

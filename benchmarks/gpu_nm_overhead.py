@@ -1,0 +1,160 @@
+"""Training-step overhead of N:M sparse training vs dense, GPT-2-small-sized, bf16, on one GPU.
+
+Times full optimizer steps (forward, backward, AdamW, and for the sparse runs the sparsifier's
+step: schedule, mask recomputation, flip statistics) of the demo GPT at GPT-2-small size
+(12 layers, d_model 768, 12 heads, context 1024, vocabulary 50304), with every Linear of the
+transformer blocks in 2:4 (embeddings and lm_head dense). Runs are interleaved (dense, sparse,
+dense, ...) and each is the median over repeats; ratios are sparse / dense step time.
+
+Rows: ``srste`` recomputes the masks every step (the default); ``srste, masks every 10``
+recomputes every 10th step; ``fixed masks`` never recomputes (the parametrization's cost alone);
+``srste, compiled masks`` recomputes every step with the mask kernel under ``torch.compile``.
+
+    PYTHONPATH=. python benchmarks/gpu_nm_overhead.py                 # CUDA only
+    PYTHONPATH=. python benchmarks/gpu_nm_overhead.py --precision bf16-true
+    PYTHONPATH=. python benchmarks/gpu_nm_overhead.py --smoke         # tiny, on CPU: checks the script
+
+Goal (issue 5): <= 10% slower than dense.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+
+from sparsetrain.demo.model import GPT, GPTConfig  # noqa: E402
+from sparsetrain.nm import NMConfig, NMSparsifier, nm_mask  # noqa: E402
+
+VARIANTS = {
+    "dense": None,
+    "srste": {"method": "srste"},
+    "srste, masks every 10": {"method": "srste", "update_every": 10},
+    "fixed masks": {"method": "ste", "update_every": 0},
+    "srste, compiled masks": {"method": "srste", "compile_masks": True},
+}
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def build(variant, cfg, device, precision, n, m):
+    torch.manual_seed(0)
+    model = GPT(cfg).to(device)
+    if precision == "bf16-true":
+        model = model.to(torch.bfloat16)
+    sp = None
+    if VARIANTS[variant] is not None:
+        sp = NMSparsifier(model, NMConfig(n=n, m=m, include=["*.attn.*", "*.mlp.*"], **VARIANTS[variant]))
+    fused = device.type == "cuda"
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), fused=fused)
+    return model, sp, opt
+
+
+def time_steps(model, sp, opt, batches, device, precision, steps):
+    autocast = precision == "bf16-mixed"
+    _sync(device)
+    t0 = time.perf_counter()
+    for i in range(steps):
+        x, y = batches[i % len(batches)]
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
+            loss = model.loss(x, y)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if sp is not None:
+            sp.step()
+    _sync(device)
+    return (time.perf_counter() - t0) / steps * 1e3
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--seq", type=int, default=1024)
+    p.add_argument("--steps", type=int, default=20, help="timed steps per repeat")
+    p.add_argument("--warmup", type=int, default=8)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--precision", choices=["bf16-mixed", "bf16-true"], default="bf16-mixed")
+    p.add_argument("--n", type=int, default=2)
+    p.add_argument("--m", type=int, default=4)
+    p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    p.add_argument("--smoke", action="store_true", help="tiny model on CPU, to check the script without a GPU")
+    args = p.parse_args(argv)
+
+    if args.smoke:
+        device = torch.device("cpu")
+        cfg = GPTConfig(vocab_size=256, block_size=32, n_layer=2, n_head=2, d_model=64)
+        args.batch_size, args.seq, args.steps, args.warmup, args.repeats = 2, 32, 2, 1, 1
+        args.variants = [v for v in args.variants if "compiled" not in v]
+    else:
+        if not torch.cuda.is_available():
+            sys.exit("gpu_nm_overhead.py needs CUDA (use --smoke to check the script on CPU)")
+        device = torch.device("cuda")
+        torch.backends.cuda.matmul.allow_tf32 = True
+        cfg = GPTConfig(vocab_size=50304, block_size=args.seq, n_layer=12, n_head=12, d_model=768)
+    g = torch.Generator().manual_seed(0)
+    batches = []
+    for _ in range(4):
+        t = torch.randint(0, cfg.vocab_size, (args.batch_size, args.seq + 1), generator=g)
+        batches.append((t[:, :-1].to(device), t[:, 1:].to(device)))
+
+    times = {v: [] for v in args.variants}
+    flips = {}
+    for _ in range(args.repeats):
+        for v in args.variants:  # interleaved: each repeat times every variant once
+            try:
+                model, sp, opt = build(v, cfg, device, args.precision, args.n, args.m)
+                time_steps(model, sp, opt, batches, device, args.precision, args.warmup)
+                times[v].append(time_steps(model, sp, opt, batches, device, args.precision, args.steps))
+                if sp is not None and sp.last_flip_fraction is not None:
+                    flips[v] = float(sp.last_flip_fraction)
+            except Exception as err:  # noqa: BLE001 - e.g. torch.compile unavailable: report, go on
+                print(f"{v}: failed: {type(err).__name__}: {err}".splitlines()[0], flush=True)
+                times[v] = []
+            del model, sp, opt
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+
+    # The mask computation alone, for the whole model (what one recomputation costs).
+    model, sp, _ = build("fixed masks", cfg, device, args.precision, args.n, args.m)
+    weights = [sp.dense_weight(name) for name in sp.layers]
+    for _ in range(3):
+        [nm_mask(w, args.n, args.m) for w in weights]
+    _sync(device)
+    t0 = time.perf_counter()
+    for _ in range(10):
+        [nm_mask(w, args.n, args.m) for w in weights]
+    _sync(device)
+    mask_ms = (time.perf_counter() - t0) / 10 * 1e3
+    n_sparse = sum(w.numel() for w in weights)
+
+    name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu (smoke)"
+    print(f"\nN:M training-step overhead: {name}, torch {torch.__version__}, {args.precision}, GPT "
+          f"{cfg.n_layer}x{cfg.d_model} vocab {cfg.vocab_size}, batch {args.batch_size}x{args.seq} tokens, "
+          f"{args.n}:{args.m} on {len(weights)} Linears ({n_sparse / 1e6:.1f}M weights), "
+          f"median of {args.repeats} x {args.steps} steps")
+    dense = statistics.median(times["dense"]) if times.get("dense") else None
+    print(f"{'variant':26s} {'ms/step':>9s} {'vs dense':>9s}")
+    for v in args.variants:
+        if not times[v]:
+            print(f"{v:26s} {'failed':>9s}")
+            continue
+        ms = statistics.median(times[v])
+        ratio = f"{ms / dense:.3f}x" if dense else "-"
+        print(f"{v:26s} {ms:9.2f} {ratio:>9s}")
+    print(f"mask recomputation alone (all {len(weights)} layers, uncompiled): {mask_ms:.2f} ms")
+    if flips:
+        print("last mask flip fraction: " + ", ".join(f"{k} {f:.4f}" for k, f in flips.items()))
+
+
+if __name__ == "__main__":
+    main()
