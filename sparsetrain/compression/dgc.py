@@ -225,6 +225,7 @@ class _Pending:
     idx_real: torch.Tensor | None = None  # positions sent (no padding)
     idx_msg: torch.Tensor | None = None  # message slots (padding: position 0, value 0)
     sent_msg: torch.Tensor | None = None  # the values as the receivers decode them, per slot
+    send: torch.Tensor | None = None
     result: torch.Tensor | None = None
 
     @property
@@ -285,6 +286,7 @@ class DGCState:
         "_n_prepared",
         "_expected",
         "_done",
+        "_pool",
         # statistics
         "last_stats",
         "totals",
@@ -326,6 +328,7 @@ class DGCState:
         self._n_prepared = 0
         self._expected: int | None = None
         self._done: list[tuple[_Pending, torch.Tensor | None]] = []
+        self._pool: dict[tuple[int, torch.device], list[torch.Tensor]] = {}
         self.last_stats: dict[str, float] = {}
         self.totals: dict[str, float] = {}
         self._acc: dict[str, float] = {}
@@ -468,7 +471,8 @@ class DGCState:
 
     def __getstate__(self) -> dict[str, Any]:
         """Every slot but the process group, the parameter map, plans and locks (torch's PowerSGDState)."""
-        skip = {"process_group", "grad_scaler", "_names", "_plans", "_lock", "_done", "_expected", "_n_prepared"}
+        skip = {"process_group", "grad_scaler", "_names", "_plans", "_lock", "_done", "_expected", "_n_prepared",
+                "_pool"}
         return {s: getattr(self, s) for s in self.__slots__ if s not in skip}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -483,7 +487,7 @@ class DGCState:
         self._names = {}
         self._plans = {}
         self._lock = threading.Lock()
-        self._done, self._expected, self._n_prepared = [], None, 0
+        self._done, self._expected, self._n_prepared, self._pool = [], None, 0, {}
         for slot, value in state.items():
             setattr(self, slot, value)
 
@@ -653,6 +657,20 @@ class DGCState:
         for e in entries:
             table[e.key] = flat[e.offset : e.offset + e.numel]
 
+    # Bucket-sized float32 temporaries are recycled: on the CPU a fresh allocation of this size costs
+    # more than the arithmetic done in it (the pages are returned to the OS and faulted in again).
+    def _take(self, like: torch.Tensor) -> torch.Tensor:
+        free = self._pool.get((like.numel(), like.device))
+        return free.pop() if free else torch.empty(like.numel(), dtype=torch.float32, device=like.device)
+
+    def _give(self, *tensors: torch.Tensor | None) -> None:
+        for t in tensors:
+            if t is None or t.dtype != torch.float32 or t._base is not None:
+                continue
+            free = self._pool.setdefault((t.numel(), t.device), [])
+            if len(free) < 4 and all(f is not t for f in free):
+                free.append(t)
+
     def _prepare(
         self, flat_N: torch.Tensor, params: list[torch.Tensor], world: int
     ) -> tuple[_Pending, torch.Tensor]:
@@ -713,33 +731,42 @@ class DGCState:
             coefs = [(clip / (torch.linalg.vector_norm(v) + 1e-6)).clamp(max=1.0) for v in views]
             torch._foreach_mul_(views, coefs)
         acc = g
+        scratch = []
         if cfg.momentum > 0:
-            u = torch.zeros_like(g) if u_old is None else (u_old * ratio if ratio is not None else u_old)
-            if cfg.nesterov:
-                pending.u_new = (u + g) * cfg.momentum
-                acc = pending.u_new + g
+            u_new = self._take(g)
+            if u_old is None:
+                u_new.copy_(g) if not cfg.nesterov else torch.mul(g, cfg.momentum, out=u_new)
             else:
-                pending.u_new = u * cfg.momentum + g
-                acc = pending.u_new
+                u = u_old * ratio if ratio is not None else u_old
+                if cfg.nesterov:
+                    torch.add(u, g, out=u_new).mul_(cfg.momentum)
+                else:
+                    torch.add(g, u, alpha=cfg.momentum, out=u_new)
+            pending.u_new = acc = u_new
+            if cfg.nesterov:
+                acc = torch.add(u_new, g, out=self._take(g))
+                scratch.append(acc)
         if v_old is not None:
-            total = acc + (v_old * ratio if ratio is not None else v_old)
+            total = torch.add(acc, v_old * ratio if ratio is not None else v_old, out=self._take(g))
         elif (g_is_view and acc is g) or acc is pending.u_new:
-            total = acc.clone()  # becomes the residual: must not share memory with the bucket or the momentum
+            total = self._take(g).copy_(acc)  # becomes the residual: shares memory with neither bucket nor momentum
         else:
             total = acc
+            scratch.clear()
         pending.total = total
 
         if plan.sparse:
             send = self._pack_sparse(pending, flat_N)
+            self._give(*scratch)
             self._add_stat(
                 sparse_buckets=1.0,
                 payload_bytes=float(plan.layout.nbytes),
                 wire_bytes=float((world - 1) * plan.layout.nbytes),
             )
         else:
-            send = total / world
-            if bf16_dense:
-                send = send.to(torch.bfloat16)
+            send = torch.div(total, world, out=self._take(g)) if not bf16_dense else (total / world).bfloat16()
+            pending.send = send
+            self._give(*scratch)
             nbytes = send.numel() * send.element_size()
             self._add_stat(
                 sent=float(plan.numel),
@@ -757,12 +784,14 @@ class DGCState:
         device = total.device
         real, msg, padded = [], [], False
         sent = 0
+        work = self._take(total) if cfg.selection == "threshold" and device.type == "cpu" else None
         for e in plan.sparse_entries:
             x = total[e.offset : e.offset + e.numel]
             if cfg.selection == "topk":
                 idx = topk_indices(x, e.k)
             else:
-                idx = threshold_indices(x, e.k, stride=e.stride, offset=self.step)
+                w = work[e.offset : e.offset + e.numel] if work is not None else None
+                idx = threshold_indices(x, e.k, stride=e.stride, offset=self.step, scratch=w)
             idx = idx + e.offset
             real.append(idx)
             msg.append(idx)
@@ -771,6 +800,7 @@ class DGCState:
                 msg.append(torch.zeros(e.k - c, dtype=idx.dtype, device=device))
                 padded = True
             sent += c
+        self._give(work)
         idx_real = torch.cat(real)
         idx_msg = torch.cat(msg) if padded else idx_real
         vals = total[idx_msg]
@@ -789,8 +819,11 @@ class DGCState:
         self._add_stat(sent=float(sent + layout.n_dense))
         return pack(layout, finite=finite, scales_E=scales_E, indices_K=idx_msg, values_K=wire, dense_D=dense_D)
 
-    def _finish(self, pending: _Pending, received: torch.Tensor, world: int) -> torch.Tensor:
-        """Turn the exchanged tensor into the averaged flat gradient; commit once the step is complete."""
+    def _finish(
+        self, pending: _Pending, received: torch.Tensor, world: int, out: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Turn the exchanged tensor into the averaged flat gradient (into ``out`` when it is a float32
+        tensor of the bucket's size); commit once the step is complete."""
         plan = pending.plan
         cfg = self.config
         if pending.fast:
@@ -799,7 +832,10 @@ class DGCState:
             return received
         if plan.sparse:
             finite_W, scales_WE, idx_WK, val_WK, dense_WD = unpack(received, plan.layout, world)
-            result = torch.zeros(plan.numel, dtype=torch.float32, device=received.device)
+            if out is not None and out.dtype == torch.float32 and out.numel() == plan.numel:
+                result = out.zero_()
+            else:
+                result = torch.zeros(plan.numel, dtype=torch.float32, device=received.device)
             if plan.layout.n_sparse:
                 vals_WK = val_WK.float()
                 if plan.layout.value_dtype == torch.float16:
@@ -812,11 +848,14 @@ class DGCState:
                     dense = dense + dense_WD[r] / world
                 result.index_copy_(0, plan.positions("dense", result.device), dense)
             ok = finite_W.all() if cfg.check_finite else None
-            if ok is not None:
+            if ok is not None and (ok.device.type != "cpu" or not bool(ok)):
                 result.masked_fill_(~ok, float("nan"))
         else:
             result = received.float()
-            ok = torch.isfinite(result).all() if cfg.check_finite else None
+            ok = torch.isfinite(result.sum()) if cfg.check_finite else None
+            if out is not None and out.dtype == torch.float32 and out.numel() == plan.numel:
+                result = out.copy_(result)
+                self._give(pending.send)
         self._complete(pending, ok)
         return result
 
@@ -829,8 +868,12 @@ class DGCState:
             u_new = pending.u_new
             if plan.sparse and cfg.momentum_masking:
                 u_new.index_fill_(0, pending.idx_real, 0.0)
-            self._store(self.momenta, _keep_if(ok, u_new, pending.u_old, ratio), plan.entries)
+            kept = _keep_if(ok, u_new, pending.u_old, ratio)
+            self._store(self.momenta, kept, plan.entries)
+            self._give(*(t for t in (u_new, pending.u_old) if t is not kept))
         if not cfg.error_feedback or not plan.compressible:
+            if pending.total is not pending.u_new:
+                self._give(pending.total)
             return
         if plan.sparse:
             v_new = pending.total
@@ -842,10 +885,14 @@ class DGCState:
             v_new = total - (total / pending.world).to(torch.bfloat16).float() * pending.world
             v_new.index_fill_(0, plan.positions("fixed", device), 0.0)
         elif pending.v_old is not None:
-            v_new = torch.zeros_like(pending.total)  # flushed by the dense exchange
+            v_new = pending.total.zero_()  # flushed by the dense exchange
         else:
+            if pending.total is not pending.u_new:
+                self._give(pending.total)
             return
-        self._store(self.residuals, _keep_if(ok, v_new, pending.v_old, ratio), plan.compressible)
+        kept = _keep_if(ok, v_new, pending.v_old, ratio)
+        self._store(self.residuals, kept, plan.compressible)
+        self._give(*(t for t in (v_new, pending.v_old, pending.total) if t is not kept and t is not pending.u_new))
 
 
 def _keep_if(
@@ -854,6 +901,10 @@ def _keep_if(
     """``new`` where the step was finite, else the old state (rescaled to the current loss scale)."""
     if ok is None:
         return new
+    if ok.device.type == "cpu":  # reading the flag costs nothing on the CPU: skip the masked copy
+        if bool(ok):
+            return new
+        return torch.zeros_like(new) if old is None else (old * ratio if ratio is not None else old)
     if old is None:
         return new.masked_fill_(~ok, 0.0)
     old = old.to(new.device)
@@ -920,7 +971,7 @@ def dgc_hook(state: DGCState, bucket: dist.GradBucket) -> torch.futures.Future[t
         state._end_step()
 
     def finish(_: torch.futures.Future) -> torch.Tensor:
-        result = state._finish(pending, out, world)
+        result = state._finish(pending, out, world, out=buffer)
         if result is not buffer:
             buffer.copy_(result)
         return buffer

@@ -74,6 +74,7 @@ def threshold_indices(
     offset: int = 0,
     lower_bound: float = 0.8,
     max_rounds: int = 10,
+    scratch: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Positions of at most ``k`` large entries of ``|x_N|``, found through a sampled threshold.
 
@@ -92,6 +93,8 @@ def threshold_indices(
         lower_bound: lower the threshold by this factor while fewer than ``lower_bound * k``
             entries pass (DGC's 0.8).
         max_rounds: at most this many threshold tests (DGC's 10).
+        scratch: optional float tensor of N elements that may be overwritten (saves an
+            allocation of ``|x_N|`` on the CPU).
 
     Returns:
         int64 positions, ``C`` of them.
@@ -109,13 +112,18 @@ def threshold_indices(
     sample_S = x_N[offset % stride :: stride].abs()
     k_s = min(sample_S.numel(), max(1, math.ceil(k * sample_S.numel() / n)))
     threshold = torch.topk(sample_S, k_s, sorted=False).values.min()
+    mag_N = None
+    if not x_N.is_cuda:
+        mag_N = torch.abs(x_N, out=scratch) if scratch is not None and scratch.numel() == n else x_N.abs()
     for round_ in range(max_rounds):
-        idx_C = _at_least(x_N, threshold).nonzero().view(-1)
+        mask_N = (mag_N >= threshold) if mag_N is not None else _at_least(x_N, threshold)
+        idx_C = mask_N.nonzero().view(-1)
         if idx_C.numel() >= lower_bound * k or round_ == max_rounds - 1:
             break
         threshold = threshold * lower_bound
     if idx_C.numel() > k:
-        idx_C = idx_C[torch.topk(x_N[idx_C].abs(), k, sorted=False).indices]
+        cand = mag_N[idx_C] if mag_N is not None else x_N[idx_C].abs()
+        idx_C = idx_C[torch.topk(cand, k, sorted=False).indices]
     return idx_C
 
 

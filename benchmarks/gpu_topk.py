@@ -1,0 +1,137 @@
+"""Top-k selection speed on the GPU: our sampled-threshold selection vs ``torch.topk`` vs a copy.
+
+For fp32 gradients of 25M and 100M elements at density 0.001, times (CUDA events, median of
+``--reps`` after warm-up) of:
+
+- ``ours``: :func:`sparsetrain.compression.threshold_indices` as the hook calls it (strided 1%
+  sample, ``|x| >= threshold`` fused into one pass by ``torch.compile`` when available, ``nonzero``,
+  exact top-k among the candidates when more than k pass),
+- ``ours_eager``: the same without the compiled mask (``x.abs() >= t``, two passes),
+- ``torch.topk``: ``torch.topk(x.abs(), k, sorted=False)`` (the exact anchor),
+- ``clone``: ``x.clone()``, the copy floor (one read and one write of the gradient),
+
+each as a ratio to the copy floor, and how many entries the threshold selection returned
+relative to k (min / median / max over the repetitions; every repetition uses a new sample
+offset, as successive training steps do). Two value distributions: normal, and heavy-tailed
+(normal times a uniform to the 4th power), closer to real gradients.
+
+Goal (issue 3): ours <= 3x the copy floor at 100M (torch.topk is ~10x there), count within 10% of k.
+
+    PYTHONPATH=. python benchmarks/gpu_topk.py                          # on the lent GPU
+    PYTHONPATH=. python benchmarks/gpu_topk.py --device cpu --sizes 200000 --reps 3   # smoke test
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from sparsetrain.compression import topk as topk_mod  # noqa: E402
+from sparsetrain.compression.topk import num_selected, sample_stride, threshold_indices  # noqa: E402
+
+
+def _timer(device: torch.device):
+    if device.type == "cuda":
+        def run(fn, reps, warmup):
+            for _ in range(warmup):
+                fn(0)
+            torch.cuda.synchronize()
+            times, outs = [], []
+            for r in range(reps):
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                out = fn(r + 1)
+                end.record()
+                torch.cuda.synchronize()
+                times.append(start.elapsed_time(end))
+                outs.append(out)
+            return times, outs
+    else:
+        def run(fn, reps, warmup):
+            for _ in range(warmup):
+                fn(0)
+            times, outs = [], []
+            for r in range(reps):
+                t0 = time.perf_counter()
+                out = fn(r + 1)
+                times.append((time.perf_counter() - t0) * 1e3)
+                outs.append(out)
+            return times, outs
+    return run
+
+
+def _data(n: int, dist: str, device: torch.device) -> torch.Tensor:
+    g = torch.Generator(device=device).manual_seed(0)
+    x = torch.randn(n, generator=g, device=device)
+    if dist == "heavy":
+        x *= torch.rand(n, generator=g, device=device) ** 4
+    return x
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
+    p.add_argument("--sizes", nargs="+", type=int, default=[25_000_000, 100_000_000])
+    p.add_argument("--density", type=float, default=0.001)
+    p.add_argument("--sample-ratio", type=float, default=0.01)
+    p.add_argument("--reps", type=int, default=20)
+    p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--dists", nargs="+", default=["normal", "heavy"])
+    args = p.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("CUDA is not available here: this benchmark is for the GPU machine "
+                         "(use --device cpu --sizes 200000 for a smoke test of the script)")
+    device = torch.device(args.device)
+    run = _timer(device)
+    name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
+    print(f"device: {name}, torch {torch.__version__}, density {args.density}, "
+          f"median of {args.reps} after {args.warmup} warm-up runs")
+    print("\n| n | values | method | ms | x copy floor | x torch.topk | count / k (min, median, max) |")
+    print("|---|---|---|---|---|---|---|")
+    for n in args.sizes:
+        k = num_selected(n, args.density)
+        stride = sample_stride(n, args.density, args.sample_ratio)
+        for dist in args.dists:
+            x = _data(n, dist, device)
+            rows = {}
+
+            def ours(r, x=x, k=k, stride=stride):
+                return threshold_indices(x, k, stride=stride, offset=r)
+
+            def ours_eager(r, x=x, k=k, stride=stride):
+                saved = topk_mod._fused_at_least
+                topk_mod._fused_at_least = False
+                try:
+                    return threshold_indices(x, k, stride=stride, offset=r)
+                finally:
+                    topk_mod._fused_at_least = saved
+
+            rows["clone"] = run(lambda r, x=x: x.clone(), args.reps, args.warmup)
+            rows["torch.topk"] = run(lambda r, x=x, k=k: torch.topk(x.abs(), k, sorted=False).indices,
+                                     args.reps, args.warmup)
+            rows["ours"] = run(ours, args.reps, args.warmup)
+            fused = topk_mod._fused_at_least not in (None, False)
+            if device.type == "cuda":
+                rows["ours_eager"] = run(ours_eager, args.reps, args.warmup)
+            floor = statistics.median(rows["clone"][0])
+            ref = statistics.median(rows["torch.topk"][0])
+            for method, (times, outs) in rows.items():
+                ms = statistics.median(times)
+                counts = ""
+                if method.startswith("ours"):
+                    c = sorted(o.numel() / k for o in outs)
+                    counts = f"{c[0]:.3f}, {statistics.median(c):.3f}, {c[-1]:.3f}"
+                label = method + (" (compiled mask)" if method == "ours" and fused else "")
+                print(f"| {n / 1e6:g}M | {dist} | {label} | {ms:.3f} | {ms / floor:.2f} | {ms / ref:.2f} | {counts} |")
+            del x
+
+
+if __name__ == "__main__":
+    main()
