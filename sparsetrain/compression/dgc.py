@@ -809,7 +809,9 @@ class DGCState:
             pad[torch.cat([torch.arange(e.slot, e.slot + r.numel(), device=device)
                            for e, r in zip(plan.sparse_entries, real)])] = False
             vals.masked_fill_(pad, 0.0)
-        wire, scales_E, sent_vals = encode_segments(vals, layout.value_dtype, plan.positions("slot_entry", device))
+        wire, scales_E, sent_vals = encode_segments(
+            vals, layout.value_dtype, plan.positions("slot_entry", device), layout.n_scales
+        )
         dense_D = total[plan.positions("dense", device)] if layout.n_dense else total.new_zeros(0)
         if cfg.check_finite:  # a sum is cheaper than a mask and keeps any inf or nan
             finite = torch.isfinite(flat_N.sum(dtype=torch.float32))

@@ -13,7 +13,8 @@ k-th largest magnitude from a strided sample, take every entry at or above it, l
 threshold by ``lower_bound`` while fewer than ``lower_bound * k`` pass (at most
 ``max_rounds`` rounds), and when more than ``k`` pass keep the exact top-k of the
 candidates. Unlike the reference (which keeps up to 1.3k) the result never exceeds ``k``,
-so every rank's message has the same fixed size and no sizes need exchanging.
+so every rank's message has the same fixed size and no sizes need exchanging; and the
+sampled threshold aims 10% above k (``margin``), so that usually exactly k are kept.
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ def num_selected(numel: int, density: float) -> int:
     return max(1, min(numel, math.ceil(numel * density)))
 
 
-def sample_stride(numel: int, density: float, sample_ratio: float, min_sample_hits: int = 32) -> int:
+def sample_stride(numel: int, density: float, sample_ratio: float, min_sample_hits: int = 128) -> int:
     """Stride of the threshold sample: about ``sample_ratio`` of the tensor, but enough samples
     that ``min_sample_hits`` of them are expected above the threshold (small tensors are sampled
     more densely; a stride of 1 means the whole tensor is the sample, i.e. exact selection).
@@ -74,12 +75,14 @@ def threshold_indices(
     offset: int = 0,
     lower_bound: float = 0.8,
     max_rounds: int = 10,
+    margin: float = 1.1,
     scratch: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Positions of at most ``k`` large entries of ``|x_N|``, found through a sampled threshold.
 
-    The sample is ``|x_N[offset::stride]|``; its ``ceil(k * S / N)``-th largest value is the
-    first threshold. The result is always the top-``C`` set of ``|x_N|`` for some
+    The sample is ``|x_N[offset::stride]|``; its ``ceil(margin * k * S / N)``-th largest value
+    is the first threshold (aiming ``margin`` above k, so that usually at least k entries pass
+    and exactly k are kept). The result is always the top-``C`` set of ``|x_N|`` for some
     ``C <= k`` (everything selected is at least as large as everything left out), with
     ``C >= lower_bound * k`` unless ``max_rounds`` ran out. ``stride == 1`` is exact top-k.
 
@@ -93,6 +96,7 @@ def threshold_indices(
         lower_bound: lower the threshold by this factor while fewer than ``lower_bound * k``
             entries pass (DGC's 0.8).
         max_rounds: at most this many threshold tests (DGC's 10).
+        margin: aim the sampled threshold at ``margin * k`` entries (>= 1; DGC: 1).
         scratch: optional float tensor of N elements that may be overwritten (saves an
             allocation of ``|x_N|`` on the CPU).
 
@@ -106,11 +110,13 @@ def threshold_indices(
         raise ValueError(f"`lower_bound` must be in (0, 1), got {lower_bound}")
     if max_rounds < 1:
         raise ValueError(f"`max_rounds` must be >= 1, got {max_rounds}")
+    if not margin >= 1.0:
+        raise ValueError(f"`margin` must be >= 1, got {margin}")
     n = x_N.numel()
     if stride == 1 or k >= n:
         return topk_indices(x_N, k)
     sample_S = x_N[offset % stride :: stride].abs()
-    k_s = min(sample_S.numel(), max(1, math.ceil(k * sample_S.numel() / n)))
+    k_s = min(sample_S.numel(), max(1, math.ceil(margin * k * sample_S.numel() / n)))
     threshold = torch.topk(sample_S, k_s, sorted=False).values.min()
     mag_N = None
     if not x_N.is_cuda:

@@ -175,7 +175,7 @@ def decode_values(values_K: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
 
 
 def encode_segments(
-    values_K: torch.Tensor, dtype: torch.dtype, segment_K: torch.Tensor
+    values_K: torch.Tensor, dtype: torch.dtype, segment_K: torch.Tensor, n_segments: int
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """:func:`encode_values` for several tensors' values at once, one scale per tensor.
 
@@ -183,13 +183,13 @@ def encode_segments(
         values_K: float32 values of all sparse tensors of a message, tensor after tensor.
         dtype: wire dtype.
         segment_K: int64, the tensor (0..E-1) each value belongs to.
+        n_segments: E.
 
     Returns:
         ``(wire_K, scales_E, decoded_K)``: the values as sent, the per-tensor scales, and the
         values the receivers will decode (float32).
     """
-    n_seg = int(segment_K[-1]) + 1 if segment_K.numel() else 0
-    ones = torch.ones(n_seg, dtype=torch.float32, device=values_K.device)
+    ones = torch.ones(n_segments, dtype=torch.float32, device=values_K.device)
     if dtype == torch.float32:
         return values_K, ones, values_K
     if dtype == torch.bfloat16:

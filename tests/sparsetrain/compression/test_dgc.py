@@ -91,7 +91,7 @@ def test_register_rejects_a_model_that_is_not_ddp():
 # ----------------------------------------------------------------------------- gradient injection
 
 SHAPES = {
-    "w_big": (64, 48),  # 3072: compressed
+    "w_big": (160, 128),  # 20480: compressed (sampled threshold at every density used)
     "bias": (48,),  # 1-D: dense
     "w_conv": (8, 4, 3, 3),  # 288: compressed (min_numel=100)
     "w_small": (4, 4),  # 16 < min_numel: dense
@@ -160,18 +160,19 @@ def _ref_density(t: int, cfg: dict) -> float | None:
 
 
 def _ref_select(x: torch.Tensor, k: int, t: int, density: float, cfg: dict) -> torch.Tensor:
-    """Top-k of |x|; or DGC's sampled threshold: k-th largest of a strided sample, lowered x0.8
-    until 0.8k pass (10 rounds at most), exact top-k among the candidates when more than k pass."""
+    """Top-k of |x|; or DGC's sampled threshold: the (1.1 k)-th largest of a strided sample (scaled
+    to the sample), lowered x0.8 until 0.8k pass (10 rounds at most), exact top-k among the
+    candidates when more than k pass."""
     mag = x.abs()
     n = x.numel()
     by_size = torch.sort(mag, descending=True).indices
     if cfg.get("selection", "threshold") == "topk":
         return by_size[:k]
-    stride = max(1, n // max(math.ceil(n * cfg.get("sample_ratio", 0.01)), math.ceil(32 / density)))
+    stride = max(1, n // max(math.ceil(n * cfg.get("sample_ratio", 0.01)), math.ceil(128 / density)))
     if stride == 1:
         return by_size[:k]
     sample = mag[t % stride :: stride]
-    ks = min(sample.numel(), max(1, math.ceil(k * sample.numel() / n)))
+    ks = min(sample.numel(), max(1, math.ceil(1.1 * k * sample.numel() / n)))
     threshold = torch.sort(sample, descending=True).values[ks - 1]
     for round_ in range(10):
         cand = torch.nonzero(mag >= threshold).view(-1)

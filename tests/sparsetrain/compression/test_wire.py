@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from sparsetrain.compression.wire import SegmentLayout, decode_values, encode_values, pack, unpack
+from sparsetrain.compression.wire import SegmentLayout, decode_values, encode_segments, encode_values, pack, unpack
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
@@ -68,3 +68,16 @@ def test_fp16_all_zero_and_empty():
     assert scale == 1 and torch.equal(wire, torch.zeros(4, dtype=torch.float16))
     wire, scale = encode_values(torch.zeros(0), torch.float16)
     assert scale == 1 and wire.numel() == 0
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_encode_segments_matches_per_tensor_encoding(dtype):
+    g = torch.Generator().manual_seed(1)
+    parts = [torch.randn(5, generator=g) * 1e5, torch.randn(3, generator=g) * 1e-4, torch.zeros(2)]
+    seg = torch.repeat_interleave(torch.arange(3), torch.tensor([5, 3, 2]))
+    wire, scales, decoded = encode_segments(torch.cat(parts), dtype, seg, 3)
+    for i, part in enumerate(parts):
+        w, s = encode_values(part, dtype)
+        sl = seg == i
+        assert torch.equal(wire[sl], w) and scales[i] == s
+        assert torch.equal(decoded[sl], decode_values(w, s))
