@@ -50,6 +50,7 @@ class NMSparsity(Callback):
         exclude: fnmatch patterns of layer names to keep dense.
         verify_every: check rank equality of the masks every this many mask updates (0: only at
             the start and the end).
+        compile_masks: compute the masks under ``torch.compile`` (a fused kernel on GPU).
         finalize: at the end of training make the weights exactly N:M and remove the
             parametrizations (plain ``weight`` parameters again).
         log_stats: log the statistics each step.
@@ -76,6 +77,7 @@ class NMSparsity(Callback):
         include: list[str] | None = None,
         exclude: list[str] | None = None,
         verify_every: int = 100,
+        compile_masks: bool = False,
         finalize: bool = True,
         log_stats: bool = True,
     ) -> None:
@@ -87,6 +89,7 @@ class NMSparsity(Callback):
             n=n, m=m, method=method, lambda_w=lambda_w, update_every=update_every, decay=decay,
             stages=parsed_stages, include=list(include) if include is not None else None,
             exclude=list(exclude) if exclude is not None else None, verify_every=verify_every,
+            compile_masks=compile_masks,
         )
         # Validate everything now; decay_steps gets its real value in setup() when left to the run length.
         probe = decay_steps if decay_steps is not None or method not in ("mdgf", "sdgf") else 1

@@ -156,6 +156,9 @@ class NMSparsifier:
     Args:
         model: the model (not yet wrapped in DDP).
         config: an :class:`NMConfig`; keyword arguments build one when omitted.
+        optimizer: when given, :meth:`step` runs after each ``optimizer.step()`` through
+            ``optimizer.register_step_post_hook`` (a step skipped by a GradScaler is not counted);
+            otherwise call :meth:`step` yourself after each optimizer step.
         grad_scaler: a ``torch.amp.GradScaler`` when training in fp16 with loss scaling: the
             SR-STE term is then multiplied by the current scale so it survives unscaling.
         process_group: group for the rank-equality check (default group when None).
@@ -177,8 +180,9 @@ class NMSparsifier:
         "last_flip_fraction", "_flip_count", "_flip_total",
     )
 
-    def __init__(self, model: nn.Module, config: NMConfig | None = None, *, grad_scaler: Any = None,
-                 process_group: Any = None, verify_now: bool = True, **kwargs: Any) -> None:
+    def __init__(self, model: nn.Module, config: NMConfig | None = None, *, optimizer: Any = None,
+                 grad_scaler: Any = None, process_group: Any = None, verify_now: bool = True,
+                 **kwargs: Any) -> None:
         if config is None:
             config = NMConfig(**kwargs)
         elif kwargs:
@@ -215,6 +219,10 @@ class NMSparsifier:
             self._params[name] = p
         with torch.no_grad():
             self._recompute(count_flips=False)
+        if optimizer is not None:
+            if not hasattr(optimizer, "register_step_post_hook"):
+                raise ValueError(f"`optimizer` must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
+            self._hooks.append(optimizer.register_step_post_hook(lambda *_: self.step()))
         if verify_now:
             self.check_ranks()
 

@@ -166,6 +166,25 @@ def test_resume_is_bit_exact(method, kw):
         assert torch.equal(got[k], ref[k]), k
 
 
+def test_optimizer_hook_steps_the_sparsifier():
+    model, sp, opt = _setup(method="ste", include=["*.mlp.*"])
+    torch.manual_seed(0)
+    hooked_model = GPT(CFG)
+    hopt = torch.optim.AdamW(hooked_model.parameters(), lr=1e-2)  # built before attaching: same tensors
+    hooked = NMSparsifier(hooked_model, NMConfig(method="ste", include=["*.mlp.*"]), optimizer=hopt)
+    _train(model, sp, opt, 3)
+    for t in range(3):
+        hooked_model.loss(*_batch(t)).backward()
+        hopt.step()  # the hook steps the sparsifier
+        hopt.zero_grad()
+    assert hooked.step_count == 3
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, hooked_model.state_dict()[k]), k
+    hooked.finalize()
+    hopt.step()
+    assert hooked.step_count == 3  # the hook is gone
+
+
 def test_load_state_dict_rejects_a_mismatch():
     _, sp, _ = _setup(method="srste")
     state = sp.state_dict()
