@@ -111,6 +111,7 @@ def main(argv=None):
     flips = {}
     for _ in range(args.repeats):
         for v in args.variants:  # interleaved: each repeat times every variant once
+            model = sp = opt = None
             try:
                 model, sp, opt = build(v, cfg, device, args.precision, args.n, args.m)
                 time_steps(model, sp, opt, batches, device, args.precision, args.warmup)
