@@ -312,3 +312,23 @@ def test_ddp_masks_identical_across_ranks_and_match_single_process():
     for a, b, c in zip(r0["perms"], r1["perms"], ref_perms):
         assert torch.equal(a, b) and torch.equal(a, c)
     assert "channel permutations differ across ranks" in r0["perm_diverged"]
+
+
+def test_conv_layers_train_in_the_pattern():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(4, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 1), nn.Flatten(),
+                        nn.Linear(8 * 4 * 4, 3))
+    with pytest.warns(UserWarning, match=r"0 \(K=36\)"):  # 4*3*3 = 36 is not a multiple of 8
+        sp = NMSparsifier(net, NMConfig(n=2, m=8, method="srste"))
+    assert list(sp.layers) == ["2", "4"]
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    x, y = torch.randn(6, 4, 4, 4), torch.randint(0, 3, (6,))
+    for _ in range(3):
+        torch.nn.functional.cross_entropy(net(x), y).backward()
+        opt.step()
+        opt.zero_grad()
+        sp.step()
+    w = net[2].weight  # [8, 8, 1, 1]: groups of 8 along c_in
+    assert is_nm(w, 2, 8) and torch.equal((w != 0).reshape(8, 8).sum(-1), torch.full((8,), 2))
+    sp.finalize()
+    assert is_nm(net[2].weight, 2, 8) and is_nm(net[4].weight, 2, 8) and not is_nm(net[0].weight, 2, 8)
