@@ -45,5 +45,6 @@ if [ "$ngpu" -ge 2 ]; then
 else
   run gpu_lightning_deepspeed python3 benchmarks/gpu_lightning_deepspeed.py --devices 1 --steps 60
 fi
+run gpu_tests python3 -m pytest -m gpu -q -p no:cacheprovider tests
 [ -n "${quality:-}" ] && wait "$quality"
 echo "done" | tee -a "$out/suite.log"
