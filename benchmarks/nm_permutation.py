@@ -1,12 +1,12 @@
 """Channel permutation for N:M pruning: kept magnitude and one-shot-pruned val loss, with vs without.
 
-Trains the demo GPT dense, then for every layer whose input channels can be permuted (attention
-out_proj within heads, MLP fc_out) measures the fraction of |W| an N:M mask keeps in the
-original channel order and after :func:`sparsetrain.nm.permute_for_nm`'s search, and the
-validation loss after one-shot magnitude pruning (:func:`sparsetrain.nm.prune_to_nm`) with and
-without the permutation, pruning (a) only the permutable layers and (b) every Linear of the
-transformer blocks. The dense model's val loss is the reference. Random Gaussian weights of the
-same shapes are measured too.
+Trains the demo GPT dense, then for every Linear of the transformer blocks measures the fraction
+of |W| an N:M mask keeps in the original channel order and after
+:func:`sparsetrain.nm.permute_for_nm`'s search (sites: v_proj -> out_proj within heads,
+fc_in -> fc_out, and the residual stream read by q/k/v_proj and fc_in), on the trained model and
+on an untrained (random) one, and the validation loss after one-shot magnitude pruning
+(:func:`sparsetrain.nm.prune_to_nm`) with and without the permutation. The dense model's val
+loss is the reference.
 
     PYTHONPATH=. python benchmarks/nm_permutation.py --steps 600
     PYTHONPATH=. python benchmarks/nm_permutation.py --device cuda --steps 3000 --patterns 2:4 1:4 2:8
@@ -29,10 +29,10 @@ import torch  # noqa: E402
 
 from sparsetrain.demo import GPT, CorpusConfig, GPTConfig, make_datasets  # noqa: E402
 from sparsetrain.nm import (  # noqa: E402
-    find_permutation_sites,
+    kept_magnitude,
     permute_for_nm,
     prune_to_nm,
-    search_channel_permutation,
+    select_nm_layers,
 )
 
 
@@ -98,46 +98,54 @@ def main(argv=None):
     dense = train_dense(args, train, device)
     dense_loss = val_loss(dense, val, args.batch_size, args.val_batches, device)
     print(f"dense model trained: {args.steps} steps in {time.perf_counter() - t0:.0f}s, val loss {dense_loss:.4f}")
-    sites = find_permutation_sites(dense)
-    gen = torch.Generator().manual_seed(1)
     never_lost, loss_never_worse, gains = True, True, []
+    block_linears = ["*.attn.*", "*.mlp.*"]
+    torch.manual_seed(args.seed + 1)
+    untrained = GPT(dense.cfg).to(device).eval()
     for pat in args.patterns:
         n, m = (int(v) for v in pat.split(":"))
         print(f"\n{pat}: kept fraction of sum|W| by the N:M mask, original channel order vs permuted "
-              f"(demo GPT d_model={args.d_model}, n_layer={args.n_layer}, trained {args.steps} steps; escapes "
-              f"{args.escapes})")
-        print(f"{'layer':26s} {'shape':>10s} {'block':>5s} {'kept':>7s} {'permuted':>8s} {'gain':>7s} "
-              f"{'rel':>7s} {'random W: gain':>15s} {'search':>7s}")
-        for i, site in enumerate(sites):
-            name = site.consumers[0]
-            w = dense.get_submodule(name).weight.detach()
-            t1 = time.perf_counter()
-            perm, info = search_channel_permutation(w, n, m, block_size=site.block_size, seed=i,
-                                                    escapes=args.escapes)
-            secs = time.perf_counter() - t1
-            r = torch.randn(w.shape, generator=gen).to(w.device)
-            _, rinfo = search_channel_permutation(r, n, m, block_size=site.block_size, seed=i, escapes=args.escapes)
-            before, after = info["kept_before"], info["kept_after"]
-            never_lost &= after >= before and rinfo["kept_after"] >= rinfo["kept_before"]
-            gains.append(after / before - 1)
-            print(f"{name:26s} {str(tuple(w.shape)):>10s} {site.block_size or w.shape[1]:>5d} {before:7.4f} "
-                  f"{after:8.4f} {after - before:+7.4f} {after / before - 1:+7.2%} "
-                  f"{rinfo['kept_after'] / rinfo['kept_before'] - 1:+15.2%} {secs:6.1f}s")
+              f"(demo GPT d_model={args.d_model}, n_layer={args.n_layer}, trained {args.steps} steps; "
+              f"escapes {args.escapes}); last column: the same on an untrained (random) model")
+        rel = {}
+        for label, model0 in (("trained", dense), ("untrained", untrained)):
+            model = copy.deepcopy(model0)
+            layers = list(select_nm_layers(model, m, block_linears))
+            before = {k: kept_magnitude(model.get_submodule(k).weight, n, m) for k in layers}
+            sites = permute_for_nm(model, n, m, include=block_linears, escapes=args.escapes)
+            after = {k: kept_magnitude(model.get_submodule(k).weight, n, m) for k in layers}
+            rel[label] = {k: after[k] / before[k] - 1 for k in layers}
+            never_lost &= all(s.info["kept_after"] >= s.info["kept_before"] for s in sites)
+            if label == "trained":
+                secs = {c: s.info["seconds"] for s in sites for c in s.consumers}
+                site_of = {c: ("residual" if len(s.consumers) > 1 else
+                               "v->out" if s.block_size else "fc_in->out") for s in sites for c in s.consumers}
+                rows = (before, after, secs, site_of, layers)
+        before, after, secs, site_of, layers = rows
+        print(f"{'layer':26s} {'site':>10s} {'kept':>7s} {'permuted':>8s} {'gain':>7s} {'rel':>7s} "
+              f"{'untrained: rel':>15s} {'search':>7s}")
+        for k in layers:
+            gains.append(rel["trained"][k])
+            print(f"{k:26s} {site_of.get(k, '-'):>10s} {before[k]:7.4f} {after[k]:8.4f} {after[k] - before[k]:+7.4f} "
+                  f"{rel['trained'][k]:+7.2%} {rel['untrained'][k]:+15.2%} {secs.get(k, 0):6.1f}s")
 
         print(f"\n{pat}: val loss after one-shot magnitude pruning (dense {dense_loss:.4f})")
         print(f"{'pruned layers':40s} {'no permutation':>15s} {'permuted':>9s} {'delta':>8s} {'vs dense':>17s}")
-        for label, include in (("permutable (out_proj, fc_out)", ["*.out_proj", "*.fc_out"]),
-                               ("all block Linears", ["*.attn.*", "*.mlp.*"])):
+        for label, include, residual in (
+                ("out_proj, fc_out (v->out, fc_in->out)", ["*.out_proj", "*.fc_out"], False),
+                ("all block Linears, no residual perm", block_linears, False),
+                ("all block Linears, with residual perm", block_linears, True)):
             losses = []
             for permute in (False, True):
                 model = copy.deepcopy(dense)
-                prune_to_nm(model, n, m, permute=permute, include=include, escapes=args.escapes)
+                prune_to_nm(model, n, m, permute=permute, include=include, escapes=args.escapes, residual=residual)
                 losses.append(val_loss(model, val, args.batch_size, args.val_batches, device))
             loss_never_worse &= losses[1] <= losses[0]
             print(f"{label:40s} {losses[0]:15.4f} {losses[1]:9.4f} {losses[1] - losses[0]:+8.4f} "
                   f"{losses[0] / dense_loss - 1:+8.2%} -> {losses[1] / dense_loss - 1:+6.2%}")
-    print(f"\nkept magnitude never lower with the permutation: {never_lost}; gain min {min(gains):+.2%}, "
-          f"mean {sum(gains) / len(gains):+.2%}; pruned val loss never worse: {loss_never_worse}")
+    print(f"\nkept magnitude of each site's scored layers never lower: {never_lost}; of each layer: "
+          f"{min(gains) >= 0} (per-layer gain min {min(gains):+.2%}, mean {sum(gains) / len(gains):+.2%}); "
+          f"pruned val loss never worse: {loss_never_worse}")
     # The function is unchanged by the permutation itself (checked on the trained model).
     model = copy.deepcopy(dense)
     n, m = (int(v) for v in args.patterns[0].split(":"))

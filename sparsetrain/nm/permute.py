@@ -12,7 +12,10 @@ can be chosen to keep the most magnitude when pruning to N:M:
   attention weights of a head mix only that head's value channels). The Q/K permutation of the
   seed (the same order on Q's and K's channels, within heads, keeps ``Q K^T``) is supported by
   :func:`apply_channel_permutation` but gains nothing for weight N:M: it moves weight ROWS, and
-  groups of M run along the columns, so it is not searched.
+  groups of M run along the columns, so it is not searched;
+- the residual stream of a pre-norm GPT: the columns of every q/k/v_proj, fc_in and lm_head with
+  the rows of every out_proj and fc_out, the embedding tables' channels and every LayerNorm's
+  weight and bias (LayerNorm's mean and variance do not depend on the channel order).
 
 The search (:func:`search_channel_permutation`) is the paper's greedy one: evaluate every swap
 of two channels in different stripes of M columns, apply the best, repeat until no swap gains;
@@ -30,6 +33,7 @@ independently (a head, or all of K), S stripes of M in a block.
 
 from __future__ import annotations
 
+import time
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -209,14 +213,17 @@ class PermutationSite:
 
     Args:
         consumers: names of Linears whose INPUT channels (weight columns) are the dimension;
-            their N:M groups are what the search optimises.
+            the N:M groups of those selected for pruning are what the search optimises.
         producers: names of Linears whose OUTPUT channels (weight rows, bias) are the dimension.
         block_size: channels move only within blocks of this size (attention heads); None = free.
+        others: ``(parameter name, dim)`` of further tensors indexed by the dimension, permuted along
+            ``dim`` (embedding tables, LayerNorm weights and biases on a residual stream).
     """
 
     consumers: list[str]
     producers: list[str]
     block_size: int | None = None
+    others: list[tuple[str, int]] = field(default_factory=list)
     info: dict[str, Any] = field(default_factory=dict)
 
 
@@ -234,12 +241,54 @@ def _weight(mod: nn.Linear) -> torch.Tensor:
     return mod.weight
 
 
-def find_permutation_sites(model: nn.Module) -> list[PermutationSite]:
+def _residual_site(model: nn.Module, prefix: str) -> PermutationSite | None:
+    """The residual stream of a pre-norm GPT laid out like :class:`sparsetrain.demo.GPT`, or None.
+
+    Its channels are written by the embeddings and every block's ``out_proj``/``fc_out`` rows and
+    read by every LayerNorm (elementwise affine; mean and variance do not depend on the order),
+    every ``q/k/v_proj`` and ``fc_in`` and ``lm_head``.
+    """
+    need = ("tok_emb", "pos_emb", "blocks", "ln_f", "lm_head")
+    if not all(hasattr(model, a) for a in need):
+        return None
+    if not (isinstance(model.tok_emb, nn.Embedding) and isinstance(model.pos_emb, nn.Embedding)
+            and isinstance(model.ln_f, nn.LayerNorm) and isinstance(model.lm_head, nn.Linear)):
+        return None
+    consumers, producers = [], []
+    others = [(f"{prefix}tok_emb.weight", 1), (f"{prefix}pos_emb.weight", 1)]
+    for i, block in enumerate(model.blocks):
+        b = f"{prefix}blocks.{i}."
+        parts = ("ln_1", "ln_2", "attn.q_proj", "attn.k_proj", "attn.v_proj", "attn.out_proj", "mlp.fc_in",
+                 "mlp.fc_out")
+        try:
+            mods = {p: block.get_submodule(p) for p in parts}
+        except AttributeError:
+            return None
+        if not all(isinstance(mods[p], nn.LayerNorm) for p in ("ln_1", "ln_2")):
+            return None
+        if not all(isinstance(mods[p], nn.Linear) for p in parts[2:]):
+            return None
+        consumers += [b + p for p in ("attn.q_proj", "attn.k_proj", "attn.v_proj", "mlp.fc_in")]
+        producers += [b + "attn.out_proj", b + "mlp.fc_out"]
+        for ln in ("ln_1", "ln_2"):
+            others += [(f"{b}{ln}.{t}", 0) for t in ("weight", "bias") if getattr(mods[ln], t) is not None]
+    others += [(f"{prefix}ln_f.{t}", 0) for t in ("weight", "bias") if getattr(model.ln_f, t) is not None]
+    return PermutationSite(consumers=consumers + [prefix + "lm_head"], producers=producers, others=others)
+
+
+def find_permutation_sites(model: nn.Module, *, residual: bool = True) -> list[PermutationSite]:
     """Sites found by structure: ``fc_in -> fc_out`` MLPs, ``v_proj -> out_proj`` attention (within
-    heads, ``n_head`` read from the attention module), and Linear -> elementwise activation(s) ->
-    Linear runs inside ``nn.Sequential`` containers.
+    heads, ``n_head`` read from the attention module), Linear -> elementwise activation(s) -> Linear
+    runs inside ``nn.Sequential`` containers and, with ``residual``, the residual stream of a
+    pre-norm GPT laid out like :class:`sparsetrain.demo.GPT` (``tok_emb``, ``pos_emb``, ``blocks[i]``
+    with ``ln_1``/``attn``/``ln_2``/``mlp``, ``ln_f``, ``lm_head``).
     """
     sites = []
+    if residual:
+        for name, mod in model.named_modules():
+            site = _residual_site(mod, f"{name}." if name else "")
+            if site is not None:
+                sites.append(site)
     for name, mod in model.named_modules():
         prefix = f"{name}." if name else ""
         children = dict(mod.named_children())
@@ -264,7 +313,8 @@ def find_permutation_sites(model: nn.Module) -> list[PermutationSite]:
 
 @torch.no_grad()
 def apply_channel_permutation(model: nn.Module, site: PermutationSite, perm: torch.Tensor) -> None:
-    """Reorder a site's channels in place: consumer weight columns, producer weight rows and biases.
+    """Reorder a site's channels in place: consumer weight columns, producer weight rows and biases,
+    and the ``others`` along their dims.
 
     Call before the optimizer is built (its state is not permuted).
 
@@ -285,6 +335,11 @@ def apply_channel_permutation(model: nn.Module, site: PermutationSite, perm: tor
         w.copy_(w[perm.to(w.device)])
         if mod.bias is not None:
             mod.bias.copy_(mod.bias[perm.to(mod.bias.device)])
+    for name, dim in site.others:
+        t = model.get_parameter(name)
+        if t.shape[dim] != perm.numel():
+            raise ValueError(f"{name!r} has {t.shape[dim]} entries along dim {dim}, `perm` has {perm.numel()}")
+        t.copy_(t.index_select(dim, perm.to(t.device)))
 
 
 def _check_ranks_agree(perms: list[torch.Tensor], names: list[str]) -> None:
@@ -314,15 +369,16 @@ def permute_for_nm(
     escapes: int = 16,
     max_swaps: int | None = None,
     device: torch.device | str | None = None,
+    residual: bool = True,
 ) -> list[PermutationSite]:
     """Permute channels in place so that N:M pruning keeps more magnitude; the function is unchanged.
 
-    For each site (found with :func:`find_permutation_sites` unless given) whose consumers are
-    selected (``include``/``exclude`` as in :func:`~sparsetrain.nm.select_nm_layers`) and whose
-    channel count ``m`` divides, search an order with :func:`search_channel_permutation` and apply
-    it to consumers and producers. Use on a dense model before pruning and before building the
-    optimizer. Deterministic for a seed; under ``torch.distributed`` the ranks' permutations are
-    checked to be identical.
+    For each site (found with :func:`find_permutation_sites` unless given) with consumers selected
+    for pruning (``include``/``exclude`` as in :func:`~sparsetrain.nm.select_nm_layers`) and a
+    channel count ``m`` divides, search an order for the selected consumers' N:M kept magnitude
+    with :func:`search_channel_permutation` and apply it to the whole site. Use on a dense model
+    before pruning and before building the optimizer. Deterministic for a seed; under
+    ``torch.distributed`` the ranks' permutations are checked to be identical.
 
     Args:
         model: the dense model.
@@ -335,10 +391,12 @@ def permute_for_nm(
         escapes: bounded random escapes per block.
         max_swaps: cap on greedy swaps per block.
         device: where to search (default: the weights' device).
+        residual: include the residual stream of a GPT-like model (see :func:`find_permutation_sites`),
+            which reorders the channels read by q/k/v_proj, fc_in and lm_head.
 
     Returns:
-        The sites permuted, each with ``info`` (``kept_before``, ``kept_after``, ``swaps``, ``escapes``,
-        ``perm``).
+        The sites permuted, each with ``info`` (``kept_before``, ``kept_after`` over the scored consumers,
+        ``swaps``, ``escapes``, ``seconds``, ``perm``).
 
     Raises:
         ValueError: bad ``n``/``m`` or a site naming a non-Linear layer.
@@ -353,7 +411,7 @@ def permute_for_nm(
         True
     """
     check_nm(n, m)
-    sites = list(find_permutation_sites(model) if sites is None else sites)
+    sites = list(find_permutation_sites(model, residual=residual) if sites is None else sites)
     try:
         with warnings.catch_warnings():  # the skip warning belongs to whoever prunes or trains
             warnings.simplefilter("ignore")
@@ -367,14 +425,17 @@ def permute_for_nm(
         consumers = [_linear(model, c) for c in site.consumers]
         for p in site.producers:
             _linear(model, p)
-        if not consumers or not all(c in eligible for c in site.consumers):
+        scored = [mod for name, mod in zip(site.consumers, consumers) if name in eligible]
+        if not scored:
             continue
-        stacked = torch.cat([_weight(c).detach() for c in consumers])
+        stacked = torch.cat([_weight(c).detach() for c in scored])
         block = site.block_size or stacked.shape[1]
         if block % m or stacked.shape[1] % block:
             continue
+        t0 = time.perf_counter()
         perm, info = search_channel_permutation(stacked, n, m, block_size=site.block_size, seed=seed + i,
                                                 escapes=escapes, max_swaps=max_swaps, device=device)
+        info["seconds"] = time.perf_counter() - t0
         apply_channel_permutation(model, site, perm)
         info["perm"] = perm
         site.info = info
@@ -397,6 +458,7 @@ def prune_to_nm(
     seed: int = 0,
     escapes: int = 16,
     max_swaps: int | None = None,
+    residual: bool = True,
 ) -> dict[str, Any]:
     """One-shot magnitude pruning of a dense model to exact N:M, optionally after channel permutation.
 
@@ -414,6 +476,7 @@ def prune_to_nm(
         seed: seed of the permutation search.
         escapes: bounded random escapes of the search.
         max_swaps: cap on greedy swaps per block.
+        residual: let the permutation reorder a GPT's residual stream too.
 
     Returns:
         ``{"layers": [...], "kept_magnitude": {layer: fraction}, "sites": [PermutationSite, ...]}``.
@@ -423,7 +486,7 @@ def prune_to_nm(
     """
     check_nm(n, m)
     sites = permute_for_nm(model, n, m, include=include, exclude=exclude, seed=seed, escapes=escapes,
-                           max_swaps=max_swaps) if permute else []
+                           max_swaps=max_swaps, residual=residual) if permute else []
     layers = select_nm_layers(model, m, include, exclude)
     kept = {}
     for name, mod in layers.items():

@@ -47,10 +47,18 @@ def _trained_gpt(state):
 
 def test_sites_found_by_structure():
     sites = find_permutation_sites(_gpt())
-    assert [(s.consumers, s.producers, s.block_size) for s in sites] == [
+    assert [(s.consumers, s.producers, s.block_size) for s in sites[1:]] == [
         (["blocks.0.attn.out_proj"], ["blocks.0.attn.v_proj"], 32),
         (["blocks.0.mlp.fc_out"], ["blocks.0.mlp.fc_in"], None),
     ]
+    res = sites[0]
+    assert res.consumers == ["blocks.0.attn.q_proj", "blocks.0.attn.k_proj", "blocks.0.attn.v_proj",
+                             "blocks.0.mlp.fc_in", "lm_head"]
+    assert res.producers == ["blocks.0.attn.out_proj", "blocks.0.mlp.fc_out"]
+    assert res.others == [("tok_emb.weight", 1), ("pos_emb.weight", 1), ("blocks.0.ln_1.weight", 0),
+                          ("blocks.0.ln_1.bias", 0), ("blocks.0.ln_2.weight", 0), ("blocks.0.ln_2.bias", 0),
+                          ("ln_f.weight", 0), ("ln_f.bias", 0)]
+    assert len(find_permutation_sites(_gpt(), residual=False)) == 2
     sites = find_permutation_sites(MLPClassifier())
     assert [(s.consumers, s.producers) for s in sites] == [(["net.2"], ["net.0"]), (["net.4"], ["net.2"])]
 
@@ -66,12 +74,36 @@ def test_permuted_gpt_computes_the_same_function_and_keeps_more(n, m):
     done = permute_for_nm(model, n, m, escapes=4)
     with torch.no_grad():
         assert torch.allclose(model(x), before, atol=1e-5, rtol=1e-5)
-    assert len(done) == 2
-    for site in done:
+    assert len(done) == 3
+    assert done[0].info["kept_after"] >= done[0].info["kept_before"]  # the residual stream
+    for site in done[1:]:
         name = site.consumers[0]
         kept1 = kept_magnitude(model.get_submodule(name).weight, n, m)
         assert site.info["kept_before"] == pytest.approx(kept0[name])
         assert kept1 == pytest.approx(site.info["kept_after"]) and kept1 > kept0[name]
+
+
+def test_residual_stream_permutation_inside_a_wrapper():
+    class Wrapper(nn.Module):  # e.g. a LightningModule holding the GPT as `model`
+        def __init__(self):
+            super().__init__()
+            self.model = _gpt()
+
+        def forward(self, x):
+            return self.model(x)
+
+    wrapped = Wrapper().eval()
+    x = torch.randint(0, 256, (3, CFG.block_size))
+    with torch.no_grad():
+        before = wrapped(x)
+    emb = wrapped.model.tok_emb.weight.clone()
+    done = permute_for_nm(wrapped, 2, 4, include=["*.attn.q_proj", "*.attn.k_proj"], escapes=2)
+    assert [s.consumers[0] for s in done] == ["model.blocks.0.attn.q_proj"]  # the only site q/k feed
+    perm = done[0].info["perm"]
+    assert not torch.equal(perm, torch.arange(CFG.d_model))
+    assert torch.equal(wrapped.model.tok_emb.weight, emb[:, perm])
+    with torch.no_grad():
+        assert torch.allclose(wrapped(x), before, atol=1e-5, rtol=1e-5)
 
 
 def test_permuted_sequential_mlp_computes_the_same_function():
@@ -144,7 +176,7 @@ def test_trained_model_gains_and_is_deterministic(trained_state):
 def test_prune_to_nm_exact_and_permutation_keeps_more(trained_state):
     plain, permuted = _trained_gpt(trained_state), _trained_gpt(trained_state)
     r0 = prune_to_nm(plain, 2, 4, permute=False, include=["*.mlp.*", "*.out_proj"])
-    r1 = prune_to_nm(permuted, 2, 4, include=["*.mlp.*", "*.out_proj"], escapes=4)
+    r1 = prune_to_nm(permuted, 2, 4, include=["*.mlp.*", "*.out_proj"], escapes=4, residual=False)
     assert r0["layers"] == r1["layers"] == ["blocks.0.attn.out_proj", "blocks.0.mlp.fc_in", "blocks.0.mlp.fc_out"]
     for name in r1["layers"]:
         assert is_nm(permuted.get_submodule(name).weight, 2, 4)

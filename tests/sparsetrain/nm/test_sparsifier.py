@@ -308,7 +308,7 @@ def test_ddp_masks_identical_across_ranks_and_match_single_process():
     # Permutations: equal across ranks and to a single process's.
     torch.manual_seed(0)
     ref_perms = [site.info["perm"] for site in permute_for_nm(GPT(CFG), 2, 4, escapes=2)]
-    assert len(ref_perms) == 2
+    assert len(ref_perms) == 3  # residual stream, v->out_proj, fc_in->fc_out
     for a, b, c in zip(r0["perms"], r1["perms"], ref_perms):
         assert torch.equal(a, b) and torch.equal(a, c)
     assert "channel permutations differ across ranks" in r0["perm_diverged"]
