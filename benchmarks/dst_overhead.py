@@ -56,13 +56,14 @@ def _step(model, opt, x, y, amp, device):
     opt.zero_grad(set_to_none=True)
 
 
-def _timed_block(model, opt, batches, amp, device) -> float:
+def _timed_block(model, opt, batches, amp, device) -> tuple[float, float]:
+    """Per-step wall time and per-step CPU time of this process (all its threads)."""
     _sync(device)
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     for x, y in batches:
         _step(model, opt, x, y, amp, device)
     _sync(device)
-    return (time.perf_counter() - t0) / len(batches)
+    return (time.perf_counter() - t0) / len(batches), (time.process_time() - c0) / len(batches)
 
 
 def _time_call(fn, device, repeats: int) -> float:
@@ -92,7 +93,10 @@ def main(argv=None) -> int:
     p.add_argument("--n-layer", type=int, default=None)
     p.add_argument("--n-head", type=int, default=None)
     p.add_argument("--amp", action="store_true", help="bf16 autocast")
+    p.add_argument("--threads", type=int, help="torch.set_num_threads (CPU); 1 gives the steadiest CPU times")
     args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     name = args.device
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
@@ -132,10 +136,14 @@ def main(argv=None) -> int:
     # Warm-up also aligns the sparse run on an update period, so every timed block holds the same updates.
     _timed_block(dense_model, dense_opt, stream(args.warmup), args.amp, device)
     _timed_block(sparse_model, sparse_opt, stream(args.warmup), args.amp, device)
-    dense_t, sparse_t = [], []
+    dense_t, sparse_t, dense_c, sparse_c = [], [], [], []
     for _ in range(args.rounds):
-        dense_t.append(_timed_block(dense_model, dense_opt, stream(args.block), args.amp, device))
-        sparse_t.append(_timed_block(sparse_model, sparse_opt, stream(args.block), args.amp, device))
+        wall, cpu = _timed_block(dense_model, dense_opt, stream(args.block), args.amp, device)
+        dense_t.append(wall)
+        dense_c.append(cpu)
+        wall, cpu = _timed_block(sparse_model, sparse_opt, stream(args.block), args.amp, device)
+        sparse_t.append(wall)
+        sparse_c.append(cpu)
     updates_timed = sum(1 for t in range(args.warmup + 1, total + 1) if sp.schedule.is_update_step(t))
 
     enforce = _time_call(sp.apply_masks, device, repeats=50)
@@ -160,7 +168,8 @@ def main(argv=None) -> int:
           f"dT={args.update_interval} enforce_interval={args.enforce_interval} "
           f"GPT d_model={args.d_model} n_layer={args.n_layer} "
           f"batch={args.batch_size}x{args.block_size} amp={args.amp} sparsified weights={n_params:,} "
-          f"rounds={args.rounds} block={args.block} steps ({updates_timed} updates timed)")
+          f"rounds={args.rounds} block={args.block} steps ({updates_timed} updates timed) "
+          f"threads={torch.get_num_threads()}")
     print()
     print("| measure | value |")
     print("|---|---|")
@@ -168,6 +177,12 @@ def main(argv=None) -> int:
     print(f"| with sparsifier, median ms (updates amortised) | {sparse_med * 1e3:.3f} |")
     print(f"| ratio with / without | {sparse_med / dense_med:.4f} |")
     print(f"| per-round ratios | {', '.join(f'{s / d:.3f}' for s, d in zip(sparse_t, dense_t))} |")
+    if device.type == "cpu":
+        # On a shared CPU, process CPU time is less disturbed by other jobs than wall time.
+        dc, sc = statistics.median(dense_c), statistics.median(sparse_c)
+        print(f"| CPU time per step, anchor / with sparsifier, median ms | {dc * 1e3:.3f} / {sc * 1e3:.3f} |")
+        print(f"| CPU-time ratio with / without | {sc / dc:.4f} |")
+        print(f"| per-round CPU-time ratios | {', '.join(f'{s / d:.3f}' for s, d in zip(sparse_c, dense_c))} |")
     print(f"| enforcement (apply_masks) ms | {enforce * 1e3:.3f} |")
     print(f"| enforcement share of anchor step | {enforce / dense_med * 100:.2f}% |")
     print(f"| one mask update incl. one fwd/bwd, ms | {update * 1e3:.2f} |")
