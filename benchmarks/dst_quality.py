@@ -119,7 +119,10 @@ def main(argv=None) -> int:
     p.add_argument("--val-batches", type=int, default=20)
     p.add_argument("--amp", action="store_true", help="bf16 autocast")
     p.add_argument("--json", type=Path, help="also write every run's result here")
+    p.add_argument("--threads", type=int, help="torch.set_num_threads (CPU)")
     args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = _device(args.device)
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
