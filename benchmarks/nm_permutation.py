@@ -85,7 +85,7 @@ def main(argv=None):
     p.add_argument("--byte-budget", type=int, default=2_000_000)
     p.add_argument("--val-batches", type=int, default=32)
     p.add_argument("--patterns", nargs="+", default=["2:4"])
-    p.add_argument("--escapes", type=int, default=16)
+    p.add_argument("--escapes", type=int, default=8)
     p.add_argument("--threads", type=int, default=None)
     args = p.parse_args(argv)
     if args.threads:

@@ -19,12 +19,12 @@ can be chosen to keep the most magnitude when pruning to N:M:
 
 The search (:func:`search_channel_permutation`) is the paper's greedy one: evaluate every swap
 of two channels in different stripes of M columns, apply the best, repeat until no swap gains;
-then escape the local optimum with a bounded number of random swaps ("bounded regressions"),
-each followed by another greedy climb, keeping the best order seen. Every swap is scored exactly
-and incrementally: with ``c_p`` the n-th largest magnitude left in a row's stripe once position
-``p`` leaves it, putting column ``q`` into ``p``'s slot gains ``sum_r relu(|W_rq| - c_p[r])`` plus
-the (non-positive) loss of removing ``p``; a swap's gain is the sum of its two halves. After a swap
-only the two stripes involved are rescored. It is seeded and deterministic, and
+then escape the local optimum a bounded number of times ("bounded regressions"): from the best
+order seen, make S/4 random swaps between stripes and climb again, keeping the best order seen.
+Every swap is scored exactly and incrementally: with ``c_p`` the n-th largest magnitude left in
+a row's stripe once position ``p`` leaves it, putting column ``q`` into ``p``'s slot gains
+``sum_r relu(|W_rq| - c_p[r])`` plus the (non-positive) loss of removing ``p``; a swap's gain is
+the sum of its two halves. After a swap only the two stripes involved are rescored. It is seeded and deterministic, and
 :func:`permute_for_nm` checks that all ranks found the same permutations.
 
 Legend: R rows of the stacked consumer weights, K their input channels, B a block of K searched
@@ -89,28 +89,28 @@ def _search_block(A_RB: torch.Tensor, n: int, m: int, gen: torch.Generator, esca
                   max_swaps: int) -> tuple[torch.Tensor, dict[str, Any]]:
     R, B = A_RB.shape
     S = B // m
-    perm = torch.arange(B)
     if S < 2:
-        return perm, {"swaps": 0, "escapes": 0}
-    A = A_RB.clone()
-    kept_S, const, c_RB, _ = _stripe_scores(A, n, m, range(S))
-    G = _gain_rows(A, const, c_RB)
-    stripe_of = torch.arange(B, device=A.device) // m
+        return torch.arange(B), {"swaps": 0, "escapes": 0}
+    stripe_of = torch.arange(B, device=A_RB.device) // m
     same = stripe_of.unsqueeze(0) == stripe_of.unsqueeze(1)
-    tol = 1e-9 * float(kept_S.sum().abs()) + 1e-30
-    best_obj, best_perm = float(kept_S.sum()), perm.clone()
-    swaps = used_escapes = 0
+    st: dict[str, Any] = {}
 
-    D = G + G.T  # D[p, q]: gain of swapping the channels at positions p and q
-    D.masked_fill_(same, float("-inf"))
+    def reset(perm: torch.Tensor) -> None:
+        A = A_RB[:, perm.to(A_RB.device)].clone()
+        kept_S, const, c_RB, _ = _stripe_scores(A, n, m, range(S))
+        G = _gain_rows(A, const, c_RB)
+        D = G + G.T  # D[p, q]: gain of swapping the channels at positions p and q
+        D.masked_fill_(same, float("-inf"))
+        st.update(A=A, perm=perm.clone(), kept_S=kept_S, G=G, D=D)
 
     def do_swap(p: int, q: int) -> None:
+        A, perm, G, D = st["A"], st["perm"], st["G"], st["D"]
         A[:, [p, q]] = A[:, [q, p]]
         perm[[p, q]] = perm[[q, p]]
         G[:, [p, q]] = G[:, [q, p]]
         touched = sorted({p // m, q // m})
         kept_t, const_t, c_t, idx = _stripe_scores(A, n, m, touched)
-        kept_S[touched] = kept_t
+        st["kept_S"][touched] = kept_t
         G[idx] = _gain_rows(A, const_t, c_t)
         # Only entries in the touched stripes' rows and columns change (p and q are among them).
         rows = G[idx] + G[:, idx].T
@@ -118,24 +118,33 @@ def _search_block(A_RB: torch.Tensor, n: int, m: int, gen: torch.Generator, esca
         D[idx] = rows
         D[:, idx] = rows.T
 
+    reset(torch.arange(B))
+    tol = 1e-9 * float(st["kept_S"].sum().abs()) + 1e-30
+    best_obj, best_perm = float(st["kept_S"].sum()), st["perm"].clone()
+    swaps = used_escapes = 0
+    kick = max(1, S // 4)
     while True:
         # Greedy climb: best swap until none gains.
         while swaps < max_swaps:
-            flat = int(torch.argmax(D))
-            if float(D.view(-1)[flat]) <= tol:
+            flat = int(torch.argmax(st["D"]))
+            if float(st["D"].view(-1)[flat]) <= tol:
                 break
             do_swap(flat // B, flat % B)
             swaps += 1
-        obj = float(kept_S.sum())
+        obj = float(st["kept_S"].sum())
         if obj > best_obj + tol:
-            best_obj, best_perm = obj, perm.clone()
+            best_obj, best_perm = obj, st["perm"].clone()
         if used_escapes >= escapes or swaps >= max_swaps:
             break
-        # Bounded regression: one random swap between two stripes, then climb again.
-        p = int(torch.randint(B, (1,), generator=gen))
-        q = int(torch.randint(B - m, (1,), generator=gen))
-        q = q if q < (p // m) * m else q + m  # a position outside p's stripe
-        do_swap(p, q)
+        if obj < best_obj - tol:
+            reset(best_perm)  # escape from the best order found, not from a worse optimum
+        # Bounded regression: S/4 random swaps between stripes (a single swap is undone by the next
+        # greedy step), then climb again.
+        for _ in range(kick):
+            p = int(torch.randint(B, (1,), generator=gen))
+            q = int(torch.randint(B - m, (1,), generator=gen))
+            q = q if q < (p // m) * m else q + m  # a position outside p's stripe
+            do_swap(p, q)
         used_escapes += 1
     return best_perm, {"swaps": swaps, "escapes": used_escapes}
 
@@ -148,7 +157,7 @@ def search_channel_permutation(
     *,
     block_size: int | None = None,
     seed: int = 0,
-    escapes: int = 16,
+    escapes: int = 8,
     max_swaps: int | None = None,
     device: torch.device | str | None = None,
 ) -> tuple[torch.Tensor, dict[str, Any]]:
@@ -165,7 +174,8 @@ def search_channel_permutation(
         block_size: channels may move only within consecutive blocks of this size (attention
             heads); None = all of K.
         seed: seed of the random escapes.
-        escapes: random swaps allowed per block after the first local optimum.
+        escapes: escapes per block after the first local optimum (each: S/4 random swaps from the
+            best order so far, then a greedy climb).
         max_swaps: cap on greedy swaps per block (default ``16 * K / m``).
         device: where to search (default: ``weight``'s device). Float64 throughout.
 
@@ -366,7 +376,7 @@ def permute_for_nm(
     include: Sequence[str] | None = None,
     exclude: Sequence[str] | None = None,
     seed: int = 0,
-    escapes: int = 16,
+    escapes: int = 8,
     max_swaps: int | None = None,
     device: torch.device | str | None = None,
     residual: bool = True,
@@ -456,7 +466,7 @@ def prune_to_nm(
     include: Sequence[str] | None = None,
     exclude: Sequence[str] | None = None,
     seed: int = 0,
-    escapes: int = 16,
+    escapes: int = 8,
     max_swaps: int | None = None,
     residual: bool = True,
 ) -> dict[str, Any]:
