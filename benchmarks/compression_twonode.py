@@ -104,7 +104,11 @@ def worker(args) -> None:
     torch.manual_seed(0)
     model = GPT(GPTConfig(block_size=args.block_size, n_layer=args.n_layer, n_head=args.n_head,
                           d_model=args.d_model)).to(device)
-    ddp = DDP(model, device_ids=[device.index] if cuda else None)
+    # torch's powerSGD_hook issues its later collectives from future callbacks; on gloo those of
+    # different buckets can interleave differently on the two ranks (a collective mismatch), so
+    # PowerSGD gets one bucket on CPU. The other hooks keep DDP's default buckets.
+    one_bucket = args.hook == "powersgd" and not cuda
+    ddp = DDP(model, device_ids=[device.index] if cuda else None, **({"bucket_cap_mb": 1024} if one_bucket else {}))
     state = _register(ddp, args.hook, args)
     dgc = args.hook.startswith("dgc")
     opt = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.0 if dgc else args.momentum)

@@ -261,6 +261,15 @@ class DGCState:
             threshold follows it.
         **kwargs: :class:`DGCConfig` fields.
 
+    Attributes:
+        step: synced steps taken (the hook counts at DDP's last bucket).
+        residuals: parameter name -> this rank's unsent accumulated gradient (flat, float32).
+        momenta: parameter name -> this rank's momentum ``u`` (flat, float32).
+        last_stats: statistics of the last step (see the guide); ``totals``: their sums.
+
+    The tensors in ``residuals`` and ``momenta`` are replaced every step, and their memory is
+    reused for later steps: clone them (or use :meth:`state_dict`) to keep a copy.
+
     Raises:
         ValueError: a bad option, or both ``config`` and keyword options.
     """

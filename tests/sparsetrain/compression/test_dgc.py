@@ -160,7 +160,7 @@ def _ref_density(t: int, cfg: dict) -> float | None:
 
 
 def _ref_select(x: torch.Tensor, k: int, t: int, density: float, cfg: dict) -> torch.Tensor:
-    """Top-k of |x|; or DGC's sampled threshold: the (1.1 k)-th largest of a strided sample (scaled
+    """Top-k of |x|; or DGC's sampled threshold: the (1.3 k)-th largest of a strided sample (scaled
     to the sample), lowered x0.8 until 0.8k pass (10 rounds at most), exact top-k among the
     candidates when more than k pass."""
     mag = x.abs()
@@ -168,11 +168,11 @@ def _ref_select(x: torch.Tensor, k: int, t: int, density: float, cfg: dict) -> t
     by_size = torch.sort(mag, descending=True).indices
     if cfg.get("selection", "threshold") == "topk":
         return by_size[:k]
-    stride = max(1, n // max(math.ceil(n * cfg.get("sample_ratio", 0.01)), math.ceil(128 / density)))
+    stride = max(1, n // max(math.ceil(n * cfg.get("sample_ratio", 0.01)), math.ceil(32 / density)))
     if stride == 1:
         return by_size[:k]
     sample = mag[t % stride :: stride]
-    ks = min(sample.numel(), max(1, math.ceil(1.1 * k * sample.numel() / n)))
+    ks = min(sample.numel(), max(1, math.ceil(1.3 * k * sample.numel() / n)))
     threshold = torch.sort(sample, descending=True).values[ks - 1]
     for round_ in range(10):
         cand = torch.nonzero(mag >= threshold).view(-1)

@@ -37,7 +37,7 @@ def test_sample_stride_small_tensors_are_sampled_densely():
     assert sample_stride(100_000_000, 0.001, 0.01) == 100  # 1% sample
     assert sample_stride(10_000, 0.001, 0.01) == 1  # too few hits at 1%: whole tensor
     s = sample_stride(1_000_000, 0.01, 0.01)
-    assert 1_000_000 // s * 0.01 >= 128
+    assert 1_000_000 // s * 0.01 >= 32
 
 
 @pytest.mark.parametrize("k", [1, 7, 100, 1000])
@@ -112,13 +112,13 @@ def test_select_indices_dispatch_and_errors():
 
 
 def test_threshold_usually_keeps_exactly_k():
-    # the sampled threshold aims 10% above k, so the candidates are trimmed to exactly k
+    # the sampled threshold aims 30% above k, so the candidates are trimmed to exactly k
     x = torch.randn(400_000, generator=torch.Generator().manual_seed(7))
     k = num_selected(x.numel(), 0.001)
     stride = sample_stride(x.numel(), 0.001, 0.01)
     counts = [threshold_indices(x, k, stride=stride, offset=o).numel() for o in range(10)]
     assert sum(c == k for c in counts) >= 8, counts
-    assert min(counts) >= 0.9 * k
+    assert min(counts) >= 0.8 * k  # the lower bound holds always
 
 
 def test_margin_is_checked():
