@@ -25,7 +25,10 @@ How the invariants are kept (each is tested):
   see the gradient of the masked model. On steps whose update needs it (RigL), the same hook
   first adds the unmasked gradient -- the dense gradient of the masked forward -- to a side
   buffer, summing over gradient-accumulation micro-batches; it is all-reduced across ranks
-  before the update. Masking uses ``torch.where`` (NaN-safe under AMP), never ``x * mask``.
+  before the update. Masking is NaN-safe (a NaN or inf outside the mask becomes 0), never
+  ``x * mask``: ``torch.where`` on accelerators; on CPU, where torch's bool-select kernel is not
+  vectorised (about 10x slower than a multiply), the same result bit for bit from an AND of the
+  float's bits with a cached integer mask of all-ones / all-zeros.
 - After every optimizer step (a ``register_step_post_hook`` hook, or an explicit
   :meth:`DynamicSparsifier.step` call) the weights and every optimizer state tensor of the
   weight's shape (SGD momentum, Adam ``exp_avg`` / ``exp_avg_sq``, ...) are zeroed outside the
@@ -68,6 +71,9 @@ __all__ = [
 
 MASK_NAME = "weight_mask"
 _STATE_VERSION = 1
+# Integer views used for NaN-safe bitwise masking on CPU (same element size as the float type).
+_BIT_VIEW = {torch.float32: torch.int32, torch.float64: torch.int64, torch.bfloat16: torch.int16,
+             torch.float16: torch.int16}
 
 
 class MaskDivergenceError(RuntimeError):
@@ -235,6 +241,7 @@ class DynamicSparsifier:
         self._capture = False
         self._dense_grads: dict[str, torch.Tensor] = {}
         self._zeros: dict[tuple[torch.dtype, torch.device], torch.Tensor] = {}
+        self._bit_masks: dict[tuple[str, torch.dtype], tuple[tuple[int, int, int], torch.Tensor]] = {}
         # statistics
         self._ever_active: dict[str, torch.Tensor] = {}
         self._updates = 0
@@ -299,8 +306,7 @@ class DynamicSparsifier:
                     self._dense_grads[name] = grad.detach().clone()
                 else:
                     buf.add_(grad.detach())
-            mask = module._buffers[MASK_NAME]
-            return torch.where(mask, grad, self._zero(grad))
+            return self._masked(grad, module._buffers[MASK_NAME], name)
 
         return hook
 
@@ -409,14 +415,42 @@ class DynamicSparsifier:
             z = self._zeros[key] = torch.zeros((), dtype=like.dtype, device=like.device)
         return z
 
+    def _bits(self, name: str, mask: torch.Tensor, int_dtype: torch.dtype) -> torch.Tensor:
+        """The mask as integers with every bit set (kept) or clear (masked), cached until the mask changes."""
+        key = (name, int_dtype)
+        signature = (id(mask), mask.data_ptr(), mask._version)
+        entry = self._bit_masks.get(key)
+        if entry is None or entry[0] != signature:
+            entry = self._bit_masks[key] = (signature, mask.to(int_dtype).neg_())
+        return entry[1]
+
+    def _masked(self, t: torch.Tensor, mask: torch.Tensor, name: str) -> torch.Tensor:
+        """``torch.where(mask, t, 0)`` as a new tensor."""
+        int_dtype = _BIT_VIEW.get(t.dtype) if t.device.type == "cpu" else None
+        if int_dtype is None:
+            return torch.where(mask, t, self._zero(t))
+        return torch.bitwise_and(t.view(int_dtype), self._bits(name, mask, int_dtype)).view(t.dtype)
+
+    def _mask_(self, t: torch.Tensor, mask: torch.Tensor, name: str) -> None:
+        """``t = torch.where(mask, t, 0)`` in place."""
+        int_dtype = _BIT_VIEW.get(t.dtype) if t.device.type == "cpu" else None
+        if int_dtype is None:
+            torch.where(mask, t, self._zero(t), out=t)
+        else:
+            t.view(int_dtype).bitwise_and_(self._bits(name, mask, int_dtype))
+
     @torch.no_grad()
     def apply_masks(self) -> None:
         """Zero every sparsified weight and its same-shape optimizer states outside the mask."""
-        pairs = self._pairs()
-        for weight, mask in pairs:
-            torch.where(mask, weight, self._zero(weight), out=weight)
+        for name, module in self._modules.items():
+            weight, mask = module.weight, module._buffers[MASK_NAME]
+            self._mask_(weight, mask, name)
             for state in self._iter_state_tensors(weight):
-                torch.where(mask, state, self._zero(state), out=state)
+                self._mask_(state, mask, name)
+        if self._state_maskers:
+            pairs = self._pairs()
+            for masker in self._state_maskers:
+                masker(pairs)
         for masker in self._state_maskers:
             masker(pairs)
 

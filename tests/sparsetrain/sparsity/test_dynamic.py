@@ -259,3 +259,37 @@ def test_parametrized_weights_are_refused_and_frozen_weights_are_masked_without_
     frozen.net[0].weight.requires_grad_(False)
     sp = DynamicSparsifier(frozen, DynamicSparsityConfig(method="static", sparsity=0.5))
     assert not bool(frozen.net[0].weight[~sp.masks["net.0"]].any())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
+def test_masking_is_nan_safe_and_equals_torch_where_bit_for_bit(dtype):
+    model = _model().to(dtype)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    sp = DynamicSparsifier(model, DynamicSparsityConfig(method="static", sparsity=0.6), total_steps=4, optimizer=opt)
+    w, mask = model.net[0].weight, sp.masks["net.0"]
+    special = torch.tensor([float("nan"), float("inf"), -float("inf"), -0.0, 1.5], dtype=dtype)
+    with torch.no_grad():
+        w.copy_(special[torch.randint(0, 5, w.shape, generator=torch.Generator().manual_seed(0))])
+    expected = torch.where(mask, w, torch.zeros((), dtype=dtype)).clone()
+    grad = w.detach().clone()
+    assert torch.equal(sp._masked(grad, mask, "net.0").view(torch.uint8), expected.view(torch.uint8))
+    sp.apply_masks()
+    assert torch.equal(w.detach().view(torch.uint8), expected.view(torch.uint8))  # NaN/inf/-0.0 kept inside
+    assert not bool(w[~mask].isnan().any()) and not bool(w[~mask].any())
+
+
+def test_loading_other_masks_reapplies_the_new_masks():
+    model = _model()
+    sp = DynamicSparsifier(model, DynamicSparsityConfig(method="static", sparsity=0.5, seed=1), total_steps=4)
+    donor = _model(5)
+    donor_sp = DynamicSparsifier(donor, DynamicSparsityConfig(method="static", sparsity=0.5, seed=2), total_steps=4)
+    dense_weights = {n: m.weight.detach().clone() for n, m in [("net.0", model.net[0])]}
+    state = model.state_dict() | {k: v for k, v in donor.state_dict().items() if k.endswith(MASK_NAME)}
+    sp.apply_masks()  # warm the cached masks of the old pattern
+    old_mask = sp.masks["net.0"].clone()
+    model.load_state_dict(state)
+    new_mask = donor_sp.masks["net.0"]
+    assert torch.equal(sp.masks["net.0"], new_mask) and not torch.equal(new_mask, old_mask)
+    w = model.net[0].weight
+    assert not bool(w[~new_mask].any())
+    assert torch.equal(w[new_mask], torch.where(new_mask, dense_weights["net.0"], 0)[new_mask])
