@@ -118,7 +118,8 @@ class DynamicSparsity(Callback):
             from sparsetrain.sparsity.deepspeed import DeepSpeedSparsity
 
             self._deepspeed = DeepSpeedSparsity(sp, trainer.model)
-        elif sp._step_hook_optimizer is None:
+        elif all(sp._step_hook_optimizer is not opt for opt in trainer.optimizers):
+            sp.detach_optimizers()  # a new fit builds new optimizers
             self._attach_optimizers(trainer, sp)
         if self._pending_state is not None:
             sp.load_state_dict(self._pending_state)  # carries the original run's schedule

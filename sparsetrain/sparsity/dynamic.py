@@ -236,6 +236,7 @@ class DynamicSparsifier:
         self._state_maskers: list[Callable[[list[tuple[nn.Parameter, torch.Tensor]]], None]] = []
         self._handles: list[Any] = []
         self._step_hook_optimizer: torch.optim.Optimizer | None = None
+        self._step_hook_handle: Any = None
         self._generator = torch.Generator().manual_seed(config.seed)
         self._step = 0
         self._capture = False
@@ -336,8 +337,16 @@ class DynamicSparsifier:
             self._optimizers.append(optimizer)
         if hook:
             self._step_hook_optimizer = optimizer
-            self._handles.append(optimizer.register_step_post_hook(lambda opt, args, kwargs: self.step()))
+            self._step_hook_handle = optimizer.register_step_post_hook(lambda opt, args, kwargs: self.step())
         self.apply_masks()
+
+    def detach_optimizers(self) -> None:
+        """Forget every attached optimizer and remove the step hook (e.g. before attaching a new one)."""
+        if self._step_hook_handle is not None:
+            self._step_hook_handle.remove()
+        self._step_hook_handle = None
+        self._step_hook_optimizer = None
+        self._optimizers.clear()
 
     def add_state_masker(self, masker: Callable[[list[tuple[nn.Parameter, torch.Tensor]]], None]) -> None:
         """Register ``masker(pairs)``, called with ``[(weight, mask), ...]`` whenever masks are enforced.
@@ -353,7 +362,7 @@ class DynamicSparsifier:
         for h in self._handles:
             h.remove()
         self._handles.clear()
-        self._step_hook_optimizer = None
+        self.detach_optimizers()
         self._capture = False
         self._dense_grads.clear()
 

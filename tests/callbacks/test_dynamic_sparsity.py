@@ -109,6 +109,19 @@ def test_schedule_from_estimated_stepping_batches_with_accumulation_logs_and_che
     assert state["step"] == 12 and state["schedule"]["total_steps"] == 12
 
 
+def test_a_second_fit_hooks_its_new_optimizer():
+    cb = DynamicSparsity(method="static", sparsity=0.5)
+    task = _task()
+    _trainer(max_steps=2, callbacks=[cb]).fit(task, _Data())
+    with pytest.warns(UserWarning, match="has seen 2 optimizer steps but the Trainer is at global_step 0"):
+        trainer = _trainer(max_steps=3, callbacks=[cb])
+        trainer.fit(task, _Data())
+    assert cb.sparsifier.step_count == 5
+    opt = trainer.optimizers[0]
+    for w, mask in _masked_weights(task).values():
+        assert all(not bool(v[~mask].any()) for v in opt.state[w].values() if v.shape == w.shape)
+
+
 class _Crash(Callback):
     def __init__(self, at, path):
         self.at, self.path = at, path
