@@ -94,6 +94,8 @@ def main(argv=None) -> int:
     p.add_argument("--n-head", type=int, default=None)
     p.add_argument("--amp", action="store_true", help="bf16 autocast")
     p.add_argument("--threads", type=int, help="torch.set_num_threads (CPU); 1 gives the steadiest CPU times")
+    p.add_argument("--control", action="store_true",
+                   help="also time a second plain model (plain vs plain ratio = the machine's noise floor)")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -126,6 +128,7 @@ def main(argv=None) -> int:
 
     dense_model, dense_opt = _make(args, device)
     sparse_model, sparse_opt = _make(args, device)
+    control = _make(args, device) if args.control else None
     total = args.warmup + args.rounds * args.block
     sp = DynamicSparsifier(
         sparse_model,
@@ -136,8 +139,14 @@ def main(argv=None) -> int:
     # Warm-up also aligns the sparse run on an update period, so every timed block holds the same updates.
     _timed_block(dense_model, dense_opt, stream(args.warmup), args.amp, device)
     _timed_block(sparse_model, sparse_opt, stream(args.warmup), args.amp, device)
-    dense_t, sparse_t, dense_c, sparse_c = [], [], [], []
+    if control:
+        _timed_block(*control, stream(args.warmup), args.amp, device)
+    dense_t, sparse_t, dense_c, sparse_c, control_t, control_c = [], [], [], [], [], []
     for _ in range(args.rounds):
+        if control:
+            wall, cpu = _timed_block(*control, stream(args.block), args.amp, device)
+            control_t.append(wall)
+            control_c.append(cpu)
         wall, cpu = _timed_block(dense_model, dense_opt, stream(args.block), args.amp, device)
         dense_t.append(wall)
         dense_c.append(cpu)
@@ -177,12 +186,17 @@ def main(argv=None) -> int:
     print(f"| with sparsifier, median ms (updates amortised) | {sparse_med * 1e3:.3f} |")
     print(f"| ratio with / without | {sparse_med / dense_med:.4f} |")
     print(f"| per-round ratios | {', '.join(f'{s / d:.3f}' for s, d in zip(sparse_t, dense_t))} |")
+    if control:
+        print(f"| control: second plain model / anchor (noise floor) | "
+              f"{statistics.median(control_t) / dense_med:.4f} |")
     if device.type == "cpu":
         # On a shared CPU, process CPU time is less disturbed by other jobs than wall time.
         dc, sc = statistics.median(dense_c), statistics.median(sparse_c)
         print(f"| CPU time per step, anchor / with sparsifier, median ms | {dc * 1e3:.3f} / {sc * 1e3:.3f} |")
         print(f"| CPU-time ratio with / without | {sc / dc:.4f} |")
         print(f"| per-round CPU-time ratios | {', '.join(f'{s / d:.3f}' for s, d in zip(sparse_c, dense_c))} |")
+        if control:
+            print(f"| control CPU-time ratio (noise floor) | {statistics.median(control_c) / dc:.4f} |")
     print(f"| enforcement (apply_masks) ms | {enforce * 1e3:.3f} |")
     print(f"| enforcement share of anchor step | {enforce / dense_med * 100:.2f}% |")
     print(f"| one mask update incl. one fwd/bwd, ms | {update * 1e3:.2f} |")
