@@ -6,13 +6,16 @@ step: schedule, mask recomputation, flip statistics) of the demo GPT at GPT-2-sm
 transformer blocks in 2:4 (embeddings and lm_head dense). Runs are interleaved (dense, sparse,
 dense, ...) and each is the median over repeats; ratios are sparse / dense step time.
 
-Rows: ``srste`` recomputes the masks every step (the default); ``srste, masks every 10``
-recomputes every 10th step; ``fixed masks`` never recomputes (the parametrization's cost alone);
-``srste, compiled masks`` recomputes every step with the mask kernel under ``torch.compile``.
+Rows: ``srste`` recomputes the masks every step (the default; on CUDA the masks of all layers
+come from one ``torch.compile`` graph, see ``nm_masks``); ``srste, eager masks`` does the same
+without compiling; ``srste, masks every 10`` recomputes every 10th step; ``srste, fixed masks``
+and ``ste, fixed masks`` never recompute (the parametrization's cost alone, with and without
+SR-STE's backward term).
 
     PYTHONPATH=. python benchmarks/gpu_nm_overhead.py                 # CUDA only
     PYTHONPATH=. python benchmarks/gpu_nm_overhead.py --precision bf16-true
     PYTHONPATH=. python benchmarks/gpu_nm_overhead.py --smoke         # tiny, on CPU: checks the script
+    PYTHONPATH=. python benchmarks/gpu_nm_overhead.py --profile dense srste   # torch.profiler tables
 
 Goal (issue 5): <= 10% slower than dense.
 """
@@ -30,14 +33,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 from sparsetrain.demo.model import GPT, GPTConfig  # noqa: E402
-from sparsetrain.nm import NMConfig, NMSparsifier, nm_mask  # noqa: E402
+from sparsetrain.nm import NMConfig, NMSparsifier, nm_mask, nm_masks  # noqa: E402
 
 VARIANTS = {
     "dense": None,
     "srste": {"method": "srste"},
+    "srste, eager masks": {"method": "srste", "compile_masks": False},
     "srste, masks every 10": {"method": "srste", "update_every": 10},
-    "fixed masks": {"method": "ste", "update_every": 0},
-    "srste, compiled masks": {"method": "srste", "compile_masks": True},
+    "srste, fixed masks": {"method": "srste", "update_every": 0},
+    "ste, fixed masks": {"method": "ste", "update_every": 0},
 }
 
 
@@ -76,6 +80,23 @@ def time_steps(model, sp, opt, batches, device, precision, steps):
     return (time.perf_counter() - t0) / steps * 1e3
 
 
+def profile(variant, cfg, device, args, batches):
+    """Print where a few steps of ``variant`` spend their time (GPU kernels, then CPU ops)."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    model, sp, opt = build(variant, cfg, device, args.precision, args.n, args.m)
+    time_steps(model, sp, opt, batches, device, args.precision, args.warmup)
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with torch_profile(activities=acts) as prof:
+        ms = time_steps(model, sp, opt, batches, device, args.precision, 5)
+    key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    print(f"\n=== profile: {variant} ({ms:.2f} ms/step over 5 steps) ===")
+    print(prof.key_averages().table(sort_by=key, row_limit=25, max_name_column_width=60))
+    print(prof.key_averages().table(sort_by="cpu_time_total", row_limit=15, max_name_column_width=60))
+    del model, sp, opt
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--batch-size", type=int, default=8)
@@ -88,13 +109,15 @@ def main(argv=None):
     p.add_argument("--m", type=int, default=4)
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     p.add_argument("--smoke", action="store_true", help="tiny model on CPU, to check the script without a GPU")
+    p.add_argument("--profile", nargs="+", choices=list(VARIANTS), metavar="VARIANT",
+                   help="instead of timing, print torch.profiler tables of a few steps of these variants")
     args = p.parse_args(argv)
 
     if args.smoke:
         device = torch.device("cpu")
         cfg = GPTConfig(vocab_size=256, block_size=32, n_layer=2, n_head=2, d_model=64)
         args.batch_size, args.seq, args.steps, args.warmup, args.repeats = 2, 32, 2, 1, 1
-        args.variants = [v for v in args.variants if "compiled" not in v]
+        args.variants = [v for v in args.variants if "eager" not in v]
     else:
         if not torch.cuda.is_available():
             sys.exit("gpu_nm_overhead.py needs CUDA (use --smoke to check the script on CPU)")
@@ -106,6 +129,11 @@ def main(argv=None):
     for _ in range(4):
         t = torch.randint(0, cfg.vocab_size, (args.batch_size, args.seq + 1), generator=g)
         batches.append((t[:, :-1].to(device), t[:, 1:].to(device)))
+
+    if args.profile:
+        for v in args.profile:
+            profile(v, cfg, device, args, batches)
+        return
 
     times = {v: [] for v in args.variants}
     flips = {}
@@ -126,16 +154,24 @@ def main(argv=None):
                 torch.cuda.empty_cache()
 
     # The mask computation alone, for the whole model (what one recomputation costs).
-    model, sp, _ = build("fixed masks", cfg, device, args.precision, args.n, args.m)
+    model, sp, _ = build("ste, fixed masks", cfg, device, args.precision, args.n, args.m)
     weights = [sp.dense_weight(name) for name in sp.layers]
-    for _ in range(3):
-        [nm_mask(w, args.n, args.m) for w in weights]
-    _sync(device)
-    t0 = time.perf_counter()
-    for _ in range(10):
-        [nm_mask(w, args.n, args.m) for w in weights]
-    _sync(device)
-    mask_ms = (time.perf_counter() - t0) / 10 * 1e3
+    olds = list(sp.masks.values())
+
+    def timed(fn, reps=10):
+        for _ in range(3):
+            fn()
+        _sync(device)
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            fn()
+        _sync(device)
+        return (time.perf_counter() - t0) / reps * 1e3
+
+    mask_ms = {"eager nm_mask per layer": timed(lambda: [nm_mask(w, args.n, args.m) for w in weights])}
+    if device.type == "cuda":
+        mask_ms["nm_masks, compiled, with flip count"] = timed(
+            lambda: nm_masks(weights, args.n, args.m, olds, compiled=True))
     n_sparse = sum(w.numel() for w in weights)
 
     name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu (smoke)"
@@ -152,7 +188,8 @@ def main(argv=None):
         ms = statistics.median(times[v])
         ratio = f"{ms / dense:.3f}x" if dense else "-"
         print(f"{v:26s} {ms:9.2f} {ratio:>9s}")
-    print(f"mask recomputation alone (all {len(weights)} layers, uncompiled): {mask_ms:.2f} ms")
+    for how, ms in mask_ms.items():
+        print(f"mask recomputation alone (all {len(weights)} layers, {how}): {ms:.3f} ms")
     if flips:
         print("last mask flip fraction: " + ", ".join(f"{k} {f:.4f}" for k, f in flips.items()))
 

@@ -50,7 +50,7 @@ class NMSparsity(Callback):
         exclude: fnmatch patterns of layer names to keep dense.
         verify_every: check rank equality of the masks every this many mask updates (0: only at
             the start and the end).
-        compile_masks: compute the masks under ``torch.compile`` (a fused kernel on GPU).
+        compile_masks: compute the masks under ``torch.compile`` (fused kernels); None: on CUDA only.
         finalize: at the end of training make the weights exactly N:M and remove the
             parametrizations (plain ``weight`` parameters again).
         log_stats: log the statistics each step.
@@ -77,7 +77,7 @@ class NMSparsity(Callback):
         include: list[str] | None = None,
         exclude: list[str] | None = None,
         verify_every: int = 100,
-        compile_masks: bool = False,
+        compile_masks: bool | None = None,
         finalize: bool = True,
         log_stats: bool = True,
     ) -> None:

@@ -5,7 +5,17 @@ See ``docs/nm_sparsity.md``.
 """
 
 from .export import nm_exact, nm_export_checkpoint, nm_export_state_dict
-from .masks import check_nm, is_nm, kept_magnitude, nm_mask, pack_mask, reduction_dim, select_nm_layers, unpack_mask
+from .masks import (
+    check_nm,
+    is_nm,
+    kept_magnitude,
+    nm_mask,
+    nm_masks,
+    pack_mask,
+    reduction_dim,
+    select_nm_layers,
+    unpack_mask,
+)
 from .methods import NMMask, masked_weight, mdgf_beta, sdgf_ladder, sdgf_pattern
 from .permute import (
     PermutationSite,
@@ -33,6 +43,7 @@ __all__ = [
     "nm_export_checkpoint",
     "nm_export_state_dict",
     "nm_mask",
+    "nm_masks",
     "pack_mask",
     "permute_for_nm",
     "prune_to_nm",

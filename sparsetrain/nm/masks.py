@@ -23,6 +23,7 @@ __all__ = [
     "is_nm",
     "kept_magnitude",
     "nm_mask",
+    "nm_masks",
     "pack_mask",
     "reduction_dim",
     "select_nm_layers",
@@ -81,13 +82,102 @@ def _pairwise_keep(a_GM: torch.Tensor, n: int) -> torch.Tensor:
     return rank_GM < n
 
 
+def _broadcast_keep(w_GM: torch.Tensor, n: int) -> torch.Tensor:
+    """:func:`_pairwise_keep` of ``|w_GM|`` as one broadcast comparison (``[G, m, m]``, never
+    materialised under ``torch.compile``: one pointwise kernel with an inner reduction of ``m``)."""
+    m = w_GM.shape[-1]
+    a_GM = w_GM.abs()
+    if a_GM.is_floating_point():
+        a_GM = torch.where(torch.isnan(a_GM), float("inf"), a_GM)
+    a_i, a_j = a_GM.unsqueeze(-1), a_GM.unsqueeze(-2)  # [G, m, 1] (entry i), [G, 1, m] (rival j)
+    idx = torch.arange(m, device=w_GM.device)
+    earlier_MM = idx.unsqueeze(0) < idx.unsqueeze(1)  # [i, j]: j < i, the rival wins a tie
+    beats_GMM = (a_j > a_i) | ((a_j == a_i) & earlier_MM)
+    return beats_GMM.sum(-1) < n
+
+
+def _eager_masks(weights, olds, n: int, m: int, compiled: bool = False):
+    """Masks of ``weights`` and the number of entries that differ from ``olds`` (None where absent)."""
+    news, flips = [], None
+    for w, old in zip(weights, olds):
+        if compiled:
+            new = _broadcast_keep(w.detach().reshape(-1, m), n).reshape(w.shape)
+        else:
+            new = _pairwise_keep(_groups(w, m), n).reshape(w.shape)
+        news.append(new)
+        if old is not None:
+            f = (new != old).sum()
+            flips = f if flips is None else flips + f
+    return news, flips
+
+
 _COMPILED: dict[str, object] = {}
 
 
-def _compiled_pairwise_keep():
-    if "pairwise" not in _COMPILED:
-        _COMPILED["pairwise"] = torch.compile(_pairwise_keep, dynamic=True)
-    return _COMPILED["pairwise"]
+def _compiled_masks():
+    if "masks" not in _COMPILED:
+        def fused(weights, olds, n, m):
+            return _eager_masks(weights, olds, n, m, compiled=True)
+        _COMPILED["masks"] = torch.compile(fused, dynamic=False)
+    return _COMPILED["masks"]
+
+
+def nm_masks(
+    weights: Sequence[torch.Tensor],
+    n: int,
+    m: int,
+    olds: Sequence[torch.Tensor | None] | None = None,
+    *,
+    compiled: bool = False,
+) -> tuple[list[torch.Tensor], torch.Tensor | None]:
+    """:func:`nm_mask` of many weights at once, and how many entries changed from ``olds``.
+
+    With ``compiled=True`` the whole list goes through one ``torch.compile`` graph: each layer's
+    mask (read ``|W|``, rank within groups, compare with the old mask, count flips) is one fused
+    kernel, launched from compiled code, with no per-layer Python dispatch and no host sync. The
+    masks are identical to :func:`nm_mask`'s (same ranks, same ties). If compilation fails the
+    eager path runs instead, with one warning.
+
+    Args:
+        weights: Linear/Conv weights; ``m`` must divide each reduction dim.
+        n: weights kept per group, ``1 <= n < m``.
+        m: group size, at most 16 (the pairwise-rank kernel).
+        olds: previous masks (or None entries) to count flips against; None for no count.
+        compiled: fuse under ``torch.compile``.
+
+    Returns:
+        ``(masks, flips)``: the bool masks, and a 0-dim int64 tensor on the weights' device with
+        the number of entries that differ from ``olds`` (None when nothing was compared).
+
+    Raises:
+        ValueError: bad ``n``/``m``, ``m`` > 16, a weight whose reduction dim ``m`` does not divide,
+            or ``olds`` of another length or shape.
+    """
+    check_nm(n, m)
+    if m > _PAIRWISE_MAX_M:
+        raise ValueError(f"`m` must be <= {_PAIRWISE_MAX_M} for nm_masks, got {m}; use nm_mask")
+    weights = list(weights)
+    olds = [None] * len(weights) if olds is None else list(olds)
+    if len(olds) != len(weights):
+        raise ValueError(f"`olds` must hold one entry per weight ({len(weights)}), got {len(olds)}")
+    for w, old in zip(weights, olds):
+        k = reduction_dim(w)
+        if k % m:
+            raise ValueError(f"the reduction dim of a weight of shape {tuple(w.shape)} is {k}, "
+                             f"not a multiple of `m`={m}")
+        if old is not None and (old.shape != w.shape or old.dtype != torch.bool or old.device != w.device):
+            raise ValueError(f"`olds` entries must be bool masks of their weight's shape and device, got "
+                             f"{old.dtype} {tuple(old.shape)} on {old.device} for {tuple(w.shape)} on {w.device}")
+    if compiled and _COMPILED.get("masks_failed") is None:
+        try:
+            with torch.no_grad():
+                return _compiled_masks()(weights, olds, n, m)
+        except Exception as err:  # noqa: BLE001 - no working compiler here: fall back, once
+            _COMPILED["masks_failed"] = True
+            warnings.warn(f"N:M masks: torch.compile failed ({type(err).__name__}: {str(err).splitlines()[0]}); "
+                          f"computing masks eagerly", stacklevel=2)
+    with torch.no_grad():
+        return _eager_masks(weights, olds, n, m)
 
 
 def nm_mask(weight: torch.Tensor, n: int, m: int, *, compiled: bool = False) -> torch.Tensor:
@@ -106,7 +196,7 @@ def nm_mask(weight: torch.Tensor, n: int, m: int, *, compiled: bool = False) -> 
         weight: a Linear ``[out, in]`` or Conv ``[out, in/groups, *kernel]`` weight (any float dtype).
         n: weights kept per group, ``1 <= n < m``.
         m: group size; must divide the reduction dim.
-        compiled: run the comparison passes under ``torch.compile`` (one fused kernel on GPU).
+        compiled: compute it under ``torch.compile`` (one fused kernel; see :func:`nm_masks`).
 
     Returns:
         Bool tensor of ``weight``'s shape and device.
@@ -121,9 +211,11 @@ def nm_mask(weight: torch.Tensor, n: int, m: int, *, compiled: bool = False) -> 
         tensor([[False,  True,  True, False]])
     """
     check_nm(n, m)
+    if compiled and m <= _PAIRWISE_MAX_M:
+        return nm_masks([weight], n, m, compiled=True)[0][0]
     a_GM = _groups(weight, m)
     if m <= _PAIRWISE_MAX_M:
-        keep_GM = (_compiled_pairwise_keep() if compiled else _pairwise_keep)(a_GM, n)
+        keep_GM = _pairwise_keep(a_GM, n)
     else:
         order_GM = torch.sort(a_GM, dim=-1, descending=True, stable=True).indices
         keep_GM = torch.zeros(a_GM.shape, dtype=torch.bool, device=a_GM.device)

@@ -27,7 +27,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from .export import nm_export_state_dict
-from .masks import check_nm, nm_mask, pack_mask, select_nm_layers, unpack_mask
+from .masks import check_nm, nm_mask, nm_masks, pack_mask, select_nm_layers, unpack_mask
 from .methods import METHODS, NMMask, mdgf_beta, sdgf_ladder, sdgf_pattern
 
 __all__ = ["NMConfig", "NMSparsifier"]
@@ -58,8 +58,9 @@ class NMConfig:
             backward pass, so it is divided by this to be applied once per step.
         verify_every: check that the masks are identical on all ranks every this many mask
             updates (and when attaching and finalizing); 0 checks only then.
-        compile_masks: compute the masks with ``torch.compile`` (one fused kernel per layer on GPU;
-            see ``benchmarks/gpu_nm_overhead.py``).
+        compile_masks: compute the masks under ``torch.compile`` (:func:`~sparsetrain.nm.nm_masks`:
+            one fused kernel per layer, no per-layer dispatch or host sync). None (default): on CUDA
+            weights, eager elsewhere. See ``benchmarks/gpu_nm_overhead.py``.
     """
 
     n: int = 2
@@ -74,7 +75,7 @@ class NMConfig:
     exclude: Sequence[str] | None = None
     grad_accumulation: int = 1
     verify_every: int = 100
-    compile_masks: bool = False
+    compile_masks: bool | None = None
     _ladder: list[tuple[int, int]] = field(init=False, repr=False, default_factory=list)
 
     def __post_init__(self) -> None:
@@ -92,6 +93,8 @@ class NMConfig:
         if isinstance(self.grad_accumulation, bool) or not isinstance(self.grad_accumulation, int) \
                 or self.grad_accumulation < 1:
             raise ValueError(f"`grad_accumulation` must be an integer >= 1, got {self.grad_accumulation!r}")
+        if self.compile_masks is not None and not isinstance(self.compile_masks, bool):
+            raise ValueError(f"`compile_masks` must be True, False or None (on CUDA only), got {self.compile_masks!r}")
         if self.decay not in ("linear", "exp"):
             raise ValueError(f"`decay` must be 'linear' or 'exp', got {self.decay!r}")
         if self.method in ("mdgf", "sdgf"):
@@ -261,21 +264,36 @@ class NMSparsifier:
 
     def _recompute(self, count_flips: bool) -> None:
         pat = self._pattern
-        flips = total = None
-        for name, p in self._params.items():
-            if pat is None:
+        if pat is None:
+            for p in self._params.values():
                 p.mask = None
-                continue
-            new = nm_mask(self.dense_weight(name), *pat, compiled=self.config.compile_masks)
-            if count_flips and p.mask is not None and p.mask.shape == new.shape:
-                f = (new != p.mask.to(new.device)).sum()
-                flips = f if flips is None else flips + f.to(flips.device)
-                total = new.numel() + (total or 0)
+            return
+        weights = [self.dense_weight(name) for name in self._params]
+        olds = []
+        for w, p in zip(weights, self._params.values()):
+            usable = count_flips and p.mask is not None and p.mask.shape == w.shape
+            olds.append(p.mask.to(w.device) if usable else None)
+        compiled = self._compiled(weights)
+        if pat[1] <= 16:
+            news, flips = nm_masks(weights, *pat, olds, compiled=compiled)
+        else:
+            news = [nm_mask(w, *pat) for w in weights]
+            flips = sum((new != old).sum() for new, old in zip(news, olds) if old is not None) \
+                if any(o is not None for o in olds) else None
+        for p, new in zip(self._params.values(), news):
             p.mask = new
         if flips is not None:
+            total = sum(old.numel() for old in olds if old is not None)
             self.last_flip_fraction = flips.double() / total
-            self._flip_count = flips if self._flip_count is None else self._flip_count + flips
+            self._flip_count = flips if self._flip_count is None else self._flip_count + flips.to(
+                self._flip_count.device)
             self._flip_total += total
+
+    def _compiled(self, weights: list[torch.Tensor]) -> bool:
+        """Whether to compute masks under torch.compile: as configured, or (None) on CUDA weights."""
+        if self.config.compile_masks is None:
+            return bool(weights) and weights[0].is_cuda
+        return self.config.compile_masks
 
     # ------------------------------------------------------------------ the schedule
     @torch.no_grad()

@@ -5,7 +5,7 @@ import pytest
 import torch
 from torch import nn
 
-from sparsetrain.nm import check_nm, is_nm, kept_magnitude, nm_mask, pack_mask, select_nm_layers, unpack_mask
+from sparsetrain.nm import check_nm, is_nm, kept_magnitude, nm_mask, nm_masks, pack_mask, select_nm_layers, unpack_mask
 from sparsetrain.nm import masks as masks_mod
 
 PATTERNS = [(1, 2), (1, 4), (2, 4), (3, 4), (1, 8), (2, 8), (4, 8), (7, 8), (5, 32)]
@@ -137,3 +137,57 @@ def test_layer_selection_errors():
         select_nm_layers(_Net(), 4, include=["nope"])
     with pytest.raises(ValueError, match="`exclude` must be a list"):
         select_nm_layers(_Net(), 4, exclude="a")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("n,m", [(1, 2), (2, 4), (1, 8), (3, 8), (5, 16)])
+def test_broadcast_rank_equals_pairwise_rank(n, m, dtype):
+    # The fused kernel's formulation, run eagerly: same ranks, same ties, NaN largest.
+    g = torch.Generator().manual_seed(n * 100 + m)
+    w = torch.randint(-3, 4, (24, 4 * m), generator=g).to(dtype)  # many ties and zeros
+    w[0, 1] = float("nan")
+    w[3, 2] = float("-inf")
+    ref = nm_mask(w, n, m)
+    fused = masks_mod._broadcast_keep(w.reshape(-1, m), n).reshape(w.shape)
+    assert torch.equal(fused, ref)
+
+
+def test_nm_masks_returns_the_masks_and_counts_flips():
+    g = torch.Generator().manual_seed(0)
+    ws = [torch.randn(8, 16, generator=g), torch.randn(4, 2, 2, 2, generator=g)]
+    olds = [nm_mask(ws[0], 2, 4), None]
+    ws[0][0, :4] = torch.tensor([4.0, 3.0, 0.0, 0.0])  # group 0 of row 0 becomes [T, T, F, F]
+    news, flips = nm_masks(ws, 2, 4, olds)
+    assert all(torch.equal(a, nm_mask(w, 2, 4)) for a, w in zip(news, ws))
+    assert flips.dtype == torch.int64 and int(flips) == int((news[0] != olds[0]).sum())
+    assert nm_masks(ws, 2, 4)[1] is None
+
+
+def test_nm_masks_rejects_bad_input():
+    w = torch.randn(4, 8)
+    with pytest.raises(ValueError, match="`m` must be <= 16"):
+        nm_masks([torch.randn(4, 32)], 2, 32)
+    with pytest.raises(ValueError, match="one entry per weight"):
+        nm_masks([w], 2, 4, [None, None])
+    with pytest.raises(ValueError, match="`olds` entries"):
+        nm_masks([w], 2, 4, [torch.ones(4, 4, dtype=torch.bool)])
+    with pytest.raises(ValueError, match="not a multiple"):
+        nm_masks([torch.randn(4, 6)], 2, 4)
+
+
+def test_nm_masks_compiled_equals_eager(monkeypatch):
+    # torch.compile on CPU (a C++ compiler is needed; on GPU the same graph becomes Triton kernels).
+    g = torch.Generator().manual_seed(1)
+    ws = [torch.randint(-2, 3, (16, 32), generator=g).float(), torch.randn(8, 4, 2, 2, generator=g)]
+    ws[0][1, 5] = float("nan")
+    olds = [nm_mask(torch.randn(16, 32, generator=g), 2, 4), None]
+    monkeypatch.setattr(masks_mod, "_COMPILED", {})
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        news, flips = nm_masks(ws, 2, 4, olds, compiled=True)
+    # A fallback to eager warns: this must really have compiled.
+    assert not [w for w in caught if "computing masks eagerly" in str(w.message)]
+    assert "masks" in masks_mod._COMPILED and "masks_failed" not in masks_mod._COMPILED
+    ref, ref_flips = nm_masks(ws, 2, 4, olds)
+    assert all(torch.equal(a, b) for a, b in zip(news, ref))
+    assert int(flips) == int(ref_flips)
