@@ -14,6 +14,7 @@ SR-STE's backward term).
 
     PYTHONPATH=. python benchmarks/gpu_nm_overhead.py                 # CUDA only
     PYTHONPATH=. python benchmarks/gpu_nm_overhead.py --precision bf16-true
+    PYTHONPATH=. python benchmarks/gpu_nm_overhead.py --compile       # every variant under torch.compile
     PYTHONPATH=. python benchmarks/gpu_nm_overhead.py --smoke         # tiny, on CPU: checks the script
     PYTHONPATH=. python benchmarks/gpu_nm_overhead.py --profile dense srste   # torch.profiler tables
 
@@ -50,7 +51,7 @@ def _sync(device):
         torch.cuda.synchronize()
 
 
-def build(variant, cfg, device, precision, n, m):
+def build(variant, cfg, device, precision, n, m, compile_model=False):
     torch.manual_seed(0)
     model = GPT(cfg).to(device)
     if precision == "bf16-true":
@@ -58,6 +59,8 @@ def build(variant, cfg, device, precision, n, m):
     sp = None
     if VARIANTS[variant] is not None:
         sp = NMSparsifier(model, NMConfig(n=n, m=m, include=["*.attn.*", "*.mlp.*"], **VARIANTS[variant]))
+    if compile_model:
+        model.compiled_loss = torch.compile(model.loss)
     fused = device.type == "cuda"
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), fused=fused)
     return model, sp, opt
@@ -65,12 +68,13 @@ def build(variant, cfg, device, precision, n, m):
 
 def time_steps(model, sp, opt, batches, device, precision, steps):
     autocast = precision == "bf16-mixed"
+    loss_fn = getattr(model, "compiled_loss", model.loss)
     _sync(device)
     t0 = time.perf_counter()
     for i in range(steps):
         x, y = batches[i % len(batches)]
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
-            loss = model.loss(x, y)
+            loss = loss_fn(x, y)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -85,7 +89,7 @@ def profile(variant, cfg, device, args, batches):
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
 
-    model, sp, opt = build(variant, cfg, device, args.precision, args.n, args.m)
+    model, sp, opt = build(variant, cfg, device, args.precision, args.n, args.m, args.compile)
     time_steps(model, sp, opt, batches, device, args.precision, args.warmup)
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     with torch_profile(activities=acts) as prof:
@@ -109,6 +113,8 @@ def main(argv=None):
     p.add_argument("--m", type=int, default=4)
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     p.add_argument("--smoke", action="store_true", help="tiny model on CPU, to check the script without a GPU")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the model's loss (forward and backward) in every variant, dense included")
     p.add_argument("--profile", nargs="+", choices=list(VARIANTS), metavar="VARIANT",
                    help="instead of timing, print torch.profiler tables of a few steps of these variants")
     args = p.parse_args(argv)
@@ -141,7 +147,7 @@ def main(argv=None):
         for v in args.variants:  # interleaved: each repeat times every variant once
             model = sp = opt = None
             try:
-                model, sp, opt = build(v, cfg, device, args.precision, args.n, args.m)
+                model, sp, opt = build(v, cfg, device, args.precision, args.n, args.m, args.compile)
                 time_steps(model, sp, opt, batches, device, args.precision, args.warmup)
                 times[v].append(time_steps(model, sp, opt, batches, device, args.precision, args.steps))
                 if sp is not None and sp.last_flip_fraction is not None:
@@ -175,7 +181,8 @@ def main(argv=None):
     n_sparse = sum(w.numel() for w in weights)
 
     name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu (smoke)"
-    print(f"\nN:M training-step overhead: {name}, torch {torch.__version__}, {args.precision}, GPT "
+    mode = "torch.compile" if args.compile else "eager"
+    print(f"\nN:M training-step overhead: {name}, torch {torch.__version__}, {args.precision}, {mode}, GPT "
           f"{cfg.n_layer}x{cfg.d_model} vocab {cfg.vocab_size}, batch {args.batch_size}x{args.seq} tokens, "
           f"{args.n}:{args.m} on {len(weights)} Linears ({n_sparse / 1e6:.1f}M weights), "
           f"median of {args.repeats} x {args.steps} steps")

@@ -51,7 +51,7 @@ class _MaskedWeight(torch.autograd.Function):
         if not ctx.lambda_w:
             return grad, None, None, None
         weight, mask = ctx.saved_tensors
-        return torch.where(mask, grad, grad + ctx.lambda_w * weight), None, None, None
+        return torch.where(mask, grad, torch.add(grad, weight, alpha=ctx.lambda_w)), None, None, None
 
 
 def masked_weight(weight: torch.Tensor, mask: torch.Tensor, beta: float = 0.0,
