@@ -194,7 +194,8 @@ def main(argv=None):
             continue
         ms = statistics.median(times[v])
         ratio = f"{ms / dense:.3f}x" if dense else "-"
-        print(f"{v:26s} {ms:9.2f} {ratio:>9s}")
+        each = " ".join(f"{t:.2f}" for t in times[v])
+        print(f"{v:26s} {ms:9.2f} {ratio:>9s}   repeats: {each}")
     for how, ms in mask_ms.items():
         print(f"mask recomputation alone (all {len(weights)} layers, {how}): {ms:.3f} ms")
     if flips:
