@@ -10,7 +10,7 @@ on schedule, from a plain PyTorch loop. The Lightning adapter is
 from .density import DISTRIBUTIONS, layer_active_counts, layer_densities
 from .dynamic import MASK_NAME, DynamicSparsifier, DynamicSparsityConfig, MaskDivergenceError
 from .gmp import magnitude_prune
-from .masks import DEFAULT_MODULE_TYPES, grow_mask, keep_largest, random_mask, select_modules
+from .masks import DEFAULT_MODULE_TYPES, drop_smallest, grow_mask, keep_largest, random_mask, select_modules
 from .rigl import rigl_update
 from .schedules import DROP_SCHEDULES, METHODS, MaskSchedule, cosine_drop_fraction, gmp_sparsity
 from .set import set_update
@@ -26,6 +26,7 @@ __all__ = [
     "MaskDivergenceError",
     "MaskSchedule",
     "cosine_drop_fraction",
+    "drop_smallest",
     "gmp_sparsity",
     "grow_mask",
     "keep_largest",

@@ -14,16 +14,20 @@ from .masks import keep_largest
 __all__ = ["magnitude_prune"]
 
 
-def magnitude_prune(weight: torch.Tensor, mask: torch.Tensor, n_keep: int) -> torch.Tensor:
+def magnitude_prune(
+    weight: torch.Tensor, mask: torch.Tensor, n_keep: int, *, n_active: int | None = None
+) -> torch.Tensor:
     """Keep the ``n_keep`` largest-|W| active weights of ``mask``.
 
     Args:
         weight: the layer's weight.
         mask: current bool mask, same shape.
         n_keep: active weights to keep; clamped to the current active count (masks never grow).
+        n_active: ``mask.sum()`` if the caller knows it (it then is not counted, which saves a
+            device-to-host synchronisation); it must be exact.
 
     Returns:
-        The new bool mask, a subset of ``mask``.
+        The new bool mask, a subset of ``mask`` (ties in |W| broken by position, see :mod:`.masks`).
 
     Raises:
         ValueError: mismatched shapes or a negative ``n_keep``.
@@ -32,7 +36,8 @@ def magnitude_prune(weight: torch.Tensor, mask: torch.Tensor, n_keep: int) -> to
         raise ValueError(f"`weight` and `mask` must have one shape, got {tuple(weight.shape)}, {tuple(mask.shape)}")
     if n_keep < 0:
         raise ValueError(f"`n_keep` must be >= 0, got {n_keep}")
-    n_active = int(mask.sum())
+    if n_active is None:
+        n_active = int(mask.sum())
     if n_keep >= n_active:
         return mask.clone()
-    return keep_largest(weight.detach().abs(), mask, n_keep)
+    return keep_largest(weight.detach().abs(), mask, n_keep, n_active=n_active)

@@ -4,9 +4,12 @@ Everything here is a pure function: it reads tensors or a module tree and return
 tensors or names; nothing registers buffers or hooks (that is :mod:`.dynamic`).
 
 Masks are ``torch.bool`` tensors of the weight's shape; ``True`` marks an active weight.
-Selections are exact: a mask built for ``k`` active weights has exactly ``k`` ``True``
-entries, whatever the ties in the scores (ties are broken by ``torch.topk``, which is
-deterministic for a given input on a given device type).
+Selections are exact and fully determined by the scores: positions are ranked by score,
+and among equal scores the lower flat (row-major) index ranks higher; a selection of ``k``
+takes exactly the ``k`` highest- (or lowest-) ranking eligible positions, whatever the ties,
+and gives the same mask on every device. Only ``k`` scores go through ``torch.topk``: to keep
+90% of the active weights, the 10% to drop are selected (:func:`drop_smallest`) and the rest is
+the complement. Nothing here waits for the device when the caller passes the active count.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from torch import nn
 
 __all__ = [
     "DEFAULT_MODULE_TYPES",
+    "drop_smallest",
     "grow_mask",
     "keep_largest",
     "random_mask",
@@ -111,47 +115,108 @@ def random_mask(
     return flat.view(*shape).to(device) if device is not None else flat.view(*shape)
 
 
-def keep_largest(scores: torch.Tensor, mask: torch.Tensor, k: int) -> torch.Tensor:
+def _rank_select(scores: torch.Tensor, eligible: torch.Tensor, k: int, *, largest: bool) -> torch.Tensor:
+    """The ``k`` eligible positions ranking highest (``largest``) or lowest, as a flat bool tensor.
+
+    Ranks follow the order of the module docstring. ``k`` must be in [1, eligible.sum()] (not
+    checked: nothing here waits for the device). One ``torch.topk`` of size ``k`` finds the
+    threshold score; every eligible score strictly beyond it is taken, and the places left go to
+    the positions tied at the threshold in index order (a cumulative count).
+    """
+    s = scores.detach().flatten()
+    if s.dtype not in (torch.float32, torch.float64):
+        s = s.float()
+    # Eligible scores are made finite (NaN and -inf lowest), the others -inf (largest) or +inf:
+    # with k <= eligible.sum() the threshold is finite, so only eligible positions can reach it.
+    # (The fill is a Python scalar: a tensor built on the device would be a synchronising copy.)
+    info = torch.finfo(s.dtype)
+    s = torch.nan_to_num(s, nan=info.min, neginf=info.min, posinf=info.max)
+    s = torch.where(eligible.flatten(), s, float("-inf") if largest else float("inf"))
+    picked = torch.topk(s, k, largest=largest, sorted=False).values
+    kth = picked.min() if largest else picked.max()
+    chosen = s > kth if largest else s < kth
+    tie = s == kth
+    need = k - torch.count_nonzero(chosen)  # >= 1 places left for the tied positions
+    count = tie.cumsum(0, dtype=torch.int32 if tie.numel() < 2**31 else torch.int64)
+    # Among ties the lower index ranks higher: taking the highest picks the first `need` of them,
+    # taking the lowest picks the last `need`.
+    take = count <= need if largest else count > count[-1] - need
+    return chosen | (tie & take)
+
+
+def _select(scores: torch.Tensor, eligible: torch.Tensor, k: int, n_eligible: int, *, largest: bool) -> torch.Tensor:
+    """The ``k`` highest- (or lowest-) ranking eligible positions, found from the smaller side of the split."""
+    if k == 0:
+        return torch.zeros_like(eligible)
+    if k == n_eligible:
+        return eligible.clone()
+    if k <= n_eligible - k:
+        out = _rank_select(scores, eligible, k, largest=largest)
+    else:  # the complement of the (n_eligible - k) ranking at the other end
+        out = eligible.flatten() & ~_rank_select(scores, eligible, n_eligible - k, largest=not largest)
+    return out.view_as(eligible)
+
+
+def keep_largest(scores: torch.Tensor, mask: torch.Tensor, k: int, *, n_active: int | None = None) -> torch.Tensor:
     """The ``k`` active positions of ``mask`` with the largest ``scores``.
 
     Args:
         scores: any real tensor of the mask's shape (NaN counts as smallest).
         mask: bool tensor; only its ``True`` positions can be kept.
         k: how many to keep, in [0, mask.sum()].
+        n_active: ``mask.sum()`` if the caller knows it (it then is not counted, which saves a
+            device-to-host synchronisation); it must be exact.
 
     Returns:
-        A new bool mask, a subset of ``mask`` with exactly ``k`` ``True`` entries.
+        A new bool mask, a subset of ``mask`` with exactly ``k`` ``True`` entries; among equal
+        scores the lower flat index is kept first.
     """
-    n_active = int(mask.sum())
+    if n_active is None:
+        n_active = int(mask.sum())
     if not 0 <= k <= n_active:
         raise ValueError(f"`k` must be in [0, {n_active}] (the active count), got {k}")
-    s = scores.detach()
-    if s.dtype not in (torch.float32, torch.float64):
-        s = s.float()
-    # Active scores are made finite (NaN lowest), inactive ones -inf: with k <= n_active the
-    # top-k can only pick active positions.
-    info = torch.finfo(s.dtype)
-    s = torch.nan_to_num(s.flatten(), nan=info.min, neginf=info.min, posinf=info.max)
-    s = torch.where(mask.flatten(), s, torch.tensor(float("-inf"), dtype=s.dtype, device=s.device))
-    out = torch.zeros_like(mask.flatten())
-    if k:
-        out[torch.topk(s, k, sorted=False).indices] = True
-    return out.view_as(mask)
+    return _select(scores, mask, k, n_active, largest=True)
 
 
-def grow_mask(scores: torch.Tensor, kept: torch.Tensor, k: int) -> torch.Tensor:
+def drop_smallest(scores: torch.Tensor, mask: torch.Tensor, k: int, *, n_active: int | None = None) -> torch.Tensor:
+    """The ``k`` active positions of ``mask`` with the smallest ``scores``: the ones to drop.
+
+    The exact complement of :func:`keep_largest` within ``mask``, ties included:
+    ``mask & ~drop_smallest(s, mask, k) == keep_largest(s, mask, mask.sum() - k)``.
+
+    Args:
+        scores: any real tensor of the mask's shape (NaN counts as smallest).
+        mask: bool tensor; only its ``True`` positions can be dropped.
+        k: how many to drop, in [0, mask.sum()].
+        n_active: ``mask.sum()`` if the caller knows it (see :func:`keep_largest`); it must be exact.
+
+    Returns:
+        A new bool mask, a subset of ``mask`` with exactly ``k`` ``True`` entries; among equal
+        scores the higher flat index is dropped first.
+    """
+    if n_active is None:
+        n_active = int(mask.sum())
+    if not 0 <= k <= n_active:
+        raise ValueError(f"`k` must be in [0, {n_active}] (the active count), got {k}")
+    return _select(scores, mask, k, n_active, largest=False)
+
+
+def grow_mask(scores: torch.Tensor, kept: torch.Tensor, k: int, *, n_kept: int | None = None) -> torch.Tensor:
     """The ``k`` positions NOT in ``kept`` with the largest ``scores``.
 
     Args:
         scores: growth scores of the mask's shape (|dense gradient| for RigL, uniform random for SET).
         kept: bool mask of positions that may not be chosen.
         k: how many to grow, in [0, numel - kept.sum()].
+        n_kept: ``kept.sum()`` if the caller knows it (see :func:`keep_largest`); it must be exact.
 
     Returns:
-        A new bool mask, disjoint from ``kept``, with exactly ``k`` ``True`` entries.
+        A new bool mask, disjoint from ``kept``, with exactly ``k`` ``True`` entries; among equal
+        scores the lower flat index is grown first.
     """
-    n_free = kept.numel() - int(kept.sum())
+    if n_kept is None:
+        n_kept = int(kept.sum())
+    n_free = kept.numel() - n_kept
     if not 0 <= k <= n_free:
         raise ValueError(f"`k` must be in [0, {n_free}] (the free positions), got {k}")
-    free = ~kept
-    return keep_largest(scores, free, k)
+    return _select(scores, ~kept, k, n_free, largest=True)

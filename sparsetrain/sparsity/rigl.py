@@ -6,23 +6,29 @@ Per layer, at an update step with drop fraction ``f``::
     kept   = top-(n_active - n_drop) active positions by |W|
     grown  = top-n_drop positions NOT in kept by |dense gradient|
 
-so a dropped position may be regrown at once (it then keeps its value, as the reference
-``reinit_when_same=False`` does); connections that were inactive before the update start
-at zero, with zeroed optimizer state (that is done by the caller, :mod:`.dynamic`).
-The dense gradient is the gradient of the loss of the *masked* forward with respect to
-every weight, active or not.
+(ties broken by position, see :mod:`.masks`), so a dropped position may be regrown at once
+(it then keeps its value, as the reference ``reinit_when_same=False`` does); connections
+that were inactive before the update start at zero, with zeroed optimizer state (that is
+done by the caller, :mod:`.dynamic`). The dense gradient is the gradient of the loss of the
+*masked* forward with respect to every weight, active or not.
+
+Cost: two selections of ``n_drop`` elements (the smallest active |W|, the largest free |grad|),
+each one ``torch.topk`` of size ``n_drop`` plus a few elementwise passes; with ``n_active``
+given, no device-to-host synchronisation.
 """
 
 from __future__ import annotations
 
 import torch
 
-from .masks import grow_mask, keep_largest
+from .masks import drop_smallest, grow_mask
 
 __all__ = ["rigl_update"]
 
 
-def rigl_update(weight: torch.Tensor, grad: torch.Tensor, mask: torch.Tensor, n_drop: int) -> torch.Tensor:
+def rigl_update(
+    weight: torch.Tensor, grad: torch.Tensor, mask: torch.Tensor, n_drop: int, *, n_active: int | None = None
+) -> torch.Tensor:
     """Drop the ``n_drop`` smallest-magnitude active weights, grow as many by dense-gradient magnitude.
 
     Args:
@@ -30,9 +36,12 @@ def rigl_update(weight: torch.Tensor, grad: torch.Tensor, mask: torch.Tensor, n_
         grad: the dense gradient of the masked forward, same shape.
         mask: current bool mask, same shape.
         n_drop: connections to replace, in [0, mask.sum()].
+        n_active: ``mask.sum()`` if the caller knows it (it then is not counted, which saves a
+            device-to-host synchronisation); it must be exact.
 
     Returns:
-        The new bool mask, with as many active positions as ``mask``.
+        The new bool mask, with as many active positions as ``mask``; ties in |W| or |grad| are
+        broken by position (lower flat index kept / grown first).
 
     Raises:
         ValueError: mismatched shapes or ``n_drop`` out of range.
@@ -42,11 +51,12 @@ def rigl_update(weight: torch.Tensor, grad: torch.Tensor, mask: torch.Tensor, n_
             f"`weight`, `grad` and `mask` must have one shape, got {tuple(weight.shape)}, "
             f"{tuple(grad.shape)}, {tuple(mask.shape)}"
         )
-    n_active = int(mask.sum())
+    if n_active is None:
+        n_active = int(mask.sum())
     if not 0 <= n_drop <= n_active:
         raise ValueError(f"`n_drop` must be in [0, {n_active}] (the active count), got {n_drop}")
     if n_drop == 0:
         return mask.clone()
-    kept = keep_largest(weight.detach().abs(), mask, n_active - n_drop)
-    grown = grow_mask(grad.detach().abs(), kept, n_drop)
+    kept = mask & ~drop_smallest(weight.detach().abs(), mask, n_drop, n_active=n_active)
+    grown = grow_mask(grad.detach().abs(), kept, n_drop, n_kept=n_active - n_drop)
     return kept | grown
