@@ -24,9 +24,10 @@ class DynamicSparsity(Callback):
     on every rank, the weights zeroed outside them, and the masks kept out of DDP's buffer
     broadcast. At ``on_train_start`` it derives the schedule from
     ``trainer.estimated_stepping_batches`` (optimizer steps, so gradient accumulation is
-    respected) and hooks the optimizer: after every ``optimizer.step()`` the weights and all
-    same-shape optimizer states are zeroed outside the masks, and the masks are updated on
-    schedule, identically on every rank (all-reduced dense gradients, shared random generator,
+    respected) and hooks the optimizer: weights and all same-shape optimizer states stay exactly
+    zero outside the masks (enforced after every ``optimizer.step()``, or only at mask updates and
+    loads when the optimizer provably keeps them zero, see ``enforce_interval``), and the masks
+    are updated on schedule, identically on every rank (all-reduced dense gradients, shared random generator,
     cross-rank checksum). Under Lightning's DeepSpeed strategy (ZeRO 1/2) the fp32 master weights
     are masked too (:class:`~sparsetrain.sparsity.deepspeed.DeepSpeedSparsity`).
 
@@ -51,9 +52,10 @@ class DynamicSparsity(Callback):
         keep_last_dense: keep the last selected layer dense.
         seed: seed of the mask generator (the same on every rank).
         check_sync: compare a checksum of the masks across ranks after every update.
-        enforce_interval: zero weights and optimizer states outside the masks every this many
-            optimizer steps (1: every step; see :class:`~sparsetrain.sparsity.DynamicSparsityConfig`
-            for when larger values stay exact).
+        enforce_interval: ``"auto"`` (default): enforce the masks on weights and optimizer states
+            after every step only when the optimizer is not one of
+            :data:`~sparsetrain.sparsity.ZERO_PRESERVING_OPTIMIZERS` (or DeepSpeed is used); an int
+            ``N >= 1``: after every N-th step (see :class:`~sparsetrain.sparsity.DynamicSparsityConfig`).
         log_stats: log the statistics after each update.
         log_per_layer: also log each layer's sparsity.
 
@@ -81,7 +83,7 @@ class DynamicSparsity(Callback):
         keep_last_dense: bool = False,
         seed: int = 0,
         check_sync: bool = True,
-        enforce_interval: int = 1,
+        enforce_interval: int | Literal["auto"] = "auto",
         log_stats: bool = True,
         log_per_layer: bool = False,
     ) -> None:

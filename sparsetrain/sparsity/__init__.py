@@ -1,14 +1,20 @@
 """Dynamic sparse training: RigL, SET, gradual magnitude pruning and static masks.
 
 Pure functions (densities, schedules, mask updates) and :class:`DynamicSparsifier`, the
-stateful object that keeps masks, enforces them after every optimizer step and updates them
-on schedule, from a plain PyTorch loop. The Lightning adapter is
+stateful object that keeps masks, keeps weights and optimizer states zero outside them and
+updates them on schedule, from a plain PyTorch loop. The Lightning adapter is
 :class:`sparsetrain.callbacks.DynamicSparsity`; DeepSpeed ZeRO-1/2 support is in
 :mod:`sparsetrain.sparsity.deepspeed` (imported on demand).
 """
 
 from .density import DISTRIBUTIONS, layer_active_counts, layer_densities
-from .dynamic import MASK_NAME, DynamicSparsifier, DynamicSparsityConfig, MaskDivergenceError
+from .dynamic import (
+    MASK_NAME,
+    ZERO_PRESERVING_OPTIMIZERS,
+    DynamicSparsifier,
+    DynamicSparsityConfig,
+    MaskDivergenceError,
+)
 from .gmp import magnitude_prune
 from .masks import DEFAULT_MODULE_TYPES, drop_smallest, grow_mask, keep_largest, random_mask, select_modules
 from .rigl import rigl_update
@@ -21,6 +27,7 @@ __all__ = [
     "DROP_SCHEDULES",
     "MASK_NAME",
     "METHODS",
+    "ZERO_PRESERVING_OPTIMIZERS",
     "DynamicSparsifier",
     "DynamicSparsityConfig",
     "MaskDivergenceError",

@@ -7,7 +7,7 @@
                                    total_steps=10_000, optimizer=optimizer)
     for x, y in loader:
         loss_fn(model(x), y).backward()
-        optimizer.step()          # the sparsifier's step-post hook enforces masks / updates them
+        optimizer.step()          # the sparsifier's step-post hook updates / enforces the masks
         optimizer.zero_grad()
 
 How the invariants are kept (each is tested):
@@ -19,7 +19,7 @@ How the invariants are kept (each is tested):
 - The stored weights are exactly zero outside the mask at every point the model can be run:
   after construction, after every optimizer step, after every mask update and after every
   ``load_state_dict``. So the forward always sees ``torch.where(mask, W, 0)``, at no cost to
-  the forward itself.
+  the forward itself (how, see the enforcement item below).
 - A tensor hook on each sparsified weight turns its gradient into ``torch.where(mask, g, 0)``
   before it is accumulated (and before DDP reduces it), so gradient clipping and the optimizer
   see the gradient of the masked model. On steps whose update needs it (RigL), the same hook
@@ -29,11 +29,24 @@ How the invariants are kept (each is tested):
   ``x * mask``: ``torch.where`` on accelerators; on CPU, where torch's bool-select kernel is not
   vectorised (about 10x slower than a multiply), the same result bit for bit from an AND of the
   float's bits with a cached integer mask of all-ones / all-zeros.
-- After every optimizer step (a ``register_step_post_hook`` hook, or an explicit
-  :meth:`DynamicSparsifier.step` call) the weights and every optimizer state tensor of the
-  weight's shape (SGD momentum, Adam ``exp_avg`` / ``exp_avg_sq``, ...) are zeroed outside the
-  mask, so momentum and weight decay cannot revive pruned weights. Mask updates happen at the
-  same point, counted in optimizer steps, so gradient accumulation is respected.
+- Weights and every optimizer state tensor of the weight's shape (SGD momentum, Adam
+  ``exp_avg`` / ``exp_avg_sq``, ...) stay exactly zero outside the mask, so momentum and weight
+  decay cannot revive pruned weights. A full enforcement pass zeroes them at attach, after every
+  mask update and after every ``load_state_dict`` (model or optimizer). Between those points
+  (``enforce_interval="auto"``, the default) no pass is needed when every attached optimizer is
+  one of the torch optimizers listed in :data:`ZERO_PRESERVING_OPTIMIZERS`: their update is
+  elementwise and maps (weight 0, states 0, gradient 0) to (weight 0, states 0) exactly, and the
+  gradient hook above makes the gradient 0 outside the mask, so by induction over the steps the
+  zeros stay zeros (the per-optimizer argument is the comment above ``_GROUP_CONDITIONS``; they
+  are equal as values: a state may hold -0.0 where the pass would write +0.0). This assumes that
+  between ``backward()`` and ``optimizer.step()`` the gradients are only scaled or clipped, and
+  that nothing but the optimizer writes the weights; code that does more (adds gradient noise,
+  re-initialises weights) calls :meth:`DynamicSparsifier.apply_masks` or sets
+  ``enforce_interval=1``. With any other optimizer, with state maskers (DeepSpeed master
+  weights), or when asked for (``enforce_interval=N``), the pass runs after every N-th optimizer
+  step (1 in auto mode). Steps are counted by a
+  ``register_step_post_hook`` hook or explicit :meth:`DynamicSparsifier.step` calls; mask
+  updates happen at the same point, so gradient accumulation is respected.
 - Under ``torch.distributed`` every rank takes the same decisions: growth by the all-reduced
   dense gradient, random choices from a generator seeded alike on every rank (its state is
   checkpointed), and after each update a checksum of all masks is compared across ranks;
@@ -67,6 +80,7 @@ __all__ = [
     "DynamicSparsifier",
     "DynamicSparsityConfig",
     "MaskDivergenceError",
+    "ZERO_PRESERVING_OPTIMIZERS",
 ]
 
 MASK_NAME = "weight_mask"
@@ -74,6 +88,71 @@ _STATE_VERSION = 1
 # Integer views used for NaN-safe bitwise masking on CPU (same element size as the float type).
 _BIT_VIEW = {torch.float32: torch.int32, torch.float64: torch.int64, torch.bfloat16: torch.int16,
              torch.float16: torch.int16}
+
+
+def _eps_positive(group: dict[str, Any]) -> str | None:
+    eps = group.get("eps")
+    if isinstance(eps, (int, float)) and not isinstance(eps, bool) and eps > 0:
+        return None
+    return f"eps={eps!r} (0 / 0 outside the mask)"
+
+
+def _adagrad_ok(group: dict[str, Any]) -> str | None:
+    init = group.get("initial_accumulator_value", 0)
+    if init != 0:
+        return f"initial_accumulator_value={init!r} (its `sum` state starts nonzero outside the mask)"
+    return _eps_positive(group)
+
+
+# Optimizers (these exact classes: a subclass may change `step`) whose update maps (weight 0, every
+# state 0, gradient 0) to (weight 0, every state 0) exactly, with any of their options (weight decay
+# coupled or decoupled, momentum, dampening, nesterov, amsgrad, centered, maximize, foreach, fused,
+# capturable, differentiable), given finite hyperparameters and the condition checked here on every
+# param group. From the step functions of torch/optim (single-tensor, foreach and fused alike), with
+# g = 0 (the gradient hook), w = 0 and the states 0 at a masked position:
+#   SGD       d = g + wd*w = 0; buf = mom*buf + (1 - damp)*d = 0 (first step buf = d); nesterov d + mom*buf = 0;
+#             w -= lr*d = 0.
+#   Adam(W)   g + wd*w = 0, or w *= 1 - lr*wd; m = lerp(m, g, 1 - b1) = 0; v = b2*v + (1 - b2)*g*g = 0;
+#             amsgrad vmax = max(vmax, v) = 0; w -= lr/bc1 * m / (sqrt(v)/sqrt(bc2) + eps) = 0 / eps = 0.
+#   NAdam     m, v as Adam; w -= c1*g/(sqrt(v/bc2) + eps) + c2*m/(sqrt(v/bc2) + eps) = 0.
+#   RAdam     m, v as Adam; w -= lr*m/bc1 * (rect*sqrt(bc2)/(sqrt(v) + eps), or 1) = 0.
+#   RMSprop   v = a*v + (1 - a)*g*g = 0; centered gavg = lerp(gavg, g, 1 - a) = 0; avg = sqrt(v - gavg^2) + eps
+#             = eps; buf = mom*buf + g/avg = 0; w -= lr*buf (or lr*g/avg) = 0.
+#   Adadelta  v = rho*v + (1 - rho)*g*g = 0; delta = sqrt(u + eps)/sqrt(v + eps)*g = 0;
+#             u = rho*u + (1 - rho)*delta^2 = 0; w -= lr*delta = 0.
+#   Adagrad   sum += g*g (stays at initial_accumulator_value, hence 0); w -= clr*g/(sqrt(sum) + eps) = 0.
+#   ASGD      w = w*(1 - lambd*eta) - eta*(g + wd*w) = 0; ax += mu*(w - ax) (or ax = w) = 0.
+# eps = 0 would make the Adam family, RMSprop, Adadelta and Adagrad compute 0 / 0 there. Not listed:
+# Adamax (exp_inf = max(b2*exp_inf, |g| + eps) becomes eps outside the mask), Rprop (its step sizes start
+# at lr), LBFGS, Adafactor, Muon, SparseAdam (not elementwise, or states of another shape) and anything
+# else: those get the enforcement pass after every step.
+_GROUP_CONDITIONS: dict[type[torch.optim.Optimizer], Callable[[dict[str, Any]], str | None] | None] = {
+    torch.optim.SGD: None,
+    torch.optim.Adam: _eps_positive,
+    torch.optim.AdamW: _eps_positive,
+    torch.optim.NAdam: _eps_positive,
+    torch.optim.RAdam: _eps_positive,
+    torch.optim.RMSprop: _eps_positive,
+    torch.optim.Adadelta: _eps_positive,
+    torch.optim.Adagrad: _adagrad_ok,
+    torch.optim.ASGD: None,
+}
+#: The optimizer classes whose steps keep zero weights and states at zero when the gradient is zero
+#: (``enforce_interval="auto"`` skips the per-step enforcement for them; Adagrad needs
+#: ``initial_accumulator_value=0`` and all but SGD and ASGD need ``eps > 0``).
+ZERO_PRESERVING_OPTIMIZERS: tuple[type[torch.optim.Optimizer], ...] = tuple(_GROUP_CONDITIONS)
+
+
+def _host_ints(values: list[torch.Tensor]) -> list[int]:
+    """0-dim integer tensors as Python ints, with one device-to-host copy per device (not one per tensor)."""
+    out = [0] * len(values)
+    by_device: dict[torch.device, list[int]] = {}
+    for i, v in enumerate(values):
+        by_device.setdefault(v.device, []).append(i)
+    for idx in by_device.values():
+        for i, x in zip(idx, torch.stack([values[i] for i in idx]).tolist()):
+            out[i] = int(x)
+    return out
 
 
 class MaskDivergenceError(RuntimeError):
@@ -104,13 +183,14 @@ class DynamicSparsityConfig:
         module_types: module classes that can be sparsified.
         seed: seed of the generator drawing random masks and SET growth (same on every rank).
         check_sync: compare a checksum of the masks across ranks after every update.
-        enforce_interval: zero weights and optimizer states outside the masks every this many
-            optimizer steps (always also after each mask update, at attach and after loading).
-            1 (default) enforces after every step. Larger values save that memory pass; they stay
-            exact for elementwise optimizers that map (zero gradient, zero state, zero weight) to
-            zero -- SGD with momentum / weight decay, Adam, AdamW, RMSprop, Adagrad, Lion -- because
-            the gradient is masked before the optimizer sees it; not for optimizers that mix
-            coordinates (Shampoo, Muon).
+        enforce_interval: when to zero weights and same-shape optimizer states outside the masks
+            besides attach, mask updates and loads (where it always happens). ``"auto"``
+            (default): never, when every attached optimizer is one of
+            :data:`ZERO_PRESERVING_OPTIMIZERS` (whose update keeps those zeros exactly, because the
+            gradient is masked before the optimizer sees it), the gradient hooks are in place and
+            no state masker is registered; otherwise after every optimizer step. An int ``N >= 1``:
+            after every N-th optimizer step, whatever the optimizer (1 is the safe choice for an
+            optimizer that can move a weight whose gradient and state are zero).
     """
 
     method: str = "rigl"
@@ -128,7 +208,7 @@ class DynamicSparsityConfig:
     module_types: tuple[type[nn.Module], ...] = field(default=DEFAULT_MODULE_TYPES)
     seed: int = 0
     check_sync: bool = True
-    enforce_interval: int = 1
+    enforce_interval: int | str = "auto"
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -162,9 +242,11 @@ class DynamicSparsityConfig:
             setattr(self, arg, tuple(value))
         if not isinstance(self.seed, int):
             raise ValueError(f"`seed` must be an int, got {self.seed!r}")
-        if isinstance(self.enforce_interval, bool) or not isinstance(self.enforce_interval, int) \
-                or self.enforce_interval < 1:
-            raise ValueError(f"`enforce_interval` must be an int >= 1, got {self.enforce_interval!r}")
+        if self.enforce_interval != "auto" and (
+            isinstance(self.enforce_interval, bool) or not isinstance(self.enforce_interval, int)
+            or self.enforce_interval < 1
+        ):
+            raise ValueError(f"`enforce_interval` must be 'auto' or an int >= 1, got {self.enforce_interval!r}")
 
     def schedule(self, total_steps: int) -> MaskSchedule:
         """The schedule of a run of ``total_steps`` optimizer steps."""
@@ -235,16 +317,21 @@ class DynamicSparsifier:
         self._optimizers: list[torch.optim.Optimizer] = []
         self._state_maskers: list[Callable[[list[tuple[nn.Parameter, torch.Tensor]]], None]] = []
         self._handles: list[Any] = []
+        self._optimizer_handles: list[Any] = []
         self._step_hook_optimizer: torch.optim.Optimizer | None = None
         self._step_hook_handle: Any = None
+        self._hooked: set[str] = set()  # layers whose gradient hook is in place
+        self._coverage: tuple[tuple[tuple[int, int], ...], list[str]] | None = None
         self._generator = torch.Generator().manual_seed(config.seed)
         self._step = 0
         self._capture = False
         self._dense_grads: dict[str, torch.Tensor] = {}
         self._zeros: dict[tuple[torch.dtype, torch.device], torch.Tensor] = {}
         self._bit_masks: dict[tuple[str, torch.dtype], tuple[tuple[int, int, int], torch.Tensor]] = {}
-        # statistics
+        # statistics (the counts are kept on the host, so that reading them never waits for the device)
+        self._active: dict[str, int] = {}
         self._ever_active: dict[str, torch.Tensor] = {}
+        self._ever_counts: dict[str, int] = {}
         self._updates = 0
         self._regrown_total = 0
         self.last_statistics: dict[str, Any] | None = None
@@ -273,8 +360,10 @@ class DynamicSparsifier:
             mask = random_mask(w.shape, counts[name], self._generator, w.device)
             module.register_buffer(MASK_NAME, mask, persistent=True)
             self._ever_active[name] = mask.clone()
+            self._active[name] = self._ever_counts[name] = counts[name]
             if w.requires_grad:
                 self._handles.append(w.register_hook(self._make_grad_hook(name)))
+                self._hooked.add(name)
         self._handles.append(model.register_load_state_dict_post_hook(self._after_load))
         self._exclude_masks_from_ddp()
         if total_steps is not None:
@@ -312,10 +401,26 @@ class DynamicSparsifier:
         return hook
 
     def _after_load(self, module: nn.Module, incompatible_keys: Any) -> None:
+        self._recount()
         self.apply_masks()
 
+    def _recount(self, ever: bool = False) -> None:
+        """Re-read the active (and ever-active) counts from the masks, in one device-to-host copy."""
+        names = list(self._modules)
+        counted = [torch.count_nonzero(self._modules[n]._buffers[MASK_NAME]) for n in names]
+        if ever:
+            counted += [torch.count_nonzero(self._ever_active[n]) for n in names]
+        values = _host_ints(counted)
+        self._active = dict(zip(names, values[: len(names)]))
+        if ever:
+            self._ever_counts = dict(zip(names, values[len(names):]))
+
     def attach_optimizer(self, optimizer: torch.optim.Optimizer, *, hook: bool = True) -> None:
-        """Mask this optimizer's same-shape states after every step; optionally drive :meth:`step`.
+        """Mask this optimizer's same-shape states whenever masks are enforced; optionally drive :meth:`step`.
+
+        The weights and states are enforced at once, and again after every ``optimizer.load_state_dict``
+        (a load post-hook). Whether enforcement also runs after every step depends on
+        ``config.enforce_interval`` and on the optimizer's class (see :attr:`effective_enforce_interval`).
 
         Args:
             optimizer: a ``torch.optim.Optimizer`` holding (some of) the sparsified weights.
@@ -335,18 +440,26 @@ class DynamicSparsifier:
             raise ValueError("`hook=True` for a second optimizer: only one optimizer may drive the mask steps")
         if all(optimizer is not o for o in self._optimizers):
             self._optimizers.append(optimizer)
+            self._optimizer_handles.append(optimizer.register_load_state_dict_post_hook(self._after_optimizer_load))
         if hook:
             self._step_hook_optimizer = optimizer
             self._step_hook_handle = optimizer.register_step_post_hook(lambda opt, args, kwargs: self.step())
         self.apply_masks()
 
+    def _after_optimizer_load(self, optimizer: torch.optim.Optimizer) -> None:
+        self.apply_masks()
+
     def detach_optimizers(self) -> None:
-        """Forget every attached optimizer and remove the step hook (e.g. before attaching a new one)."""
+        """Forget every attached optimizer and remove its hooks (e.g. before attaching a new one)."""
         if self._step_hook_handle is not None:
             self._step_hook_handle.remove()
         self._step_hook_handle = None
         self._step_hook_optimizer = None
+        for h in self._optimizer_handles:
+            h.remove()
+        self._optimizer_handles.clear()
         self._optimizers.clear()
+        self._coverage = None
 
     def add_state_masker(self, masker: Callable[[list[tuple[nn.Parameter, torch.Tensor]]], None]) -> None:
         """Register ``masker(pairs)``, called with ``[(weight, mask), ...]`` whenever masks are enforced.
@@ -362,6 +475,7 @@ class DynamicSparsifier:
         for h in self._handles:
             h.remove()
         self._handles.clear()
+        self._hooked.clear()
         self.detach_optimizers()
         self._capture = False
         self._dense_grads.clear()
@@ -401,6 +515,58 @@ class DynamicSparsifier:
     def masks(self) -> dict[str, torch.Tensor]:
         """Module name -> its current mask buffer (live tensors; do not modify)."""
         return {name: m._buffers[MASK_NAME] for name, m in self._modules.items()}
+
+    @property
+    def effective_enforce_interval(self) -> int | None:
+        """Optimizer steps between enforcement passes as things stand now.
+
+        ``None`` when ``enforce_interval="auto"`` skips the per-step pass (masks are then enforced
+        only at attach, mask updates and loads); otherwise the configured ``N``, or 1 when auto mode
+        cannot prove the pass redundant (:meth:`enforcement_reason` says why).
+        """
+        n = self.config.enforce_interval
+        if n != "auto":
+            return int(n)
+        return None if self._auto_blocker() is None else 1
+
+    def enforcement_reason(self) -> str:
+        """In words, why masks are (or need not be) enforced after every step."""
+        n = self.config.enforce_interval
+        if n != "auto":
+            return f"enforce_interval={n}: a full pass after every {'' if n == 1 else f'{n}-th '}optimizer step"
+        blocker = self._auto_blocker()
+        if blocker is None:
+            names = ", ".join(sorted({type(o).__name__ for o in self._optimizers}))
+            return (f"auto: no per-step pass ({names} in ZERO_PRESERVING_OPTIMIZERS); a full pass at attach, "
+                    "mask updates and loads")
+        return f"auto: a full pass after every optimizer step because {blocker}"
+
+    def _auto_blocker(self) -> str | None:
+        """What makes the per-step pass necessary in auto mode, or ``None`` (cheap: runs every step)."""
+        if self._state_maskers:
+            return "state maskers are registered (e.g. DeepSpeed master weights)"
+        if not self._optimizers:
+            return "no optimizer is attached"
+        for opt in self._optimizers:
+            cls = type(opt)
+            if cls not in _GROUP_CONDITIONS:
+                return f"{cls.__module__}.{cls.__qualname__} is not in ZERO_PRESERVING_OPTIMIZERS"
+            condition = _GROUP_CONDITIONS[cls]
+            if condition is not None:
+                for group in opt.param_groups:
+                    reason = condition(group)
+                    if reason is not None:
+                        return f"{cls.__name__} has {reason}"
+        signature = tuple((id(o), len(o.param_groups)) for o in self._optimizers)
+        if self._coverage is None or self._coverage[0] != signature:
+            held = {id(p) for o in self._optimizers for g in o.param_groups for p in g["params"]}
+            exposed = [n for n, m in self._modules.items() if n not in self._hooked or id(m.weight) not in held]
+            self._coverage = (signature, exposed)
+        for name in self._coverage[1]:  # usually none: every trainable weight hooked and held
+            if self._modules[name].weight.requires_grad:
+                why = "has no gradient hook" if name not in self._hooked else "is in no attached optimizer"
+                return f"the trainable weight of {name!r} {why}"
+        return None
 
     def _pairs(self) -> list[tuple[nn.Parameter, torch.Tensor]]:
         return [(m.weight, m._buffers[MASK_NAME]) for m in self._modules.values()]
@@ -460,11 +626,9 @@ class DynamicSparsifier:
             pairs = self._pairs()
             for masker in self._state_maskers:
                 masker(pairs)
-        for masker in self._state_maskers:
-            masker(pairs)
 
     def step(self) -> dict[str, Any] | None:
-        """Account for one optimizer step: enforce masks, and update them if the schedule says so.
+        """Account for one optimizer step: update the masks if the schedule says so, else enforce them if due.
 
         Call right after ``optimizer.step()`` (the hook installed by :meth:`attach_optimizer` does).
 
@@ -482,11 +646,17 @@ class DynamicSparsifier:
         t = self._step
         stats = None
         if self.schedule.is_update_step(t):
-            stats = self._update(t)
-        elif t % self.config.enforce_interval == 0:
-            self.apply_masks()
+            stats = self._update(t)  # ends with a full enforcement
+        else:
+            self._enforce_if_due(t)
         self._capture = self.schedule.needs_gradient(t + 1)
         return stats
+
+    def _enforce_if_due(self, t: int) -> None:
+        """The per-step part of the enforcement, after optimizer step ``t`` without a mask update."""
+        n = self.effective_enforce_interval
+        if n is not None and t % n == 0:
+            self.apply_masks()
 
     # ------------------------------------------------------------------ updates
 
@@ -525,23 +695,31 @@ class DynamicSparsifier:
                 keep = {name: math.prod(s) for name, s in self._shapes.items()}
             else:
                 keep = layer_active_counts(self._shapes, target, cfg.distribution)
-        regrown = 0
+        # The active counts are known on the host (updates keep them, pruning sets them), so nothing
+        # below waits for the device until the one copy of the per-layer counts at the end.
+        counted: list[torch.Tensor] = []  # per layer: connections grown, positions active for the first time
         for name, module in self._modules.items():
             weight, mask = module.weight, module._buffers[MASK_NAME]
+            n_active = self._active[name]
             if cfg.method == "rigl":
-                new = rigl_update(weight, grads[name], mask, math.floor(drop * int(mask.sum())))
+                new = rigl_update(weight, grads[name], mask, math.floor(drop * n_active), n_active=n_active)
             elif cfg.method == "set":
-                new = set_update(weight, mask, math.floor(drop * int(mask.sum())), self._generator)
+                new = set_update(weight, mask, math.floor(drop * n_active), self._generator, n_active=n_active)
             else:
-                new = magnitude_prune(weight, mask, keep[name])
-            regrown += int((new & ~mask).sum())
-            mask.copy_(new)
+                new = magnitude_prune(weight, mask, keep[name], n_active=n_active)
+                self._active[name] = min(keep[name], n_active)
             ever = self._ever_active[name]
             if ever.device != mask.device:
                 ever = self._ever_active[name] = ever.to(mask.device)
-            ever |= mask
+            counted += [torch.count_nonzero(new & ~mask), torch.count_nonzero(new & ~ever)]
+            mask.copy_(new)
+            ever |= new
         # Newly grown connections were inactive, so their weights and optimizer states are already 0.
         self.apply_masks()
+        counts = _host_ints(counted)
+        regrown = sum(counts[0::2])
+        for name, first_time in zip(self._modules, counts[1::2]):
+            self._ever_counts[name] += first_time
         self._updates += 1
         self._regrown_total += regrown
         if cfg.check_sync:
@@ -589,11 +767,11 @@ class DynamicSparsifier:
         layer, active, total, ever = {}, 0, 0, 0
         for name, mask in self.masks.items():
             n = mask.numel()
-            a = int(mask.sum())
+            a = self._active[name]
             layer[name] = 1.0 - a / n
             active += a
             total += n
-            ever += int(self._ever_active[name].sum())
+            ever += self._ever_counts[name]
         return {
             "step": self._step,
             "sparsity": 1.0 - active / total,
@@ -641,6 +819,7 @@ class DynamicSparsifier:
         self._generator.set_state(state["rng_state"].clone())
         for name, t in state["ever_active"].items():
             self._ever_active[name] = t.to(self._modules[name]._buffers[MASK_NAME].device).clone()
+        self._recount(ever=True)
         if state.get("schedule") is not None:
             self.set_schedule(MaskSchedule(**state["schedule"]))
         elif self.schedule is not None:

@@ -54,6 +54,7 @@ def _masked_weights(task):
         (dict(update_interval=0), r"`update_interval` must be an int >= 1, got 0"),
         (dict(end_fraction=0.0), r"`end_fraction` must be in \(0, 1\], got 0.0"),
         (dict(end_fraction=2.0), r"`end_fraction` must be in \(0, 1\], got 2.0"),
+        (dict(enforce_interval=0), r"`enforce_interval` must be 'auto' or an int >= 1, got 0"),
     ],
 )
 def test_bad_arguments_are_rejected(kwargs, match):
@@ -75,6 +76,10 @@ def test_recipe_entry_builds_the_callback():
                           "update_interval": 25, "exclude": ["model.net.4"]}, "callbacks[0]")
     assert isinstance(cb, DynamicSparsity)
     assert (cb.config.method, cb.config.sparsity, cb.config.exclude) == ("set", 0.9, ("model.net.4",))
+    assert cb.config.enforce_interval == "auto"
+    for value in ("auto", 5):
+        cb = build_component({"name": "dynamic_sparsity", "enforce_interval": value}, "callbacks[0]")
+        assert cb.config.enforce_interval == value
 
 
 def test_schedule_from_estimated_stepping_batches_with_accumulation_logs_and_checkpoint(tmp_path):
@@ -97,6 +102,7 @@ def test_schedule_from_estimated_stepping_batches_with_accumulation_logs_and_che
     assert logged["sparsity/updates"] == 5 and logged["sparsity/regrown_total"] > 0
     assert "sparsity/layer/model.net.0" in logged
     opt = trainer.optimizers[0]
+    assert sp.effective_enforce_interval is None  # AdamW keeps the zeros: no per-step pass
     for w, mask in _masked_weights(task).values():
         assert not bool(w[~mask].any())
         assert all(not bool(v[~mask].any()) for v in opt.state[w].values() if v.shape == w.shape)

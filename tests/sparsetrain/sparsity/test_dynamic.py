@@ -1,5 +1,7 @@
+import copy
 import io
 import math
+import warnings
 
 import pytest
 import torch
@@ -9,6 +11,7 @@ from torch.func import functional_call
 from sparsetrain.demo import MLPClassifier
 from sparsetrain.sparsity import (
     MASK_NAME,
+    ZERO_PRESERVING_OPTIMIZERS,
     DynamicSparsifier,
     DynamicSparsityConfig,
     layer_active_counts,
@@ -103,6 +106,10 @@ def _check_invariants(method, distribution, optimizer, enforce_interval):
         assert sp.last_statistics["regrown"] == 0
     if method == "static":
         assert n_updates == 0 and sp.statistics()["itop_rate"] == pytest.approx(0.2, abs=1e-3)
+    # the counts kept on the host agree with the masks
+    stats = sp.statistics()
+    assert stats["active"] == sum(int(m.sum()) for m in sp.masks.values())
+    assert stats["itop_rate"] == sum(int(e.sum()) for e in sp._ever_active.values()) / stats["total"]
 
 
 def _dense_grad_reference(model, masks, batches):
@@ -233,7 +240,10 @@ def test_step_before_schedule_and_second_driving_optimizer_are_rejected():
         (dict(end_fraction=1.01), r"`end_fraction` must be in \(0, 1\], got 1.01"),
         (dict(drop_fraction=1.5), r"`drop_fraction` must be in \[0, 1\], got 1.5"),
         (dict(include="fc"), r"`include` must be a list of glob strings"),
-        (dict(enforce_interval=0), r"`enforce_interval` must be an int >= 1, got 0"),
+        (dict(enforce_interval=0), r"`enforce_interval` must be 'auto' or an int >= 1, got 0"),
+        (dict(enforce_interval="always"), r"`enforce_interval` must be 'auto' or an int >= 1, got 'always'"),
+        (dict(enforce_interval=True), r"`enforce_interval` must be 'auto' or an int >= 1, got True"),
+        (dict(enforce_interval=2.0), r"`enforce_interval` must be 'auto' or an int >= 1, got 2.0"),
     ],
 )
 def test_bad_config_is_rejected(kwargs, match):
@@ -293,3 +303,239 @@ def test_loading_other_masks_reapplies_the_new_masks():
     w = model.net[0].weight
     assert not bool(w[~new_mask].any())
     assert torch.equal(w[new_mask], torch.where(new_mask, dense_weights["net.0"], 0)[new_mask])
+
+
+# ---------------------------------------------------------------------- enforcement modes
+
+# (optimizer, hyperparameters) for every class in ZERO_PRESERVING_OPTIMIZERS, each option of its update at least once.
+_ZERO_PRESERVING_CASES = [
+    ("SGD", dict(lr=0.1)),
+    ("SGD", dict(lr=0.1, momentum=0.9, weight_decay=0.01)),
+    ("SGD", dict(lr=0.1, momentum=0.9, nesterov=True, weight_decay=0.01)),
+    ("SGD", dict(lr=0.1, momentum=0.9, dampening=0.2, weight_decay=0.01, maximize=True)),
+    ("Adam", dict(lr=0.01, weight_decay=0.01)),
+    ("Adam", dict(lr=0.01, weight_decay=0.01, amsgrad=True)),
+    ("Adam", dict(lr=0.01, weight_decay=0.1, decoupled_weight_decay=True)),
+    ("AdamW", dict(lr=0.01, weight_decay=0.1)),
+    ("AdamW", dict(lr=0.01, weight_decay=0.1, amsgrad=True, maximize=True)),
+    ("Adagrad", dict(lr=0.1, weight_decay=0.01, lr_decay=0.01)),
+    ("NAdam", dict(lr=0.01, weight_decay=0.01)),
+    ("NAdam", dict(lr=0.01, weight_decay=0.1, decoupled_weight_decay=True)),
+    ("RAdam", dict(lr=0.01, weight_decay=0.01)),  # 30 steps cover both branches (rho_t <= 5, then > 5)
+    ("RAdam", dict(lr=0.01, weight_decay=0.1, decoupled_weight_decay=True)),
+    ("RMSprop", dict(lr=0.01, weight_decay=0.01)),
+    ("RMSprop", dict(lr=0.01, weight_decay=0.01, momentum=0.9, centered=True)),
+    ("Adadelta", dict(lr=1.0, weight_decay=0.01)),
+    ("ASGD", dict(lr=0.05, weight_decay=0.01, t0=3)),
+]
+_FUSED = {"SGD", "Adam", "AdamW", "Adagrad"}  # the classes with a fused CPU kernel
+
+
+def test_every_zero_preserving_optimizer_is_tested():
+    assert {c.__name__ for c in ZERO_PRESERVING_OPTIMIZERS} == {n for n, _ in _ZERO_PRESERVING_CASES}
+    assert all(getattr(torch.optim, c.__name__) is c for c in ZERO_PRESERVING_OPTIMIZERS)
+
+
+def _masks_enforced(sp, opt):
+    """Every sparsified weight and same-shape optimizer state is exactly zero outside its mask."""
+    for name, w in _weights(sp.model, sp).items():
+        mask = sp.masks[name]
+        if w[~mask].any():
+            return False
+        for v in opt.state[w].values():
+            if torch.is_tensor(v) and v.shape == w.shape and v[~mask].any():
+                return False
+    return True
+
+
+def _counting(sp):
+    """Count the sparsifier's full enforcement passes."""
+    calls = [0]
+    apply = sp.apply_masks
+
+    def counted():
+        calls[0] += 1
+        apply()
+
+    sp.apply_masks = counted
+    return calls
+
+
+@pytest.mark.parametrize(
+    ("name", "kwargs", "impl"),
+    [(n, kw, impl) for n, kw in _ZERO_PRESERVING_CASES for impl in ("for-loop", "foreach", "fused")
+     if impl != "fused" or n in _FUSED],
+)
+def test_auto_mode_skips_the_per_step_pass_and_trains_exactly_like_enforcing_every_step(name, kwargs, impl):
+    kwargs = kwargs | {"for-loop": dict(foreach=False), "foreach": dict(foreach=True), "fused": dict(fused=True)}[impl]
+    runs = {}
+    for interval in ("auto", 1):
+        model = _model()
+        opt = getattr(torch.optim, name)(model.parameters(), **kwargs)
+        cfg = DynamicSparsityConfig(method="rigl", sparsity=0.8, update_interval=5, drop_fraction=0.5,
+                                    drop_schedule="constant", end_fraction=1.0, enforce_interval=interval)
+        sp = DynamicSparsifier(model, cfg, total_steps=30, optimizer=opt)
+        passes = _counting(sp)
+        for step in range(30):
+            _train_step(model, opt, step)
+            assert _masks_enforced(sp, opt), (interval, step)
+        runs[interval] = (model, opt, sp, passes[0])
+    model, opt, sp, passes = runs["auto"]
+    assert sp.effective_enforce_interval is None and name in sp.enforcement_reason()
+    assert sp.statistics()["updates"] == 5 and sp.statistics()["regrown_total"] > 0
+    assert passes == 5  # one full pass per mask update, none in between
+    ref_model, ref_opt, ref_sp, ref_passes = runs[1]
+    assert ref_passes == 30
+    for (k1, v1), (k2, v2) in zip(model.state_dict().items(), ref_model.state_dict().items()):
+        assert k1 == k2 and torch.equal(v1, v2), k1
+    for p, ref_p in zip(model.parameters(), ref_model.parameters()):
+        for key, v in opt.state[p].items():
+            assert torch.equal(torch.as_tensor(v), torch.as_tensor(ref_opt.state[ref_p][key])), key
+
+
+class _DriftingSGD(torch.optim.SGD):
+    """An SGD subclass whose step also adds a constant to every weight: it would revive pruned weights."""
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is not None:
+                    p.add_(p.grad, alpha=-group["lr"])
+                p.add_(1e-3)
+
+
+@pytest.mark.parametrize("interval", ["auto", 1])
+def test_an_optimizer_not_in_the_list_is_enforced_after_every_step(interval):
+    model = _model()
+    opt = _DriftingSGD(model.parameters(), lr=0.1)
+    sp = DynamicSparsifier(model, DynamicSparsityConfig(method="rigl", sparsity=0.8, update_interval=3,
+                                                        enforce_interval=interval), total_steps=12, optimizer=opt)
+    assert sp.effective_enforce_interval == 1
+    if interval == "auto":
+        assert "_DriftingSGD is not in ZERO_PRESERVING_OPTIMIZERS" in sp.enforcement_reason()
+    passes = _counting(sp)
+    for step in range(12):
+        _train_step(model, opt, step)
+        assert _masks_enforced(sp, opt), step
+    assert passes[0] == 12
+
+
+def test_without_the_per_step_pass_the_drifting_optimizer_revives_pruned_weights():
+    # The control of the test above: were auto mode to trust this optimizer, the masks would break.
+    model = _model()
+    opt = _DriftingSGD(model.parameters(), lr=0.1)
+    sp = DynamicSparsifier(model, DynamicSparsityConfig(method="static", sparsity=0.8, enforce_interval=1000),
+                           total_steps=4, optimizer=opt)
+    _train_step(model, opt, 0)
+    assert not _masks_enforced(sp, opt)
+
+
+def test_adamax_is_not_trusted_because_its_state_leaves_zero():
+    # exp_inf = max(beta2 * exp_inf, |g| + eps) is eps where the gradient is masked.
+    for interval, enforced in (("auto", True), (1000, False)):
+        model = _model()
+        opt = torch.optim.Adamax(model.parameters(), lr=0.01)
+        sp = DynamicSparsifier(model, DynamicSparsityConfig(method="static", sparsity=0.8, enforce_interval=interval),
+                               total_steps=4, optimizer=opt)
+        _train_step(model, opt, 0)
+        assert _masks_enforced(sp, opt) == enforced
+        assert not bool(model.net[0].weight[~sp.masks["net.0"]].any())  # its weights do stay zero
+    assert sp.effective_enforce_interval == 1000
+
+
+@pytest.mark.parametrize(
+    ("make", "reason"),
+    [
+        (lambda ps: torch.optim.Adam(ps, lr=0.01, eps=0.0), "Adam has eps=0.0"),
+        (lambda ps: torch.optim.RMSprop(ps, lr=0.01, eps=0), "RMSprop has eps=0"),
+        (lambda ps: torch.optim.Adagrad(ps, lr=0.1, initial_accumulator_value=0.1),
+         "Adagrad has initial_accumulator_value=0.1"),
+    ],
+)
+def test_auto_mode_enforces_every_step_when_a_hyperparameter_breaks_the_argument(make, reason):
+    model = _model()
+    opt = make(model.parameters())
+    sp = DynamicSparsifier(model, DynamicSparsityConfig(method="static", sparsity=0.8), total_steps=4, optimizer=opt)
+    assert sp.effective_enforce_interval == 1 and reason in sp.enforcement_reason()
+    _train_step(model, opt, 0)
+    assert _masks_enforced(sp, opt)
+
+
+def test_auto_mode_enforces_every_step_with_a_state_masker_and_calls_it_once_per_pass():
+    model = _model()
+    opt = torch.optim.AdamW(model.parameters(), lr=0.01)
+    sp = DynamicSparsifier(model, DynamicSparsityConfig(method="static", sparsity=0.8), total_steps=4, optimizer=opt)
+    assert sp.effective_enforce_interval is None
+    calls = []
+    sp.add_state_masker(lambda pairs: calls.append(len(pairs)))
+    assert calls == [3] and sp.effective_enforce_interval == 1 and "state maskers" in sp.enforcement_reason()
+    _train_step(model, opt, 0)
+    assert calls == [3, 3]
+    sp.apply_masks()
+    assert calls == [3, 3, 3]
+
+
+def test_auto_mode_needs_every_trainable_sparsified_weight_hooked_and_held_by_an_attached_optimizer():
+    model = _model()
+    model.net[0].weight.requires_grad_(False)  # frozen at attach: no gradient hook
+    first = torch.optim.SGD(model.net[2].parameters(), lr=0.1, momentum=0.9)
+    rest = torch.optim.SGD(list(model.net[0].parameters()) + list(model.net[4].parameters()), lr=0.1)
+    sp = DynamicSparsifier(model, DynamicSparsityConfig(method="static", sparsity=0.8), total_steps=8)
+    assert sp.effective_enforce_interval == 1 and "no optimizer is attached" in sp.enforcement_reason()
+    sp.attach_optimizer(first)
+    assert "'net.4' is in no attached optimizer" in sp.enforcement_reason()
+    sp.attach_optimizer(rest, hook=False)
+    assert sp.effective_enforce_interval is None  # net.0 is frozen: no gradient, no update
+    model.net[0].weight.requires_grad_(True)  # trainable now, but its gradient is not masked
+    assert sp.effective_enforce_interval == 1 and "'net.0' has no gradient hook" in sp.enforcement_reason()
+    sp.remove()
+    assert sp.effective_enforce_interval == 1
+
+
+def test_loading_an_optimizer_state_reapplies_the_masks_to_it():
+    model = _model()
+    opt = torch.optim.AdamW(model.parameters(), lr=0.01)
+    sp = DynamicSparsifier(model, DynamicSparsityConfig(method="static", sparsity=0.8), total_steps=8, optimizer=opt)
+    _train_step(model, opt, 0)
+
+    def dense_state():  # e.g. a state saved by a dense run (a fresh copy: loading may alias its tensors)
+        state = copy.deepcopy(opt.state_dict())
+        for per_param in state["state"].values():
+            for v in per_param.values():
+                if v.dim() > 0:
+                    v.fill_(0.5)
+        return state
+
+    opt.load_state_dict(dense_state())
+    assert _masks_enforced(sp, opt)
+    assert all(bool(v[sp.masks["net.0"]].eq(0.5).all()) for k, v in opt.state[model.net[0].weight].items()
+               if k != "step")
+    sp.detach_optimizers()  # the load hook goes with the optimizer
+    opt.load_state_dict(dense_state())
+    assert not _masks_enforced(sp, opt)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("method", ["rigl", "set", "gmp"])
+def test_a_mask_update_waits_for_the_device_once_whatever_the_layer_count(method):
+    syncs = {}
+    for n_layers in (2, 6):
+        torch.manual_seed(0)
+        model = nn.Sequential(*[nn.Linear(256, 256) for _ in range(n_layers)]).cuda()
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+        cfg = DynamicSparsityConfig(method=method, sparsity=0.9, update_interval=1, end_fraction=1.0)
+        sp = DynamicSparsifier(model, cfg, total_steps=4, optimizer=opt, hook_optimizer=False)
+        model(torch.randn(8, 256, device="cuda")).square().mean().backward()
+        opt.step()
+        torch.cuda.synchronize()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                stats = sp.step()
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+        assert stats is not None and stats["step"] == 1  # an update happened
+        syncs[n_layers] = sum("synchroniz" in str(w.message) for w in caught)
+    assert syncs[2] == syncs[6] <= 1, syncs  # the one copy of all the layers' counts
