@@ -332,3 +332,36 @@ def test_conv_layers_train_in_the_pattern():
     assert is_nm(w, 2, 8) and torch.equal((w != 0).reshape(8, 8).sum(-1), torch.full((8,), 2))
     sp.finalize()
     assert is_nm(net[2].weight, 2, 8) and is_nm(net[4].weight, 2, 8) and not is_nm(net[0].weight, 2, 8)
+
+
+def test_compiled_model_trains_like_eager_and_mask_changes_do_not_recompile():
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    def run(compiled):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 8))
+        sp = NMSparsifier(model, NMConfig(n=2, m=4, method="srste", lambda_w=1e-2))
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        fwd = torch.compile(model) if compiled else model
+        g = torch.Generator().manual_seed(1)
+        losses, flips = [], []
+        for _ in range(5):
+            x, y = torch.randn(8, 16, generator=g), torch.randn(8, 8, generator=g)
+            loss = ((fwd(x) - y) ** 2).mean()
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+            sp.step()
+            losses.append(loss.item())
+            flips.append(sp.stats()["mask_flip_fraction"])
+        return losses, flips
+
+    torch._dynamo.reset()
+    counters.clear()
+    eager_losses, eager_flips = run(False)
+    losses, flips = run(True)
+    assert losses == pytest.approx(eager_losses, rel=1e-5)
+    assert flips == pytest.approx(eager_flips)
+    assert sum(flips) > 0  # the masks did change between steps...
+    assert counters["stats"]["unique_graphs"] == 1  # ...and the graph was compiled once
