@@ -26,6 +26,7 @@ Goal (issue 3): ours <= 3x the copy floor at 100M (torch.topk is ~10x there), co
 from __future__ import annotations
 
 import argparse
+import math
 import statistics
 import sys
 import time
@@ -69,6 +70,27 @@ def _timer(device: torch.device):
     return run
 
 
+def _breakdown(run, x, k, stride, args, floor) -> None:
+    """Time the stages of :func:`threshold_indices` one by one (first round only)."""
+    n = x.numel()
+    sample = x[::stride].abs()
+    k_s = min(sample.numel(), max(1, math.ceil(1.3 * k * sample.numel() / n)))
+    t = torch.topk(sample, k_s, sorted=False).values.min()
+    mask = topk_mod._at_least(x, t)
+    idx = mask.nonzero().view(-1)
+    stages = {
+        "sample abs(x[::stride])": lambda r: _discard(x[r % stride :: stride].abs()),
+        f"topk of the sample (k_s={k_s})": lambda r: _discard(torch.topk(sample, k_s, sorted=False).values.min()),
+        "abs(x) >= t (fused)": lambda r: _discard(topk_mod._at_least(x, t)),
+        "nonzero of the mask": lambda r: _discard(mask.nonzero()),
+        f"exact top-k of the {idx.numel()} candidates": lambda r: _discard(
+            idx[torch.topk(x[idx].abs(), min(k, idx.numel()), sorted=False).indices]),
+    }
+    for name, fn in stages.items():
+        ms = statistics.median(run(fn, args.reps, args.warmup)[0])
+        print(f"|   | stage | {name} | {ms:.3f} | {ms / floor:.2f} | | |")
+
+
 def _discard(_result) -> None:
     """Drop a timed call's result at once (keeping 400 MB results would time the allocator)."""
 
@@ -90,6 +112,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--reps", type=int, default=20)
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--dists", nargs="+", default=["normal", "heavy"])
+    p.add_argument("--breakdown", action="store_true", help="also time each stage of our selection separately")
     args = p.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("CUDA is not available here: this benchmark is for the GPU machine "
@@ -140,6 +163,8 @@ def main(argv: list[str] | None = None) -> None:
                     counts = f"{c[0]:.3f}, {statistics.median(c):.3f}, {c[-1]:.3f}"
                 label = method + (" (compiled mask)" if method == "ours" and fused else "")
                 print(f"| {n / 1e6:g}M | {dist} | {label} | {ms:.3f} | {ms / floor:.2f} | {ms / ref:.2f} | {counts} |")
+            if args.breakdown:
+                _breakdown(run, x, k, stride, args, floor)
             del x
 
 
