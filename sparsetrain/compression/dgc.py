@@ -337,7 +337,7 @@ class DGCState:
         self._n_prepared = 0
         self._expected: int | None = None
         self._done: list[tuple[_Pending, torch.Tensor | None]] = []
-        self._pool: dict[tuple[int, torch.device], list[torch.Tensor]] = {}
+        self._pool: dict[tuple[int, torch.device, torch.dtype], list[torch.Tensor]] = {}
         self.last_stats: dict[str, float] = {}
         self.totals: dict[str, float] = {}
         self._acc: dict[str, float] = {}
@@ -666,17 +666,19 @@ class DGCState:
         for e in entries:
             table[e.key] = flat[e.offset : e.offset + e.numel]
 
-    # Bucket-sized float32 temporaries are recycled: on the CPU a fresh allocation of this size costs
-    # more than the arithmetic done in it (the pages are returned to the OS and faulted in again).
-    def _take(self, like: torch.Tensor) -> torch.Tensor:
-        free = self._pool.get((like.numel(), like.device))
-        return free.pop() if free else torch.empty(like.numel(), dtype=torch.float32, device=like.device)
+    # Bucket-sized float32 temporaries (and the bool threshold mask) are recycled: on the CPU a fresh
+    # allocation of this size costs more than the arithmetic done in it (the pages are returned to the
+    # OS and faulted in again).
+    def _take(self, like: torch.Tensor, dtype: torch.dtype = torch.float32, numel: int | None = None) -> torch.Tensor:
+        n = like.numel() if numel is None else numel
+        free = self._pool.get((n, like.device, dtype))
+        return free.pop() if free else torch.empty(n, dtype=dtype, device=like.device)
 
     def _give(self, *tensors: torch.Tensor | None) -> None:
         for t in tensors:
-            if t is None or t.dtype != torch.float32 or t._base is not None:
+            if t is None or t.dtype not in (torch.float32, torch.bool) or t._base is not None:
                 continue
-            free = self._pool.setdefault((t.numel(), t.device), [])
+            free = self._pool.setdefault((t.numel(), t.device, t.dtype), [])
             if len(free) < 4 and all(f is not t for f in free):
                 free.append(t)
 
@@ -793,15 +795,18 @@ class DGCState:
         device = total.device
         real, msg, padded = [], [], False
         sent = 0
-        work = self._take(total) if cfg.selection == "threshold" and device.type == "cpu" else None
+        work = mask = None
+        if cfg.selection == "threshold" and device.type == "cpu" and plan.sparse_entries:
+            work = self._take(total)
+            mask = self._take(total, torch.bool, max(-(-e.numel // 8) * 8 for e in plan.sparse_entries))
         for e in plan.sparse_entries:
             x = total[e.offset : e.offset + e.numel]
             if cfg.selection == "topk":
                 idx = topk_indices(x, e.k)
             else:
                 w = work[e.offset : e.offset + e.numel] if work is not None else None
-                idx = threshold_indices(x, e.k, stride=e.stride, offset=self.step, scratch=w)
-            idx = idx + e.offset
+                idx = threshold_indices(x, e.k, stride=e.stride, offset=self.step, scratch=w, mask_scratch=mask)
+            idx = idx.add_(e.offset)
             real.append(idx)
             msg.append(idx)
             c = idx.numel()
@@ -809,7 +814,7 @@ class DGCState:
                 msg.append(torch.zeros(e.k - c, dtype=idx.dtype, device=device))
                 padded = True
             sent += c
-        self._give(work)
+        self._give(work, mask)
         idx_real = torch.cat(real)
         idx_msg = torch.cat(msg) if padded else idx_real
         vals = total[idx_msg]

@@ -124,3 +124,78 @@ def test_threshold_usually_keeps_exactly_k():
 def test_margin_is_checked():
     with pytest.raises(ValueError, match="`margin` must be >= 1"):
         threshold_indices(torch.randn(100), 3, stride=2, margin=0.5)
+
+
+# ----------------------------------------------------------------------------- the CPU search
+
+
+def _plain_threshold_indices(x, k, stride, offset, lower_bound=0.8, max_rounds=10, margin=1.3):
+    """The sampled-threshold selection written the straightforward way (one full mask per round)."""
+    n = x.numel()
+    if stride == 1 or k >= n:
+        return topk_indices(x, k)
+    mag = x.abs()
+    sample = mag[offset % stride :: stride]
+    k_s = min(sample.numel(), max(1, math.ceil(margin * k * sample.numel() / n)))
+    threshold = torch.topk(sample, k_s, sorted=False).values.min()
+    for round_ in range(max_rounds):
+        idx = (mag >= threshold).nonzero().view(-1)
+        if idx.numel() >= lower_bound * k or round_ == max_rounds - 1:
+            break
+        threshold = threshold * lower_bound
+    if idx.numel() > k:
+        idx = idx[torch.topk(mag[idx], k, sorted=False).indices]
+    return idx
+
+
+def _awkward(kind, n, g):
+    x = torch.randn(n, generator=g) * torch.rand(n, generator=g)
+    if kind == "ties":
+        x = torch.round(x * 4) / 4
+    elif kind == "mostly_zero":
+        x[torch.rand(n, generator=g) < 0.95] = 0.0
+    elif kind == "signed_zeros":
+        x = torch.where(torch.rand(n, generator=g) < 0.5, -0.0, 0.0)
+        x[::97] = 1.0
+    elif kind == "nan_in_sample":
+        x[5::7] = float("nan")
+    elif kind == "nan_and_inf":
+        x[n // 2] = float("nan")
+        x[3] = float("inf")
+        x[-1] = float("-inf")
+    elif kind == "nan_in_tail":
+        x[-2] = float("nan")
+    elif kind == "zeros":
+        x = torch.zeros(n)
+    return x
+
+
+# 0.001 and 0.002 take the column-maxima search, 0.01 and 0.0625 the full mask; the sizes leave
+# tails of every length after the R x M layout (M a multiple of the stride).
+@pytest.mark.parametrize("kind", ["plain", "ties", "mostly_zero", "signed_zeros", "nan_in_sample", "nan_and_inf",
+                                  "nan_in_tail", "zeros"])
+@pytest.mark.parametrize("numel", [65_536, 100_003, 262_151])
+@pytest.mark.parametrize("density", [0.001, 0.002, 0.01, 0.0625])
+def test_cpu_search_gives_exactly_the_plain_result(kind, numel, density):
+    g = torch.Generator().manual_seed(numel + int(density * 1e4))
+    x = _awkward(kind, numel, g)
+    k = num_selected(numel, density)
+    stride = sample_stride(numel, density, 0.01)
+    for offset in (0, 3, 1001):
+        expected = _plain_threshold_indices(x, k, stride, offset)
+        got = threshold_indices(x, k, stride=stride, offset=offset)
+        assert torch.equal(got, expected), (kind, numel, density, offset)
+        scratch = torch.full((numel,), 7.0)
+        mask = torch.ones(numel + 64, dtype=torch.bool)  # dirty scratch buffers must not matter
+        got = threshold_indices(x, k, stride=stride, offset=offset, scratch=scratch, mask_scratch=mask)
+        assert torch.equal(got, expected), (kind, numel, density, offset, "scratch")
+
+
+@pytest.mark.parametrize("fraction", [0.0, 0.001, 0.02, 0.2, 0.7, 1.0])
+@pytest.mark.parametrize("numel", [8, 64, 4096, 65_536])
+def test_true_positions_is_nonzero(fraction, numel):
+    from sparsetrain.compression.topk import _true_positions
+
+    mask = torch.rand(numel + 8, generator=torch.Generator().manual_seed(numel)) < fraction
+    for m in (mask[:numel], mask[8 : numel + 8], mask[3 : numel + 3]):  # the last one is not word-aligned
+        assert torch.equal(_true_positions(m), m.nonzero().view(-1))
