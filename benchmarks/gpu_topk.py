@@ -6,7 +6,10 @@ For fp32 gradients of 25M and 100M elements at density 0.001, times (CUDA events
 - ``ours``: :func:`sparsetrain.compression.threshold_indices` as the hook calls it (strided 1%
   sample, ``|x| >= threshold`` fused into one pass by ``torch.compile`` when available, ``nonzero``,
   exact top-k among the candidates when more than k pass),
-- ``ours_eager``: the same without the compiled mask (``x.abs() >= t``, two passes),
+- ``ours, mask search``: the same, finding the entries above the threshold with one fused compare
+  of the whole tensor and ``nonzero`` instead of through column maxima (``ours, mask search,
+  eager``: without ``torch.compile``); ``ours, topk of candidates``: ``torch.topk`` instead of a
+  sort to keep the k largest candidates,
 - ``torch.topk``: ``torch.topk(x.abs(), k, sorted=False)`` (the exact anchor),
 - ``copy``: ``buf.copy_(x)`` into a preallocated buffer, the copy floor (one read and one write
   of the gradient; earlier versions timed ``x.clone()`` while keeping every result, which timed
@@ -78,6 +81,7 @@ def _breakdown(run, x, k, stride, args, floor) -> None:
     t = torch.topk(sample, k_s, sorted=False).values.min()
     mask = topk_mod._at_least(x, t)
     idx = mask.nonzero().view(-1)
+    grouped = topk_mod._grouped_at_least(x, 16)
     stages = {
         "sample abs(x[::stride])": lambda r: _discard(x[r % stride :: stride].abs()),
         f"topk of the sample (k_s={k_s})": lambda r: _discard(torch.topk(sample, k_s, sorted=False).values.min()),
@@ -85,6 +89,10 @@ def _breakdown(run, x, k, stride, args, floor) -> None:
         "nonzero of the mask": lambda r: _discard(mask.nonzero()),
         f"exact top-k of the {idx.numel()} candidates": lambda r: _discard(
             idx[torch.topk(x[idx].abs(), min(k, idx.numel()), sorted=False).indices]),
+        f"stable sort of the {idx.numel()} candidates": lambda r: _discard(
+            idx[torch.sort(x[idx].abs(), descending=True, stable=True).indices[:k]]),
+        "column maxima over 16 rows (grouped search)": lambda r: _discard(topk_mod._grouped_at_least(x, 16)),
+        "grouped search at t, given the maxima": lambda r: _discard(grouped(t)),
     }
     for name, fn in stages.items():
         ms = statistics.median(run(fn, args.reps, args.warmup)[0])
@@ -134,13 +142,17 @@ def main(argv: list[str] | None = None) -> None:
             def ours(r, x=x, k=k, stride=stride):
                 return threshold_indices(x, k, stride=stride, offset=r)
 
-            def ours_eager(r, x=x, k=k, stride=stride):
-                saved = topk_mod._fused_at_least
-                topk_mod._fused_at_least = False
-                try:
-                    return threshold_indices(x, k, stride=stride, offset=r)
-                finally:
-                    topk_mod._fused_at_least = saved
+            def variant(x, k, stride, **flags):
+                def fn(r):
+                    saved = {name: getattr(topk_mod, name) for name in flags}
+                    for name, value in flags.items():
+                        setattr(topk_mod, name, value)
+                    try:
+                        return threshold_indices(x, k, stride=stride, offset=r)
+                    finally:
+                        for name, value in saved.items():
+                            setattr(topk_mod, name, value)
+                return fn
 
             # The floor copies into a preallocated buffer: a fresh clone per repetition would time
             # the allocator too (each 400 MB result is kept, so every clone would be a new cudaMalloc).
@@ -150,9 +162,11 @@ def main(argv: list[str] | None = None) -> None:
             rows["torch.topk"] = run(lambda r, x=x, k=k: _discard(torch.topk(x.abs(), k, sorted=False)),
                                      args.reps, args.warmup)
             rows["ours"] = run(ours, args.reps, args.warmup)
-            fused = topk_mod._fused_at_least not in (None, False)
             if device.type == "cuda":
-                rows["ours_eager"] = run(ours_eager, args.reps, args.warmup)
+                for label, flags in (("ours, mask search", {"_CUDA_SEARCH": "mask"}),
+                                     ("ours, topk of candidates", {"_CUDA_FINAL": "topk"}),
+                                     ("ours, mask search, eager", {"_CUDA_SEARCH": "mask", "_fused_at_least": False})):
+                    rows[label] = run(variant(x, k, stride, **flags), args.reps, args.warmup)
             floor = statistics.median(rows["copy"][0])
             ref = statistics.median(rows["torch.topk"][0])
             for method, (times, outs) in rows.items():
@@ -161,7 +175,7 @@ def main(argv: list[str] | None = None) -> None:
                 if method.startswith("ours"):
                     c = sorted(o.numel() / k for o in outs)
                     counts = f"{c[0]:.3f}, {statistics.median(c):.3f}, {c[-1]:.3f}"
-                label = method + (" (compiled mask)" if method == "ours" and fused else "")
+                label = method
                 print(f"| {n / 1e6:g}M | {dist} | {label} | {ms:.3f} | {ms / floor:.2f} | {ms / ref:.2f} | {counts} |")
             if args.breakdown:
                 _breakdown(run, x, k, stride, args, floor)

@@ -91,8 +91,8 @@ def threshold_indices(
     ``C >= lower_bound * k`` unless ``max_rounds`` ran out. ``stride == 1`` is exact top-k.
 
     How the entries at or above a threshold are found depends on the device, never the
-    result: on CUDA one fused ``|x| >= t`` pass and ``nonzero``; on the CPU see
-    :func:`_cpu_search`.
+    result: on CUDA at low density through column maxima (:func:`_grouped_at_least`), otherwise
+    one fused ``|x| >= t`` pass and ``nonzero``; on the CPU see :func:`_cpu_search`.
 
     Args:
         x_N: flat tensor.
@@ -130,9 +130,12 @@ def threshold_indices(
     k_s = min(n_sample, max(1, math.ceil(margin * k * n_sample / n)))
     if x_N.is_cuda:
         threshold = _kth_largest(x_N[o::stride].abs(), k_s)
-
-        def at_least(t: torch.Tensor) -> torch.Tensor:
-            return _at_least(x_N, t).nonzero().view(-1)
+        at_least = None
+        if _CUDA_SEARCH == "grouped" and margin * k / n <= _GROUPED_BELOW:
+            at_least = _grouped_at_least(x_N, _GROUP_ROWS)
+        if at_least is None:
+            def at_least(t: torch.Tensor) -> torch.Tensor:
+                return _at_least(x_N, t).nonzero().view(-1)
 
         def magnitudes(idx: torch.Tensor) -> torch.Tensor:
             return x_N[idx].abs()
@@ -144,8 +147,24 @@ def threshold_indices(
             break
         threshold = threshold * lower_bound
     if idx_C.numel() > k:
-        idx_C = idx_C[torch.topk(magnitudes(idx_C), k, sorted=False).indices]
+        idx_C = idx_C[_largest(magnitudes(idx_C), k)]
     return idx_C
+
+
+#: How the CUDA path finds the entries at or above a threshold: "grouped" (column maxima, then
+#: only the columns that reach it: see _grouped_at_least) or "mask" (one fused compare of the whole
+#: tensor, then nonzero). And how it keeps the k largest of the candidates: "sort" or "topk".
+#: Both choices give the same positions (benchmarks/gpu_topk.py times them).
+_CUDA_SEARCH = "grouped"
+_CUDA_FINAL = "sort"
+
+
+def _largest(values_C: torch.Tensor, k: int) -> torch.Tensor:
+    """Positions of the ``k`` largest of ``values_C``; which of several equal values at the k-th place
+    are kept may differ between the two methods (a stable sort keeps the earliest)."""
+    if values_C.is_cuda and _CUDA_FINAL == "sort":
+        return torch.sort(values_C, descending=True, stable=True).indices[:k]
+    return torch.topk(values_C, k, sorted=False).indices
 
 
 def select_indices(
@@ -182,6 +201,49 @@ def _check_flat(x_N: torch.Tensor, k: int) -> None:
 #: column maxima (see _cpu_search); above it, through a mask of the whole tensor.
 _GROUPED_BELOW = 0.005
 _GROUP_ROWS = 16
+
+
+def _grouped_at_least(
+    x_N: torch.Tensor,
+    rows: int,
+    *,
+    x_RM: torch.Tensor | None = None,
+    max_M: torch.Tensor | None = None,
+) -> Callable[[torch.Tensor], torch.Tensor] | None:
+    """A function ``t -> (x_N.abs() >= t).nonzero()`` (flat, ascending) that reads ``x_N`` once.
+
+    ``x_N`` is read as R rows (``R = rows``) of M columns plus a tail; one pass gives each
+    column's largest magnitude ``max_M`` (computed here unless given), and for a threshold only
+    the columns whose maximum reaches it are gathered and compared entry by entry. A NaN makes
+    its column's maximum NaN, and such a column is always gathered. Returns None when ``x_N`` is
+    too small or not contiguous for the grouping to pay.
+    """
+    n = x_N.numel()
+    if x_RM is None:
+        m = n // rows
+        if m < 64 or not x_N.is_contiguous():
+            return None
+        x_RM = x_N[: rows * m].view(rows, m)
+    m = x_RM.shape[1]
+    if max_M is None:
+        max_M = torch.maximum(x_RM.amax(0), x_RM.amin(0).neg_())
+    tail_T = x_N[rows * m :]
+
+    def grouped(t: torch.Tensor) -> torch.Tensor:
+        hit_H = torch.lt(max_M, t).logical_not_().nonzero().view(-1)  # NaN maxima count as hits
+        h = hit_H.numel()
+        parts = []
+        if h:
+            ok_RH = torch.ge(x_RM.index_select(1, hit_H).abs_(), t)
+            q_C = ok_RH.view(-1).nonzero().view(-1)  # row-major: row q // h, hit column q % h
+            parts.append(torch.div(q_C, h, rounding_mode="floor").mul_(m).add_(hit_H[q_C % h]))
+        if tail_T.numel():
+            parts.append((tail_T.abs() >= t).nonzero().view(-1).add_(rows * m))
+        if not parts:
+            return torch.zeros(0, dtype=torch.long, device=x_N.device)
+        return torch.cat(parts) if len(parts) > 1 else parts[0]
+
+    return grouped
 
 
 def _kth_largest(values_S: torch.Tensor, k: int) -> torch.Tensor:
@@ -236,19 +298,7 @@ def _cpu_search(
         else:
             threshold = _kth_largest(x_N[o::stride].abs(), k_s)
 
-        def grouped(t: torch.Tensor) -> torch.Tensor:
-            hit_H = torch.lt(max_M, t).logical_not_().nonzero().view(-1)  # NaN maxima count as hits
-            h = hit_H.numel()
-            parts = []
-            if h:
-                ok_RH = torch.ge(x_RM.index_select(1, hit_H).abs_(), t)
-                q_C = ok_RH.view(-1).nonzero().view(-1)  # row-major: row q // h, hit column q % h
-                parts.append(torch.div(q_C, h, rounding_mode="floor").mul_(m).add_(hit_H[q_C % h]))
-            if tail_T.numel():
-                parts.append((tail_T.abs() >= t).nonzero().view(-1).add_(rows * m))
-            if not parts:
-                return torch.zeros(0, dtype=torch.long, device=x_N.device)
-            return torch.cat(parts) if len(parts) > 1 else parts[0]
+        grouped = _grouped_at_least(x_N, rows, x_RM=x_RM, max_M=max_M)
 
         def gathered(idx: torch.Tensor) -> torch.Tensor:
             return x_N[idx].abs()

@@ -3,6 +3,7 @@ import math
 import pytest
 import torch
 
+from sparsetrain.compression import topk as topk_mod
 from sparsetrain.compression.topk import (
     num_selected,
     sample_stride,
@@ -199,3 +200,40 @@ def test_true_positions_is_nonzero(fraction, numel):
     mask = torch.rand(numel + 8, generator=torch.Generator().manual_seed(numel)) < fraction
     for m in (mask[:numel], mask[8 : numel + 8], mask[3 : numel + 3]):  # the last one is not word-aligned
         assert torch.equal(_true_positions(m), m.nonzero().view(-1))
+
+
+@pytest.mark.parametrize("kind", ["plain", "ties", "mostly_zero", "nan_and_inf", "nan_in_tail", "zeros"])
+@pytest.mark.parametrize("numel", [4096, 100_003])
+def test_grouped_search_equals_the_plain_mask(kind, numel):
+    g = torch.Generator().manual_seed(numel)
+    x = _awkward(kind, numel, g)
+    search = topk_mod._grouped_at_least(x, 16)
+    for t in (0.0, 0.3, 1.0, float("inf")):
+        t = torch.tensor(t)
+        assert torch.equal(search(t), (x.abs() >= t).nonzero().view(-1)), (kind, t)
+
+
+def _sorted_magnitudes(x, idx):
+    return torch.sort(x[idx].abs().cpu()).values
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("search,final", [("grouped", "sort"), ("mask", "topk"), ("grouped", "topk"), ("mask", "sort")])
+@pytest.mark.parametrize("kind", ["plain", "ties", "mostly_zero", "nan_and_inf", "nan_in_tail"])
+@pytest.mark.parametrize("numel,density", [(262_151, 0.001), (2_000_003, 0.001), (262_151, 0.01)])
+def test_cuda_selection_keeps_the_plain_result(search, final, kind, numel, density, monkeypatch):
+    # Same count and the same magnitudes as the plain CPU computation (which of several equal
+    # magnitudes at the k-th place are kept may differ).
+    monkeypatch.setattr(topk_mod, "_CUDA_SEARCH", search)
+    monkeypatch.setattr(topk_mod, "_CUDA_FINAL", final)
+    g = torch.Generator().manual_seed(numel)
+    x = _awkward(kind, numel, g)
+    k = num_selected(numel, density)
+    stride = sample_stride(numel, density, 0.01)
+    for offset in (0, 5):
+        expected = _plain_threshold_indices(x, k, stride, offset)
+        got = threshold_indices(x.cuda(), k, stride=stride, offset=offset).cpu()
+        assert got.numel() == expected.numel() and got.unique().numel() == got.numel()
+        torch.testing.assert_close(_sorted_magnitudes(x, got), _sorted_magnitudes(x, expected),
+                                   rtol=0, atol=0, equal_nan=True)
