@@ -516,6 +516,7 @@ def test_loading_an_optimizer_state_reapplies_the_masks_to_it():
     assert not _masks_enforced(sp, opt)
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("method", ["rigl", "set", "gmp"])
 def test_a_mask_update_waits_for_the_device_once_whatever_the_layer_count(method):

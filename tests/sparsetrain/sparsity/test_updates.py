@@ -149,6 +149,7 @@ def test_rigl_with_tied_magnitudes_and_gradients_matches_the_reference(seed, n_d
                        _reference_keep(weight.abs(), mask, int(mask.sum()) - n_drop))
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("seed", range(3))
 def test_masks_are_the_same_on_cuda_as_on_cpu(seed):
