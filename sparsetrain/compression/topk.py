@@ -91,8 +91,8 @@ def threshold_indices(
     ``C >= lower_bound * k`` unless ``max_rounds`` ran out. ``stride == 1`` is exact top-k.
 
     How the entries at or above a threshold are found depends on the device, never the
-    result: on CUDA at low density through column maxima (:func:`_grouped_at_least`), otherwise
-    one fused ``|x| >= t`` pass and ``nonzero``; on the CPU see :func:`_cpu_search`.
+    result: on CUDA one fused ``|x| >= t`` pass and ``nonzero`` (or column maxima, see
+    ``_CUDA_SEARCH``); on the CPU see :func:`_cpu_search`.
 
     Args:
         x_N: flat tensor.
@@ -151,11 +151,13 @@ def threshold_indices(
     return idx_C
 
 
-#: How the CUDA path finds the entries at or above a threshold: "grouped" (column maxima, then
-#: only the columns that reach it: see _grouped_at_least) or "mask" (one fused compare of the whole
-#: tensor, then nonzero). And how it keeps the k largest of the candidates: "sort" or "topk".
-#: Both choices give the same positions (benchmarks/gpu_topk.py times them).
-_CUDA_SEARCH = "grouped"
+#: How the CUDA path finds the entries at or above a threshold: "mask" (one fused compare of the
+#: whole tensor, then nonzero) or "grouped" (column maxima, then only the columns that reach it:
+#: see _grouped_at_least); and how it keeps the k largest of the candidates: "sort" or "topk".
+#: Both choices give the same positions. On an H200 at 100M (benchmarks/gpu_topk.py) "mask" was as
+#: fast as "grouped" for normal values and 14% faster for heavy-tailed ones, and "sort" 10-19%
+#: faster than "topk" overall.
+_CUDA_SEARCH = "mask"
 _CUDA_FINAL = "sort"
 
 
@@ -268,12 +270,12 @@ def _cpu_search(
     Sparse (``fraction`` of the entries expected to pass, small): ``x_N`` is read as R rows
     (``R = 16``) of M columns, M a multiple of ``stride``, so that the sample is exactly the
     columns ``o, o + stride, ...`` (and part of the tail). One ``amax``/``amin`` pass over the
-    rows gives each column's largest magnitude. Threshold: the ``k_s``-th largest sampled
-    column maximum is a lower bound of it (those maxima are ``k_s`` distinct sampled entries),
-    so the threshold is the ``k_s``-th largest entry of the sampled columns whose maximum
-    reaches the bound. Search: only the columns whose maximum reaches ``t`` are gathered and
-    compared entry by entry. A NaN makes its column's maximum NaN; such a column is always
-    gathered, so NaNs reach the threshold and the comparisons as in the plain computation.
+    rows gives each column's largest magnitude. Threshold: it is the ``k_s``-th largest entry of
+    the ``k_s`` sampled columns with the largest maxima (were a sampled entry at or above it in
+    another column, each of those ``k_s`` columns would hold an entry at least as large).
+    Search: only the columns whose maximum reaches ``t`` are gathered and compared entry by
+    entry. A NaN makes its column's maximum NaN, which ``topk`` ranks first and the search
+    always gathers, so NaNs reach the threshold and the comparisons as in the plain computation.
 
     Denser: ``|x_N|`` and the mask ``|x| >= t`` are written once per threshold and the mask
     is scanned by :func:`_true_positions`.
@@ -286,16 +288,11 @@ def _cpu_search(
     if fraction <= _GROUPED_BELOW and m >= 64 and x_N.is_contiguous():
         x_RM = x_N[: rows * m].view(rows, m)
         max_M = torch.maximum(x_RM.amax(0), x_RM.amin(0).neg_())
-        tail_T = x_N[rows * m :]
-        tail_sample = tail_T[o::stride].abs()  # rows * m is a multiple of stride
-        cols_max = max_M[o::stride]
-        pool = torch.cat([cols_max, tail_sample])
-        if pool.numel() >= k_s:
-            bound = _kth_largest(pool, k_s)
-            cols = torch.lt(cols_max, bound).logical_not_().nonzero().view(-1).mul_(stride).add_(o)
-            survivors = torch.cat([x_RM.index_select(1, cols).abs_().view(-1), tail_sample])
-            threshold = _kth_largest(survivors, k_s)
-        else:
+        cols_max = max_M[o::stride]  # rows * m is a multiple of stride: these columns are the sample
+        if rows * m == n and cols_max.numel() >= k_s:
+            top = torch.topk(cols_max, k_s, sorted=False).indices.mul_(stride).add_(o)
+            threshold = _kth_largest(x_RM.index_select(1, top).abs_().view(-1), k_s)
+        else:  # the tail holds sampled entries too (rare for weight shapes): sample the plain way
             threshold = _kth_largest(x_N[o::stride].abs(), k_s)
 
         grouped = _grouped_at_least(x_N, rows, x_RM=x_RM, max_M=max_M)
