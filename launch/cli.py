@@ -25,7 +25,7 @@ import sys
 import tempfile
 import warnings
 
-from .commands import BACKENDS, DEFAULT_MASTER_PORT, LaunchConfig, build_command, deepspeed_hostfile
+from .commands import BACKENDS, DEFAULT_MASTER_PORT, LaunchConfig, build_command, deepspeed_hostfile, launcher_env
 from .env import EnvOverrideWarning, child_env, parse_env_assignments, resolve_from_env
 from .process import run_forwarding
 from .slurm import SlurmOptions, sbatch_script, write_sbatch_script
@@ -149,7 +149,9 @@ def main(argv: list[str] | None = None) -> int:
         warnings.simplefilter("always", EnvOverrideWarning)
         try:
             cfg = _config(args, os.environ)
-            updates = parse_env_assignments(args.env)
+            # What the launch needs (unless the user set it), then the user's --env assignments.
+            needed = {k: v for k, v in launcher_env(cfg).items() if k not in os.environ}
+            updates = needed | parse_env_assignments(args.env)
             opts = _slurm_options(args) if args.backend == "slurm" else None
             env = child_env(os.environ, updates)
         except ValueError as e:

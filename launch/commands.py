@@ -37,6 +37,7 @@ __all__ = [
     "build_command",
     "deepspeed_hostfile",
     "deepspeed_hostfile_path",
+    "launcher_env",
     "worker_argv",
 ]
 
@@ -283,6 +284,30 @@ def _horovod(cfg: LaunchConfig) -> list[str]:
     return ["horovodrun", "--gloo", "-np", str(cfg.nnodes * cfg.nproc_per_node), "-H", spec,
             "python", "-m", "sparsetrain.launch.worker", "--from", "horovod",
             "--master-addr", master, "--master-port", str(cfg.master_port), "--", *worker_argv(cfg)]
+
+
+#: With torchrun restarts, every attempt must rendezvous in a store of its own. By default torchrun's
+#: workers share the agent's TCPStore, and after a restart a worker could read a peer's address
+#: from the previous attempt and fail with "connection refused" (pytorch/pytorch#135712); with
+#: this set, rank 0 of each attempt hosts a fresh store.
+RESTART_ENV = {"TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
+
+
+def launcher_env(cfg: LaunchConfig) -> dict[str, str]:
+    """Environment variables the launched command needs beyond the user's (pure; nothing is read).
+
+    Today: :data:`RESTART_ENV` when torchrun (directly or under SLURM) may restart workers.
+
+    Example::
+
+        >>> launcher_env(LaunchConfig(backend="torchrun", recipe="r.yaml", max_restarts=2))
+        {'TORCH_DISABLE_SHARE_RDZV_TCP_STORE': '1'}
+    """
+    if not isinstance(cfg, LaunchConfig):
+        raise ValueError(f"`cfg` must be a LaunchConfig, got {type(cfg).__name__}")
+    if cfg.max_restarts and cfg.backend in ("torchrun", "slurm"):
+        return dict(RESTART_ENV)
+    return {}
 
 
 def build_command(cfg: LaunchConfig, *, script_path: str | None = None) -> list[str]:

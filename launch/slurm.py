@@ -22,7 +22,7 @@ import shlex
 import tempfile
 from dataclasses import dataclass, field
 
-from .commands import LaunchConfig, worker_argv
+from .commands import LaunchConfig, launcher_env, worker_argv
 
 __all__ = ["SlurmOptions", "sbatch_script", "write_sbatch_script"]
 
@@ -117,6 +117,8 @@ def sbatch_script(cfg: LaunchConfig, opts: SlurmOptions | None = None) -> str:
     )
     if cfg.max_restarts:
         torchrun += f" --max-restarts {cfg.max_restarts}"
+    for key, value in launcher_env(cfg).items():
+        lines.append(f'export {key}="${{{key}:-{value}}}"')  # unless the job's environment sets it
     lines.append(f"srun --kill-on-bad-exit=1 {torchrun} --no-python {shlex.join(worker_argv(cfg))}")
     return "\n".join(lines) + "\n"
 

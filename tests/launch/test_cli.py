@@ -32,8 +32,8 @@ def dry(capsys, *args):
          "--out runs/x\n"),
         (["--backend", "torchrun", "--nnodes", "2", "--node-rank", "1", "--master-addr", "10.0.0.1",
           "--master-port", "2345", "--max-restarts", "3", "r.yaml"],
-         "torchrun --nnodes 2 --nproc-per-node 1 --node-rank 1 --master-addr 10.0.0.1 --master-port 2345 "
-         "--max-restarts 3 --no-python sparsetrain train r.yaml\n"),
+         "TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 torchrun --nnodes 2 --nproc-per-node 1 --node-rank 1 "
+         "--master-addr 10.0.0.1 --master-port 2345 --max-restarts 3 --no-python sparsetrain train r.yaml\n"),
         (["--backend", "torchrun", "--nnodes", "3", "--rdzv-endpoint", "head:29400", "--rdzv-id", "j1", "r.yaml"],
          "torchrun --nnodes 3 --nproc-per-node 1 --rdzv-backend c10d --rdzv-endpoint head:29400 --rdzv-id j1 "
          "--no-python sparsetrain train r.yaml\n"),
@@ -52,7 +52,8 @@ def dry(capsys, *args):
     ],
 )
 def test_dry_run_pinned(capsys, monkeypatch, args, expected):
-    for var in ("MASTER_ADDR", "MASTER_PORT", "NODE_RANK", "OMP_NUM_THREADS", "A"):
+    for var in ("MASTER_ADDR", "MASTER_PORT", "NODE_RANK", "OMP_NUM_THREADS", "A",
+                "TORCH_DISABLE_SHARE_RDZV_TCP_STORE"):
         monkeypatch.delenv(var, raising=False)
     out = dry(capsys, *args)
     assert out.out == expected

@@ -2,7 +2,7 @@
 
 import pytest
 from sparsetrain.launch import LaunchConfig, build_command
-from sparsetrain.launch.commands import deepspeed_hostfile, deepspeed_hostfile_path
+from sparsetrain.launch.commands import deepspeed_hostfile, deepspeed_hostfile_path, launcher_env
 
 TRAIN = ["sparsetrain", "train", "r.yaml", "--max-steps", "20", "--out", "runs/x"]
 
@@ -136,3 +136,18 @@ def test_bad_arguments(kw, match):
 def test_build_command_rejects_non_config():
     with pytest.raises(ValueError, match="`cfg` must be a LaunchConfig"):
         build_command({"backend": "torchrun"})
+
+
+@pytest.mark.parametrize("backend,restarts,expected", [
+    ("torchrun", 2, {"TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}),
+    ("slurm", 1, {"TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}),
+    ("torchrun", 0, {}),
+    ("deepspeed", 0, {}),
+    ("horovod", 0, {}),
+])
+def test_restarting_torchrun_gets_a_store_per_attempt(backend, restarts, expected):
+    extra = {"nnodes": 2, "rdzv_endpoint": "head:29500"} if backend == "slurm" else {}
+    cfg = LaunchConfig(backend=backend, recipe="r.yaml", max_restarts=restarts, **extra)
+    assert launcher_env(cfg) == expected
+    with pytest.raises(ValueError, match="`cfg` must be a LaunchConfig"):
+        launcher_env({"backend": backend})

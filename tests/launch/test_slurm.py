@@ -26,6 +26,7 @@ EXPECTED = """\
 
 set -euo pipefail
 head_node=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
+export TORCH_DISABLE_SHARE_RDZV_TCP_STORE="${TORCH_DISABLE_SHARE_RDZV_TCP_STORE:-1}"
 srun --kill-on-bad-exit=1 torchrun --nnodes 2 --nproc-per-node 4 --rdzv-backend c10d \
 --rdzv-endpoint "$head_node:29600" --rdzv-id "$SLURM_JOB_ID" --max-restarts 3 --no-python sparsetrain train \
 'my recipe.yaml' --out 'runs/$USER' --max-steps 100
