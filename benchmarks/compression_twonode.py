@@ -108,7 +108,8 @@ def worker(args) -> None:
     # different buckets can interleave differently on the two ranks (a collective mismatch), so
     # PowerSGD gets one bucket on CPU. The other hooks keep DDP's default buckets.
     one_bucket = args.hook == "powersgd" and not cuda
-    ddp = DDP(model, device_ids=[device.index] if cuda else None, **({"bucket_cap_mb": 1024} if one_bucket else {}))
+    cap = 1024 if one_bucket else args.bucket_cap_mb
+    ddp = DDP(model, device_ids=[device.index] if cuda else None, **({"bucket_cap_mb": cap} if cap else {}))
     state = _register(ddp, args.hook, args)
     dgc = args.hook.startswith("dgc")
     opt = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.0 if dgc else args.momentum)
@@ -185,7 +186,7 @@ def _worker_argv(args, hook: str, node: int, port: int) -> list[str]:
         "--block-size", str(args.block_size), "--batch-size", str(args.batch_size), "--lr", str(args.lr),
         "--momentum", str(args.momentum), "--selection", args.selection, "--threads", str(args.threads),
         "--val-batches", str(args.val_batches), "--byte-budget", str(args.byte_budget),
-    ]
+    ] + (["--bucket-cap-mb", str(args.bucket_cap_mb)] if args.bucket_cap_mb else [])
 
 
 def orchestrate(args) -> None:
@@ -261,6 +262,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--interface", default="st0", help="link interface whose tx_bytes are counted (worker)")
     p.add_argument("--timeout", type=float, default=1800.0, help="seconds per run (orchestration)")
     p.add_argument("--cpu", action="store_true", help="stay on CPU/gloo even when CUDA is present (worker)")
+    p.add_argument("--bucket-cap-mb", type=float, default=None,
+                   help="DDP bucket size for every hook (default: DDP's); PowerSGD on CPU always gets one bucket")
     args = p.parse_args(argv)
     if args.steps <= args.warmup_steps + args.ramp_steps:
         raise SystemExit("--steps must exceed --warmup-steps + --ramp-steps (the steady phase is what is timed)")
