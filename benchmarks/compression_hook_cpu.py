@@ -31,6 +31,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from compression_twonode import train_step  # noqa: E402  (the step the two-node bench times)
 
 CONFIGS = ("fp32", "powersgd", "dgc0.01", "dgc0.001")
 
@@ -66,11 +69,7 @@ def _setup(args, config: str):
 
 def _step(ddp, opt, x, y) -> float:
     t0 = time.perf_counter()
-    logits = ddp(x)
-    loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)), y.reshape(-1))
-    opt.zero_grad(set_to_none=True)
-    loss.backward()
-    opt.step()
+    train_step(ddp, opt, x, y)
     return time.perf_counter() - t0
 
 

@@ -52,6 +52,17 @@ HOOKS = ("fp32", "fp16", "powersgd", "dgc0.01", "dgc0.001")
 # ----------------------------------------------------------------------------- per-rank worker
 
 
+
+def train_step(ddp, opt, x, y) -> torch.Tensor:
+    """One optimizer step of the language model on a batch (the work every hook is timed on); the loss."""
+    logits = ddp(x)
+    loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)), y.reshape(-1))
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    return loss
+
+
 def _tx_bytes(interface: str) -> int | None:
     try:
         return int(Path(f"/sys/class/net/{interface}/statistics/tx_bytes").read_text())
@@ -128,11 +139,7 @@ def worker(args) -> None:
         if cuda:
             torch.cuda.synchronize()
         t0 = time.perf_counter()
-        logits = ddp(x)
-        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)), y.reshape(-1))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+        loss = train_step(ddp, opt, x, y)
         if cuda:
             torch.cuda.synchronize()
         times.append(time.perf_counter() - t0)

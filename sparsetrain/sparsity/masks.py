@@ -157,6 +157,15 @@ def _select(scores: torch.Tensor, eligible: torch.Tensor, k: int, n_eligible: in
     return out.view_as(eligible)
 
 
+def _checked_active(mask: torch.Tensor, k: int, n_active: int | None) -> int:
+    """``mask.sum()`` (counted unless given), after checking that ``k`` is in [0, it]."""
+    if n_active is None:
+        n_active = int(mask.sum())
+    if not 0 <= k <= n_active:
+        raise ValueError(f"`k` must be in [0, {n_active}] (the active count), got {k}")
+    return n_active
+
+
 def keep_largest(scores: torch.Tensor, mask: torch.Tensor, k: int, *, n_active: int | None = None) -> torch.Tensor:
     """The ``k`` active positions of ``mask`` with the largest ``scores``.
 
@@ -171,11 +180,7 @@ def keep_largest(scores: torch.Tensor, mask: torch.Tensor, k: int, *, n_active: 
         A new bool mask, a subset of ``mask`` with exactly ``k`` ``True`` entries; among equal
         scores the lower flat index is kept first.
     """
-    if n_active is None:
-        n_active = int(mask.sum())
-    if not 0 <= k <= n_active:
-        raise ValueError(f"`k` must be in [0, {n_active}] (the active count), got {k}")
-    return _select(scores, mask, k, n_active, largest=True)
+    return _select(scores, mask, k, _checked_active(mask, k, n_active), largest=True)
 
 
 def drop_smallest(scores: torch.Tensor, mask: torch.Tensor, k: int, *, n_active: int | None = None) -> torch.Tensor:
@@ -194,11 +199,7 @@ def drop_smallest(scores: torch.Tensor, mask: torch.Tensor, k: int, *, n_active:
         A new bool mask, a subset of ``mask`` with exactly ``k`` ``True`` entries; among equal
         scores the higher flat index is dropped first.
     """
-    if n_active is None:
-        n_active = int(mask.sum())
-    if not 0 <= k <= n_active:
-        raise ValueError(f"`k` must be in [0, {n_active}] (the active count), got {k}")
-    return _select(scores, mask, k, n_active, largest=False)
+    return _select(scores, mask, k, _checked_active(mask, k, n_active), largest=False)
 
 
 def grow_mask(scores: torch.Tensor, kept: torch.Tensor, k: int, *, n_kept: int | None = None) -> torch.Tensor:
