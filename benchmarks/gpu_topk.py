@@ -4,12 +4,13 @@ For fp32 gradients of 25M and 100M elements at density 0.001, times (CUDA events
 ``--reps`` after warm-up) of:
 
 - ``ours``: :func:`sparsetrain.compression.threshold_indices` as the hook calls it (strided 1%
-  sample, ``|x| >= threshold`` fused into one pass by ``torch.compile`` when available, ``nonzero``,
-  exact top-k among the candidates when more than k pass),
-- ``ours, mask search``: the same, finding the entries above the threshold with one fused compare
-  of the whole tensor and ``nonzero`` instead of through column maxima (``ours, mask search,
-  eager``: without ``torch.compile``); ``ours, topk of candidates``: ``torch.topk`` instead of a
-  sort to keep the k largest candidates,
+  sample, then on CUDA two Triton passes, counting and writing the entries at or above the
+  threshold as sort keys, see :mod:`sparsetrain.compression.compact`, and a sort of those keys when
+  more than k pass),
+- ``ours, mask search``: the same positions found the previous way, with a compare of the whole
+  tensor fused into one pass by ``torch.compile``, ``nonzero``, and a stable sort of the candidates'
+  magnitudes (``ours, mask search, eager``: without ``torch.compile``; ``ours, mask search, topk of
+  candidates``: ``torch.topk`` instead of the sort),
 - ``torch.topk``: ``torch.topk(x.abs(), k, sorted=False)`` (the exact anchor),
 - ``copy``: ``buf.copy_(x)`` into a preallocated buffer, the copy floor (one read and one write
   of the gradient; earlier versions timed ``x.clone()`` while keeping every result, which timed
@@ -82,6 +83,7 @@ def _breakdown(run, x, k, stride, args, floor) -> None:
     mask = topk_mod._at_least(x, t)
     idx = mask.nonzero().view(-1)
     grouped = topk_mod._grouped_at_least(x, 16)
+    keys = topk_mod.compact.at_least_keys(x, t) if topk_mod.compact.available(x) else None
     stages = {
         "sample abs(x[::stride])": lambda r: _discard(x[r % stride :: stride].abs()),
         f"topk of the sample (k_s={k_s})": lambda r: _discard(torch.topk(sample, k_s, sorted=False).values.min()),
@@ -94,6 +96,16 @@ def _breakdown(run, x, k, stride, args, floor) -> None:
         "column maxima over 16 rows (grouped search)": lambda r: _discard(topk_mod._grouped_at_least(x, 16)),
         "grouped search at t, given the maxima": lambda r: _discard(grouped(t)),
     }
+    stages["sort of the sample (alternative to its topk)"] = lambda r: _discard(
+        torch.sort(sample, descending=True).values[k_s - 1])
+    if keys is not None:
+        counted = topk_mod.compact.count_at_least(x, t)
+        stages["compaction pass 1 (Triton): count per block, cumsum, read C"] = lambda r: _discard(
+            topk_mod.compact.count_at_least(x, t))
+        stages["compaction pass 2 (Triton): write the keys"] = lambda r: _discard(
+            topk_mod.compact.at_least_keys(x, t, counted))
+        stages[f"descending sort of the {keys.numel()} keys"] = lambda r: _discard(
+            torch.sort(keys, descending=True).values[:k])
     for name, fn in stages.items():
         ms = statistics.median(run(fn, args.reps, args.warmup)[0])
         print(f"|   | stage | {name} | {ms:.3f} | {ms / floor:.2f} | | |")
@@ -164,7 +176,8 @@ def main(argv: list[str] | None = None) -> None:
             rows["ours"] = run(ours, args.reps, args.warmup)
             if device.type == "cuda":
                 for label, flags in (("ours, mask search", {"_CUDA_SEARCH": "mask"}),
-                                     ("ours, topk of candidates", {"_CUDA_FINAL": "topk"}),
+                                     ("ours, mask search, topk of candidates",
+                                      {"_CUDA_SEARCH": "mask", "_CUDA_FINAL": "topk"}),
                                      ("ours, mask search, eager", {"_CUDA_SEARCH": "mask", "_fused_at_least": False})):
                     rows[label] = run(variant(x, k, stride, **flags), args.reps, args.warmup)
             floor = statistics.median(rows["copy"][0])

@@ -26,6 +26,8 @@ from collections.abc import Callable
 
 import torch
 
+from . import compact
+
 __all__ = ["num_selected", "sample_stride", "select_indices", "threshold_indices", "topk_indices"]
 
 
@@ -128,6 +130,8 @@ def threshold_indices(
     o = offset % stride
     n_sample = (n - o + stride - 1) // stride
     k_s = min(n_sample, max(1, math.ceil(margin * k * n_sample / n)))
+    if x_N.is_cuda and _CUDA_SEARCH == "compact" and compact.available(x_N):
+        return _compact_select(x_N, k, _kth_largest(x_N[o::stride].abs(), k_s), lower_bound, max_rounds)
     if x_N.is_cuda:
         threshold = _kth_largest(x_N[o::stride].abs(), k_s)
         at_least = None
@@ -151,14 +155,32 @@ def threshold_indices(
     return idx_C
 
 
-#: How the CUDA path finds the entries at or above a threshold: "mask" (one fused compare of the
-#: whole tensor, then nonzero) or "grouped" (column maxima, then only the columns that reach it:
-#: see _grouped_at_least); and how it keeps the k largest of the candidates: "sort" or "topk".
-#: Both choices give the same positions. On an H200 at 100M (benchmarks/gpu_topk.py) "mask" was as
-#: fast as "grouped" for normal values and 14% faster for heavy-tailed ones, and "sort" 10-19%
-#: faster than "topk" overall.
-_CUDA_SEARCH = "mask"
+#: How the CUDA path finds the entries at or above a threshold: "compact" (one Triton pass writing
+#: the hits as sort keys, see .compact; "mask" where Triton is missing), "mask" (one fused compare
+#: of the whole tensor, then nonzero) or "grouped" (column maxima, then only the columns that reach
+#: it: see _grouped_at_least); and, for "mask" and "grouped", how it keeps the k largest of the
+#: candidates: "sort" or "topk". Every choice gives the same positions ("compact" and "sort" also
+#: in the same order). On an H200 at 100M (benchmarks/gpu_topk.py) "mask" was as fast as "grouped"
+#: for normal values and 14% faster for heavy-tailed ones, and "sort" 10-19% faster than "topk".
+_CUDA_SEARCH = "compact"
 _CUDA_FINAL = "sort"
+
+
+def _compact_select(
+    x_N: torch.Tensor, k: int, threshold: torch.Tensor, lower_bound: float, max_rounds: int
+) -> torch.Tensor:
+    """The CUDA search through :mod:`.compact` (rounds count only): the same rounds and the same result as
+    the "mask" search with the "sort" final step (positions ascending when at most k pass; else the
+    k largest, by magnitude descending and equal magnitudes by position)."""
+    for round_ in range(max_rounds):
+        counted = compact.count_at_least(x_N, threshold)
+        if counted[0] >= lower_bound * k or round_ == max_rounds - 1:
+            break
+        threshold = threshold * lower_bound
+    keys_C = compact.at_least_keys(x_N, threshold, counted)
+    if keys_C.numel() > k:
+        keys_C = torch.sort(keys_C, descending=True).values[:k]
+    return compact.positions(keys_C)
 
 
 def _largest(values_C: torch.Tensor, k: int) -> torch.Tensor:

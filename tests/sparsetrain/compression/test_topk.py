@@ -1,4 +1,5 @@
 import math
+import os
 
 import pytest
 import torch
@@ -219,7 +220,8 @@ def _sorted_magnitudes(x, idx):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.parametrize("search,final", [("grouped", "sort"), ("mask", "topk"), ("grouped", "topk"), ("mask", "sort")])
+@pytest.mark.parametrize("search,final", [("grouped", "sort"), ("mask", "topk"), ("grouped", "topk"), ("mask", "sort"),
+                                          ("compact", "sort")])
 @pytest.mark.parametrize("kind", ["plain", "ties", "mostly_zero", "nan_and_inf", "nan_in_tail"])
 @pytest.mark.parametrize("numel,density", [(262_151, 0.001), (2_000_003, 0.001), (262_151, 0.01)])
 def test_cuda_selection_keeps_the_plain_result(search, final, kind, numel, density, monkeypatch):
@@ -237,3 +239,70 @@ def test_cuda_selection_keeps_the_plain_result(search, final, kind, numel, densi
         assert got.numel() == expected.numel() and got.unique().numel() == got.numel()
         torch.testing.assert_close(_sorted_magnitudes(x, got), _sorted_magnitudes(x, expected),
                                    rtol=0, atol=0, equal_nan=True)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("kind", ["plain", "ties", "mostly_zero", "signed_zeros", "nan_and_inf", "zeros"])
+def test_cuda_compact_search_equals_mask_and_sort_in_order(dtype, kind, monkeypatch):
+    # The one-pass compaction returns the very tensor (same positions, same order) that the
+    # mask search with the stable-sort final step returns.
+    from sparsetrain.compression import compact
+
+    if not compact.available(torch.zeros(1, device="cuda")):
+        pytest.skip("Triton is not available")
+    numel, density = 1_000_003, 0.001
+    x = _awkward(kind, numel, torch.Generator().manual_seed(7)).to(dtype).cuda()
+    k = num_selected(numel, density)
+    stride = sample_stride(numel, density, 0.01)
+    for offset in (0, 5, 11):
+        monkeypatch.setattr(topk_mod, "_CUDA_SEARCH", "mask")
+        monkeypatch.setattr(topk_mod, "_CUDA_FINAL", "sort")
+        expected = threshold_indices(x, k, stride=stride, offset=offset)
+        monkeypatch.setattr(topk_mod, "_CUDA_SEARCH", "compact")
+        got = threshold_indices(x, k, stride=stride, offset=offset)
+        assert torch.equal(got, expected), (kind, dtype, offset)
+    for tv in (0.0, 0.5, float("inf"), float("nan")):  # 0: everything but NaN passes
+        t = torch.tensor(tv, dtype=dtype, device="cuda")
+        keys = compact.at_least_keys(x, t)
+        assert torch.equal(compact.positions(keys), (x.abs() >= t).nonzero().view(-1)), tv
+
+
+_INTERPRETED = """
+import torch
+from sparsetrain.compression import compact
+from tests.sparsetrain.compression.test_topk import _awkward
+
+compact._kernel = compact._build()
+for n in (1, 4096 * 2 + 17):
+    x = _awkward("ties", n, torch.Generator().manual_seed(n))
+    if n > 8:
+        x[3], x[4], x[5] = float("nan"), float("inf"), -0.0
+    for tv in (0.0, 0.5, float("inf"), float("nan")):
+        t = torch.tensor(tv)
+        keys = compact.at_least_keys(x, t)
+        hits = (x.abs() >= t).nonzero().view(-1)
+        assert compact.count_at_least(x, t)[0] == hits.numel()
+        assert torch.equal(compact.positions(keys), hits), (n, tv)
+        if hits.numel():
+            order = hits[torch.sort(x[hits].abs(), descending=True, stable=True).indices]
+            assert torch.equal(compact.positions(torch.sort(keys, descending=True).values), order)
+print("interpreted ok")
+"""
+
+
+def test_compact_kernel_in_the_triton_interpreter():
+    # The kernel's logic (block counts, atomic offsets, key encoding) on CPU tensors, where Triton
+    # is installed: its interpreter runs the same program without a GPU. In a subprocess, because
+    # Triton reads TRITON_INTERPRET once, on import, for the whole process.
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    pytest.importorskip("triton")
+    root = Path(__file__).resolve().parents[3]
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(root)}
+    out = subprocess.run([sys.executable, "-c", _INTERPRETED], env=env, cwd=root, capture_output=True, text=True,
+                         timeout=600)
+    assert out.returncode == 0 and "interpreted ok" in out.stdout, out.stderr[-3000:]

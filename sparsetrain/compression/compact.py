@@ -1,0 +1,121 @@
+"""Stream compaction on CUDA: every entry with ``|x| >= t``, in position order, as sort keys.
+
+The sampled-threshold selection (:func:`sparsetrain.compression.topk.threshold_indices`) needs the
+positions of the few entries (about 0.1%) of a large gradient at or above a threshold. Done with
+torch ops that is a compare writing a bool mask of the whole tensor, then ``nonzero`` reading it
+back. Here two Triton passes read the tensor and write nothing but the hits: the first counts the
+hits of each block of ``BLOCK`` entries, an exclusive cumulative sum of the counts gives each block
+its offset, and the second pass writes each block's hits there, in position order. (One pass that
+reserves room with an atomic add per block was slower on an H100: the blocks' atomics on one
+counter serialise.)
+
+Each hit is written as an int64 key, ``bits(|x_i|) << 32 | (2**32 - 1 - i)``. For non-negative
+floats (infinity included) the fp32 bit pattern orders like the value, so sorting keys in descending
+order sorts by magnitude, largest first, and equal magnitudes by position, smallest first (what a
+stable sort of the magnitudes in position order gives). NaN never passes ``>=``, and ``-0.0``
+compares and encodes as ``+0.0``.
+
+Legend: N elements of the tensor, B blocks, C hits (entries at or above the threshold).
+"""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = ["at_least_keys", "available", "count_at_least", "positions"]
+
+BLOCK = 4096
+_LOW = (1 << 32) - 1
+
+_kernel = None  # the Triton kernel, built on first use; False when Triton is missing
+
+
+def _build():
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def count_kernel(x_ptr, t_ptr, counts_ptr, n, BLOCK: tl.constexpr):
+        pid = tl.program_id(0).to(tl.int64)
+        offs = pid * BLOCK + tl.arange(0, BLOCK)
+        inside = offs < n
+        a = tl.abs(tl.load(x_ptr + offs, mask=inside, other=0.0).to(tl.float32))
+        hit = (a >= tl.load(t_ptr).to(tl.float32)) & inside
+        tl.store(counts_ptr + pid, tl.sum(hit.to(tl.int32), axis=0))
+
+    @triton.jit
+    def write_kernel(x_ptr, t_ptr, starts_ptr, keys_ptr, n, BLOCK: tl.constexpr):
+        pid = tl.program_id(0).to(tl.int64)
+        offs = pid * BLOCK + tl.arange(0, BLOCK)
+        inside = offs < n
+        a = tl.abs(tl.load(x_ptr + offs, mask=inside, other=0.0).to(tl.float32))
+        hit = (a >= tl.load(t_ptr).to(tl.float32)) & inside
+        hit_i = hit.to(tl.int32)
+        if tl.sum(hit_i, axis=0) > 0:
+            pos = tl.load(starts_ptr + pid) + tl.cumsum(hit_i, axis=0) - 1
+            key = (a.to(tl.int32, bitcast=True).to(tl.int64) << 32) | (4294967295 - offs)
+            tl.store(keys_ptr + pos, key, mask=hit)
+
+    return count_kernel, write_kernel
+
+
+def available(x_N: torch.Tensor) -> bool:
+    """Whether :func:`at_least_keys` can run on ``x_N``: a contiguous CUDA float tensor of fewer
+    than 2**31 elements, with Triton importable."""
+    global _kernel
+    if not (x_N.is_cuda and x_N.is_contiguous() and x_N.numel() < 2**31
+            and x_N.dtype in (torch.float32, torch.float16, torch.bfloat16)):
+        return False
+    if _kernel is None:
+        try:
+            _kernel = _build()
+        except Exception:  # noqa: BLE001 - no Triton: the caller takes the torch path
+            _kernel = False
+    return _kernel is not False
+
+
+def count_at_least(x_N: torch.Tensor, threshold: torch.Tensor) -> tuple[int, torch.Tensor]:
+    """Pass 1: how many entries have ``|x_N| >= threshold``, and where each block's hits start.
+
+    Args:
+        x_N: flat contiguous CUDA tensor (check :func:`available` first).
+        threshold: 0-d tensor on the same device.
+
+    Returns:
+        ``(C, starts_B)``: the count (read on the host, so this waits for the device) and the
+        exclusive cumulative sum of the blocks' counts.
+    """
+    n = x_N.numel()
+    counts_B = torch.empty(_cdiv(n, BLOCK), dtype=torch.int64, device=x_N.device)
+    _kernel[0][(counts_B.numel(),)](x_N, threshold.reshape(1), counts_B, n, BLOCK=BLOCK, num_warps=8)
+    ends_B = torch.cumsum(counts_B, 0)
+    return int(ends_B[-1]), ends_B.sub_(counts_B)
+
+
+def at_least_keys(x_N: torch.Tensor, threshold: torch.Tensor,
+                  counted: tuple[int, torch.Tensor] | None = None) -> torch.Tensor:
+    """Keys (see the module docstring) of every entry with ``|x_N| >= threshold``, in position order.
+
+    Args:
+        x_N: flat contiguous CUDA tensor (check :func:`available` first).
+        threshold: 0-d tensor on the same device.
+        counted: what :func:`count_at_least` returned for the same arguments (counted here if None).
+
+    Returns:
+        int64 tensor of the C keys.
+    """
+    c, starts_B = counted if counted is not None else count_at_least(x_N, threshold)
+    keys_C = torch.empty(c, dtype=torch.int64, device=x_N.device)
+    if c:
+        _kernel[1][(starts_B.numel(),)](x_N, threshold.reshape(1), starts_B, keys_C, x_N.numel(),
+                                        BLOCK=BLOCK, num_warps=8)
+    return keys_C
+
+
+def positions(keys_C: torch.Tensor) -> torch.Tensor:
+    """The int64 positions encoded in ``keys_C`` (same order)."""
+    return _LOW - (keys_C & _LOW)
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
