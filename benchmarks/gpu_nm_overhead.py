@@ -6,11 +6,13 @@ step: schedule, mask recomputation, flip statistics) of the demo GPT at GPT-2-sm
 transformer blocks in 2:4 (embeddings and lm_head dense). Runs are interleaved (dense, sparse,
 dense, ...) and each is the median over repeats; ratios are sparse / dense step time.
 
-Rows: ``srste`` recomputes the masks every step (the default; on CUDA the masks of all layers
-come from one ``torch.compile`` graph, see ``nm_masks``); ``srste, eager masks`` does the same
-without compiling; ``srste, masks every 10`` recomputes every 10th step; ``srste, fixed masks``
-and ``ste, fixed masks`` never recompute (the parametrization's cost alone, with and without
-SR-STE's backward term).
+Rows: ``srste`` recomputes the masks every step (the default; on CUDA the masks of all layers come
+from one ``torch.compile`` graph, see ``nm_masks``); ``srste, masks in forward`` computes each mask
+inside the forward pass instead (``NMConfig.masks_in_forward``: with ``--compile`` it fuses into the
+kernel that reads the weight; stored masks and flip statistics every ``verify_every`` steps);
+``srste, eager masks`` recomputes every step without compiling; ``srste, masks every 10`` recomputes
+every 10th step; ``srste, fixed masks`` and ``ste, fixed masks`` never recompute (the
+parametrization's cost alone, with and without SR-STE's backward term).
 
     PYTHONPATH=. python benchmarks/gpu_nm_overhead.py                 # CUDA only
     PYTHONPATH=. python benchmarks/gpu_nm_overhead.py --precision bf16-true
@@ -35,10 +37,12 @@ import torch  # noqa: E402
 
 from sparsetrain.demo.model import GPT, GPTConfig  # noqa: E402
 from sparsetrain.nm import NMConfig, NMSparsifier, nm_mask, nm_masks  # noqa: E402
+from sparsetrain.nm import masks as masks_mod  # noqa: E402
 
 VARIANTS = {
     "dense": None,
     "srste": {"method": "srste"},
+    "srste, masks in forward": {"method": "srste", "masks_in_forward": True},
     "srste, eager masks": {"method": "srste", "compile_masks": False},
     "srste, masks every 10": {"method": "srste", "update_every": 10},
     "srste, fixed masks": {"method": "srste", "update_every": 0},
@@ -178,6 +182,22 @@ def main(argv=None):
     if device.type == "cuda":
         mask_ms["nm_masks, compiled, with flip count"] = timed(
             lambda: nm_masks(weights, args.n, args.m, olds, compiled=True))
+        mask_ms["nm_masks, compiled, no flip count"] = timed(
+            lambda: nm_masks(weights, args.n, args.m, None, compiled=True))
+        for label, options in (("combo kernels", {"combo_kernels": True}),
+                               ("CUDA graphs", {"triton.cudagraphs": True})):
+            masks_mod._COMPILE_OPTIONS.clear()
+            masks_mod._COMPILE_OPTIONS.update(options)
+            try:
+                ms = timed(lambda: nm_masks(weights, args.n, args.m, olds, compiled=True))
+                if masks_mod._COMPILED.pop("masks_failed", None):
+                    print(f"masks with {label}: compilation failed (the time would be eager's)")
+                else:
+                    mask_ms[f"nm_masks, compiled, {label}, with flip count"] = ms
+            except Exception as err:  # noqa: BLE001 - an option this torch lacks: report, go on
+                print(f"masks with {label}: failed: {type(err).__name__}: {err}".splitlines()[0])
+            finally:
+                masks_mod._COMPILE_OPTIONS.clear()
     n_sparse = sum(w.numel() for w in weights)
 
     name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu (smoke)"

@@ -51,6 +51,9 @@ class NMSparsity(Callback):
         verify_every: check rank equality of the masks every this many mask updates (0: only at
             the start and the end).
         compile_masks: compute the masks under ``torch.compile`` (fused kernels); None: on CUDA only.
+        masks_in_forward: compute the masks inside the forward pass (for a ``torch.compile``'d
+            LightningModule: they fuse into the weight's kernel); needs ``update_every=1``. See
+            :class:`~sparsetrain.nm.NMConfig`.
         finalize: at the end of training make the weights exactly N:M and remove the
             parametrizations (plain ``weight`` parameters again).
         log_stats: log the statistics each step.
@@ -78,6 +81,7 @@ class NMSparsity(Callback):
         exclude: list[str] | None = None,
         verify_every: int = 100,
         compile_masks: bool | None = None,
+        masks_in_forward: bool = False,
         finalize: bool = True,
         log_stats: bool = True,
     ) -> None:
@@ -89,7 +93,7 @@ class NMSparsity(Callback):
             n=n, m=m, method=method, lambda_w=lambda_w, update_every=update_every, decay=decay,
             stages=parsed_stages, include=list(include) if include is not None else None,
             exclude=list(exclude) if exclude is not None else None, verify_every=verify_every,
-            compile_masks=compile_masks,
+            compile_masks=compile_masks, masks_in_forward=masks_in_forward,
         )
         # Validate everything now; decay_steps gets its real value in setup() when left to the run length.
         probe = decay_steps if decay_steps is not None or method not in ("mdgf", "sdgf") else 1

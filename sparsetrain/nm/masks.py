@@ -20,6 +20,7 @@ from torch import nn
 
 __all__ = [
     "check_nm",
+    "forward_mask",
     "is_nm",
     "kept_magnitude",
     "nm_mask",
@@ -112,14 +113,18 @@ def _eager_masks(weights, olds, n: int, m: int, compiled: bool = False):
 
 
 _COMPILED: dict[str, object] = {}
+#: Inductor options for the compiled masks (benchmarks/gpu_nm_overhead.py tries e.g. combo kernels,
+#: which launch the layers' mask kernels together).
+_COMPILE_OPTIONS: dict[str, object] = {}
 
 
 def _compiled_masks():
-    if "masks" not in _COMPILED:
+    key = "masks" + (repr(sorted(_COMPILE_OPTIONS.items())) if _COMPILE_OPTIONS else "")
+    if key not in _COMPILED:
         def fused(weights, olds, n, m):
             return _eager_masks(weights, olds, n, m, compiled=True)
-        _COMPILED["masks"] = torch.compile(fused, dynamic=False)
-    return _COMPILED["masks"]
+        _COMPILED[key] = torch.compile(fused, dynamic=False, options=dict(_COMPILE_OPTIONS) or None)
+    return _COMPILED[key]
 
 
 def nm_masks(
@@ -178,6 +183,16 @@ def nm_masks(
                           f"computing masks eagerly", stacklevel=2)
     with torch.no_grad():
         return _eager_masks(weights, olds, n, m)
+
+
+def forward_mask(weight: torch.Tensor, n: int, m: int) -> torch.Tensor:
+    """:func:`nm_mask` of ``weight`` as a forward pass computes it (no checks, no gradient): while
+    ``torch.compile`` traces, as one broadcast comparison that fuses with the ops reading the weight;
+    eagerly, through the pairwise-rank passes. Both give :func:`nm_mask`'s mask."""
+    w = weight.detach()
+    if torch.compiler.is_compiling():
+        return _broadcast_keep(w.reshape(-1, m), n).reshape(w.shape)
+    return _pairwise_keep(_groups(w, m), n).reshape(w.shape)
 
 
 def nm_mask(weight: torch.Tensor, n: int, m: int, *, compiled: bool = False) -> torch.Tensor:

@@ -26,7 +26,7 @@ from typing import Literal
 import torch
 from torch import nn
 
-from .masks import check_nm
+from .masks import check_nm, forward_mask
 
 __all__ = ["NMMask", "masked_weight", "mdgf_beta", "sdgf_ladder", "sdgf_pattern"]
 
@@ -95,15 +95,22 @@ class NMMask(nn.Module):
         mask: bool mask of the weight's shape, or None for a dense stage (identity).
         beta: MDGF's weight on pruned entries (0 = hard mask).
         lambda_w: SR-STE's decay, already divided by the gradient-accumulation factor.
+        nm: ``(n, m)`` to compute the mask from the weight in every forward pass instead of
+            using ``mask`` (``NMConfig.masks_in_forward``; inside ``torch.compile`` it fuses into
+            the kernel that reads the weight); None uses ``mask``.
     """
 
-    def __init__(self, mask: torch.Tensor | None, beta: float = 0.0, lambda_w: float = 0.0) -> None:
+    def __init__(self, mask: torch.Tensor | None, beta: float = 0.0, lambda_w: float = 0.0,
+                 nm: tuple[int, int] | None = None) -> None:
         super().__init__()
         self.mask = mask
         self.beta = beta
         self.lambda_w = lambda_w
+        self.nm = nm
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        if self.nm is not None:
+            return _MaskedWeight.apply(weight, forward_mask(weight, *self.nm), self.beta, self.lambda_w)
         if self.mask is None:
             return weight
         if self.mask.device != weight.device:  # the model was moved after the mask was computed

@@ -61,6 +61,14 @@ class NMConfig:
         compile_masks: compute the masks under ``torch.compile`` (:func:`~sparsetrain.nm.nm_masks`:
             one fused kernel per layer, no per-layer dispatch or host sync). None (default): on CUDA
             weights, eager elsewhere. See ``benchmarks/gpu_nm_overhead.py``.
+        masks_in_forward: compute each layer's mask from its weight inside the forward pass
+            (requires ``update_every=1``) instead of in a separate pass after every optimizer
+            step. Meant for a ``torch.compile``'d model: the mask computation then fuses into the
+            kernel that reads the weight and costs almost nothing. Eager models get the same
+            masks and results, but pay the mask computation in every forward pass (also with
+            gradient accumulation). The stored masks (statistics, rank checks, checkpoints,
+            export) are then refreshed on demand and every ``verify_every`` steps, and the mask
+            flip fraction is measured at those steps only (against the step before).
     """
 
     n: int = 2
@@ -76,6 +84,7 @@ class NMConfig:
     grad_accumulation: int = 1
     verify_every: int = 100
     compile_masks: bool | None = None
+    masks_in_forward: bool = False
     _ladder: list[tuple[int, int]] = field(init=False, repr=False, default_factory=list)
 
     def __post_init__(self) -> None:
@@ -95,6 +104,11 @@ class NMConfig:
             raise ValueError(f"`grad_accumulation` must be an integer >= 1, got {self.grad_accumulation!r}")
         if self.compile_masks is not None and not isinstance(self.compile_masks, bool):
             raise ValueError(f"`compile_masks` must be True, False or None (on CUDA only), got {self.compile_masks!r}")
+        if not isinstance(self.masks_in_forward, bool):
+            raise ValueError(f"`masks_in_forward` must be True or False, got {self.masks_in_forward!r}")
+        if self.masks_in_forward and self.update_every != 1:
+            raise ValueError(f"`masks_in_forward` recomputes the masks in every forward pass, so it needs "
+                             f"`update_every`=1, got {self.update_every}")
         if self.decay not in ("linear", "exp"):
             raise ValueError(f"`decay` must be 'linear' or 'exp', got {self.decay!r}")
         if self.method in ("mdgf", "sdgf"):
@@ -178,7 +192,7 @@ class NMSparsifier:
         # hyperparameters
         "config", "model", "grad_scaler", "process_group",
         # internal state
-        "layers", "_params", "_hooks", "step_count", "_pattern", "_updates", "_finalized",
+        "layers", "_params", "_hooks", "step_count", "_pattern", "_updates", "_finalized", "_stale",
         # statistics
         "last_flip_fraction", "_flip_count", "_flip_total",
     )
@@ -213,6 +227,7 @@ class NMSparsifier:
         self._flip_count: torch.Tensor | None = None
         self._flip_total = 0
         self._params: dict[str, NMMask] = {}
+        self._stale = False  # masks_in_forward: the stored masks lag the weights
         self._hooks = []
         lam = self._lambda()
         for name, mod in self.layers.items():
@@ -222,6 +237,7 @@ class NMSparsifier:
             self._params[name] = p
         with torch.no_grad():
             self._recompute(count_flips=False)
+        self._set_forward_pattern()
         if optimizer is not None:
             if not hasattr(optimizer, "register_step_post_hook"):
                 raise ValueError(f"`optimizer` must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
@@ -237,7 +253,19 @@ class NMSparsifier:
     @property
     def masks(self) -> dict[str, torch.Tensor | None]:
         """Current bool mask per layer (None during a dense SDGF stage)."""
+        self._refresh_stored()
         return {name: p.mask for name, p in self._params.items()}
+
+    def _set_forward_pattern(self) -> None:
+        if self.config.masks_in_forward:
+            for p in self._params.values():
+                p.nm = self._pattern
+
+    @torch.no_grad()
+    def _refresh_stored(self) -> None:
+        """With ``masks_in_forward``: bring the stored masks up to date with the weights."""
+        if self._stale and not self._finalized:
+            self._recompute(count_flips=False)
 
     @property
     def pattern(self) -> tuple[int, int] | None:
@@ -263,6 +291,7 @@ class NMSparsifier:
         self.check_ranks()
 
     def _recompute(self, count_flips: bool) -> None:
+        self._stale = False
         pat = self._pattern
         if pat is None:
             for p in self._params.values():
@@ -309,12 +338,31 @@ class NMSparsifier:
         beta, lam = cfg.beta(t), self._lambda()
         for p in self._params.values():
             p.beta, p.lambda_w = beta, lam
+        if cfg.masks_in_forward:
+            self._step_forward_masks(t, changed)
+            return
         due = cfg.update_every > 0 and t % cfg.update_every == 0
         if changed or due:
             self._recompute(count_flips=not changed)
             self._updates += 1
             if cfg.verify_every and self._updates % cfg.verify_every == 0:
                 self.check_ranks()
+
+    def _step_forward_masks(self, t: int, changed: bool) -> None:
+        """``step()`` with ``masks_in_forward``: the forward pass computes the masks; the stored ones
+        are refreshed at the step before every ``verify_every``-th (without counting flips) and at
+        it (counting the flips of that one step, then checking ranks)."""
+        self._set_forward_pattern()
+        self._updates += 1
+        self._stale = True
+        k = self.config.verify_every
+        if changed:
+            self._recompute(count_flips=False)
+        elif k and t % k == 0:
+            self._recompute(count_flips=True)
+            self.check_ranks()
+        elif k and (t + 1) % k == 0:
+            self._recompute(count_flips=False)
 
     def stats(self) -> dict[str, Any]:
         """Statistics: step, the pattern in force (``"2:4"``, ``"dense"``), beta, density of the
@@ -348,6 +396,7 @@ class NMSparsifier:
             return
         if dist.get_world_size(self.process_group) < 2:
             return
+        self._refresh_stored()
         names = [n for n, p in self._params.items() if p.mask is not None]
         if not names:
             return
@@ -378,6 +427,7 @@ class NMSparsifier:
     def _target_masks(self) -> dict[str, torch.Tensor]:
         if self._pattern != (self.config.n, self.config.m):
             return {}
+        self._refresh_stored()
         return {name: p.mask for name, p in self._params.items() if p.mask is not None}
 
     @torch.no_grad()
@@ -415,6 +465,7 @@ class NMSparsifier:
     def state_dict(self) -> dict[str, Any]:
         """Plain-dict state: schedule step, pattern, packed masks (loads with ``weights_only=True``)."""
         cfg = self.config
+        self._refresh_stored()
         masks = {}
         shapes = {}
         for name, p in self._params.items():
@@ -472,6 +523,8 @@ class NMSparsifier:
                 p.mask = unpack_mask(state["masks"][name].to(w.device), state["mask_shapes"][name])
             else:
                 p.mask = None
+        self._stale = False
+        self._set_forward_pattern()
         fc = state.get("flip_count")
         self._flip_count = torch.tensor(fc) if fc is not None else None
         self._flip_total = int(state.get("flip_total") or 0)

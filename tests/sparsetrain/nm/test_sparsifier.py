@@ -365,3 +365,85 @@ def test_compiled_model_trains_like_eager_and_mask_changes_do_not_recompile():
     assert flips == pytest.approx(eager_flips)
     assert sum(flips) > 0  # the masks did change between steps...
     assert counters["stats"]["unique_graphs"] == 1  # ...and the graph was compiled once
+
+
+# ----------------------------------------------------------------------------- masks in the forward pass
+
+
+@pytest.mark.parametrize("kw", [dict(method="srste"), dict(method="ste", n=1, m=4),
+                                dict(method="sdgf", n=1, m=8, decay_steps=6)])
+def test_masks_in_forward_train_exactly_like_masks_after_each_step(kw):
+    # Same masks, so the same training, bit for bit; the stored masks, the flips sampled every
+    # verify_every steps, and checkpoints agree with the per-step recomputation.
+    model, sp, opt = _setup(verify_every=3, **kw)
+    live_model, live, live_opt = _setup(verify_every=3, masks_in_forward=True, **kw)
+    for t in range(9):
+        _train(model, sp, opt, 1, start=t)
+        _train(live_model, live, live_opt, 1, start=t)
+        if (t + 1) % 3 == 0 and sp.pattern == live.pattern == sp.config.pattern(t):  # not at a pattern change
+            assert live.stats()["mask_flip_fraction"] == pytest.approx(sp.stats()["mask_flip_fraction"])
+    for (name, a), b in zip(model.state_dict().items(), live_model.state_dict().values()):
+        assert torch.equal(a, b), name
+    assert all(torch.equal(a, b) for a, b in zip(sp.masks.values(), live.masks.values()))
+    assert live.stats()["pattern"] == sp.stats()["pattern"]
+    state, ref = live.state_dict(), sp.state_dict()
+    assert all(torch.equal(state["masks"][k], ref["masks"][k]) for k in ref["masks"])
+    assert all(torch.equal(a, b) for a, b in zip(sp.exported_state_dict().values(),
+                                                 live.exported_state_dict().values()))
+
+
+def test_masks_in_forward_resume_is_exact():
+    model, sp, opt = _setup(method="srste", masks_in_forward=True, verify_every=2)
+    _train(model, sp, opt, 3)
+    buf = io.BytesIO()
+    torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "sp": sp.state_dict()}, buf)
+    _train(model, sp, opt, 3, start=3)
+    buf.seek(0)
+    ckpt = torch.load(buf, weights_only=True)
+    model2, sp2, opt2 = _setup(seed=5, method="srste", masks_in_forward=True, verify_every=2)
+    model2.load_state_dict(ckpt["model"])
+    opt2.load_state_dict(ckpt["opt"])
+    sp2.load_state_dict(ckpt["sp"])
+    _train(model2, sp2, opt2, 3, start=3)
+    for (name, a), b in zip(model.state_dict().items(), model2.state_dict().values()):
+        assert torch.equal(a, b), name
+
+
+def test_masks_in_forward_compiled_trains_like_eager_without_recompiling():
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    def run(compiled):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 8))
+        sp = NMSparsifier(model, NMConfig(n=2, m=4, method="srste", lambda_w=1e-2, masks_in_forward=compiled,
+                                          verify_every=2))
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        fwd = torch.compile(model) if compiled else model
+        g = torch.Generator().manual_seed(1)
+        losses = []
+        for _ in range(6):
+            x, y = torch.randn(8, 16, generator=g), torch.randn(8, 8, generator=g)
+            loss = ((fwd(x) - y) ** 2).mean()
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+            sp.step()
+            losses.append(loss.item())
+        return losses, sp.stats()["mask_flip_fraction"], list(sp.masks.values())
+
+    torch._dynamo.reset()
+    counters.clear()
+    eager_losses, eager_flips, eager_masks = run(False)
+    losses, flips, masks = run(True)
+    assert losses == pytest.approx(eager_losses, rel=1e-5)
+    assert flips == pytest.approx(eager_flips) and flips > 0  # the masks changed at step 6...
+    assert all(torch.equal(a, b) for a, b in zip(masks, eager_masks))
+    assert counters["stats"]["unique_graphs"] == 1  # ...and the graph was compiled once
+
+
+def test_masks_in_forward_needs_update_every_one():
+    with pytest.raises(ValueError, match="masks_in_forward.*update_every"):
+        NMConfig(masks_in_forward=True, update_every=2)
+    with pytest.raises(ValueError, match="masks_in_forward"):
+        NMConfig(masks_in_forward=1)
