@@ -145,23 +145,31 @@ def main(argv=None):
             profile(v, cfg, device, args, batches)
         return
 
+    # Every variant is built (and compiled) once, then the repeats interleave them. Each build of
+    # a new model recompiles the same code (GPT.loss); past torch._dynamo's recompile limit (8)
+    # it would silently run eagerly, which made later repeats of earlier runs look slow.
+    for knob in ("recompile_limit", "cache_size_limit", "accumulated_recompile_limit",
+                 "accumulated_cache_size_limit"):
+        if hasattr(torch._dynamo.config, knob):
+            setattr(torch._dynamo.config, knob, max(getattr(torch._dynamo.config, knob), 256))
     times = {v: [] for v in args.variants}
     flips = {}
+    built = {}
+    for v in args.variants:
+        try:
+            built[v] = build(v, cfg, device, args.precision, args.n, args.m, args.compile)
+            time_steps(*built[v], batches, device, args.precision, args.warmup)
+        except Exception as err:  # noqa: BLE001 - e.g. torch.compile unavailable: report, go on
+            print(f"{v}: failed: {type(err).__name__}: {err}".splitlines()[0], flush=True)
+            built.pop(v, None)
     for _ in range(args.repeats):
-        for v in args.variants:  # interleaved: each repeat times every variant once
-            model = sp = opt = None
-            try:
-                model, sp, opt = build(v, cfg, device, args.precision, args.n, args.m, args.compile)
-                time_steps(model, sp, opt, batches, device, args.precision, args.warmup)
-                times[v].append(time_steps(model, sp, opt, batches, device, args.precision, args.steps))
-                if sp is not None and sp.last_flip_fraction is not None:
-                    flips[v] = float(sp.last_flip_fraction)
-            except Exception as err:  # noqa: BLE001 - e.g. torch.compile unavailable: report, go on
-                print(f"{v}: failed: {type(err).__name__}: {err}".splitlines()[0], flush=True)
-                times[v] = []
-            del model, sp, opt
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
+        for v, (model, sp, opt) in built.items():  # interleaved: each repeat times every variant once
+            times[v].append(time_steps(model, sp, opt, batches, device, args.precision, args.steps))
+            if sp is not None and sp.last_flip_fraction is not None:
+                flips[v] = float(sp.last_flip_fraction)
+    del built
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
 
     # The mask computation alone, for the whole model (what one recomputation costs).
     model, sp, _ = build("ste, fixed masks", cfg, device, args.precision, args.n, args.m)
