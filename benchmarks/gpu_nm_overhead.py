@@ -55,7 +55,7 @@ def _sync(device):
         torch.cuda.synchronize()
 
 
-def build(variant, cfg, device, precision, n, m, compile_model=False):
+def build(variant, cfg, device, precision, n, m, compile_model=False, compile_mode=None):
     torch.manual_seed(0)
     model = GPT(cfg).to(device)
     if precision == "bf16-true":
@@ -64,7 +64,7 @@ def build(variant, cfg, device, precision, n, m, compile_model=False):
     if VARIANTS[variant] is not None:
         sp = NMSparsifier(model, NMConfig(n=n, m=m, include=["*.attn.*", "*.mlp.*"], **VARIANTS[variant]))
     if compile_model:
-        model.compiled_loss = torch.compile(model.loss)
+        model.compiled_loss = torch.compile(model.loss, mode=compile_mode)
     fused = device.type == "cuda"
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), fused=fused)
     return model, sp, opt
@@ -93,7 +93,7 @@ def profile(variant, cfg, device, args, batches):
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
 
-    model, sp, opt = build(variant, cfg, device, args.precision, args.n, args.m, args.compile)
+    model, sp, opt = build(variant, cfg, device, args.precision, args.n, args.m, args.compile, args.compile_mode)
     time_steps(model, sp, opt, batches, device, args.precision, args.warmup)
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     with torch_profile(activities=acts) as prof:
@@ -119,6 +119,9 @@ def main(argv=None):
     p.add_argument("--smoke", action="store_true", help="tiny model on CPU, to check the script without a GPU")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the model's loss (forward and backward) in every variant, dense included")
+    p.add_argument("--compile-mode", default=None, choices=["default", "reduce-overhead", "max-autotune"],
+                   help="torch.compile's mode with --compile (reduce-overhead: CUDA graphs, no per-kernel launches "
+                        "from the host)")
     p.add_argument("--profile", nargs="+", choices=list(VARIANTS), metavar="VARIANT",
                    help="instead of timing, print torch.profiler tables of a few steps of these variants")
     args = p.parse_args(argv)
@@ -157,7 +160,7 @@ def main(argv=None):
     built = {}
     for v in args.variants:
         try:
-            built[v] = build(v, cfg, device, args.precision, args.n, args.m, args.compile)
+            built[v] = build(v, cfg, device, args.precision, args.n, args.m, args.compile, args.compile_mode)
             time_steps(*built[v], batches, device, args.precision, args.warmup)
         except Exception as err:  # noqa: BLE001 - e.g. torch.compile unavailable: report, go on
             print(f"{v}: failed: {type(err).__name__}: {err}".splitlines()[0], flush=True)
@@ -209,7 +212,7 @@ def main(argv=None):
     n_sparse = sum(w.numel() for w in weights)
 
     name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu (smoke)"
-    mode = "torch.compile" if args.compile else "eager"
+    mode = f"torch.compile (mode {args.compile_mode or 'default'})" if args.compile else "eager"
     print(f"\nN:M training-step overhead: {name}, torch {torch.__version__}, {args.precision}, {mode}, GPT "
           f"{cfg.n_layer}x{cfg.d_model} vocab {cfg.vocab_size}, batch {args.batch_size}x{args.seq} tokens, "
           f"{args.n}:{args.m} on {len(weights)} Linears ({n_sparse / 1e6:.1f}M weights), "
