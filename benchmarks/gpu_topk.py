@@ -111,6 +111,32 @@ def _breakdown(run, x, k, stride, args, floor) -> None:
         print(f"|   | stage | {name} | {ms:.3f} | {ms / floor:.2f} | | |")
 
 
+def _tune(run, x, k, stride, args, floor) -> None:
+    """Time the two compaction passes for each block size and warp count (the module's defaults are
+    ``compact.BLOCK``, ``COUNT_WARPS``, ``WRITE_WARPS``)."""
+    compact = topk_mod.compact
+    if not compact.available(x):
+        return
+    n = x.numel()
+    sample = x[::stride].abs()
+    k_s = min(sample.numel(), max(1, math.ceil(1.3 * k * sample.numel() / n)))
+    t = torch.topk(sample, k_s, sorted=False).values.min()
+    saved = compact.BLOCK, compact.COUNT_WARPS, compact.WRITE_WARPS
+    try:
+        for block in (1024, 2048, 4096, 8192, 16384):
+            for warps in (4, 8, 16):
+                compact.BLOCK, compact.COUNT_WARPS, compact.WRITE_WARPS = block, warps, warps
+                counted = compact.count_at_least(x, t)
+                ms1 = statistics.median(run(lambda r: _discard(compact.count_at_least(x, t)), args.reps,
+                                            args.warmup)[0])
+                ms2 = statistics.median(run(lambda r, c=counted: _discard(compact.at_least_keys(x, t, c)),
+                                            args.reps, args.warmup)[0])
+                print(f"|   | tune | BLOCK {block}, {warps} warps: pass 1 {ms1:.3f} ms, pass 2 {ms2:.3f} ms "
+                      f"| {ms1 + ms2:.3f} | {(ms1 + ms2) / floor:.2f} | | |")
+    finally:
+        compact.BLOCK, compact.COUNT_WARPS, compact.WRITE_WARPS = saved
+
+
 def _discard(_result) -> None:
     """Drop a timed call's result at once (keeping 400 MB results would time the allocator)."""
 
@@ -133,6 +159,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--dists", nargs="+", default=["normal", "heavy"])
     p.add_argument("--breakdown", action="store_true", help="also time each stage of our selection separately")
+    p.add_argument("--tune", action="store_true", help="also time the compaction passes per block size and warps")
     args = p.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("CUDA is not available here: this benchmark is for the GPU machine "
@@ -175,7 +202,8 @@ def main(argv: list[str] | None = None) -> None:
                                      args.reps, args.warmup)
             rows["ours"] = run(ours, args.reps, args.warmup)
             if device.type == "cuda":
-                for label, flags in (("ours, mask search", {"_CUDA_SEARCH": "mask"}),
+                for label, flags in (("ours, topk of the sample", {"_CUDA_SAMPLE_KTH": "topk"}),
+                                     ("ours, mask search", {"_CUDA_SEARCH": "mask"}),
                                      ("ours, mask search, topk of candidates",
                                       {"_CUDA_SEARCH": "mask", "_CUDA_FINAL": "topk"}),
                                      ("ours, mask search, eager", {"_CUDA_SEARCH": "mask", "_fused_at_least": False})):
@@ -192,6 +220,8 @@ def main(argv: list[str] | None = None) -> None:
                 print(f"| {n / 1e6:g}M | {dist} | {label} | {ms:.3f} | {ms / floor:.2f} | {ms / ref:.2f} | {counts} |")
             if args.breakdown:
                 _breakdown(run, x, k, stride, args, floor)
+            if args.tune:
+                _tune(run, x, k, stride, args, floor)
             del x
 
 

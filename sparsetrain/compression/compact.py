@@ -24,7 +24,11 @@ import torch
 
 __all__ = ["at_least_keys", "available", "count_at_least", "positions"]
 
+#: Entries per Triton program, and warps per program of the counting and the writing pass
+#: (``benchmarks/gpu_topk.py --tune`` times the choices).
 BLOCK = 4096
+COUNT_WARPS = 8
+WRITE_WARPS = 8
 _LOW = (1 << 32) - 1
 
 _kernel = None  # the Triton kernel, built on first use; False when Triton is missing
@@ -87,7 +91,7 @@ def count_at_least(x_N: torch.Tensor, threshold: torch.Tensor) -> tuple[int, tor
     """
     n = x_N.numel()
     counts_B = torch.empty(_cdiv(n, BLOCK), dtype=torch.int64, device=x_N.device)
-    _kernel[0][(counts_B.numel(),)](x_N, threshold.reshape(1), counts_B, n, BLOCK=BLOCK, num_warps=8)
+    _kernel[0][(counts_B.numel(),)](x_N, threshold.reshape(1), counts_B, n, BLOCK=BLOCK, num_warps=COUNT_WARPS)
     ends_B = torch.cumsum(counts_B, 0)
     return int(ends_B[-1]), ends_B.sub_(counts_B)
 
@@ -108,7 +112,7 @@ def at_least_keys(x_N: torch.Tensor, threshold: torch.Tensor,
     keys_C = torch.empty(c, dtype=torch.int64, device=x_N.device)
     if c:
         _kernel[1][(starts_B.numel(),)](x_N, threshold.reshape(1), starts_B, keys_C, x_N.numel(),
-                                        BLOCK=BLOCK, num_warps=8)
+                                        BLOCK=BLOCK, num_warps=WRITE_WARPS)
     return keys_C
 
 

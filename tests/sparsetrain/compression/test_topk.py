@@ -220,15 +220,17 @@ def _sorted_magnitudes(x, idx):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.parametrize("search,final", [("grouped", "sort"), ("mask", "topk"), ("grouped", "topk"), ("mask", "sort"),
-                                          ("compact", "sort")])
+@pytest.mark.parametrize("search,final,kth", [("grouped", "sort", "topk"), ("mask", "topk", "topk"),
+                                              ("grouped", "topk", "sort"), ("mask", "sort", "sort"),
+                                              ("compact", "sort", "sort"), ("compact", "sort", "topk")])
 @pytest.mark.parametrize("kind", ["plain", "ties", "mostly_zero", "nan_and_inf", "nan_in_tail"])
 @pytest.mark.parametrize("numel,density", [(262_151, 0.001), (2_000_003, 0.001), (262_151, 0.01)])
-def test_cuda_selection_keeps_the_plain_result(search, final, kind, numel, density, monkeypatch):
+def test_cuda_selection_keeps_the_plain_result(search, final, kth, kind, numel, density, monkeypatch):
     # Same count and the same magnitudes as the plain CPU computation (which of several equal
     # magnitudes at the k-th place are kept may differ).
     monkeypatch.setattr(topk_mod, "_CUDA_SEARCH", search)
     monkeypatch.setattr(topk_mod, "_CUDA_FINAL", final)
+    monkeypatch.setattr(topk_mod, "_CUDA_SAMPLE_KTH", kth)
     g = torch.Generator().manual_seed(numel)
     x = _awkward(kind, numel, g)
     k = num_selected(numel, density)
@@ -306,3 +308,19 @@ def test_compact_kernel_in_the_triton_interpreter():
     out = subprocess.run([sys.executable, "-c", _INTERPRETED], env=env, cwd=root, capture_output=True, text=True,
                          timeout=600)
     assert out.returncode == 0 and "interpreted ok" in out.stdout, out.stderr[-3000:]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_kth_largest_by_sort_equals_topk(monkeypatch):
+    g = torch.Generator().manual_seed(3)
+    for n, k in ((1, 1), (1000, 1), (1000, 37), (100_003, 1300)):
+        for nans in (0, 1, 5):
+            v = torch.round(torch.rand(n, generator=g) * 64) / 64  # ties
+            v[torch.randperm(n, generator=g)[:nans]] = float("nan")
+            v = v.cuda()
+            monkeypatch.setattr(topk_mod, "_CUDA_SAMPLE_KTH", "topk")
+            ref = topk_mod._kth_largest(v, k)
+            monkeypatch.setattr(topk_mod, "_CUDA_SAMPLE_KTH", "sort")
+            got = topk_mod._kth_largest(v, k)
+            torch.testing.assert_close(got, ref, rtol=0, atol=0, equal_nan=True)
