@@ -22,13 +22,13 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["at_least_keys", "available", "count_at_least", "positions"]
+__all__ = ["at_least_keys", "available", "count_at_least", "positions", "write_keys"]
 
 #: Entries per Triton program, and warps per program of the counting and the writing pass
-#: (``benchmarks/gpu_topk.py --tune`` times the choices).
-BLOCK = 4096
-COUNT_WARPS = 8
-WRITE_WARPS = 8
+#: (``benchmarks/gpu_topk.py --tune`` times the choices; these were the fastest on an H200).
+BLOCK = 1024
+COUNT_WARPS = 4
+WRITE_WARPS = 4
 _LOW = (1 << 32) - 1
 
 _kernel = None  # the Triton kernel, built on first use; False when Triton is missing
@@ -48,7 +48,7 @@ def _build():
         tl.store(counts_ptr + pid, tl.sum(hit.to(tl.int32), axis=0))
 
     @triton.jit
-    def write_kernel(x_ptr, t_ptr, starts_ptr, keys_ptr, n, BLOCK: tl.constexpr):
+    def write_kernel(x_ptr, t_ptr, starts_ptr, keys_ptr, n, cap, BLOCK: tl.constexpr):
         pid = tl.program_id(0).to(tl.int64)
         offs = pid * BLOCK + tl.arange(0, BLOCK)
         inside = offs < n
@@ -58,7 +58,7 @@ def _build():
         if tl.sum(hit_i, axis=0) > 0:
             pos = tl.load(starts_ptr + pid) + tl.cumsum(hit_i, axis=0) - 1
             key = (a.to(tl.int32, bitcast=True).to(tl.int64) << 32) | (4294967295 - offs)
-            tl.store(keys_ptr + pos, key, mask=hit)
+            tl.store(keys_ptr + pos, key, mask=hit & (pos < cap))
 
     return count_kernel, write_kernel
 
@@ -78,42 +78,54 @@ def available(x_N: torch.Tensor) -> bool:
     return _kernel is not False
 
 
-def count_at_least(x_N: torch.Tensor, threshold: torch.Tensor) -> tuple[int, torch.Tensor]:
+def count_at_least(x_N: torch.Tensor, threshold: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Pass 1: how many entries have ``|x_N| >= threshold``, and where each block's hits start.
+
+    Nothing here waits for the device.
 
     Args:
         x_N: flat contiguous CUDA tensor (check :func:`available` first).
         threshold: 0-d tensor on the same device.
 
     Returns:
-        ``(C, starts_B)``: the count (read on the host, so this waits for the device) and the
-        exclusive cumulative sum of the blocks' counts.
+        ``(C, starts_B)``: the count as a 0-d device tensor, and the exclusive cumulative sum of
+        the blocks' counts.
     """
     n = x_N.numel()
     counts_B = torch.empty(_cdiv(n, BLOCK), dtype=torch.int64, device=x_N.device)
     _kernel[0][(counts_B.numel(),)](x_N, threshold.reshape(1), counts_B, n, BLOCK=BLOCK, num_warps=COUNT_WARPS)
     ends_B = torch.cumsum(counts_B, 0)
-    return int(ends_B[-1]), ends_B.sub_(counts_B)
+    return ends_B[-1].clone(), ends_B.sub_(counts_B)  # a copy: the view would see the subtraction
 
 
-def at_least_keys(x_N: torch.Tensor, threshold: torch.Tensor,
-                  counted: tuple[int, torch.Tensor] | None = None) -> torch.Tensor:
+def write_keys(x_N: torch.Tensor, threshold: torch.Tensor, starts_B: torch.Tensor, cap: int) -> torch.Tensor:
+    """Pass 2: the keys of the first ``cap`` hits, in position order, into a new tensor of ``cap``
+    entries (entries past the count are left unset). Nothing here waits for the device.
+
+    Args:
+        x_N, threshold: as for :func:`count_at_least`.
+        starts_B: what :func:`count_at_least` returned for the same arguments.
+        cap: room for this many hits.
+    """
+    keys = torch.empty(max(cap, 1), dtype=torch.int64, device=x_N.device)
+    _kernel[1][(starts_B.numel(),)](x_N, threshold.reshape(1), starts_B, keys, x_N.numel(), cap,
+                                    BLOCK=BLOCK, num_warps=WRITE_WARPS)
+    return keys
+
+
+def at_least_keys(x_N: torch.Tensor, threshold: torch.Tensor) -> torch.Tensor:
     """Keys (see the module docstring) of every entry with ``|x_N| >= threshold``, in position order.
 
     Args:
         x_N: flat contiguous CUDA tensor (check :func:`available` first).
         threshold: 0-d tensor on the same device.
-        counted: what :func:`count_at_least` returned for the same arguments (counted here if None).
 
     Returns:
         int64 tensor of the C keys.
     """
-    c, starts_B = counted if counted is not None else count_at_least(x_N, threshold)
-    keys_C = torch.empty(c, dtype=torch.int64, device=x_N.device)
-    if c:
-        _kernel[1][(starts_B.numel(),)](x_N, threshold.reshape(1), starts_B, keys_C, x_N.numel(),
-                                        BLOCK=BLOCK, num_warps=WRITE_WARPS)
-    return keys_C
+    c, starts_B = count_at_least(x_N, threshold)
+    c = int(c)
+    return write_keys(x_N, threshold, starts_B, c)[:c]
 
 
 def positions(keys_C: torch.Tensor) -> torch.Tensor:

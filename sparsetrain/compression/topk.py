@@ -131,7 +131,8 @@ def threshold_indices(
     n_sample = (n - o + stride - 1) // stride
     k_s = min(n_sample, max(1, math.ceil(margin * k * n_sample / n)))
     if x_N.is_cuda and _CUDA_SEARCH == "compact" and compact.available(x_N):
-        return _compact_select(x_N, k, _kth_largest(x_N[o::stride].abs(), k_s), lower_bound, max_rounds)
+        return _compact_select(x_N, k, _kth_largest(x_N[o::stride].abs(), k_s), lower_bound, max_rounds,
+                               margin)
     if x_N.is_cuda:
         threshold = _kth_largest(x_N[o::stride].abs(), k_s)
         at_least = None
@@ -167,18 +168,24 @@ _CUDA_FINAL = "sort"
 
 
 def _compact_select(
-    x_N: torch.Tensor, k: int, threshold: torch.Tensor, lower_bound: float, max_rounds: int
+    x_N: torch.Tensor, k: int, threshold: torch.Tensor, lower_bound: float, max_rounds: int, margin: float
 ) -> torch.Tensor:
     """The CUDA search through :mod:`.compact` (rounds count only): the same rounds and the same result as
     the "mask" search with the "sort" final step (positions ascending when at most k pass; else the
     k largest, by magnitude descending and equal magnitudes by position)."""
+    # Both passes are queued before the count is read, so the device does not wait for the host
+    # in between; the room reserved for hits is what the margin leads to expect, and in the rare
+    # case that more pass, the second pass runs again with room for all.
+    cap = 2 * math.ceil(margin * k) + 1024
     for round_ in range(max_rounds):
-        counted = compact.count_at_least(x_N, threshold)
-        if counted[0] >= lower_bound * k or round_ == max_rounds - 1:
+        count, starts_B = compact.count_at_least(x_N, threshold)
+        keys = compact.write_keys(x_N, threshold, starts_B, cap)
+        c = int(count)
+        if c >= lower_bound * k or round_ == max_rounds - 1:
             break
         threshold = threshold * lower_bound
-    keys_C = compact.at_least_keys(x_N, threshold, counted)
-    if keys_C.numel() > k:
+    keys_C = keys[:c] if c <= cap else compact.write_keys(x_N, threshold, starts_B, c)
+    if c > k:
         keys_C = torch.sort(keys_C, descending=True).values[:k]
     return compact.positions(keys_C)
 

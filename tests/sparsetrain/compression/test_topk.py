@@ -285,11 +285,29 @@ for n in (1, 4096 * 2 + 17):
         t = torch.tensor(tv)
         keys = compact.at_least_keys(x, t)
         hits = (x.abs() >= t).nonzero().view(-1)
-        assert compact.count_at_least(x, t)[0] == hits.numel()
+        count, starts = compact.count_at_least(x, t)
+        assert int(count) == hits.numel()
+        if hits.numel() > 3:  # room for only 3: the first 3 hits, in order
+            assert torch.equal(compact.positions(compact.write_keys(x, t, starts, 3)), hits[:3])
         assert torch.equal(compact.positions(keys), hits), (n, tv)
         if hits.numel():
             order = hits[torch.sort(x[hits].abs(), descending=True, stable=True).indices]
             assert torch.equal(compact.positions(torch.sort(keys, descending=True).values), order)
+# The CUDA selection around the kernels: rounds, more hits than the reserved room, the final sort.
+from sparsetrain.compression.topk import _compact_select
+x = _awkward("ties", 8209, torch.Generator().manual_seed(1))
+x[7] = float("nan")
+for k, t0 in ((10, 0.0), (10, 0.9), (50, 5.0), (3000, 0.5), (8000, 0.0)):
+    t = torch.tensor(t0)
+    for _ in range(10):  # the plain rounds
+        hits = (x.abs() >= t).nonzero().view(-1)
+        if hits.numel() >= 0.8 * k:
+            break
+        t = t * 0.8
+    if hits.numel() > k:
+        hits = hits[torch.sort(x[hits].abs(), descending=True, stable=True).indices[:k]]
+    got = _compact_select(x, k, torch.tensor(t0), 0.8, 10, 1.3)
+    assert torch.equal(got, hits), (k, t0)
 print("interpreted ok")
 """
 
