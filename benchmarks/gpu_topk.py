@@ -5,8 +5,8 @@ For fp32 gradients of 25M and 100M elements at density 0.001, times (CUDA events
 
 - ``ours``: :func:`sparsetrain.compression.threshold_indices` as the hook calls it (strided 1%
   sample, then on CUDA two Triton passes, counting and writing the entries at or above the
-  threshold as sort keys, see :mod:`sparsetrain.compression.compact`, and a sort of those keys when
-  more than k pass),
+  threshold with their magnitudes, see :mod:`sparsetrain.compression.compact`, and a stable sort of
+  those magnitudes when more than k pass),
 - ``ours, mask search``: the same positions found the previous way, with a compare of the whole
   tensor fused into one pass by ``torch.compile``, ``nonzero``, and a stable sort of the candidates'
   magnitudes (``ours, mask search, eager``: without ``torch.compile``; ``ours, mask search, topk of
@@ -83,7 +83,7 @@ def _breakdown(run, x, k, stride, args, floor) -> None:
     mask = topk_mod._at_least(x, t)
     idx = mask.nonzero().view(-1)
     grouped = topk_mod._grouped_at_least(x, 16)
-    keys = topk_mod.compact.at_least_keys(x, t) if topk_mod.compact.available(x) else None
+    hits = topk_mod.compact.at_least(x, t) if topk_mod.compact.available(x) else None
     stages = {
         "sample abs(x[::stride])": lambda r: _discard(x[r % stride :: stride].abs()),
         f"topk of the sample (k_s={k_s})": lambda r: _discard(torch.topk(sample, k_s, sorted=False).values.min()),
@@ -98,14 +98,14 @@ def _breakdown(run, x, k, stride, args, floor) -> None:
     }
     stages["sort of the sample (alternative to its topk)"] = lambda r: _discard(
         torch.sort(sample, descending=True).values[k_s - 1])
-    if keys is not None:
+    if hits is not None:
         c, starts = topk_mod.compact.count_at_least(x, t)
         stages["compaction pass 1 (Triton): count per block, cumsum"] = lambda r: _discard(
             topk_mod.compact.count_at_least(x, t))
-        stages["compaction pass 2 (Triton): write the keys"] = lambda r: _discard(
-            topk_mod.compact.write_keys(x, t, starts, int(c)))
-        stages[f"descending sort of the {keys.numel()} keys"] = lambda r: _discard(
-            torch.sort(keys, descending=True).values[:k])
+        stages["compaction pass 2 (Triton): write the hits"] = lambda r: _discard(
+            topk_mod.compact.write_hits(x, t, starts, int(c)))
+        stages[f"stable sort of the {hits[0].numel()} written magnitudes"] = lambda r: _discard(
+            hits[0][torch.sort(hits[1], descending=True, stable=True).indices[:k]])
     for name, fn in stages.items():
         ms = statistics.median(run(fn, args.reps, args.warmup)[0])
         print(f"|   | stage | {name} | {ms:.3f} | {ms / floor:.2f} | | |")
@@ -129,7 +129,7 @@ def _tune(run, x, k, stride, args, floor) -> None:
                 c, starts = compact.count_at_least(x, t)
                 ms1 = statistics.median(run(lambda r: _discard(compact.count_at_least(x, t)), args.reps,
                                             args.warmup)[0])
-                ms2 = statistics.median(run(lambda r, s=starts, c=int(c): _discard(compact.write_keys(x, t, s, c)),
+                ms2 = statistics.median(run(lambda r, s=starts, c=int(c): _discard(compact.write_hits(x, t, s, c)),
                                             args.reps, args.warmup)[0])
                 print(f"|   | tune | BLOCK {block}, {warps} warps: pass 1 {ms1:.3f} ms, pass 2 {ms2:.3f} ms "
                       f"| {ms1 + ms2:.3f} | {(ms1 + ms2) / floor:.2f} | | |")

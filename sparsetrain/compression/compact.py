@@ -1,19 +1,14 @@
-"""Stream compaction on CUDA: every entry with ``|x| >= t``, in position order, as sort keys.
+"""Stream compaction on CUDA: every entry with ``|x| >= t``, in position order.
 
 The sampled-threshold selection (:func:`sparsetrain.compression.topk.threshold_indices`) needs the
 positions of the few entries (about 0.1%) of a large gradient at or above a threshold. Done with
 torch ops that is a compare writing a bool mask of the whole tensor, then ``nonzero`` reading it
 back. Here two Triton passes read the tensor and write nothing but the hits: the first counts the
 hits of each block of ``BLOCK`` entries, an exclusive cumulative sum of the counts gives each block
-its offset, and the second pass writes each block's hits there, in position order. (One pass that
-reserves room with an atomic add per block was slower on an H100: the blocks' atomics on one
-counter serialise.)
-
-Each hit is written as an int64 key, ``bits(|x_i|) << 32 | (2**32 - 1 - i)``. For non-negative
-floats (infinity included) the fp32 bit pattern orders like the value, so sorting keys in descending
-order sorts by magnitude, largest first, and equal magnitudes by position, smallest first (what a
-stable sort of the magnitudes in position order gives). NaN never passes ``>=``, and ``-0.0``
-compares and encodes as ``+0.0``.
+its offset, and the second pass writes each block's hits there, in position order: the position,
+and the magnitude as fp32 (so that keeping the k largest needs no gather from the tensor). One
+pass that reserves room with an atomic add per block was slower on an H100: the blocks' atomics
+on one counter serialise. NaN never passes ``>=``; ``-0.0`` passes as ``0.0``.
 
 Legend: N elements of the tensor, B blocks, C hits (entries at or above the threshold).
 """
@@ -22,14 +17,13 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["at_least_keys", "available", "count_at_least", "positions", "write_keys"]
+__all__ = ["at_least", "available", "count_at_least", "write_hits"]
 
 #: Entries per Triton program, and warps per program of the counting and the writing pass
 #: (``benchmarks/gpu_topk.py --tune`` times the choices; these were the fastest on an H200).
 BLOCK = 1024
 COUNT_WARPS = 4
 WRITE_WARPS = 4
-_LOW = (1 << 32) - 1
 
 _kernel = None  # the Triton kernel, built on first use; False when Triton is missing
 
@@ -48,7 +42,7 @@ def _build():
         tl.store(counts_ptr + pid, tl.sum(hit.to(tl.int32), axis=0))
 
     @triton.jit
-    def write_kernel(x_ptr, t_ptr, starts_ptr, keys_ptr, n, cap, BLOCK: tl.constexpr):
+    def write_kernel(x_ptr, t_ptr, starts_ptr, pos_ptr, mag_ptr, n, cap, BLOCK: tl.constexpr):
         pid = tl.program_id(0).to(tl.int64)
         offs = pid * BLOCK + tl.arange(0, BLOCK)
         inside = offs < n
@@ -57,14 +51,15 @@ def _build():
         hit_i = hit.to(tl.int32)
         if tl.sum(hit_i, axis=0) > 0:
             pos = tl.load(starts_ptr + pid) + tl.cumsum(hit_i, axis=0) - 1
-            key = (a.to(tl.int32, bitcast=True).to(tl.int64) << 32) | (4294967295 - offs)
-            tl.store(keys_ptr + pos, key, mask=hit & (pos < cap))
+            room = hit & (pos < cap)
+            tl.store(pos_ptr + pos, offs, mask=room)
+            tl.store(mag_ptr + pos, a, mask=room)
 
     return count_kernel, write_kernel
 
 
 def available(x_N: torch.Tensor) -> bool:
-    """Whether :func:`at_least_keys` can run on ``x_N``: a contiguous CUDA float tensor of fewer
+    """Whether :func:`at_least` can run on ``x_N``: a contiguous CUDA float tensor of fewer
     than 2**31 elements, with Triton importable."""
     global _kernel
     if not (x_N.is_cuda and x_N.is_contiguous() and x_N.numel() < 2**31
@@ -98,39 +93,38 @@ def count_at_least(x_N: torch.Tensor, threshold: torch.Tensor) -> tuple[torch.Te
     return ends_B[-1].clone(), ends_B.sub_(counts_B)  # a copy: the view would see the subtraction
 
 
-def write_keys(x_N: torch.Tensor, threshold: torch.Tensor, starts_B: torch.Tensor, cap: int) -> torch.Tensor:
-    """Pass 2: the keys of the first ``cap`` hits, in position order, into a new tensor of ``cap``
-    entries (entries past the count are left unset). Nothing here waits for the device.
+def write_hits(x_N: torch.Tensor, threshold: torch.Tensor, starts_B: torch.Tensor,
+               cap: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pass 2: the first ``cap`` hits, in position order, into new tensors of ``cap`` entries
+    (entries past the count are left unset). Nothing here waits for the device.
 
     Args:
         x_N, threshold: as for :func:`count_at_least`.
         starts_B: what :func:`count_at_least` returned for the same arguments.
         cap: room for this many hits.
+
+    Returns:
+        ``(positions, magnitudes)``: int64 positions and their ``|x|`` as fp32.
     """
-    keys = torch.empty(max(cap, 1), dtype=torch.int64, device=x_N.device)
-    _kernel[1][(starts_B.numel(),)](x_N, threshold.reshape(1), starts_B, keys, x_N.numel(), cap,
+    pos = torch.empty(max(cap, 1), dtype=torch.int64, device=x_N.device)
+    mag = torch.empty(max(cap, 1), dtype=torch.float32, device=x_N.device)
+    _kernel[1][(starts_B.numel(),)](x_N, threshold.reshape(1), starts_B, pos, mag, x_N.numel(), cap,
                                     BLOCK=BLOCK, num_warps=WRITE_WARPS)
-    return keys
+    return pos, mag
 
 
-def at_least_keys(x_N: torch.Tensor, threshold: torch.Tensor) -> torch.Tensor:
-    """Keys (see the module docstring) of every entry with ``|x_N| >= threshold``, in position order.
+def at_least(x_N: torch.Tensor, threshold: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every entry with ``|x_N| >= threshold``, in position order: ``(positions, magnitudes)``
+    (see :func:`write_hits`). Waits for the device once, for the count.
 
     Args:
         x_N: flat contiguous CUDA tensor (check :func:`available` first).
         threshold: 0-d tensor on the same device.
-
-    Returns:
-        int64 tensor of the C keys.
     """
     c, starts_B = count_at_least(x_N, threshold)
     c = int(c)
-    return write_keys(x_N, threshold, starts_B, c)[:c]
-
-
-def positions(keys_C: torch.Tensor) -> torch.Tensor:
-    """The int64 positions encoded in ``keys_C`` (same order)."""
-    return _LOW - (keys_C & _LOW)
+    pos, mag = write_hits(x_N, threshold, starts_B, c)
+    return pos[:c], mag[:c]
 
 
 def _cdiv(a: int, b: int) -> int:

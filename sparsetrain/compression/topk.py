@@ -156,8 +156,8 @@ def threshold_indices(
     return idx_C
 
 
-#: How the CUDA path finds the entries at or above a threshold: "compact" (one Triton pass writing
-#: the hits as sort keys, see .compact; "mask" where Triton is missing), "mask" (one fused compare
+#: How the CUDA path finds the entries at or above a threshold: "compact" (two Triton passes writing
+#: only the hits, see .compact; "mask" where Triton is missing), "mask" (one fused compare
 #: of the whole tensor, then nonzero) or "grouped" (column maxima, then only the columns that reach
 #: it: see _grouped_at_least); and, for "mask" and "grouped", how it keeps the k largest of the
 #: candidates: "sort" or "topk". Every choice gives the same positions ("compact" and "sort" also
@@ -179,15 +179,17 @@ def _compact_select(
     cap = 2 * math.ceil(margin * k) + 1024
     for round_ in range(max_rounds):
         count, starts_B = compact.count_at_least(x_N, threshold)
-        keys = compact.write_keys(x_N, threshold, starts_B, cap)
+        pos, mag = compact.write_hits(x_N, threshold, starts_B, cap)
         c = int(count)
         if c >= lower_bound * k or round_ == max_rounds - 1:
             break
         threshold = threshold * lower_bound
-    keys_C = keys[:c] if c <= cap else compact.write_keys(x_N, threshold, starts_B, c)
+    if c > cap:
+        pos, mag = compact.write_hits(x_N, threshold, starts_B, c)
+    pos_C, mag_C = pos[:c], mag[:c]
     if c > k:
-        keys_C = torch.sort(keys_C, descending=True).values[:k]
-    return compact.positions(keys_C)
+        return pos_C[torch.sort(mag_C, descending=True, stable=True).indices[:k]]
+    return pos_C
 
 
 def _largest(values_C: torch.Tensor, k: int) -> torch.Tensor:

@@ -248,7 +248,7 @@ def test_cuda_selection_keeps_the_plain_result(search, final, kth, kind, numel, 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("kind", ["plain", "ties", "mostly_zero", "signed_zeros", "nan_and_inf", "zeros"])
 def test_cuda_compact_search_equals_mask_and_sort_in_order(dtype, kind, monkeypatch):
-    # The one-pass compaction returns the very tensor (same positions, same order) that the
+    # The Triton compaction returns the very tensor (same positions, same order) that the
     # mask search with the stable-sort final step returns.
     from sparsetrain.compression import compact
 
@@ -267,8 +267,9 @@ def test_cuda_compact_search_equals_mask_and_sort_in_order(dtype, kind, monkeypa
         assert torch.equal(got, expected), (kind, dtype, offset)
     for tv in (0.0, 0.5, float("inf"), float("nan")):  # 0: everything but NaN passes
         t = torch.tensor(tv, dtype=dtype, device="cuda")
-        keys = compact.at_least_keys(x, t)
-        assert torch.equal(compact.positions(keys), (x.abs() >= t).nonzero().view(-1)), tv
+        pos, mag = compact.at_least(x, t)
+        hits = (x.abs() >= t).nonzero().view(-1)
+        assert torch.equal(pos, hits) and torch.equal(mag, x[hits].abs().float()), tv
 
 
 _INTERPRETED = """
@@ -283,16 +284,14 @@ for n in (1, 4096 * 2 + 17):
         x[3], x[4], x[5] = float("nan"), float("inf"), -0.0
     for tv in (0.0, 0.5, float("inf"), float("nan")):
         t = torch.tensor(tv)
-        keys = compact.at_least_keys(x, t)
+        pos, mag = compact.at_least(x, t)
         hits = (x.abs() >= t).nonzero().view(-1)
         count, starts = compact.count_at_least(x, t)
         assert int(count) == hits.numel()
         if hits.numel() > 3:  # room for only 3: the first 3 hits, in order
-            assert torch.equal(compact.positions(compact.write_keys(x, t, starts, 3)), hits[:3])
-        assert torch.equal(compact.positions(keys), hits), (n, tv)
-        if hits.numel():
-            order = hits[torch.sort(x[hits].abs(), descending=True, stable=True).indices]
-            assert torch.equal(compact.positions(torch.sort(keys, descending=True).values), order)
+            assert torch.equal(compact.write_hits(x, t, starts, 3)[0], hits[:3])
+        assert torch.equal(pos, hits), (n, tv)
+        assert torch.equal(mag, x[hits].abs()), (n, tv)
 # The CUDA selection around the kernels: rounds, more hits than the reserved room, the final sort.
 from sparsetrain.compression.topk import _compact_select
 x = _awkward("ties", 8209, torch.Generator().manual_seed(1))
@@ -313,7 +312,7 @@ print("interpreted ok")
 
 
 def test_compact_kernel_in_the_triton_interpreter():
-    # The kernel's logic (block counts, atomic offsets, key encoding) on CPU tensors, where Triton
+    # The kernels' logic (block counts, offsets, the room reserved) on CPU tensors, where Triton
     # is installed: its interpreter runs the same program without a GPU. In a subprocess, because
     # Triton reads TRITON_INTERPRET once, on import, for the whole process.
     import subprocess
