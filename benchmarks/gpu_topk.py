@@ -5,8 +5,8 @@ For fp32 gradients of 25M and 100M elements at density 0.001, times (CUDA events
 
 - ``ours``: :func:`sparsetrain.compression.threshold_indices` as the hook calls it (strided 1%
   sample, then on CUDA two Triton passes, counting and writing the entries at or above the
-  threshold with their magnitudes, see :mod:`sparsetrain.compression.compact`, and a stable sort of
-  those magnitudes when more than k pass),
+  threshold with their magnitudes' bits, see :mod:`sparsetrain.compression.compact`, and a stable
+  sort of those when more than k pass),
 - ``ours, mask search``: the same positions found the previous way, with a compare of the whole
   tensor fused into one pass by ``torch.compile``, ``nonzero``, and a stable sort of the candidates'
   magnitudes (``ours, mask search, eager``: without ``torch.compile``; ``ours, mask search, topk of
@@ -104,8 +104,9 @@ def _breakdown(run, x, k, stride, args, floor) -> None:
             topk_mod.compact.count_at_least(x, t))
         stages["compaction pass 2 (Triton): write the hits"] = lambda r: _discard(
             topk_mod.compact.write_hits(x, t, starts, int(c)))
-        stages[f"stable sort of the {hits[0].numel()} written magnitudes"] = lambda r: _discard(
-            hits[0][torch.sort(hits[1], descending=True, stable=True).indices[:k]])
+        pos, bits = topk_mod.compact.split(hits)
+        stages[f"stable sort of the {hits.numel()} written magnitudes"] = lambda r: _discard(
+            pos[torch.sort(bits, descending=True, stable=True).indices[:k]])
     for name, fn in stages.items():
         ms = statistics.median(run(fn, args.reps, args.warmup)[0])
         print(f"|   | stage | {name} | {ms:.3f} | {ms / floor:.2f} | | |")

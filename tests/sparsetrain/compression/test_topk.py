@@ -267,9 +267,9 @@ def test_cuda_compact_search_equals_mask_and_sort_in_order(dtype, kind, monkeypa
         assert torch.equal(got, expected), (kind, dtype, offset)
     for tv in (0.0, 0.5, float("inf"), float("nan")):  # 0: everything but NaN passes
         t = torch.tensor(tv, dtype=dtype, device="cuda")
-        pos, mag = compact.at_least(x, t)
+        pos, bits = compact.split(compact.at_least(x, t))
         hits = (x.abs() >= t).nonzero().view(-1)
-        assert torch.equal(pos, hits) and torch.equal(mag, x[hits].abs().float()), tv
+        assert torch.equal(pos, hits) and torch.equal(bits.view(torch.float32), x[hits].abs().float()), tv
 
 
 _INTERPRETED = """
@@ -284,14 +284,14 @@ for n in (1, 4096 * 2 + 17):
         x[3], x[4], x[5] = float("nan"), float("inf"), -0.0
     for tv in (0.0, 0.5, float("inf"), float("nan")):
         t = torch.tensor(tv)
-        pos, mag = compact.at_least(x, t)
+        pos, bits = compact.split(compact.at_least(x, t))
         hits = (x.abs() >= t).nonzero().view(-1)
         count, starts = compact.count_at_least(x, t)
         assert int(count) == hits.numel()
         if hits.numel() > 3:  # room for only 3: the first 3 hits, in order
-            assert torch.equal(compact.write_hits(x, t, starts, 3)[0], hits[:3])
+            assert torch.equal(compact.split(compact.write_hits(x, t, starts, 3))[0], hits[:3])
         assert torch.equal(pos, hits), (n, tv)
-        assert torch.equal(mag, x[hits].abs()), (n, tv)
+        assert torch.equal(bits.view(torch.float32), x[hits].abs()), (n, tv)
 # The CUDA selection around the kernels: rounds, more hits than the reserved room, the final sort.
 from sparsetrain.compression.topk import _compact_select
 x = _awkward("ties", 8209, torch.Generator().manual_seed(1))
