@@ -811,14 +811,14 @@ class DGCState:
             slot = torch.cat([torch.arange(e.slot, e.slot + c, device=device) for e, c in zip(sparse, counts)])
             idx_msg = torch.zeros(layout.n_sparse, dtype=idx_real.dtype, device=device).index_put_((slot,), idx_real)
             pad = torch.ones(layout.n_sparse, dtype=torch.bool, device=device).index_fill_(0, slot, False)
-            vals = total[idx_msg].masked_fill_(pad, 0.0)
+            vals = total.index_select(0, idx_msg).masked_fill_(pad, 0.0)
         else:
             idx_msg = idx_real
-            vals = total[idx_msg]
+            vals = total.index_select(0, idx_msg)
         wire, scales_E, sent_vals = encode_segments(
             vals, layout.value_dtype, plan.positions("slot_entry", device), layout.n_scales
         )
-        dense_D = total[plan.positions("dense", device)] if layout.n_dense else total.new_zeros(0)
+        dense_D = total.index_select(0, plan.positions("dense", device)) if layout.n_dense else total.new_zeros(0)
         if cfg.check_finite:  # a sum is cheaper than a mask and keeps any inf or nan
             finite = torch.isfinite(flat_N.sum(dtype=torch.float32))
         else:
@@ -886,7 +886,7 @@ class DGCState:
         if plan.sparse:
             v_new = pending.total
             # what was not sent (or what rounding took off the sent values) stays behind
-            v_new.index_put_((pending.idx_msg,), -pending.sent_msg, accumulate=True)
+            v_new.index_add_(0, pending.idx_msg, pending.sent_msg, alpha=-1)
             v_new.index_fill_(0, plan.positions("dense", device), 0.0)
         elif pending.bf16_dense:
             total = pending.total

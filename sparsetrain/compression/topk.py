@@ -343,8 +343,9 @@ def _true_positions(mask_P: torch.Tensor) -> torch.Tensor:
     hit_H = words_W.nonzero().view(-1)
     if 2 * hit_H.numel() > words_W.numel():
         return mask_P.nonzero().view(-1)
-    q_C = words_W[hit_H].view(torch.bool).nonzero().view(-1)  # byte q of the hit words: word q // 8, byte q % 8
-    return hit_H[q_C >> 3].mul_(8).add_(q_C & 7)
+    # byte q of the hit words: word q // 8, byte q % 8 (index_select: a cheaper gather than indexing)
+    q_C = words_W.index_select(0, hit_H).view(torch.bool).nonzero().view(-1)
+    return hit_H.index_select(0, q_C >> 3).mul_(8).add_(q_C & 7)
 
 
 _fused_at_least = None
@@ -478,7 +479,7 @@ def threshold_indices_segments(
         if c < lower_bound * k and max_rounds > 1:
             found[i] = one(s, n, k, stride)  # lower the threshold: this segment on its own
         elif c > k:
-            found[i] = found[i][_largest(mags[i], k)]
+            found[i] = found[i].index_select(0, _largest(mags[i], k))
     return torch.cat(found), [f.numel() for f in found]
 
 
@@ -583,7 +584,7 @@ def _grouped_segments(
     ok_GC = torch.ge(mag_GC, threshold_G[:, None], out=ok_P[: g * c].view(g, c))
     ok_GC[:, : rows * w].view(g, rows, w).logical_and_(real_GW[:, None, :])
     q_C = _true_positions(ok_P)
-    return pos_GC.view(-1)[q_C], mag_GC.view(-1)[q_C], ok_GC.sum(1).tolist()
+    return pos_GC.view(-1).index_select(0, q_C), mag_GC.view(-1).index_select(0, q_C), ok_GC.sum(1).tolist()
 
 
 def _masked_segments(
@@ -626,7 +627,7 @@ def _masked_segments(
             torch.ge(_stacked(mag_N, starts, block, (n,), (1,)), t, out=_stacked(mask_P, starts, block, (n,), (1,)))
     q_C = _true_positions(mask_P)
     pos_C = q_C + lo
-    mag_C = mag_N[q_C]
+    mag_C = mag_N.index_select(0, q_C)
     bounds = torch.tensor([b for i in members for b in (segments[i][0], segments[i][0] + segments[i][1])],
                           dtype=torch.long, device=device)
     edges = torch.searchsorted(pos_C, bounds).tolist()
