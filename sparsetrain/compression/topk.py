@@ -1,13 +1,16 @@
 """Top-k selection of gradient entries by magnitude: exact, and DGC's sampled threshold.
 
 Both selectors take a flat tensor ``x_N`` and return the int64 positions of (at most) ``k``
-entries of largest ``|x|``, in no particular order. They are pure functions: the same input
-gives the same positions on every rank and every run, which is what the comm hook's
-bit-identical resume and its cross-rank agreement rely on.
+entries of largest ``|x|``, in no particular order; :func:`threshold_indices_segments` gives
+the sampled-threshold result for several segments of one flat tensor (a DDP bucket) at once.
+They are pure functions: the same input gives the same positions on every rank and every run,
+which is what the comm hook's bit-identical resume and its cross-rank agreement rely on.
 
 Legend: N elements of the tensor, S elements of the sample, C candidates above a threshold;
 in the CPU search: R x M the tensor read as rows (tail T), H columns or words holding a
-candidate, P mask bytes (N rounded up to a multiple of 8), W int64 words of the mask.
+candidate, P mask bytes (N rounded up to a multiple of 8), W int64 words of the mask; in
+the search over several segments of one tensor (:func:`threshold_indices_segments`): G
+same-sized segments searched together, H the most columns holding a candidate in any of them.
 
 Sampled threshold (Lin et al., "Deep Gradient Compression", ICLR 2018, Sec. 3; reference
 implementation ``synxlin/deep-gradient-compression``, ``dgc/compression.py``): estimate the
@@ -559,22 +562,22 @@ def _grouped_segments(
         sample_idx = (start_G[:, None] + torch.arange(o, n, stride, device=device)).view(-1)
     sample_GS = x_N.index_select(0, sample_idx).abs_().view(g, -1)
     threshold_G = torch.topk(sample_GS, k_s, dim=1, sorted=False).values.amin(1)
-    # search: the columns whose maximum reaches the threshold (NaN maxima count), W of them at most
-    # per segment, gathered into G x R x W so that the entries come out per segment, row by row
+    # search: the columns whose maximum reaches the threshold (NaN maxima count), at most H per
+    # segment, gathered into G x R x H so that the entries come out per segment, row by row
     hit_P = torch.empty(-(-g * m // 8) * 8, dtype=torch.bool, device=device)
     hit_P[g * m :].fill_(False)
     torch.lt(max_GM, threshold_G[:, None], out=hit_P[: g * m].view(g, m)).logical_not_()
     q_H = _true_positions(hit_P)  # segment q // m, column q % m
     seg_H = torch.div(q_H, m, rounding_mode="floor")
     per_G = torch.bincount(seg_H, minlength=g)
-    w = int(per_G.max())
+    h = int(per_G.max())
     slot_H = torch.arange(q_H.numel(), device=device).sub_((per_G.cumsum(0) - per_G)[seg_H])
-    col_GW = torch.zeros(g, w, dtype=torch.long, device=device)  # padding: column 0, never selected
-    col_GW[seg_H, slot_H] = q_H.add_((start_G - m * torch.arange(g, device=device))[seg_H])
-    real_GW = torch.zeros(g, w, dtype=torch.bool, device=device)
-    real_GW[seg_H, slot_H] = True
-    # then the tail: G x (R * W + T) candidates, row by row, the tail last
-    pos_GC = (col_GW[:, None, :] + row_R[None, :, None]).view(g, rows * w)
+    col_GH = torch.zeros(g, h, dtype=torch.long, device=device)  # padding: position 0, masked out below
+    col_GH[seg_H, slot_H] = q_H.add_((start_G - m * torch.arange(g, device=device))[seg_H])
+    real_GH = torch.zeros(g, h, dtype=torch.bool, device=device)
+    real_GH[seg_H, slot_H] = True
+    # then the tail: G x (R * H + T) candidates, row by row, the tail last
+    pos_GC = (col_GH[:, None, :] + row_R[None, :, None]).view(g, rows * h)
     if t:
         pos_GC = torch.cat([pos_GC, start_G[:, None] + torch.arange(rows * m, n, device=device)], 1)
     c = pos_GC.shape[1]
@@ -582,7 +585,7 @@ def _grouped_segments(
     ok_P = torch.empty(-(-g * c // 8) * 8, dtype=torch.bool, device=device)
     ok_P[g * c :].fill_(False)
     ok_GC = torch.ge(mag_GC, threshold_G[:, None], out=ok_P[: g * c].view(g, c))
-    ok_GC[:, : rows * w].view(g, rows, w).logical_and_(real_GW[:, None, :])
+    ok_GC[:, : rows * h].view(g, rows, h).logical_and_(real_GH[:, None, :])
     q_C = _true_positions(ok_P)
     return pos_GC.view(-1).index_select(0, q_C), mag_GC.view(-1).index_select(0, q_C), ok_GC.sum(1).tolist()
 
