@@ -10,6 +10,7 @@ DGC, the median of ``last_stats["compress_s"]`` (the hook's work before the exch
 
     PYTHONPATH=. python benchmarks/compression_hook_cpu.py
     PYTHONPATH=. python benchmarks/compression_hook_cpu.py --profile dgc0.001   # op table of the hook
+    PYTHONPATH=. python benchmarks/compression_hook_cpu.py --parts              # DGC hook's parts, ms per step
 
 Configurations: ``fp32`` (DDP's built-in all-reduce, SGD momentum 0.9), ``powersgd`` (torch's
 ``powerSGD_hook``, rank 4, one bucket as in the two-node run), ``dgc0.01`` / ``dgc0.001``
@@ -67,6 +68,35 @@ def _setup(args, config: str):
     return ddp, opt, state
 
 
+def _time_parts() -> dict[str, float]:
+    """Wrap the DGC hook's parts with timers (``--parts``); returns the dict they add seconds to:
+    ``prepare`` (work before the exchange), ``select`` (the entries' selection, part of prepare),
+    ``finish`` (decode and, at the step's last bucket, the state commit) and ``commit``."""
+    from sparsetrain.compression import dgc
+
+    acc: dict[str, float] = {}
+
+    def timed(owner, name: str, part: str) -> None:
+        f = getattr(owner, name)
+
+        def wrapper(*a, **k):
+            t0 = time.perf_counter()
+            try:
+                return f(*a, **k)
+            finally:
+                acc[part] = acc.get(part, 0.0) + time.perf_counter() - t0
+
+        setattr(owner, name, wrapper)
+
+    timed(dgc.DGCState, "_prepare", "prepare")
+    timed(dgc.DGCState, "_finish", "finish")
+    timed(dgc.DGCState, "_commit", "commit")
+    for name in ("threshold_indices_segments", "threshold_indices"):  # whichever this version calls
+        if hasattr(dgc, name):
+            timed(dgc, name, "select")
+    return acc
+
+
 def _step(ddp, opt, x, y) -> float:
     t0 = time.perf_counter()
     train_step(ddp, opt, x, y)
@@ -89,6 +119,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--profile", default=None, help="profile this configuration's steps instead (torch.profiler)")
     p.add_argument("--rows", type=int, default=25, help="rows of the profile table")
+    p.add_argument("--parts", action="store_true", help="also time the DGC hook's parts (see _time_parts)")
     args = p.parse_args(argv)
 
     import torch.distributed as dist
@@ -127,12 +158,17 @@ def main(argv: list[str] | None = None) -> None:
 
     times: dict[str, list[float]] = {c: [] for c in configs}
     hook_ms: dict[str, list[float]] = {c: [] for c in configs}
+    parts_acc = _time_parts() if args.parts else {}
+    parts_ms: dict[str, dict[str, list[float]]] = {c: {} for c in configs}
     for r in range(args.rounds):
         for c, (ddp, opt, state) in runs.items():
             for b in batches[start + r * args.steps : start + (r + 1) * args.steps]:
+                parts_acc.clear()
                 times[c].append(_step(ddp, opt, *b))
                 if c.startswith("dgc"):
                     hook_ms[c].append(state.last_stats["compress_s"] * 1e3)
+                    for part, s in parts_acc.items():
+                        parts_ms[c].setdefault(part, []).append(s * 1e3)
     print(f"demo GPT d_model={args.d_model} n_layer={args.n_layer}, batch {args.batch_size}x{args.block_size}, "
           f"world size 1, {args.threads} thread(s); median of {args.rounds} interleaved rounds x {args.steps} steps")
     print("\n| configuration | step ms (median) | min-max | DGC compress_s ms (median) |\n|---|---|---|---|")
@@ -140,6 +176,15 @@ def main(argv: list[str] | None = None) -> None:
         hm = f"{statistics.median(hook_ms[c]):.1f}" if hook_ms[c] else ""
         print(f"| {c} | {statistics.median(times[c]) * 1e3:.0f} | {min(times[c]) * 1e3:.0f}-{max(times[c]) * 1e3:.0f} "
               f"| {hm} |")
+    if args.parts:
+        names = ("prepare", "select", "finish", "commit")
+        print("\nDGC hook's parts, ms per step (median, min-max):\n\n| configuration | "
+              + " | ".join(names) + " |\n|---|" + "---|" * len(names))
+        for c in configs:
+            if parts_ms[c]:
+                cells = [f"{statistics.median(v):.1f} ({min(v):.1f}-{max(v):.1f})" if (v := parts_ms[c].get(n)) else ""
+                         for n in names]
+                print(f"| {c} | " + " | ".join(cells) + " |")
     dist.destroy_process_group()
 
 

@@ -8,7 +8,14 @@
 """
 
 from .dgc import DENSITY_RAMP, DGCConfig, DGCState, check_optimizer, dgc_hook
-from .topk import num_selected, sample_stride, select_indices, threshold_indices, topk_indices
+from .topk import (
+    num_selected,
+    sample_stride,
+    select_indices,
+    threshold_indices,
+    threshold_indices_segments,
+    topk_indices,
+)
 
 __all__ = [
     "DENSITY_RAMP",
@@ -20,5 +27,6 @@ __all__ = [
     "sample_stride",
     "select_indices",
     "threshold_indices",
+    "threshold_indices_segments",
     "topk_indices",
 ]

@@ -39,7 +39,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .topk import num_selected, sample_stride, threshold_indices, topk_indices
+from .topk import num_selected, sample_stride, threshold_indices_segments, topk_indices
 from .wire import DTYPES, SegmentLayout, encode_segments, pack, unpack
 
 __all__ = [
@@ -793,40 +793,32 @@ class DGCState:
         plan, total = pending.plan, pending.total
         layout = plan.layout
         device = total.device
-        real, msg, padded = [], [], False
-        sent = 0
-        work = mask = None
-        if cfg.selection == "threshold" and device.type == "cpu" and plan.sparse_entries:
-            work = self._take(total)
-            mask = self._take(total, torch.bool, max(-(-e.numel // 8) * 8 for e in plan.sparse_entries))
-        for e in plan.sparse_entries:
-            x = total[e.offset : e.offset + e.numel]
-            if cfg.selection == "topk":
-                idx = topk_indices(x, e.k)
-            else:
-                w = work[e.offset : e.offset + e.numel] if work is not None else None
-                idx = threshold_indices(x, e.k, stride=e.stride, offset=self.step, scratch=w, mask_scratch=mask)
-            idx = idx.add_(e.offset)
-            real.append(idx)
-            msg.append(idx)
-            c = idx.numel()
-            if c < e.k:
-                msg.append(torch.zeros(e.k - c, dtype=idx.dtype, device=device))
-                padded = True
-            sent += c
-        self._give(work, mask)
-        idx_real = torch.cat(real)
-        idx_msg = torch.cat(msg) if padded else idx_real
-        vals = total[idx_msg]
-        if padded:
-            pad = torch.ones(layout.n_sparse, dtype=torch.bool, device=device)
-            pad[torch.cat([torch.arange(e.slot, e.slot + r.numel(), device=device)
-                           for e, r in zip(plan.sparse_entries, real)])] = False
-            vals.masked_fill_(pad, 0.0)
+        sparse = plan.sparse_entries
+        if cfg.selection == "threshold":
+            work = mask = None
+            if device.type == "cpu":
+                work = self._take(total)
+                mask = self._take(total, torch.bool, -(-plan.numel // 8) * 8)
+            segments = [(e.offset, e.numel, e.k, e.stride) for e in sparse]
+            idx_real, counts = threshold_indices_segments(total, segments, offset=self.step, scratch=work,
+                                                          mask_scratch=mask)
+            self._give(work, mask)
+        else:
+            parts = [topk_indices(total[e.offset : e.offset + e.numel], e.k).add_(e.offset) for e in sparse]
+            idx_real, counts = torch.cat(parts), [p.numel() for p in parts]
+        sent = sum(counts)
+        if sent < layout.n_sparse:  # an entry sent fewer than k: pad its slots with position 0, value 0
+            slot = torch.cat([torch.arange(e.slot, e.slot + c, device=device) for e, c in zip(sparse, counts)])
+            idx_msg = torch.zeros(layout.n_sparse, dtype=idx_real.dtype, device=device).index_put_((slot,), idx_real)
+            pad = torch.ones(layout.n_sparse, dtype=torch.bool, device=device).index_fill_(0, slot, False)
+            vals = total.index_select(0, idx_msg).masked_fill_(pad, 0.0)
+        else:
+            idx_msg = idx_real
+            vals = total.index_select(0, idx_msg)
         wire, scales_E, sent_vals = encode_segments(
             vals, layout.value_dtype, plan.positions("slot_entry", device), layout.n_scales
         )
-        dense_D = total[plan.positions("dense", device)] if layout.n_dense else total.new_zeros(0)
+        dense_D = total.index_select(0, plan.positions("dense", device)) if layout.n_dense else total.new_zeros(0)
         if cfg.check_finite:  # a sum is cheaper than a mask and keeps any inf or nan
             finite = torch.isfinite(flat_N.sum(dtype=torch.float32))
         else:
@@ -894,7 +886,7 @@ class DGCState:
         if plan.sparse:
             v_new = pending.total
             # what was not sent (or what rounding took off the sent values) stays behind
-            v_new.index_put_((pending.idx_msg,), -pending.sent_msg, accumulate=True)
+            v_new.index_add_(0, pending.idx_msg, pending.sent_msg, alpha=-1)
             v_new.index_fill_(0, plan.positions("dense", device), 0.0)
         elif pending.bf16_dense:
             total = pending.total

@@ -1,13 +1,16 @@
 """Top-k selection of gradient entries by magnitude: exact, and DGC's sampled threshold.
 
 Both selectors take a flat tensor ``x_N`` and return the int64 positions of (at most) ``k``
-entries of largest ``|x|``, in no particular order. They are pure functions: the same input
-gives the same positions on every rank and every run, which is what the comm hook's
-bit-identical resume and its cross-rank agreement rely on.
+entries of largest ``|x|``, in no particular order; :func:`threshold_indices_segments` gives
+the sampled-threshold result for several segments of one flat tensor (a DDP bucket) at once.
+They are pure functions: the same input gives the same positions on every rank and every run,
+which is what the comm hook's bit-identical resume and its cross-rank agreement rely on.
 
 Legend: N elements of the tensor, S elements of the sample, C candidates above a threshold;
 in the CPU search: R x M the tensor read as rows (tail T), H columns or words holding a
-candidate, P mask bytes (N rounded up to a multiple of 8), W int64 words of the mask.
+candidate, P mask bytes (N rounded up to a multiple of 8), W int64 words of the mask; in
+the search over several segments of one tensor (:func:`threshold_indices_segments`): G
+same-sized segments searched together, H the most columns holding a candidate in any of them.
 
 Sampled threshold (Lin et al., "Deep Gradient Compression", ICLR 2018, Sec. 3; reference
 implementation ``synxlin/deep-gradient-compression``, ``dgc/compression.py``): estimate the
@@ -28,7 +31,14 @@ import torch
 
 from . import compact
 
-__all__ = ["num_selected", "sample_stride", "select_indices", "threshold_indices", "topk_indices"]
+__all__ = [
+    "num_selected",
+    "sample_stride",
+    "select_indices",
+    "threshold_indices",
+    "threshold_indices_segments",
+    "topk_indices",
+]
 
 
 def num_selected(numel: int, density: float) -> int:
@@ -376,8 +386,9 @@ def _true_positions(mask_P: torch.Tensor) -> torch.Tensor:
     hit_H = words_W.nonzero().view(-1)
     if 2 * hit_H.numel() > words_W.numel():
         return mask_P.nonzero().view(-1)
-    q_C = words_W[hit_H].view(torch.bool).nonzero().view(-1)  # byte q of the hit words: word q // 8, byte q % 8
-    return hit_H[q_C >> 3].mul_(8).add_(q_C & 7)
+    # byte q of the hit words: word q // 8, byte q % 8 (index_select: a cheaper gather than indexing)
+    q_C = words_W.index_select(0, hit_H).view(torch.bool).nonzero().view(-1)
+    return hit_H.index_select(0, q_C >> 3).mul_(8).add_(q_C & 7)
 
 
 _fused_at_least = None
@@ -402,3 +413,267 @@ def _at_least(x_N: torch.Tensor, threshold: torch.Tensor) -> torch.Tensor:
 
 def _eager_at_least(x_N: torch.Tensor, threshold: torch.Tensor) -> torch.Tensor:
     return x_N.abs() >= threshold
+
+
+# ----------------------------------------------------------------------------- many tensors at once
+
+
+def threshold_indices_segments(
+    x_N: torch.Tensor,
+    segments: list[tuple[int, int, int, int]],
+    *,
+    offset: int = 0,
+    lower_bound: float = 0.8,
+    max_rounds: int = 10,
+    margin: float = 1.3,
+    scratch: torch.Tensor | None = None,
+    mask_scratch: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, list[int]]:
+    """:func:`threshold_indices` for several segments of one flat tensor (the tensors of a bucket).
+
+    Gives exactly ``torch.cat([threshold_indices(x_N[s : s + n], k, stride=stride, offset=offset) + s
+    for s, n, k, stride in segments])``, in the same order, but on the CPU the per-tensor steps
+    are done for all segments together: the segments' thresholds come from one ``topk`` per group
+    of same-sized segments (stacked, the k_s-th largest of each row), the column maxima of the
+    low-density search are reduced over runs of equally spaced segments in one pass, the denser
+    search compares all segments against their thresholds into one mask that is scanned once,
+    and the entries in the columns that reach a threshold are gathered for a whole group at
+    once. What stays per segment: the final exact top-k among the candidates (the same
+    ``topk`` call on the same values as :func:`threshold_indices`, so that ties at the k-th place
+    are broken alike), and the rare segment whose first threshold lets fewer than
+    ``lower_bound * k`` entries pass, which repeats :func:`threshold_indices` on its own.
+
+    Args:
+        x_N: flat tensor.
+        segments: ``(start, numel, k, stride)`` per segment, ascending and not overlapping.
+        offset, lower_bound, max_rounds, margin: as for :func:`threshold_indices`.
+        scratch: optional float tensor of N elements that may be overwritten.
+        mask_scratch: optional bool tensor of at least ``8 * ceil(N / 8)`` elements that may be
+            overwritten.
+
+    Returns:
+        ``(idx, counts)``: int64 positions in ``x_N``, segment after segment, and how many
+        belong to each segment.
+
+    Raises:
+        ValueError: a segment outside ``x_N`` or overlapping the previous one, or an argument
+            outside its range (as for :func:`threshold_indices`).
+    """
+    if x_N.dim() != 1:
+        raise ValueError(f"`x_N` must be 1-D, got shape {tuple(x_N.shape)}")
+    end = 0
+    for s, n, k, stride in segments:
+        if s < end or n < 1 or s + n > x_N.numel():
+            raise ValueError(
+                f"`segments` must be ascending, non-overlapping and inside `x_N` ({x_N.numel()} elements), "
+                f"got ({s}, {n}) after end {end}"
+            )
+        if not 1 <= k <= n:
+            raise ValueError(f"`k` must be in [1, {n}], got {k}")
+        if stride < 1:
+            raise ValueError(f"`stride` must be >= 1, got {stride}")
+        end = s + n
+    if not 0.0 < lower_bound < 1.0:
+        raise ValueError(f"`lower_bound` must be in (0, 1), got {lower_bound}")
+    if max_rounds < 1:
+        raise ValueError(f"`max_rounds` must be >= 1, got {max_rounds}")
+    if not margin >= 1.0:
+        raise ValueError(f"`margin` must be >= 1, got {margin}")
+    device = x_N.device
+    if not segments:
+        return torch.zeros(0, dtype=torch.long, device=device), []
+
+    def one(s: int, n: int, k: int, stride: int) -> torch.Tensor:
+        return threshold_indices(x_N[s : s + n], k, stride=stride, offset=offset, lower_bound=lower_bound,
+                                 max_rounds=max_rounds, margin=margin).add_(s)
+
+    if x_N.is_cuda or not x_N.is_contiguous():
+        parts = [one(*seg) for seg in segments]
+        return torch.cat(parts), [p.numel() for p in parts]
+
+    # Which search each segment takes (the same choice as _cpu_search), grouped by size.
+    rows = _GROUP_ROWS
+    grouped: dict[tuple[int, int, int], list[int]] = {}
+    masked: dict[tuple[int, int, int], list[int]] = {}
+    found: list[torch.Tensor | None] = [None] * len(segments)  # candidates, ascending
+    for i, (s, n, k, stride) in enumerate(segments):
+        if stride == 1 or k >= n:
+            found[i] = topk_indices(x_N[s : s + n], k).add_(s)  # final: exact
+            continue
+        if margin * k / n <= _GROUPED_BELOW and n // (rows * stride) * stride >= 64:
+            grouped.setdefault((n, k, stride), []).append(i)
+        else:
+            masked.setdefault((n, k, stride), []).append(i)
+    final = [f is not None for f in found]
+
+    mags: list[torch.Tensor | None] = [None] * len(segments)
+    for (n, k, stride), members in grouped.items():
+        starts = [segments[i][0] for i in members]
+        pos_C, mag_C, counts = _grouped_segments(x_N, starts, n, k, stride, offset % stride, margin)
+        for i, pos, mag in zip(members, pos_C.split(counts), mag_C.split(counts)):
+            found[i], mags[i] = pos, mag
+    if masked:
+        _masked_segments(x_N, segments, masked, found, mags, offset, margin, scratch, mask_scratch)
+
+    for i, (s, n, k, stride) in enumerate(segments):
+        if final[i]:
+            continue
+        c = found[i].numel()
+        if c < lower_bound * k and max_rounds > 1:
+            found[i] = one(s, n, k, stride)  # lower the threshold: this segment on its own
+        elif c > k:
+            found[i] = found[i].index_select(0, _largest(mags[i], k))
+    return torch.cat(found), [f.numel() for f in found]
+
+
+def _blocks(starts: list[int]) -> list[tuple[int, tuple[int, ...], tuple[int, ...]]]:
+    """Cover ascending ``starts`` by blocks of equally spaced segments, each readable as one strided
+    view: ``(first index, lengths, spacings)``, one level (``(L,)``) or two (``(L1, L2)``: L1
+    equally spaced runs of L2 equally spaced segments, e.g. the same weight of every layer)."""
+    def run(i: int) -> tuple[int, int]:  # length and spacing of the run of equal spacing from i
+        if i + 1 >= len(starts):
+            return 1, 0
+        step, j = starts[i + 1] - starts[i], i + 2
+        while j < len(starts) and starts[j] - starts[j - 1] == step:
+            j += 1
+        return j - i, step
+
+    out, i = [], 0
+    while i < len(starts):
+        length, step = run(i)
+        chunks, outer = 1, 0
+        if length > 1:
+            j = i + length
+            while j + length <= len(starts) and run(j)[0] >= length and starts[j + 1] - starts[j] == step:
+                if chunks == 1:
+                    outer = starts[j] - starts[i]
+                elif starts[j] - starts[j - length] != outer:
+                    break
+                chunks, j = chunks + 1, j + length
+        if chunks > 1:
+            out.append((i, (chunks, length), (outer, step)))
+        else:
+            out.append((i, (length,), (step,)))
+        i += chunks * length
+    return out
+
+
+def _stacked(t: torch.Tensor, starts: list[int], block: tuple[int, tuple[int, ...], tuple[int, ...]],
+             shape: tuple[int, ...], strides: tuple[int, ...]) -> torch.Tensor:
+    """The segments of one block of :func:`_blocks` as a view of ``t``: lengths + ``shape``."""
+    first, lengths, spacings = block
+    return t.as_strided(lengths + shape, spacings + strides, t.storage_offset() + starts[first])
+
+
+def _grouped_segments(
+    x_N: torch.Tensor, starts: list[int], n: int, k: int, stride: int, o: int, margin: float
+) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+    """The column-maxima search of :func:`_cpu_search` for G segments of the same size at once.
+
+    Returns:
+        The entries at or above each segment's first threshold (flat positions in ``x_N``,
+        segment after segment, ascending within each), their magnitudes, and how many each
+        segment has.
+    """
+    rows = _GROUP_ROWS
+    m = n // (rows * stride) * stride
+    t = n - rows * m  # tail
+    g = len(starts)
+    n_sample = (n - o + stride - 1) // stride
+    k_s = min(n_sample, max(1, math.ceil(margin * k * n_sample / n)))
+    device = x_N.device
+    # column maxima of |x| (G x M), one amax and one amin per block of equally spaced segments
+    hi_GM = torch.empty(g, m, dtype=x_N.dtype, device=device)
+    lo_GM = torch.empty(g, m, dtype=x_N.dtype, device=device)
+    for block in _blocks(starts):
+        first, lengths, _ = block
+        x_RM = _stacked(x_N, starts, block, (rows, m), (m, 1))
+        out = slice(first, first + math.prod(lengths))
+        torch.amax(x_RM, -2, out=hi_GM[out].view(*lengths, m))
+        torch.amin(x_RM, -2, out=lo_GM[out].view(*lengths, m))
+    max_GM = torch.maximum(hi_GM, lo_GM.neg_())
+    start_G = torch.tensor(starts, dtype=torch.long, device=device)
+    row_R = torch.arange(0, rows * m, m, device=device)
+    if t == 0 and m // stride >= k_s:
+        # threshold: the k_s-th largest entry of the k_s sampled columns with the largest maxima
+        top_GS = torch.topk(max_GM[:, o::stride], k_s, dim=1, sorted=False).indices.mul_(stride)
+        sample_idx = (top_GS.add_(start_G[:, None] + o)[:, None, :] + row_R[None, :, None]).view(-1)
+    else:  # the tail holds sampled entries too: sample the plain way
+        sample_idx = (start_G[:, None] + torch.arange(o, n, stride, device=device)).view(-1)
+    sample_GS = x_N.index_select(0, sample_idx).abs_().view(g, -1)
+    threshold_G = torch.topk(sample_GS, k_s, dim=1, sorted=False).values.amin(1)
+    # search: the columns whose maximum reaches the threshold (NaN maxima count), at most H per
+    # segment, gathered into G x R x H so that the entries come out per segment, row by row
+    hit_P = torch.empty(-(-g * m // 8) * 8, dtype=torch.bool, device=device)
+    hit_P[g * m :].fill_(False)
+    torch.lt(max_GM, threshold_G[:, None], out=hit_P[: g * m].view(g, m)).logical_not_()
+    q_H = _true_positions(hit_P)  # segment q // m, column q % m
+    seg_H = torch.div(q_H, m, rounding_mode="floor")
+    per_G = torch.bincount(seg_H, minlength=g)
+    h = int(per_G.max())
+    slot_H = torch.arange(q_H.numel(), device=device).sub_((per_G.cumsum(0) - per_G)[seg_H])
+    col_GH = torch.zeros(g, h, dtype=torch.long, device=device)  # padding: position 0, masked out below
+    col_GH[seg_H, slot_H] = q_H.add_((start_G - m * torch.arange(g, device=device))[seg_H])
+    real_GH = torch.zeros(g, h, dtype=torch.bool, device=device)
+    real_GH[seg_H, slot_H] = True
+    # then the tail: G x (R * H + T) candidates, row by row, the tail last
+    pos_GC = (col_GH[:, None, :] + row_R[None, :, None]).view(g, rows * h)
+    if t:
+        pos_GC = torch.cat([pos_GC, start_G[:, None] + torch.arange(rows * m, n, device=device)], 1)
+    c = pos_GC.shape[1]
+    mag_GC = x_N.index_select(0, pos_GC.view(-1)).abs_().view(g, c)
+    ok_P = torch.empty(-(-g * c // 8) * 8, dtype=torch.bool, device=device)
+    ok_P[g * c :].fill_(False)
+    ok_GC = torch.ge(mag_GC, threshold_G[:, None], out=ok_P[: g * c].view(g, c))
+    ok_GC[:, : rows * h].view(g, rows, h).logical_and_(real_GH[:, None, :])
+    q_C = _true_positions(ok_P)
+    return pos_GC.view(-1).index_select(0, q_C), mag_GC.view(-1).index_select(0, q_C), ok_GC.sum(1).tolist()
+
+
+def _masked_segments(
+    x_N: torch.Tensor,
+    segments: list[tuple[int, int, int, int]],
+    masked: dict[tuple[int, int, int], list[int]],
+    found: list[torch.Tensor | None],
+    mags: list[torch.Tensor | None],
+    offset: int,
+    margin: float,
+    scratch: torch.Tensor | None,
+    mask_scratch: torch.Tensor | None,
+) -> None:
+    """The mask search of :func:`_cpu_search` for all ``masked`` segments at once: ``|x|`` once, each
+    group of same-sized segments compared with its thresholds into one mask, the mask scanned
+    once. Writes each segment's entries at or above its first threshold (flat positions,
+    ascending) and their magnitudes into ``found`` and ``mags``."""
+    device = x_N.device
+    members = sorted(i for group in masked.values() for i in group)
+    lo = segments[members[0]][0]
+    hi = segments[members[-1]][0] + segments[members[-1]][1]
+    usable = scratch is not None and scratch.numel() == x_N.numel() and scratch.dtype == x_N.dtype
+    mag_N = torch.abs(x_N[lo:hi], out=scratch[lo:hi]) if usable else x_N[lo:hi].abs()
+    p = -(-(hi - lo) // 8) * 8
+    usable = (mask_scratch is not None and mask_scratch.dtype == torch.bool and mask_scratch.numel() >= p
+              and mask_scratch.is_contiguous() and mask_scratch.device == device)
+    mask_P = mask_scratch[:p] if usable else torch.empty(p, dtype=torch.bool, device=device)
+    mask_P.fill_(False)
+    for (n, k, stride), group in masked.items():
+        starts = [segments[i][0] - lo for i in group]
+        o = offset % stride
+        n_sample = (n - o + stride - 1) // stride
+        k_s = min(n_sample, max(1, math.ceil(margin * k * n_sample / n)))
+        start_G = torch.tensor(starts, dtype=torch.long, device=device)
+        sample_GS = mag_N.index_select(0, (start_G[:, None] + torch.arange(o, n, stride, device=device)).view(-1))
+        threshold_G = torch.topk(sample_GS.view(len(group), -1), k_s, dim=1, sorted=False).values.amin(1)
+        for block in _blocks(starts):
+            first, lengths, _ = block
+            t = threshold_G[first : first + math.prod(lengths)].view(*lengths, 1)
+            torch.ge(_stacked(mag_N, starts, block, (n,), (1,)), t, out=_stacked(mask_P, starts, block, (n,), (1,)))
+    q_C = _true_positions(mask_P)
+    pos_C = q_C + lo
+    mag_C = mag_N.index_select(0, q_C)
+    bounds = torch.tensor([b for i in members for b in (segments[i][0], segments[i][0] + segments[i][1])],
+                          dtype=torch.long, device=device)
+    edges = torch.searchsorted(pos_C, bounds).tolist()
+    for j, i in enumerate(members):
+        found[i] = pos_C[edges[2 * j] : edges[2 * j + 1]]
+        mags[i] = mag_C[edges[2 * j] : edges[2 * j + 1]]

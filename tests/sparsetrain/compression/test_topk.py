@@ -10,6 +10,7 @@ from sparsetrain.compression.topk import (
     sample_stride,
     select_indices,
     threshold_indices,
+    threshold_indices_segments,
     topk_indices,
 )
 
@@ -341,3 +342,110 @@ def test_cuda_kth_largest_by_sort_equals_topk(monkeypatch):
             monkeypatch.setattr(topk_mod, "_CUDA_SAMPLE_KTH", "sort")
             got = topk_mod._kth_largest(v, k)
             torch.testing.assert_close(got, ref, rtol=0, atol=0, equal_nan=True)
+
+
+# ----------------------------------------------------------------------------- many segments at once
+
+
+def _per_segment(x, segments, offset, **kw):
+    parts = [threshold_indices(x[s : s + n], k, stride=stride, offset=offset, **kw) + s for s, n, k, stride in segments]
+    return torch.cat(parts), [p.numel() for p in parts]
+
+
+def _layout(name, density):
+    """(start, numel) of the segments of one flat tensor, with gaps (1-D tensors sent whole) between them."""
+    if name == "layers":  # the same 4 weights in 3 layers (two-level spacing), an odd one at the end
+        layer = [65_536, 256, 65_536, 256, 32_768, 1024]
+        sizes = layer * 3 + [65_536]
+    elif name == "mixed":  # unequal sizes and spacings, tails after the R x M layout
+        sizes = [100_003, 17, 65_536, 300, 262_151, 5, 65_536, 40_000, 65_536, 3, 4096]
+    elif name == "small":  # exact selection (stride 1) and the mask search only
+        sizes = [4096, 100, 2048, 4096, 7, 4096]
+    pos, out = 0, []
+    for n in sizes:
+        if n >= 2048:
+            k = num_selected(n, density)
+            out.append((pos, n, k, sample_stride(n, density, 0.01)))
+        pos += n
+    return out, pos
+
+
+@pytest.mark.parametrize("kind", ["plain", "ties", "mostly_zero", "signed_zeros", "nan_in_sample", "nan_and_inf",
+                                  "nan_in_tail", "zeros"])
+@pytest.mark.parametrize("layout", ["layers", "mixed", "small"])
+@pytest.mark.parametrize("density", [0.001, 0.002, 0.01, 0.0625])
+def test_segments_give_exactly_the_per_tensor_result(kind, layout, density):
+    segments, n = _layout(layout, density)
+    g = torch.Generator().manual_seed(n + int(density * 1e4))
+    x = _awkward(kind, n, g)
+    for offset in (0, 3, 1001):
+        expected, counts = _per_segment(x, segments, offset)
+        got, got_counts = threshold_indices_segments(x, segments, offset=offset)
+        assert torch.equal(got, expected), (kind, layout, density, offset)
+        assert got_counts == counts
+        scratch = torch.full((n,), 7.0)
+        mask = torch.ones(n + 64, dtype=torch.bool)  # dirty scratch buffers must not matter
+        got, _ = threshold_indices_segments(x, segments, offset=offset, scratch=scratch, mask_scratch=mask)
+        assert torch.equal(got, expected), (kind, layout, density, offset, "scratch")
+
+
+def test_segments_ignore_what_lies_between_them():
+    segments, n = _layout("mixed", 0.001)
+    x = torch.randn(n, generator=torch.Generator().manual_seed(0))
+    covered = torch.zeros(n, dtype=torch.bool)
+    for s, m, _, _ in segments:
+        covered[s : s + m] = True
+    y = x.masked_fill(~covered, float("nan"))
+    assert torch.equal(threshold_indices_segments(y, segments, offset=5)[0], _per_segment(x, segments, 5)[0])
+
+
+@pytest.mark.parametrize("max_rounds", [1, 2, 10])
+def test_segments_lower_the_threshold_like_the_per_tensor_search(max_rounds):
+    # spikes in the sample set the first threshold far too high in some segments, so that x0.8
+    # rounds follow; the first three take the mask search, the last two the column maxima
+    x = torch.full((520_000,), 1.0)
+    x[:10_000:100] = 1.5
+    x[30_000:40_000:100] = 100.0
+    x[50_000:70_000] = torch.randn(20_000, generator=torch.Generator().manual_seed(1))
+    x[100_000:300_000:2000] = 1.5
+    x[300_000:500_000:2000] = 100.0
+    segments = [(0, 10_000, 200, 100), (10_000, 10_000, 200, 100), (30_000, 10_000, 200, 100),
+                (50_000, 20_000, 20, 100), (100_000, 200_000, 200, 100), (300_000, 200_000, 200, 100)]
+    expected, counts = _per_segment(x, segments, 0, max_rounds=max_rounds)
+    got, got_counts = threshold_indices_segments(x, segments, offset=0, max_rounds=max_rounds)
+    assert torch.equal(got, expected) and got_counts == counts
+
+
+def test_segments_on_a_view_and_empty():
+    base = torch.randn(300_000, generator=torch.Generator().manual_seed(2))
+    x = base[1000:]  # storage offset: the strided views must start at the view, not the storage
+    segments = [(0, 65_536, 66, 2), (65_536, 65_536, 66, 2), (200_000, 65_536, 66, 2)]
+    assert torch.equal(threshold_indices_segments(x, segments, offset=1)[0], _per_segment(x, segments, 1)[0])
+    idx, counts = threshold_indices_segments(x, [])
+    assert idx.numel() == 0 and counts == []
+
+
+@pytest.mark.parametrize("segments,match", [
+    ([(0, 100, 1, 1), (50, 100, 1, 1)], "`segments` must be ascending"),
+    ([(0, 2000, 1, 1)], "`segments` must be ascending"),
+    ([(0, 100, 0, 1)], "`k` must be in"),
+    ([(0, 100, 1, 0)], "`stride` must be >= 1"),
+])
+def test_segments_are_checked(segments, match):
+    with pytest.raises(ValueError, match=match):
+        threshold_indices_segments(torch.randn(1000), segments)
+
+
+def test_blocks_cover_the_starts_with_strided_views():
+    from sparsetrain.compression.topk import _blocks
+
+    starts = [0, 10, 20, 100, 110, 120, 200, 210, 220, 500, 600, 601]
+    blocks = _blocks(starts)
+    assert blocks[0] == (0, (3, 3), (100, 10))
+    covered = []
+    for first, lengths, spacings in blocks:
+        grid = torch.zeros(lengths, dtype=torch.long)
+        for d, (length, spacing) in enumerate(zip(lengths, spacings)):
+            grid = grid + (torch.arange(length) * spacing).view([-1 if i == d else 1 for i in range(len(lengths))])
+        covered += (grid.view(-1) + starts[first]).tolist()
+    assert covered == starts
