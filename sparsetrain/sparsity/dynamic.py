@@ -28,7 +28,10 @@ How the invariants are kept (each is tested):
   before the update. Masking is NaN-safe (a NaN or inf outside the mask becomes 0), never
   ``x * mask``: ``torch.where`` on accelerators; on CPU, where torch's bool-select kernel is not
   vectorised (about 10x slower than a multiply), the same result bit for bit from an AND of the
-  float's bits with a cached integer mask of all-ones / all-zeros.
+  float's bits with a cached integer mask of all-ones / all-zeros. The hook masks the gradient
+  in place (no new tensor per layer and step) when nothing but the autograd engine refers to it,
+  which is the usual case; a gradient shared with anything else (a user's hook that keeps it, an
+  addition that hands it to two inputs, views of one storage) gets a masked copy instead.
 - Weights and every optimizer state tensor of the weight's shape (SGD momentum, Adam
   ``exp_avg`` / ``exp_avg_sq``, ...) stay exactly zero outside the mask, so momentum and weight
   decay cannot revive pruned weights. A full enforcement pass zeroes them at attach, after every
@@ -58,6 +61,7 @@ How the invariants are kept (each is tested):
 from __future__ import annotations
 
 import math
+import sys
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -153,6 +157,63 @@ def _host_ints(values: list[torch.Tensor]) -> list[int]:
         for i, x in zip(idx, torch.stack([values[i] for i in idx]).tolist()):
             out[i] = int(x)
     return out
+
+
+# Reference counts (Python object, gradient, its view base, their storage) of a gradient that only
+# the autograd engine and the hook hold, as a tensor hook sees them, for a gradient that is not a
+# view (index 0) and one that is (index 1, e.g. a Linear weight's: the transpose of a product);
+# measured once per process by `_sole_refs`, None where no such gradient could be measured.
+_SoleRefs = tuple[tuple[int, int, int, int] | None, tuple[int, int, int, int] | None]
+_SOLE_REFS: _SoleRefs | None = None
+
+
+def _ref_counts(grad: torch.Tensor, python_refs: int) -> tuple[int, int, int, int]:
+    base = grad._base
+    return (python_refs, grad._use_count(), 0 if base is None else base._use_count(),
+            torch._C._storage_Use_Count(grad.untyped_storage()._cdata))
+
+
+def _sole_refs() -> _SoleRefs:
+    """What :func:`_sole_owner` compares with: measured on gradients known to be unshared.
+
+    Where torch lacks the private counters, nothing is ever masked in place.
+    """
+    global _SOLE_REFS
+    if _SOLE_REFS is None:
+        found: dict[bool, tuple[int, int, int, int]] = {}
+
+        def probe(grad: torch.Tensor) -> None:  # called as the sparsifier's hook is
+            found.setdefault(grad._base is not None, _ref_counts(grad, sys.getrefcount(grad)))
+
+        try:
+            with torch.enable_grad():
+                for forward in (lambda w: w * 2.0, lambda w: nn.functional.linear(torch.ones(3, 2), w)):
+                    w = torch.zeros(2, 2, requires_grad=True)
+                    w.register_hook(probe)
+                    forward(w).sum().backward()
+        except (AttributeError, RuntimeError):
+            found.clear()
+        _SOLE_REFS = (found.get(False), found.get(True))
+    return _SOLE_REFS
+
+
+def _sole_owner(grad: torch.Tensor, python_refs: int, refs: _SoleRefs) -> bool:
+    """Whether a tensor hook may mask ``grad`` in place: nothing but the engine and the hook refers to it.
+
+    ``python_refs`` is ``sys.getrefcount(grad)`` taken in the hook. A gradient can be shared: an
+    addition hands the same tensor to both of its inputs, a user's hook or a custom backward may
+    keep it, a view may share its storage with other gradients. Then the Python object, the
+    tensor, its view base or their storage holds more references than for a gradient known to be
+    unshared (``refs``), and the hook returns a masked copy instead -- the test torch's
+    ``AccumulateGrad`` makes before it takes a gradient over without copying it.
+    """
+    try:
+        if grad.requires_grad:  # part of a graph (double backward): leave it alone
+            return False
+        sole = refs[grad._base is not None]
+        return sole is not None and all(c <= r for c, r in zip(_ref_counts(grad, python_refs), sole))
+    except (AttributeError, RuntimeError):
+        return False
 
 
 class MaskDivergenceError(RuntimeError):
@@ -328,6 +389,7 @@ class DynamicSparsifier:
         self._dense_grads: dict[str, torch.Tensor] = {}
         self._zeros: dict[tuple[torch.dtype, torch.device], torch.Tensor] = {}
         self._bit_masks: dict[tuple[str, torch.dtype], tuple[tuple[int, int, int], torch.Tensor]] = {}
+        self._refs = _sole_refs()
         # statistics (the counts are kept on the host, so that reading them never waits for the device)
         self._active: dict[str, int] = {}
         self._ever_active: dict[str, torch.Tensor] = {}
@@ -386,17 +448,21 @@ class DynamicSparsifier:
                 stacklevel=3,
             )
 
-    def _make_grad_hook(self, name: str) -> Callable[[torch.Tensor], torch.Tensor]:
-        module = self._modules[name]
+    def _make_grad_hook(self, name: str) -> Callable[[torch.Tensor], torch.Tensor | None]:
+        buffers = self._modules[name]._buffers
+        refs = self._refs
 
-        def hook(grad: torch.Tensor) -> torch.Tensor:
+        def hook(grad: torch.Tensor) -> torch.Tensor | None:
             if self._capture:
                 buf = self._dense_grads.get(name)
                 if buf is None:
                     self._dense_grads[name] = grad.detach().clone()
                 else:
                     buf.add_(grad.detach())
-            return self._masked(grad, module._buffers[MASK_NAME], name)
+            if _sole_owner(grad, sys.getrefcount(grad), refs):  # the usual case: no new tensor
+                self._mask_(grad, buffers[MASK_NAME], name)
+                return None
+            return self._masked(grad, buffers[MASK_NAME], name)
 
         return hook
 
@@ -601,14 +667,14 @@ class DynamicSparsifier:
 
     def _masked(self, t: torch.Tensor, mask: torch.Tensor, name: str) -> torch.Tensor:
         """``torch.where(mask, t, 0)`` as a new tensor."""
-        int_dtype = _BIT_VIEW.get(t.dtype) if t.device.type == "cpu" else None
+        int_dtype = _BIT_VIEW.get(t.dtype) if t.is_cpu else None
         if int_dtype is None:
             return torch.where(mask, t, self._zero(t))
         return torch.bitwise_and(t.view(int_dtype), self._bits(name, mask, int_dtype)).view(t.dtype)
 
     def _mask_(self, t: torch.Tensor, mask: torch.Tensor, name: str) -> None:
         """``t = torch.where(mask, t, 0)`` in place."""
-        int_dtype = _BIT_VIEW.get(t.dtype) if t.device.type == "cpu" else None
+        int_dtype = _BIT_VIEW.get(t.dtype) if t.is_cpu else None
         if int_dtype is None:
             torch.where(mask, t, self._zero(t), out=t)
         else:
