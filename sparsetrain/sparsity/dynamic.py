@@ -32,6 +32,10 @@ How the invariants are kept (each is tested):
   in place (no new tensor per layer and step) when nothing but the autograd engine refers to it,
   which is the usual case; a gradient shared with anything else (a user's hook that keeps it, an
   addition that hands it to two inputs, views of one storage) gets a masked copy instead.
+- A mask update selects the layers of one shape, dtype, device and active count together (a few
+  tensor operations per group of layers instead of per layer: one ``topk`` for all the attention
+  projections of a transformer, say); the masks are those of the per-layer functions, because
+  selections are exact (:mod:`.masks`).
 - Weights and every optimizer state tensor of the weight's shape (SGD momentum, Adam
   ``exp_avg`` / ``exp_avg_sq``, ...) stay exactly zero outside the mask, so momentum and weight
   decay cannot revive pruned weights. A full enforcement pass zeroes them at attach, after every
@@ -73,11 +77,11 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from .density import DISTRIBUTIONS, layer_active_counts
-from .gmp import magnitude_prune
+from .gmp import _prune_rows
 from .masks import DEFAULT_MODULE_TYPES, random_mask, select_modules
-from .rigl import rigl_update
+from .rigl import _rigl_rows
 from .schedules import DROP_SCHEDULES, METHODS, MaskSchedule
-from .set import set_update
+from .set import _draw_growth_scores, _set_rows
 
 __all__ = [
     "MASK_NAME",
@@ -148,15 +152,20 @@ ZERO_PRESERVING_OPTIMIZERS: tuple[type[torch.optim.Optimizer], ...] = tuple(_GRO
 
 
 def _host_ints(values: list[torch.Tensor]) -> list[int]:
-    """0-dim integer tensors as Python ints, with one device-to-host copy per device (not one per tensor)."""
-    out = [0] * len(values)
+    """Integer tensors (0-dim or 1-D) as one flat list of Python ints, in order, with one
+    device-to-host copy per device (not one per tensor)."""
+    out: list[list[int]] = [[] for _ in values]
     by_device: dict[torch.device, list[int]] = {}
     for i, v in enumerate(values):
         by_device.setdefault(v.device, []).append(i)
     for idx in by_device.values():
-        for i, x in zip(idx, torch.stack([values[i] for i in idx]).tolist()):
-            out[i] = int(x)
-    return out
+        flat = torch.cat([values[i].reshape(-1) for i in idx]).tolist()
+        start = 0
+        for i in idx:
+            n = values[i].numel()
+            out[i] = [int(x) for x in flat[start:start + n]]
+            start += n
+    return [x for part in out for x in part]
 
 
 # Reference counts (Python object, gradient, its view base, their storage) of a gradient that only
@@ -214,6 +223,14 @@ def _sole_owner(grad: torch.Tensor, python_refs: int, refs: _SoleRefs) -> bool:
         return sole is not None and all(c <= r for c, r in zip(_ref_counts(grad, python_refs), sole))
     except (AttributeError, RuntimeError):
         return False
+
+
+def _stack_rows(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """Same-shaped tensors as the rows of one ``[len(tensors), numel]`` tensor (a view for one
+    contiguous tensor, else a new tensor)."""
+    if len(tensors) == 1 and tensors[0].is_contiguous():
+        return tensors[0].view(1, -1)
+    return torch.stack(tensors).view(len(tensors), -1)
 
 
 class MaskDivergenceError(RuntimeError):
@@ -731,14 +748,27 @@ class DynamicSparsifier:
             return 1
         return dist.get_world_size(self.process_group)
 
-    @torch.no_grad()
-    def _reduced_dense_grads(self) -> dict[str, torch.Tensor]:
-        grads = {}
+    def _groups(self, counts: dict[str, int]) -> dict[tuple[Any, ...], list[str]]:
+        """Layers that can be updated together, in registration order: one shape, dtype, device,
+        active count and selection size (``counts``: positions each layer drops or keeps)."""
+        groups: dict[tuple[Any, ...], list[str]] = {}
         for name, module in self._modules.items():
-            g = self._dense_grads.pop(name, None)
-            if g is None:  # the layer took no part in this step's backward
-                g = torch.zeros_like(module.weight)
-            grads[name] = g
+            w = module.weight
+            groups.setdefault((tuple(w.shape), w.dtype, w.device, self._active[name], counts[name]), []).append(name)
+        return groups
+
+    @torch.no_grad()
+    def _reduced_dense_grads(self, groups: dict[tuple[Any, ...], list[str]]) -> dict[tuple[Any, ...], torch.Tensor]:
+        """Each group's captured dense gradients as ``[layers, positions]``, averaged over the ranks."""
+        grads = {}
+        for key, names in groups.items():
+            rows = []
+            for name in names:
+                g = self._dense_grads.pop(name, None)
+                if g is None:  # the layer took no part in this step's backward
+                    g = torch.zeros_like(self._modules[name].weight)
+                rows.append(g)
+            grads[key] = _stack_rows(rows)
         self._dense_grads.clear()
         world = self._world()
         if world > 1:
@@ -750,42 +780,88 @@ class DynamicSparsifier:
         return grads
 
     @torch.no_grad()
+    def _growth_scores(self, groups: dict[tuple[Any, ...], list[str]]) -> dict[tuple[Any, ...], torch.Tensor]:
+        """SET's random growth scores of each group that regrows, as ``[layers, positions]``.
+
+        Drawn from the sparsifier's (CPU) generator layer by layer in registration order, so
+        grouping does not change which numbers a layer gets.
+        """
+        scores: dict[tuple[Any, ...], torch.Tensor] = {}
+        where: dict[str, tuple[torch.Tensor, int]] = {}
+        for key, names in groups.items():
+            if key[4] == 0:  # nothing dropped, nothing drawn
+                continue
+            w = self._modules[names[0]].weight
+            scores[key] = torch.empty(len(names), w.numel(), device=w.device)
+            where.update((name, (scores[key], i)) for i, name in enumerate(names))
+        for name in self._modules:
+            if name not in where:
+                continue
+            out_LN, i = where[name]
+            _draw_growth_scores(out_LN[i], self._generator)
+        return scores
+
+    @torch.no_grad()
     def _update(self, t: int) -> dict[str, Any]:
         cfg, sched = self.config, self.schedule
         assert sched is not None
-        grads = self._reduced_dense_grads() if cfg.method == "rigl" else {}
-        drop = sched.drop_fraction_at(t) if cfg.method in ("rigl", "set") else 0.0
-        if cfg.method == "gmp":
+        method = cfg.method
+        drop = sched.drop_fraction_at(t) if method in ("rigl", "set") else 0.0
+        if method == "gmp":
             target = sched.sparsity_at(t)
             if target == 0.0:
-                keep = {name: math.prod(s) for name, s in self._shapes.items()}
+                counts = {name: math.prod(s) for name, s in self._shapes.items()}
             else:
-                keep = layer_active_counts(self._shapes, target, cfg.distribution)
-        # The active counts are known on the host (updates keep them, pruning sets them), so nothing
-        # below waits for the device until the one copy of the per-layer counts at the end.
-        counted: list[torch.Tensor] = []  # per layer: connections grown, positions active for the first time
-        for name, module in self._modules.items():
-            weight, mask = module.weight, module._buffers[MASK_NAME]
-            n_active = self._active[name]
-            if cfg.method == "rigl":
-                new = rigl_update(weight, grads[name], mask, math.floor(drop * n_active), n_active=n_active)
-            elif cfg.method == "set":
-                new = set_update(weight, mask, math.floor(drop * n_active), self._generator, n_active=n_active)
+                counts = layer_active_counts(self._shapes, target, cfg.distribution)
+        else:  # positions each layer drops (and grows)
+            counts = {name: math.floor(drop * self._active[name]) for name in self._modules}
+        # Layers alike are updated together, a few passes per group rather than per layer (the same
+        # masks: selections are exact). The active counts are known on the host, so nothing below
+        # waits for the device until the one copy of the per-layer counts at the end.
+        groups = self._groups(counts)
+        grads = self._reduced_dense_grads(groups) if method == "rigl" else {}
+        scores = self._growth_scores(groups) if method == "set" else {}
+        counted: list[torch.Tensor] = []  # per group: [connections grown, positions active for the first time]
+        targets: list[torch.Tensor] = []  # tensors to overwrite, and their new values
+        values: list[torch.Tensor] = []
+        for key, names in groups.items():
+            shape, n_active, k = key[0], key[3], key[4]
+            masks = [self._modules[n]._buffers[MASK_NAME] for n in names]
+            mask_LN = _stack_rows(masks)
+            weight_LN = _stack_rows([self._modules[n].weight.detach() for n in names])
+            if method == "rigl":
+                new_LN = _rigl_rows(weight_LN, grads[key], mask_LN, k, n_active)
+            elif method == "set":
+                new_LN = _set_rows(weight_LN, mask_LN, scores.get(key), k, n_active)
             else:
-                new = magnitude_prune(weight, mask, keep[name], n_active=n_active)
-                self._active[name] = min(keep[name], n_active)
-            ever = self._ever_active[name]
-            if ever.device != mask.device:
-                ever = self._ever_active[name] = ever.to(mask.device)
-            counted += [torch.count_nonzero(new & ~mask), torch.count_nonzero(new & ~ever)]
-            mask.copy_(new)
-            ever |= new
+                new_LN = _prune_rows(weight_LN, mask_LN, k, n_active)
+                for name in names:
+                    self._active[name] = min(k, n_active)
+            evers = []
+            for name, mask in zip(names, masks):
+                ever = self._ever_active[name]
+                if ever.device != mask.device:
+                    ever = self._ever_active[name] = ever.to(mask.device)
+                evers.append(ever)
+            ever_LN = _stack_rows(evers)
+            grown_LN = new_LN & ~mask_LN
+            counted.append(torch.stack([torch.count_nonzero(grown_LN, dim=1),
+                                        torch.count_nonzero(grown_LN & ~ever_LN, dim=1)]))
+            targets += masks + evers
+            values += [r.view(shape) for r in new_LN.unbind(0)]
+            values += [r.view(shape) for r in (ever_LN | new_LN).unbind(0)]
+        torch._foreach_copy_(targets, values)
         # Newly grown connections were inactive, so their weights and optimizer states are already 0.
         self.apply_masks()
-        counts = _host_ints(counted)
-        regrown = sum(counts[0::2])
-        for name, first_time in zip(self._modules, counts[1::2]):
-            self._ever_counts[name] += first_time
+        regrown = 0
+        flat = _host_ints(counted)
+        start = 0
+        for names in groups.values():
+            n = len(names)
+            regrown += sum(flat[start:start + n])
+            for name, first_time in zip(names, flat[start + n:start + 2 * n]):
+                self._ever_counts[name] += first_time
+            start += 2 * n
         self._updates += 1
         self._regrown_total += regrown
         if cfg.check_sync:

@@ -3,13 +3,26 @@
 - Gradients are masked in place when the hook holds the only reference to them, else copied;
   both equal ``torch.where(mask, g, 0)`` bit for bit, and a gradient shared with anything else is
   never modified.
+- Mask updates select the layers of one shape and count together; the masks equal the per-layer
+  pure functions (``rigl_update``, ``set_update``, ``magnitude_prune``).
 """
+
+import math
 
 import pytest
 import torch
 from torch import nn
 
-from sparsetrain.sparsity import DynamicSparsifier, DynamicSparsityConfig
+from sparsetrain.sparsity import (
+    DynamicSparsifier,
+    DynamicSparsityConfig,
+    magnitude_prune,
+    rigl_update,
+    set_update,
+)
+from sparsetrain.sparsity.gmp import _prune_rows
+from sparsetrain.sparsity.rigl import _rigl_rows
+from sparsetrain.sparsity.set import _draw_growth_scores, _set_rows
 
 DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
 
@@ -129,3 +142,86 @@ def test_double_backward_gradients_are_masked_out_of_place():
     sp = DynamicSparsifier(layer, DynamicSparsityConfig(method="static", sparsity=0.5), total_steps=4)
     (g,) = torch.autograd.grad(layer(torch.randn(2, 5)).square().sum(), [layer.weight], create_graph=True)
     assert torch.equal(g, torch.where(sp.masks[""], g, 0))
+
+
+# ------------------------------------------------------------------ grouped updates
+
+
+class _Tower(nn.Module):
+    """Layers of repeated shapes (grouped by the update) around one of its own shape."""
+
+    def __init__(self):
+        super().__init__()
+        self.blocks = nn.ModuleList(nn.Linear(24, 24) for _ in range(4))
+        self.wide = nn.ModuleList(nn.Linear(24, 40) for _ in range(2))
+        self.head = nn.Linear(40, 3)
+
+    def forward(self, x):
+        for b in self.blocks:
+            x = torch.tanh(b(x))
+        return self.head(sum(torch.relu(w(x)) for w in self.wide))
+
+
+@pytest.mark.parametrize("method", ["rigl", "set", "gmp"])
+def test_grouped_updates_equal_the_layer_by_layer_pure_functions(method):
+    torch.manual_seed(0)
+    model = _Tower()
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)  # the weights stay put: the reference sees the same
+    cfg = DynamicSparsityConfig(method=method, sparsity=0.7, update_interval=1, drop_fraction=0.4,
+                                drop_schedule="constant", end_fraction=1.0, seed=3)
+    sp = DynamicSparsifier(model, cfg, total_steps=4, optimizer=opt)
+    with torch.no_grad():  # ties in |W| across and within layers
+        for name in sp.layer_names:
+            w = model.get_submodule(name).weight
+            w.copy_(torch.where(sp.masks[name], w.mul(8).round().div(8), 0))
+    old = {n: m.clone() for n, m in sp.masks.items()}
+    generator = torch.Generator()
+    generator.set_state(sp._generator.get_state())
+    x = torch.randn(16, 24, generator=torch.Generator().manual_seed(5))
+    model(x).square().mean().backward()
+    dense = {n: g.clone() for n, g in sp._dense_grads.items()}
+    opt.step()
+    assert sp.last_statistics["step"] == 1
+    keep = sp.statistics()["active"]
+    for name in sp.layer_names:
+        w, n_active = model.get_submodule(name).weight, int(old[name].sum())
+        if method == "rigl":
+            expected = rigl_update(w, dense[name], old[name], math.floor(0.4 * n_active))
+        elif method == "set":
+            expected = set_update(w, old[name], math.floor(0.4 * n_active), generator)  # draws in layer order
+        else:
+            expected = magnitude_prune(w, old[name], int(sp.masks[name].sum()))
+        assert torch.equal(sp.masks[name], expected), name
+    assert keep == sum(int(m.sum()) for m in sp.masks.values())
+    if method == "set":
+        assert torch.equal(generator.get_state(), sp._generator.get_state())
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_row_updates_equal_one_layer_at_a_time(seed):
+    g = torch.Generator().manual_seed(seed)
+    rows, n, n_active = 5, 60, 24
+    weight_LN = torch.randint(-3, 4, (rows, n), generator=g).float()  # ties
+    grad_LN = torch.randint(-2, 3, (rows, n), generator=g).float()
+    mask_LN = torch.zeros(rows, n, dtype=torch.bool)
+    for r in range(rows):  # the same active count in every row
+        mask_LN[r, torch.randperm(n, generator=g)[:n_active]] = True
+    scores_LN = torch.rand(rows, n, generator=g)
+    for k in (0, 1, 7, 13, n_active):
+        rigl = _rigl_rows(weight_LN, grad_LN, mask_LN, k, n_active)
+        set_ = _set_rows(weight_LN, mask_LN, scores_LN if k else None, k, n_active)
+        prune = _prune_rows(weight_LN, mask_LN, k, n_active)
+        for r in range(rows):
+            assert torch.equal(rigl[r], rigl_update(weight_LN[r], grad_LN[r], mask_LN[r], k)), (k, r)
+            assert torch.equal(prune[r], magnitude_prune(weight_LN[r], mask_LN[r], k)), (k, r)
+            if k:
+                assert torch.equal(set_[r], _set_rows(weight_LN[r:r + 1], mask_LN[r:r + 1], scores_LN[r:r + 1],
+                                                      k, n_active)[0]), (k, r)
+
+
+def test_growth_scores_filled_row_by_row_are_one_draw_per_row():
+    a, b = torch.Generator().manual_seed(4), torch.Generator().manual_seed(4)
+    out = torch.empty(3, 10)
+    for r in range(3):
+        _draw_growth_scores(out[r], a)
+    assert torch.equal(out, torch.stack([torch.rand(10, generator=b) for _ in range(3)]))
