@@ -59,7 +59,12 @@ How the invariants are kept (each is tested):
   checkpointed), and after each update a checksum of all masks is compared across ranks;
   a mismatch raises :class:`MaskDivergenceError`. The masks are excluded from DDP's buffer
   broadcast (so a divergence cannot be papered over by rank 0's copy, and the masks do not
-  travel every step).
+  travel every step). SET's growth scores for weights on an accelerator are drawn there, from a
+  device generator reseeded from that CPU generator before each layer, so the checkpointed CPU
+  state still determines them; they differ from the numbers a CPU run draws and, since CUDA's
+  random numbers for large tensors depend on the launch grid (the GPU's multiprocessor count),
+  may differ between GPU models: the ranks of one run need GPUs of one model (else the checksum
+  raises).
 """
 
 from __future__ import annotations
@@ -407,6 +412,7 @@ class DynamicSparsifier:
         self._zeros: dict[tuple[torch.dtype, torch.device], torch.Tensor] = {}
         self._bit_masks: dict[tuple[str, torch.dtype], tuple[tuple[int, int, int], torch.Tensor]] = {}
         self._refs = _sole_refs()
+        self._device_generators: dict[torch.device, torch.Generator | None] = {}
         # statistics (the counts are kept on the host, so that reading them never waits for the device)
         self._active: dict[str, int] = {}
         self._ever_active: dict[str, torch.Tensor] = {}
@@ -779,12 +785,25 @@ class DynamicSparsifier:
                 g.div_(world)
         return grads
 
+    def _growth_generator(self, device: torch.device) -> torch.Generator | None:
+        """A generator on ``device`` for SET's growth scores, or ``None`` to draw them on the CPU."""
+        if device.type == "cpu":
+            return None
+        if device not in self._device_generators:
+            try:
+                self._device_generators[device] = torch.Generator(device=device)
+            except (RuntimeError, TypeError):  # no generator of this device type: draw on the CPU
+                self._device_generators[device] = None
+        return self._device_generators[device]
+
     @torch.no_grad()
     def _growth_scores(self, groups: dict[tuple[Any, ...], list[str]]) -> dict[tuple[Any, ...], torch.Tensor]:
         """SET's random growth scores of each group that regrows, as ``[layers, positions]``.
 
-        Drawn from the sparsifier's (CPU) generator layer by layer in registration order, so
-        grouping does not change which numbers a layer gets.
+        Drawn layer by layer in registration order (so grouping does not change which numbers a
+        layer gets). On the CPU from the sparsifier's generator; on an accelerator, from a generator
+        of that device reseeded before each layer with a number drawn from the CPU generator, so the
+        checkpointed CPU generator state still determines every draw, on every rank alike.
         """
         scores: dict[tuple[Any, ...], torch.Tensor] = {}
         where: dict[str, tuple[torch.Tensor, int]] = {}
@@ -798,7 +817,12 @@ class DynamicSparsifier:
             if name not in where:
                 continue
             out_LN, i = where[name]
-            _draw_growth_scores(out_LN[i], self._generator)
+            generator = self._growth_generator(out_LN.device)
+            if generator is None:
+                generator = self._generator
+            else:
+                generator.manual_seed(int(torch.randint(2**62, (), generator=self._generator)))
+            _draw_growth_scores(out_LN[i], generator)
         return scores
 
     @torch.no_grad()

@@ -225,3 +225,54 @@ def test_growth_scores_filled_row_by_row_are_one_draw_per_row():
     for r in range(3):
         _draw_growth_scores(out[r], a)
     assert torch.equal(out, torch.stack([torch.rand(10, generator=b) for _ in range(3)]))
+
+
+def _set_run(steps, device, state=None):
+    """SET on ``_Tower``; with ``state`` (model, optimizer, sparsifier state dicts) resumed from it."""
+    torch.manual_seed(0)
+    model = _Tower().to(device)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    cfg = DynamicSparsityConfig(method="set", sparsity=0.8, update_interval=2, end_fraction=1.0, seed=9)
+    sp = DynamicSparsifier(model, cfg, total_steps=8, optimizer=opt)
+    if state is not None:
+        model.load_state_dict(state[0])
+        opt.load_state_dict(state[1])
+        sp.load_state_dict(state[2])
+    for step in range(sp.step_count, steps):
+        x = torch.randn(8, 24, generator=torch.Generator().manual_seed(step)).to(device)
+        model(x).square().mean().backward()
+        opt.step()
+        opt.zero_grad()
+    return model, opt, sp
+
+
+def _check_set_device_draws(device):
+    ref = _set_run(8, device)[2]
+    again = _set_run(8, device)[2]
+    assert all(torch.equal(ref.masks[n], again.masks[n]) for n in ref.layer_names)
+    model, opt, sp = _set_run(3, device)
+    state = ({k: v.clone() for k, v in model.state_dict().items()}, opt.state_dict(), sp.state_dict())
+    resumed = _set_run(8, device, state)[2]
+    assert all(torch.equal(ref.masks[n], resumed.masks[n]) for n in ref.layer_names)
+    assert ref.statistics() == resumed.statistics()
+    return ref
+
+
+def test_set_scores_drawn_by_a_device_generator_repeat_and_resume_exactly(monkeypatch):
+    # Stand-in for an accelerator: a second CPU generator takes the device generator's place, which
+    # runs the reseeding path on this machine.
+    monkeypatch.setattr(DynamicSparsifier, "_growth_generator",
+                        lambda self, device: self._device_generators.setdefault(device, torch.Generator()))
+    ref = _check_set_device_draws("cpu")
+    assert ref._device_generators and ref.statistics()["regrown_total"] > 0
+    monkeypatch.undo()
+    plain = _set_run(8, "cpu")[2]  # without the stand-in: the CPU generator draws the scores itself
+    assert not plain._device_generators
+    assert any(not torch.equal(ref.masks[n], plain.masks[n]) for n in ref.layer_names)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_set_on_cuda_draws_on_the_device_alike_for_one_seed_and_resumes_exactly():
+    ref = _check_set_device_draws("cuda")
+    assert ref._device_generators  # the scores were drawn on the GPU
