@@ -224,8 +224,12 @@ def _sole_owner(grad: torch.Tensor, python_refs: int, refs: _SoleRefs) -> bool:
     try:
         if grad.requires_grad:  # part of a graph (double backward): leave it alone
             return False
-        sole = refs[grad._base is not None]
-        return sole is not None and all(c <= r for c, r in zip(_ref_counts(grad, python_refs), sole))
+        base = grad._base
+        sole = refs[base is not None]
+        # In order of cost; the same counts as `_ref_counts` (with `base` held here as there).
+        return (sole is not None and python_refs <= sole[0] and grad._use_count() <= sole[1]
+                and (base is None or base._use_count() <= sole[2])
+                and torch._C._storage_Use_Count(grad.untyped_storage()._cdata) <= sole[3])
     except (AttributeError, RuntimeError):
         return False
 
