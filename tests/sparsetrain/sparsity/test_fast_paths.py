@@ -80,13 +80,20 @@ def test_gradient_masking_equals_torch_where_bit_for_bit_in_place_or_not(dtype, 
         assert _Inject.kept.data_ptr() != layer.weight.grad.data_ptr()
 
 
-def test_the_usual_linear_and_conv_gradients_are_masked_in_place():
-    model = nn.Sequential(nn.Conv2d(2, 4, 3), nn.Flatten(), nn.Linear(4 * 6 * 6, 5))
+DEVICES = ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs CUDA")])]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_the_usual_linear_and_conv_gradients_are_masked_in_place(device):
+    # On CUDA the hook runs on the autograd engine's device thread: the reference counts measured
+    # on the CPU must hold there too, or every gradient would be copied.
+    model = nn.Sequential(nn.Conv2d(2, 4, 3), nn.Flatten(), nn.Linear(4 * 6 * 6, 5)).to(device)
     incoming = {}
     for name in ("0", "2"):  # registered first: sees the gradient the sparsifier's hook then receives
         model.get_submodule(name).weight.register_hook(_record_pointer(incoming, name))
     sp = DynamicSparsifier(model, DynamicSparsityConfig(method="static", sparsity=0.7), total_steps=4)
-    model(torch.randn(3, 2, 8, 8)).sum().backward()
+    model(torch.randn(3, 2, 8, 8, device=device)).sum().backward()
     for name in ("0", "2"):
         w = model.get_submodule(name).weight
         assert w.grad.data_ptr() == incoming[name], name  # no new tensor
