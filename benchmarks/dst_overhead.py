@@ -16,6 +16,10 @@ mask updates are amortised as they are over a training run. Printed, side by sid
 - one mask update alone (no forward/backward; including the dense-gradient all-reduce, none here on
   one process) in ms, and its share of a step when amortised over ``--update-interval`` steps.
 
+``--update-only N`` times one mask update alone N times (median, min, max) after the warm-up and
+counts the tensor operations it dispatches (``--group-on-cpu``: with CPU layers grouped as on
+accelerators), without timing any step.
+
 The masks do not make the matrix products cheaper (dense kernels on masked tensors): this measures
 pure cost. Runs from the repository root without installing::
 
@@ -32,6 +36,7 @@ import time
 from pathlib import Path
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -80,6 +85,58 @@ def _time_call(fn, device, repeats: int) -> float:
     return (time.perf_counter() - t0) / repeats
 
 
+def _one_update(args, device, sp, model, opt, batch):
+    """A function running one mask update of ``sp`` from one captured dense gradient (RigL), repeatable."""
+    t_update = sp.step_count
+    dense = {}
+    if args.method == "rigl":
+        sp._capture = True
+        x, y = batch
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.amp):
+            model.loss(x, y).backward()
+        opt.zero_grad(set_to_none=True)
+        sp._capture = False
+        dense = dict(sp._dense_grads)
+
+    def one_update():
+        sp._dense_grads = dict(dense)  # _update pops them; with one process it does not change them
+        sp._update(t_update)
+
+    return one_update
+
+
+class _CountOps(TorchDispatchMode):
+    """Counts the aten operations dispatched inside it, and those that are views (they launch no kernel)."""
+
+    def __init__(self):
+        super().__init__()
+        self.total = self.views = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.total += 1
+        self.views += not func._schema.is_mutable and any(r.alias_info for r in func._schema.returns)
+        return func(*args, **(kwargs or {}))
+
+
+def _update_only(args, device, sp, run, batch) -> int:
+    """``--update-only N``: time one mask update N times (each after one untimed call), count its operations."""
+    sp._group_on_cpu = args.group_on_cpu
+    one_update = _one_update(args, device, sp, *run, batch)
+    times = [_time_call(one_update, device, repeats=1) for _ in range(args.update_only)]
+    with _CountOps() as ops:
+        one_update()
+    dev = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    print(f"# dst_overhead --update-only: device={dev} torch={torch.__version__} method={args.method} "
+          f"sparsity={args.sparsity} GPT d_model={args.d_model} n_layer={args.n_layer} "
+          f"layers={len(sp.layer_names)} sparsified weights={sum(w.numel() for w, _ in sp._pairs()):,} "
+          f"threads={torch.get_num_threads()}")
+    print(f"one mask update (incl. its full pass), ms: median {statistics.median(times) * 1e3:.2f}, "
+          f"min {min(times) * 1e3:.2f}, max {max(times) * 1e3:.2f} ({len(times)} timings)")
+    print(f"aten operations per update: {ops.total - ops.views} besides {ops.views} views "
+          f"(layers grouped: {device.type != 'cpu' or args.group_on_cpu})")
+    return 0
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
@@ -98,6 +155,11 @@ def main(argv=None) -> int:
     p.add_argument("--n-head", type=int, default=None)
     p.add_argument("--amp", action="store_true", help="bf16 autocast")
     p.add_argument("--threads", type=int, help="torch.set_num_threads (CPU); 1 gives the steadiest CPU times")
+    p.add_argument("--update-only", type=int, default=0, metavar="N",
+                   help="only time one mask update, N times after the warm-up steps (median, min, max), and stop")
+    p.add_argument("--group-on-cpu", action="store_true",
+                   help="with --update-only: update same-shaped CPU layers together, as on accelerators "
+                        "(to count the operations a GPU update dispatches)")
     p.add_argument("--control", action="store_true",
                    help="also time a second plain model (plain vs plain ratio = the machine's noise floor)")
     args = p.parse_args(argv)
@@ -148,6 +210,8 @@ def main(argv=None) -> int:
     # Warm-up also aligns the sparse runs on an update period, so every timed block holds the same updates.
     for model, opt in runs.values():
         _timed_block(model, opt, stream(args.warmup), args.amp, device)
+    if args.update_only:
+        return _update_only(args, device, sparsifiers["auto"], runs["auto"], batches[0])
     wall = {k: [] for k in runs}
     cpu = {k: [] for k in runs}
     order = list(runs)
@@ -172,21 +236,7 @@ def main(argv=None) -> int:
     # One mask update alone: capture the dense gradient once, then time the update from it.
     sp, (model, opt) = sp0, runs["auto"]
     saved = sp.state_dict()
-    t_update = sp.step_count
-    dense = {}
-    if args.method == "rigl":
-        sp._capture = True
-        x, y = batches[0]
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.amp):
-            model.loss(x, y).backward()
-        opt.zero_grad(set_to_none=True)
-        sp._capture = False
-        dense = dict(sp._dense_grads)
-
-    def one_update():
-        sp._dense_grads = dict(dense)  # _update pops them; with one process it does not change them
-        sp._update(t_update)
-
+    one_update = _one_update(args, device, sp, model, opt, batches[0])
     update = _time_call(one_update, device, repeats=5) if args.method != "static" else float("nan")
     sp.load_state_dict(saved)
 

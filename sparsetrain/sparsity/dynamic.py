@@ -28,7 +28,15 @@ How the invariants are kept (each is tested):
   before the update. Masking is NaN-safe (a NaN or inf outside the mask becomes 0), never
   ``x * mask``: ``torch.where`` on accelerators; on CPU, where torch's bool-select kernel is not
   vectorised (about 10x slower than a multiply), the same result bit for bit from an AND of the
-  float's bits with a cached integer mask of all-ones / all-zeros.
+  float's bits with a cached integer mask of all-ones / all-zeros. The hook masks the gradient
+  in place (no new tensor per layer and step) when nothing but the autograd engine refers to it,
+  which is the usual case; a gradient shared with anything else (a user's hook that keeps it, an
+  addition that hands it to two inputs, views of one storage) gets a masked copy instead.
+- On accelerators, a mask update selects the layers of one shape, dtype, device and active count
+  together (a few tensor operations per group of layers instead of per layer: one ``topk`` for
+  all the attention projections of a transformer, say); the masks are those of the per-layer
+  functions, because selections are exact (:mod:`.masks`). On the CPU, where stacking the layers
+  costs more than it saves, layers are updated one by one.
 - Weights and every optimizer state tensor of the weight's shape (SGD momentum, Adam
   ``exp_avg`` / ``exp_avg_sq``, ...) stay exactly zero outside the mask, so momentum and weight
   decay cannot revive pruned weights. A full enforcement pass zeroes them at attach, after every
@@ -52,12 +60,18 @@ How the invariants are kept (each is tested):
   checkpointed), and after each update a checksum of all masks is compared across ranks;
   a mismatch raises :class:`MaskDivergenceError`. The masks are excluded from DDP's buffer
   broadcast (so a divergence cannot be papered over by rank 0's copy, and the masks do not
-  travel every step).
+  travel every step). SET's growth scores for weights on an accelerator are drawn there, from a
+  device generator reseeded from that CPU generator before each layer, so the checkpointed CPU
+  state still determines them; they differ from the numbers a CPU run draws and, since CUDA's
+  random numbers for large tensors depend on the launch grid (the GPU's multiprocessor count),
+  may differ between GPU models: the ranks of one run need GPUs of one model (else the checksum
+  raises).
 """
 
 from __future__ import annotations
 
 import math
+import sys
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -69,11 +83,11 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from .density import DISTRIBUTIONS, layer_active_counts
-from .gmp import magnitude_prune
+from .gmp import _prune_rows
 from .masks import DEFAULT_MODULE_TYPES, random_mask, select_modules
-from .rigl import rigl_update
+from .rigl import _rigl_rows
 from .schedules import DROP_SCHEDULES, METHODS, MaskSchedule
-from .set import set_update
+from .set import _draw_growth_scores, _set_rows
 
 __all__ = [
     "MASK_NAME",
@@ -144,15 +158,89 @@ ZERO_PRESERVING_OPTIMIZERS: tuple[type[torch.optim.Optimizer], ...] = tuple(_GRO
 
 
 def _host_ints(values: list[torch.Tensor]) -> list[int]:
-    """0-dim integer tensors as Python ints, with one device-to-host copy per device (not one per tensor)."""
-    out = [0] * len(values)
+    """Integer tensors (0-dim or 1-D) as one flat list of Python ints, in order, with one
+    device-to-host copy per device (not one per tensor)."""
+    out: list[list[int]] = [[] for _ in values]
     by_device: dict[torch.device, list[int]] = {}
     for i, v in enumerate(values):
         by_device.setdefault(v.device, []).append(i)
     for idx in by_device.values():
-        for i, x in zip(idx, torch.stack([values[i] for i in idx]).tolist()):
-            out[i] = int(x)
-    return out
+        flat = torch.cat([values[i].reshape(-1) for i in idx]).tolist()
+        start = 0
+        for i in idx:
+            n = values[i].numel()
+            out[i] = [int(x) for x in flat[start:start + n]]
+            start += n
+    return [x for part in out for x in part]
+
+
+# Reference counts (Python object, gradient, its view base, their storage) of a gradient that only
+# the autograd engine and the hook hold, as a tensor hook sees them, for a gradient that is not a
+# view (index 0) and one that is (index 1, e.g. a Linear weight's: the transpose of a product);
+# measured once per process by `_sole_refs`, None where no such gradient could be measured.
+_SoleRefs = tuple[tuple[int, int, int, int] | None, tuple[int, int, int, int] | None]
+_SOLE_REFS: _SoleRefs | None = None
+
+
+def _ref_counts(grad: torch.Tensor, python_refs: int) -> tuple[int, int, int, int]:
+    base = grad._base
+    return (python_refs, grad._use_count(), 0 if base is None else base._use_count(),
+            torch._C._storage_Use_Count(grad.untyped_storage()._cdata))
+
+
+def _sole_refs() -> _SoleRefs:
+    """What :func:`_sole_owner` compares with: measured on gradients known to be unshared.
+
+    Where torch lacks the private counters, nothing is ever masked in place.
+    """
+    global _SOLE_REFS
+    if _SOLE_REFS is None:
+        found: dict[bool, tuple[int, int, int, int]] = {}
+
+        def probe(grad: torch.Tensor) -> None:  # called as the sparsifier's hook is
+            found.setdefault(grad._base is not None, _ref_counts(grad, sys.getrefcount(grad)))
+
+        try:
+            with torch.enable_grad():
+                for forward in (lambda w: w * 2.0, lambda w: nn.functional.linear(torch.ones(3, 2), w)):
+                    w = torch.zeros(2, 2, requires_grad=True)
+                    w.register_hook(probe)
+                    forward(w).sum().backward()
+        except (AttributeError, RuntimeError):
+            found.clear()
+        _SOLE_REFS = (found.get(False), found.get(True))
+    return _SOLE_REFS
+
+
+def _sole_owner(grad: torch.Tensor, python_refs: int, refs: _SoleRefs) -> bool:
+    """Whether a tensor hook may mask ``grad`` in place: nothing but the engine and the hook refers to it.
+
+    ``python_refs`` is ``sys.getrefcount(grad)`` taken in the hook. A gradient can be shared: an
+    addition hands the same tensor to both of its inputs, a user's hook or a custom backward may
+    keep it, a view may share its storage with other gradients. Then the Python object, the
+    tensor, its view base or their storage holds more references than for a gradient known to be
+    unshared (``refs``), and the hook returns a masked copy instead -- the test torch's
+    ``AccumulateGrad`` makes before it takes a gradient over without copying it.
+    """
+    try:
+        if grad.requires_grad:  # part of a graph (double backward): leave it alone
+            return False
+        base = grad._base
+        sole = refs[base is not None]
+        # In order of cost; the same counts as `_ref_counts` (with `base` held here as there).
+        return (sole is not None and python_refs <= sole[0] and grad._use_count() <= sole[1]
+                and (base is None or base._use_count() <= sole[2])
+                and torch._C._storage_Use_Count(grad.untyped_storage()._cdata) <= sole[3])
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def _stack_rows(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """Same-shaped tensors as the rows of one ``[len(tensors), numel]`` tensor (a view for one
+    contiguous tensor, else a new tensor)."""
+    if len(tensors) == 1 and tensors[0].is_contiguous():
+        return tensors[0].view(1, -1)
+    return torch.stack(tensors).view(len(tensors), -1)
 
 
 class MaskDivergenceError(RuntimeError):
@@ -328,6 +416,8 @@ class DynamicSparsifier:
         self._dense_grads: dict[str, torch.Tensor] = {}
         self._zeros: dict[tuple[torch.dtype, torch.device], torch.Tensor] = {}
         self._bit_masks: dict[tuple[str, torch.dtype], tuple[tuple[int, int, int], torch.Tensor]] = {}
+        self._refs = _sole_refs()
+        self._device_generators: dict[torch.device, torch.Generator | None] = {}
         # statistics (the counts are kept on the host, so that reading them never waits for the device)
         self._active: dict[str, int] = {}
         self._ever_active: dict[str, torch.Tensor] = {}
@@ -386,17 +476,21 @@ class DynamicSparsifier:
                 stacklevel=3,
             )
 
-    def _make_grad_hook(self, name: str) -> Callable[[torch.Tensor], torch.Tensor]:
-        module = self._modules[name]
+    def _make_grad_hook(self, name: str) -> Callable[[torch.Tensor], torch.Tensor | None]:
+        buffers = self._modules[name]._buffers
+        refs = self._refs
 
-        def hook(grad: torch.Tensor) -> torch.Tensor:
+        def hook(grad: torch.Tensor) -> torch.Tensor | None:
             if self._capture:
                 buf = self._dense_grads.get(name)
                 if buf is None:
                     self._dense_grads[name] = grad.detach().clone()
                 else:
                     buf.add_(grad.detach())
-            return self._masked(grad, module._buffers[MASK_NAME], name)
+            if _sole_owner(grad, sys.getrefcount(grad), refs):  # the usual case: no new tensor
+                self._mask_(grad, buffers[MASK_NAME], name)
+                return None
+            return self._masked(grad, buffers[MASK_NAME], name)
 
         return hook
 
@@ -601,14 +695,14 @@ class DynamicSparsifier:
 
     def _masked(self, t: torch.Tensor, mask: torch.Tensor, name: str) -> torch.Tensor:
         """``torch.where(mask, t, 0)`` as a new tensor."""
-        int_dtype = _BIT_VIEW.get(t.dtype) if t.device.type == "cpu" else None
+        int_dtype = _BIT_VIEW.get(t.dtype) if t.is_cpu else None
         if int_dtype is None:
             return torch.where(mask, t, self._zero(t))
         return torch.bitwise_and(t.view(int_dtype), self._bits(name, mask, int_dtype)).view(t.dtype)
 
     def _mask_(self, t: torch.Tensor, mask: torch.Tensor, name: str) -> None:
         """``t = torch.where(mask, t, 0)`` in place."""
-        int_dtype = _BIT_VIEW.get(t.dtype) if t.device.type == "cpu" else None
+        int_dtype = _BIT_VIEW.get(t.dtype) if t.is_cpu else None
         if int_dtype is None:
             torch.where(mask, t, self._zero(t), out=t)
         else:
@@ -665,14 +759,35 @@ class DynamicSparsifier:
             return 1
         return dist.get_world_size(self.process_group)
 
-    @torch.no_grad()
-    def _reduced_dense_grads(self) -> dict[str, torch.Tensor]:
-        grads = {}
+    # On the CPU a group's stacked copies cost more than the per-layer operations they save (the
+    # update is bound by memory traffic there, not by launching operations: one RigL update of a
+    # 37-layer GPT took ~25% longer grouped), so CPU layers are updated one by one.
+    _group_on_cpu = False
+
+    def _groups(self, counts: dict[str, int]) -> dict[tuple[Any, ...], list[str]]:
+        """Layers that can be updated together, in registration order: one shape, dtype, device
+        (not the CPU, see ``_group_on_cpu``), active count and selection size (``counts``: positions
+        each layer drops or keeps)."""
+        groups: dict[tuple[Any, ...], list[str]] = {}
         for name, module in self._modules.items():
-            g = self._dense_grads.pop(name, None)
-            if g is None:  # the layer took no part in this step's backward
-                g = torch.zeros_like(module.weight)
-            grads[name] = g
+            w = module.weight
+            alone = name if w.device.type == "cpu" and not self._group_on_cpu else None
+            key = (tuple(w.shape), w.dtype, w.device, self._active[name], counts[name], alone)
+            groups.setdefault(key, []).append(name)
+        return groups
+
+    @torch.no_grad()
+    def _reduced_dense_grads(self, groups: dict[tuple[Any, ...], list[str]]) -> dict[tuple[Any, ...], torch.Tensor]:
+        """Each group's captured dense gradients as ``[layers, positions]``, averaged over the ranks."""
+        grads = {}
+        for key, names in groups.items():
+            rows = []
+            for name in names:
+                g = self._dense_grads.pop(name, None)
+                if g is None:  # the layer took no part in this step's backward
+                    g = torch.zeros_like(self._modules[name].weight)
+                rows.append(g)
+            grads[key] = _stack_rows(rows)
         self._dense_grads.clear()
         world = self._world()
         if world > 1:
@@ -683,43 +798,118 @@ class DynamicSparsifier:
                 g.div_(world)
         return grads
 
+    def _growth_generator(self, device: torch.device) -> torch.Generator | None:
+        """A generator on ``device`` for SET's growth scores, or ``None`` to draw them on the CPU."""
+        if device.type == "cpu":
+            return None
+        if device not in self._device_generators:
+            try:
+                self._device_generators[device] = torch.Generator(device=device)
+            except (RuntimeError, TypeError):  # no generator of this device type: draw on the CPU
+                self._device_generators[device] = None
+        return self._device_generators[device]
+
+    @torch.no_grad()
+    def _growth_scores(self, groups: dict[tuple[Any, ...], list[str]]) -> dict[tuple[Any, ...], torch.Tensor]:
+        """SET's random growth scores of each group that regrows, as ``[layers, positions]``.
+
+        Drawn layer by layer in registration order (so grouping does not change which numbers a
+        layer gets). On the CPU from the sparsifier's generator; on an accelerator, from a generator
+        of that device reseeded before each layer with a number drawn from the CPU generator, so the
+        checkpointed CPU generator state still determines every draw, on every rank alike.
+        """
+        scores: dict[tuple[Any, ...], torch.Tensor] = {}
+        where: dict[str, tuple[torch.Tensor, int]] = {}
+        for key, names in groups.items():
+            if key[4] == 0:  # nothing dropped, nothing drawn
+                continue
+            w = self._modules[names[0]].weight
+            scores[key] = torch.empty(len(names), w.numel(), device=w.device)
+            where.update((name, (scores[key], i)) for i, name in enumerate(names))
+        for name in self._modules:
+            if name not in where:
+                continue
+            out_LN, i = where[name]
+            generator = self._growth_generator(out_LN.device)
+            if generator is None:
+                generator = self._generator
+            else:
+                generator.manual_seed(int(torch.randint(2**62, (), generator=self._generator)))
+            _draw_growth_scores(out_LN[i], generator)
+        return scores
+
     @torch.no_grad()
     def _update(self, t: int) -> dict[str, Any]:
         cfg, sched = self.config, self.schedule
         assert sched is not None
-        grads = self._reduced_dense_grads() if cfg.method == "rigl" else {}
-        drop = sched.drop_fraction_at(t) if cfg.method in ("rigl", "set") else 0.0
-        if cfg.method == "gmp":
+        method = cfg.method
+        drop = sched.drop_fraction_at(t) if method in ("rigl", "set") else 0.0
+        if method == "gmp":
             target = sched.sparsity_at(t)
             if target == 0.0:
-                keep = {name: math.prod(s) for name, s in self._shapes.items()}
+                counts = {name: math.prod(s) for name, s in self._shapes.items()}
             else:
-                keep = layer_active_counts(self._shapes, target, cfg.distribution)
-        # The active counts are known on the host (updates keep them, pruning sets them), so nothing
-        # below waits for the device until the one copy of the per-layer counts at the end.
-        counted: list[torch.Tensor] = []  # per layer: connections grown, positions active for the first time
-        for name, module in self._modules.items():
-            weight, mask = module.weight, module._buffers[MASK_NAME]
-            n_active = self._active[name]
-            if cfg.method == "rigl":
-                new = rigl_update(weight, grads[name], mask, math.floor(drop * n_active), n_active=n_active)
-            elif cfg.method == "set":
-                new = set_update(weight, mask, math.floor(drop * n_active), self._generator, n_active=n_active)
+                counts = layer_active_counts(self._shapes, target, cfg.distribution)
+        else:  # positions each layer drops (and grows)
+            counts = {name: math.floor(drop * self._active[name]) for name in self._modules}
+        # Layers alike are updated together, a few passes per group rather than per layer (the same
+        # masks: selections are exact). The active counts are known on the host, so nothing below
+        # waits for the device until the one copy of the per-layer counts at the end.
+        groups = self._groups(counts)
+        grads = self._reduced_dense_grads(groups) if method == "rigl" else {}
+        scores = self._growth_scores(groups) if method == "set" else {}
+        counted: list[torch.Tensor] = []  # per changing group: connections grown, positions active for the first time
+        changed: list[list[str]] = []
+        targets: list[torch.Tensor] = []  # tensors of grouped layers to overwrite, and their new values
+        values: list[torch.Tensor] = []
+        for key, names in groups.items():
+            shape, n_active, k = key[0], key[3], key[4]
+            if method == "gmp":
+                for name in names:
+                    self._active[name] = min(k, n_active)
+            if (k >= n_active) if method == "gmp" else (k == 0):  # nothing pruned or dropped: the mask stays
+                continue
+            masks = [self._modules[n]._buffers[MASK_NAME] for n in names]
+            mask_LN = _stack_rows(masks)
+            weight_LN = _stack_rows([self._modules[n].weight.detach() for n in names])
+            if method == "rigl":
+                new_LN = _rigl_rows(weight_LN, grads[key], mask_LN, k, n_active)
+            elif method == "set":
+                new_LN = _set_rows(weight_LN, mask_LN, scores[key], k, n_active)
             else:
-                new = magnitude_prune(weight, mask, keep[name], n_active=n_active)
-                self._active[name] = min(keep[name], n_active)
-            ever = self._ever_active[name]
-            if ever.device != mask.device:
-                ever = self._ever_active[name] = ever.to(mask.device)
-            counted += [torch.count_nonzero(new & ~mask), torch.count_nonzero(new & ~ever)]
-            mask.copy_(new)
-            ever |= new
+                new_LN = _prune_rows(weight_LN, mask_LN, k, n_active)
+            evers = []
+            for name, mask in zip(names, masks):
+                ever = self._ever_active[name]
+                if ever.device != mask.device:
+                    ever = self._ever_active[name] = ever.to(mask.device)
+                evers.append(ever)
+            ever_LN = _stack_rows(evers)
+            grown_LN = new_LN & ~mask_LN
+            first_LN = grown_LN & ~ever_LN
+            if len(names) == 1:  # mask_LN and ever_LN are views of the layer's own tensors
+                counted += [torch.count_nonzero(grown_LN), torch.count_nonzero(first_LN)]
+                mask_LN.copy_(new_LN)
+                ever_LN |= new_LN
+            else:
+                counted += [torch.count_nonzero(grown_LN, dim=1), torch.count_nonzero(first_LN, dim=1)]
+                targets += masks + evers
+                values += [r.view(shape) for r in new_LN.unbind(0)]
+                values += [r.view(shape) for r in (ever_LN | new_LN).unbind(0)]
+            changed.append(names)
+        if targets:
+            torch._foreach_copy_(targets, values)
         # Newly grown connections were inactive, so their weights and optimizer states are already 0.
         self.apply_masks()
-        counts = _host_ints(counted)
-        regrown = sum(counts[0::2])
-        for name, first_time in zip(self._modules, counts[1::2]):
-            self._ever_counts[name] += first_time
+        regrown = 0
+        flat = _host_ints(counted)
+        start = 0
+        for names in changed:
+            n = len(names)
+            regrown += sum(flat[start:start + n])
+            for name, first_time in zip(names, flat[start + n:start + 2 * n]):
+                self._ever_counts[name] += first_time
+            start += 2 * n
         self._updates += 1
         self._regrown_total += regrown
         if cfg.check_sync:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from .masks import keep_largest
+from .masks import _select_rows
 
 __all__ = ["magnitude_prune"]
 
@@ -38,6 +38,13 @@ def magnitude_prune(
         raise ValueError(f"`n_keep` must be >= 0, got {n_keep}")
     if n_active is None:
         n_active = int(mask.sum())
+    return _prune_rows(weight.reshape(1, -1), mask.reshape(1, -1), n_keep, n_active).view_as(mask)
+
+
+def _prune_rows(weight_LN: torch.Tensor, mask_LN: torch.Tensor, n_keep: int, n_active: int) -> torch.Tensor:
+    """:func:`magnitude_prune` of ``L`` layers at once, one per row (``L``: layers, ``N``: positions),
+    each row holding ``n_active`` active positions; nothing is checked.
+    """
     if n_keep >= n_active:
-        return mask.clone()
-    return keep_largest(weight.detach().abs(), mask, n_keep, n_active=n_active)
+        return mask_LN.clone()
+    return _select_rows(weight_LN.detach().abs(), mask_LN, n_keep, n_active, largest=True)

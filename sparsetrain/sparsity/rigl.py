@@ -14,14 +14,17 @@ done by the caller, :mod:`.dynamic`). The dense gradient is the gradient of the 
 
 Cost: two selections of ``n_drop`` elements (the smallest active |W|, the largest free |grad|),
 each one ``torch.topk`` of size ``n_drop`` plus a few elementwise passes; with ``n_active``
-given, no device-to-host synchronisation.
+given, no device-to-host synchronisation. Layers of one shape and count can be updated together
+(:func:`_rigl_rows`, what the sparsifier does): one pass for all of them, the same masks.
+
+Shape suffixes: ``L`` layers updated together, ``N`` positions of one flattened layer.
 """
 
 from __future__ import annotations
 
 import torch
 
-from .masks import drop_smallest, grow_mask
+from .masks import _select_rows
 
 __all__ = ["rigl_update"]
 
@@ -55,8 +58,19 @@ def rigl_update(
         n_active = int(mask.sum())
     if not 0 <= n_drop <= n_active:
         raise ValueError(f"`n_drop` must be in [0, {n_active}] (the active count), got {n_drop}")
+    return _rigl_rows(weight.reshape(1, -1), grad.reshape(1, -1), mask.reshape(1, -1), n_drop, n_active).view_as(mask)
+
+
+def _rigl_rows(
+    weight_LN: torch.Tensor, grad_LN: torch.Tensor, mask_LN: torch.Tensor, n_drop: int, n_active: int
+) -> torch.Tensor:
+    """:func:`rigl_update` of ``L`` layers at once, one per row; each row holds ``n_active`` active positions.
+
+    Nothing is checked (the caller did); row ``i`` of the result is ``rigl_update`` of row ``i``.
+    """
     if n_drop == 0:
-        return mask.clone()
-    kept = mask & ~drop_smallest(weight.detach().abs(), mask, n_drop, n_active=n_active)
-    grown = grow_mask(grad.detach().abs(), kept, n_drop, n_kept=n_active - n_drop)
-    return kept | grown
+        return mask_LN.clone()
+    dropped = _select_rows(weight_LN.detach().abs(), mask_LN, n_drop, n_active, largest=False)
+    kept = mask_LN & ~dropped
+    n_free = mask_LN.shape[1] - (n_active - n_drop)
+    return kept | _select_rows(grad_LN.detach().abs(), ~kept, n_drop, n_free, largest=True)
