@@ -147,6 +147,9 @@ def main(argv=None) -> int:
                    help="the fixed enforcement interval compared with the default auto mode (default 1)")
     p.add_argument("--block", type=int, default=None, help="steps per timed block (default: 2 update periods)")
     p.add_argument("--rounds", type=int, default=5, help="rotating blocks per model")
+    p.add_argument("--grad-masking-step", action="store_true",
+                   help="also run auto mode with grad_masking='step' (one masking pass before each optimizer "
+                        "step instead of a gradient hook per layer)")
     p.add_argument("--warmup", type=int, default=10)
     p.add_argument("--batch-size", type=int, default=None)
     p.add_argument("--block-size", type=int, default=None)
@@ -195,6 +198,8 @@ def main(argv=None) -> int:
     total = args.warmup + args.rounds * args.block
     fixed = args.enforce_interval
     modes = {"auto": "auto", f"every {fixed}": fixed}
+    if args.grad_masking_step:
+        modes["auto, step masking"] = "auto"
     runs = {"anchor": _make(args, device)}
     if args.control:
         runs["control"] = _make(args, device)
@@ -204,7 +209,8 @@ def main(argv=None) -> int:
         sparsifiers[label] = DynamicSparsifier(
             model,
             DynamicSparsityConfig(method=args.method, sparsity=args.sparsity, update_interval=args.update_interval,
-                                  end_fraction=1.0, enforce_interval=interval),
+                                  end_fraction=1.0, enforce_interval=interval,
+                                  grad_masking="step" if label.endswith("step masking") else "hook"),
             total_steps=total + args.block, optimizer=opt,
         )
     # Warm-up also aligns the sparse runs on an update period, so every timed block holds the same updates.

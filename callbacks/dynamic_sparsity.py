@@ -56,6 +56,10 @@ class DynamicSparsity(Callback):
             after every step only when the optimizer is not one of
             :data:`~sparsetrain.sparsity.ZERO_PRESERVING_OPTIMIZERS` (or DeepSpeed is used); an int
             ``N >= 1``: after every N-th step (see :class:`~sparsetrain.sparsity.DynamicSparsityConfig`).
+        grad_masking: ``"hook"`` (default: a gradient hook per layer) or ``"step"`` (one pass before
+            each optimizer step, called here before Lightning clips gradients; cheaper for small
+            steps, not for DeepSpeed or gradient compression; see
+            :class:`~sparsetrain.sparsity.DynamicSparsityConfig`).
         log_stats: log the statistics after each update.
         log_per_layer: also log each layer's sparsity.
 
@@ -84,6 +88,7 @@ class DynamicSparsity(Callback):
         seed: int = 0,
         check_sync: bool = True,
         enforce_interval: int | Literal["auto"] = "auto",
+        grad_masking: Literal["hook", "step"] = "hook",
         log_stats: bool = True,
         log_per_layer: bool = False,
     ) -> None:
@@ -93,7 +98,7 @@ class DynamicSparsity(Callback):
             drop_fraction=drop_fraction, drop_schedule=drop_schedule, begin_fraction=begin_fraction,
             end_fraction=end_fraction, include=include, exclude=exclude or (),
             keep_first_dense=keep_first_dense, keep_last_dense=keep_last_dense, seed=seed, check_sync=check_sync,
-            enforce_interval=enforce_interval,
+            enforce_interval=enforce_interval, grad_masking=grad_masking,
         )
         self.log_stats = log_stats
         self.log_per_layer = log_per_layer
@@ -117,6 +122,9 @@ class DynamicSparsity(Callback):
         if sp is None:
             raise RuntimeError("DynamicSparsity.on_train_start before setup('fit')")
         if self._is_deepspeed(trainer):
+            if self.config.grad_masking == "step":
+                raise ValueError("DynamicSparsity(grad_masking='step') cannot mask DeepSpeed's gradients before its "
+                                 "optimizer step: use grad_masking='hook' with the DeepSpeed strategy")
             from sparsetrain.sparsity.deepspeed import DeepSpeedSparsity
 
             self._deepspeed = DeepSpeedSparsity(sp, trainer.model)
@@ -143,6 +151,10 @@ class DynamicSparsity(Callback):
                 stacklevel=2,
             )
         sp.check_masks_in_sync()
+
+    def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any) -> None:
+        if self.sparsifier is not None:
+            self.sparsifier.mask_gradients()  # grad_masking="step": before Lightning clips them
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:

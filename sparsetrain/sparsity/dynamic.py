@@ -73,6 +73,7 @@ from __future__ import annotations
 import math
 import sys
 import warnings
+import weakref
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -279,6 +280,16 @@ class DynamicSparsityConfig:
             no state masker is registered; otherwise after every optimizer step. An int ``N >= 1``:
             after every N-th optimizer step, whatever the optimizer (1 is the safe choice for an
             optimizer that can move a weight whose gradient and state are zero).
+        grad_masking: where gradients are masked. ``"hook"`` (default): a gradient hook per
+            sparsified weight, so everything that reads gradients (DDP and its communication
+            hooks, gradient clipping, DeepSpeed) sees masked ones. ``"step"``: one pass over all
+            of them just before each attached optimizer's step (an ``optimizer.register_step_pre_hook``
+            calling :meth:`DynamicSparsifier.mask_gradients`), which saves the per-layer hook calls
+            that dominate small steps. Then DDP reduces, and communication hooks see, unmasked
+            gradients (do not combine it with gradient compression or DeepSpeed); gradient clipping
+            must come after :meth:`DynamicSparsifier.mask_gradients` (the Lightning callback calls it
+            before clipping); RigL's dense gradient is taken as the optimizer would see it (after
+            DDP's averaging) instead of being all-reduced by the sparsifier.
     """
 
     method: str = "rigl"
@@ -297,8 +308,11 @@ class DynamicSparsityConfig:
     seed: int = 0
     check_sync: bool = True
     enforce_interval: int | str = "auto"
+    grad_masking: str = "hook"
 
     def __post_init__(self) -> None:
+        if self.grad_masking not in ("hook", "step"):
+            raise ValueError(f"`grad_masking` must be 'hook' or 'step', got {self.grad_masking!r}")
         if self.method not in METHODS:
             raise ValueError(f"`method` must be one of {', '.join(METHODS)}, got {self.method!r}")
         if isinstance(self.sparsity, bool) or not isinstance(self.sparsity, (int, float)) \
@@ -413,6 +427,10 @@ class DynamicSparsifier:
         self._generator = torch.Generator().manual_seed(config.seed)
         self._step = 0
         self._capture = False
+        # grad_masking="step": per layer, the gradient last masked and its version after masking; and
+        # whether this step's dense gradients were captured
+        self._masked_grads: dict[str, tuple[weakref.ref, int]] = {}
+        self._captured = False
         self._dense_grads: dict[str, torch.Tensor] = {}
         self._zeros: dict[tuple[torch.dtype, torch.device], torch.Tensor] = {}
         self._bit_masks: dict[tuple[str, torch.dtype], tuple[tuple[int, int, int], torch.Tensor]] = {}
@@ -452,8 +470,9 @@ class DynamicSparsifier:
             self._ever_active[name] = mask.clone()
             self._active[name] = self._ever_counts[name] = counts[name]
             if w.requires_grad:
-                self._handles.append(w.register_hook(self._make_grad_hook(name)))
-                self._hooked.add(name)
+                if config.grad_masking == "hook":
+                    self._handles.append(w.register_hook(self._make_grad_hook(name)))
+                self._hooked.add(name)  # with "step": masked by the attached optimizers' pre-hooks
         self._handles.append(model.register_load_state_dict_post_hook(self._after_load))
         self._exclude_masks_from_ddp()
         if total_steps is not None:
@@ -535,10 +554,57 @@ class DynamicSparsifier:
         if all(optimizer is not o for o in self._optimizers):
             self._optimizers.append(optimizer)
             self._optimizer_handles.append(optimizer.register_load_state_dict_post_hook(self._after_optimizer_load))
+            if self.config.grad_masking == "step":
+                self._optimizer_handles.append(optimizer.register_step_pre_hook(self._before_optimizer_step))
         if hook:
             self._step_hook_optimizer = optimizer
             self._step_hook_handle = optimizer.register_step_post_hook(lambda opt, args, kwargs: self.step())
         self.apply_masks()
+
+    @torch.no_grad()
+    def mask_gradients(self) -> None:
+        """With ``grad_masking="step"``: zero every sparsified weight's gradient outside its mask, in
+        place, once per optimizer step (later calls before :meth:`step` do nothing); on steps before
+        a RigL update the dense gradients are kept first. The attached optimizers call it before
+        each step; call it yourself before clipping gradients. Calling it again before the step
+        is harmless: the dense gradients are kept at the first call of a step only, and a gradient
+        masked and not written since is left alone. With ``"hook"`` it does
+        nothing (the gradients are masked as they are computed).
+        """
+        if self.config.grad_masking != "step":
+            return
+        # The dense gradients once per step, before masking. (An optimizer given a closure, as
+        # Lightning's are, runs its pre-hook before the closure's backward: no gradients yet.)
+        capture = self._capture and not self._captured
+        for name, module in self._modules.items():
+            g = module.weight.grad
+            if g is None:
+                continue
+            if capture:
+                self._dense_grads[name] = g.detach().clone()
+                self._captured = True
+            seen = self._masked_grads.get(name)
+            if seen is not None and seen[0]() is g and seen[1] == g._version:
+                continue  # masked already, and not written since (a second call before the step)
+            self._mask_(g, module._buffers[MASK_NAME], name)
+            self._masked_grads[name] = (weakref.ref(g), g._version)
+
+    def _before_optimizer_step(self, optimizer: torch.optim.Optimizer, args: tuple, kwargs: dict) -> Any:
+        """``grad_masking="step"``: mask the gradients before the step; a step given a closure (which
+        computes the gradients inside ``step``, as Lightning's do) gets one that masks them after it."""
+        closure = kwargs.get("closure", args[1] if len(args) > 1 else None)  # args[0] is the optimizer
+        if closure is None:
+            self.mask_gradients()
+            return None
+
+        def masking_closure():
+            loss = closure()
+            self.mask_gradients()
+            return loss
+
+        if "closure" in kwargs:
+            return args, {**kwargs, "closure": masking_closure}
+        return (args[0], masking_closure, *args[2:]), kwargs
 
     def _after_optimizer_load(self, optimizer: torch.optim.Optimizer) -> None:
         self.apply_masks()
@@ -736,6 +802,7 @@ class DynamicSparsifier:
         """
         if self.schedule is None:
             raise RuntimeError("DynamicSparsifier.step() before the run length is known: call set_total_steps()")
+        self._captured = False
         self._step += 1
         t = self._step
         stats = None
@@ -790,7 +857,7 @@ class DynamicSparsifier:
             grads[key] = _stack_rows(rows)
         self._dense_grads.clear()
         world = self._world()
-        if world > 1:
+        if world > 1 and self.config.grad_masking == "hook":  # with "step", DDP averaged them already
             works = [dist.all_reduce(g, group=self.process_group, async_op=True) for g in grads.values()]
             for w in works:
                 w.wait()

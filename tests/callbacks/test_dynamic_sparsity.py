@@ -138,13 +138,13 @@ class _Crash(Callback):
             raise KeyError("simulated crash")
 
 
-def _lightning_run(method, ckpt=None, crash=None, seed=0):
+def _lightning_run(method, ckpt=None, crash=None, seed=0, **kw):
     cb = DynamicSparsity(method=method, sparsity=0.8, update_interval=3, drop_schedule="constant",
-                         end_fraction=1.0, drop_fraction=0.4, seed=4)
+                         end_fraction=1.0, drop_fraction=0.4, seed=4, **kw.pop("callback", {}))
     callbacks = [cb] + ([_Crash(*crash)] if crash else [])
     task = _task(seed)
     # batch = the whole set: every epoch is one step, so any step is a clean resume point.
-    trainer = _trainer(max_steps=12, callbacks=callbacks)
+    trainer = _trainer(max_steps=12, callbacks=callbacks, **kw)
     trainer.fit(task, _Data(n=32, batch_size=32), ckpt_path=ckpt)
     return task, cb
 
@@ -230,3 +230,15 @@ def test_deepspeed_strategy_keeps_master_weights_masked(stage):
     trainer.fit(task, _Data())
     assert cb.sparsifier.step_count == 8 and cb.sparsifier.statistics()["updates"] == 3
     assert check.outside and all(counts == [0, 0, 0, 0] for counts in check.outside.values()), check.outside
+
+
+def test_grad_masking_step_trains_like_the_hooks_with_clipping():
+    # The callback masks the gradients before Lightning clips them, so clipping sees what it sees
+    # with the per-layer hooks, and the run is the same bit for bit.
+    runs = [_lightning_run("rigl", callback=dict(grad_masking=g), gradient_clip_val=0.05) for g in ("hook", "step")]
+    (ref_task, ref_cb), (task, cb) = runs
+    assert cb.sparsifier.statistics() == ref_cb.sparsifier.statistics()
+    for (name, a), b in zip(ref_task.state_dict().items(), task.state_dict().values()):
+        assert torch.equal(a, b), name
+    for name, (w, mask) in _masked_weights(task).items():
+        assert not w[~mask].any(), name

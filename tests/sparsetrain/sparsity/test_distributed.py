@@ -19,15 +19,15 @@ def _global_batch(step):
     return torch.randn(GLOBAL_BATCH, 16, generator=g), torch.randint(0, 4, (GLOBAL_BATCH,), generator=g)
 
 
-def _config(method):
+def _config(method, grad_masking="hook"):
     return DynamicSparsityConfig(method=method, sparsity=0.8, update_interval=2, drop_fraction=0.4,
-                                 drop_schedule="constant", end_fraction=1.0, seed=11)
+                                 drop_schedule="constant", end_fraction=1.0, seed=11, grad_masking=grad_masking)
 
 
-def _setup(method):
+def _setup(method, grad_masking="hook"):
     torch.manual_seed(0)
     model = MLPClassifier(in_features=16, hidden=32, n_classes=4)
-    sp = DynamicSparsifier(model, _config(method), total_steps=STEPS)  # attached before wrapping in DDP
+    sp = DynamicSparsifier(model, _config(method, grad_masking), total_steps=STEPS)  # before wrapping in DDP
     return model, sp
 
 
@@ -54,8 +54,8 @@ def _reference(method):
     return history, {k: v.clone() for k, v in model.state_dict().items()}
 
 
-def _ddp_run(rank, world, method, accumulate):
-    model, sp = _setup(method)
+def _ddp_run(rank, world, method, accumulate, grad_masking="hook"):
+    model, sp = _setup(method, grad_masking)
     ddp = DDP(model)  # broadcast_buffers=True: the masks must still not be overwritten by rank 0's
     opt = torch.optim.SGD(ddp.parameters(), lr=0.2, momentum=0.9)
     sp.attach_optimizer(opt)
@@ -81,9 +81,9 @@ def _ddp_run(rank, world, method, accumulate):
 
 def _worker(rank, world):
     out = {}
-    for method, accumulate in (("rigl", 2), ("set", 1)):
-        history, state, sp, ddp = _ddp_run(rank, world, method, accumulate)
-        out[method] = (history, state)
+    for method, accumulate, grad_masking in (("rigl", 2, "step"), ("rigl", 2, "hook"), ("set", 1, "hook")):
+        history, state, sp, ddp = _ddp_run(rank, world, method, accumulate, grad_masking)
+        out[method if grad_masking == "hook" else f"{method}, {grad_masking}"] = (history, state)
     # Corrupt one rank's mask: the next forward must not paper over it (masks are not DDP-broadcast
     # buffers) and the checksum must catch it on every rank.
     if rank == world - 1:
@@ -103,8 +103,8 @@ def _worker(rank, world):
 @pytest.mark.parametrize("world", [2, 3])
 def test_masks_identical_across_ranks_and_equal_to_single_process(world):
     results = run_distributed(_worker, world, timeout=180)
-    for method in ("rigl", "set"):
-        ref_history, ref_state = _reference(method)
+    for method in ("rigl", "set", "rigl, step"):  # "step": gradients masked before the step, not by hooks
+        ref_history, ref_state = _reference(method.split(",")[0])
         assert len(ref_history) == 3  # after steps 2, 4, 6 (RigL/SET stop updating at end_step = 8)
         for rank_out in results:
             history, state = rank_out[method]

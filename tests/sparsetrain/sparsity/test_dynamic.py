@@ -546,3 +546,89 @@ def test_a_mask_update_waits_for_the_device_once_whatever_the_layer_count(method
     # A constant number of waits, not one per layer: the copy of all the layers' counts (an H200
     # measured {2: 2, 6: 1} for RigL, {2: 1, 6: 1} for SET and GMP).
     assert syncs[6] <= syncs[2] <= 2, syncs
+
+
+# ----------------------------------------------------------------------------- grad_masking="step"
+
+
+def _masking_run(grad_masking, method, optimizer, steps=12, clip=None):
+    model = _model()
+    opt = _optimizer(model, optimizer)
+    sp = DynamicSparsifier(model, DynamicSparsityConfig(method=method, sparsity=0.8, update_interval=3, seed=2,
+                                                            end_fraction=1.0, grad_masking=grad_masking),
+                           total_steps=steps, optimizer=opt)
+    history = []
+    for step in range(steps):
+        for micro in range(2):  # gradient accumulation
+            x, y = _batch(100 * step + micro)
+            (nn.functional.cross_entropy(model(x), y) / 2).backward()
+        if clip is not None:
+            sp.mask_gradients()  # before clipping, as the Lightning callback does
+            sp.mask_gradients()  # a second call changes nothing (and captures nothing twice)
+            torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+        opt.step()
+        opt.zero_grad()
+        history.append({n: m.clone() for n, m in sp.masks.items()})
+    return model, sp, history
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adamw"])
+@pytest.mark.parametrize("method", ["rigl", "set", "gmp"])
+@pytest.mark.parametrize("clip", [None, 0.5])
+def test_masking_gradients_before_the_step_trains_exactly_like_the_hooks(method, optimizer, clip):
+    ref_model, ref_sp, ref_history = _masking_run("hook", method, optimizer, clip=clip)
+    model, sp, history = _masking_run("step", method, optimizer, clip=clip)
+    assert sp.effective_enforce_interval == ref_sp.effective_enforce_interval
+    for got, want in zip(history, ref_history):
+        assert all(torch.equal(got[n], want[n]) for n in want)
+    for (name, a), b in zip(ref_model.state_dict().items(), model.state_dict().values()):
+        assert torch.equal(a, b), name
+    assert sp.statistics() == ref_sp.statistics()
+    assert sp.statistics() == ref_sp.statistics()
+    assert ref_sp.statistics()["regrown_total"] > 0 or method == "gmp"
+
+
+def test_masking_gradients_before_the_step_survives_a_skipped_step():
+    # A step skipped after the gradients were masked (e.g. by a GradScaler that found an inf):
+    # the next step's new gradients are masked again.
+    model = _model()
+    opt = _optimizer(model, "adamw")
+    sp = DynamicSparsifier(model, DynamicSparsityConfig(method="static", sparsity=0.8, grad_masking="step"),
+                           total_steps=10, optimizer=opt)
+    for set_to_none in (False, True):
+        x, y = _batch(0)
+        nn.functional.cross_entropy(model(x), y).backward()
+        sp.mask_gradients()
+        opt.zero_grad(set_to_none=set_to_none)  # the step never happens
+        x, y = _batch(1)
+        nn.functional.cross_entropy(model(x), y).backward()
+        sp.mask_gradients()
+        for name, w in _weights(model, sp).items():
+            assert not w.grad[~sp.masks[name]].any(), name
+            assert w.grad[sp.masks[name]].any(), name
+
+
+def test_grad_masking_is_checked():
+    with pytest.raises(ValueError, match="grad_masking"):
+        DynamicSparsityConfig(grad_masking="optimizer")
+
+
+@pytest.mark.parametrize("keyword", [False, True])
+def test_masking_gradients_before_the_step_with_a_closure(keyword):
+    # A closure computes the gradients inside step(): they are masked after it ran, before the update.
+    ref_model, ref_sp, _ = _masking_run("hook", "rigl", "sgd", steps=6)
+    model = _model()
+    opt = _optimizer(model, "sgd")
+    sp = DynamicSparsifier(model, DynamicSparsityConfig(method="rigl", sparsity=0.8, update_interval=3, seed=2,
+                                                            end_fraction=1.0, grad_masking="step"),
+                           total_steps=6, optimizer=opt)
+    for step in range(6):
+        def closure(step=step):
+            opt.zero_grad()
+            for micro in range(2):
+                x, y = _batch(100 * step + micro)
+                (nn.functional.cross_entropy(model(x), y) / 2).backward()
+        opt.step(closure=closure) if keyword else opt.step(closure)
+    for (name, a), b in zip(ref_model.state_dict().items(), model.state_dict().values()):
+        assert torch.equal(a, b), name
+    assert sp.statistics() == ref_sp.statistics()
