@@ -100,8 +100,6 @@ def _breakdown(run, x, k, stride, args, floor) -> None:
         torch.sort(sample, descending=True).values[k_s - 1])
     if hits is not None:
         c, starts = topk_mod.compact.count_at_least(x, t)
-        stages["one pass into 8 slots per block (Triton), then gather"] = lambda r: _discard(
-            topk_mod.compact.gather_slots(*topk_mod.compact.slot_pass(x, t, 8)[1:]))
         stages["compaction pass 1 (Triton): count per block, cumsum"] = lambda r: _discard(
             topk_mod.compact.count_at_least(x, t))
         stages["compaction pass 2 (Triton): write the hits"] = lambda r: _discard(
@@ -205,8 +203,7 @@ def main(argv: list[str] | None = None) -> None:
                                      args.reps, args.warmup)
             rows["ours"] = run(ours, args.reps, args.warmup)
             if device.type == "cuda":
-                for label, flags in (("ours, two passes (no slots)", {"_CUDA_SLOTS": False}),
-                                     ("ours, topk of the sample", {"_CUDA_SAMPLE_KTH": "topk"}),
+                for label, flags in (("ours, topk of the sample", {"_CUDA_SAMPLE_KTH": "topk"}),
                                      ("ours, mask search", {"_CUDA_SEARCH": "mask"}),
                                      ("ours, mask search, topk of candidates",
                                       {"_CUDA_SEARCH": "mask", "_CUDA_FINAL": "topk"}),

@@ -7,12 +7,9 @@ back. Here two Triton passes read the tensor and write nothing but the hits: the
 hits of each block of ``BLOCK`` entries, an exclusive cumulative sum of the counts gives each block
 its offset, and the second pass writes each block's hits there, in position order, as int64 keys
 holding the magnitude's fp32 bits above the position (so that keeping the k largest needs no
-gather from the tensor). A block with a single hit, the most common case at low density, needs no
-scan. When hits are rare, :func:`slot_pass` does it in one pass: each block writes its first few
-hits into slots of its own, and the used slots are gathered in order; a block with more hits than
-slots sends the caller back to the two passes. One pass that reserves room with an atomic add per
-block was slower on an H100: the blocks' atomics on one counter serialise. NaN never passes ``>=``;
-``-0.0`` passes as ``0.0``.
+gather from the tensor). A block with a single hit, the most common case at low density, needs
+no scan. One pass that reserves room with an atomic add per block was slower on an H100: the
+blocks' atomics on one counter serialise. NaN never passes ``>=``; ``-0.0`` passes as ``0.0``.
 
 Legend: N elements of the tensor, B blocks, C hits (entries at or above the threshold).
 """
@@ -21,7 +18,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["at_least", "available", "count_at_least", "gather_slots", "slot_pass", "split", "write_hits"]
+__all__ = ["at_least", "available", "count_at_least", "split", "write_hits"]
 
 _LOW = (1 << 32) - 1
 
@@ -66,24 +63,7 @@ def _build():
             pos = start + tl.cumsum(hit_i, axis=0) - 1
             tl.store(keys_ptr + pos, key, mask=hit & (pos < cap))
 
-    @triton.jit
-    def slot_kernel(x_ptr, t_ptr, slots_ptr, counts_ptr, n, SLOTS: tl.constexpr, BLOCK: tl.constexpr):
-        pid = tl.program_id(0).to(tl.int64)
-        offs = pid * BLOCK + tl.arange(0, BLOCK)
-        inside = offs < n
-        a = tl.abs(tl.load(x_ptr + offs, mask=inside, other=0.0).to(tl.float32))
-        hit = (a >= tl.load(t_ptr).to(tl.float32)) & inside
-        hit_i = hit.to(tl.int32)
-        c = tl.sum(hit_i, axis=0)
-        tl.store(counts_ptr + pid, c)
-        key = (a.to(tl.int32, bitcast=True).to(tl.int64) << 32) | offs
-        if c == 1:
-            tl.store(slots_ptr + pid * SLOTS, tl.max(tl.where(hit, key, -1), axis=0))
-        elif c > 1:
-            pos = tl.cumsum(hit_i, axis=0) - 1
-            tl.store(slots_ptr + pid * SLOTS + pos, key, mask=hit & (pos < SLOTS))
-
-    return count_kernel, write_kernel, slot_kernel
+    return count_kernel, write_kernel
 
 
 def available(x_N: torch.Tensor) -> bool:
@@ -135,34 +115,6 @@ def write_hits(x_N: torch.Tensor, threshold: torch.Tensor, starts_B: torch.Tenso
     _kernel[1][(starts_B.numel(),)](x_N, threshold.reshape(1), starts_B, keys, x_N.numel(), cap,
                                     BLOCK=BLOCK, num_warps=WRITE_WARPS)
     return keys
-
-
-def slot_pass(x_N: torch.Tensor, threshold: torch.Tensor,
-              slots: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """One pass instead of two when hits are rare: each block writes its first ``slots`` hits into
-    its own ``slots`` entries of a ``[B, slots]`` array, and its count. Nothing here waits for the
-    device.
-
-    Returns:
-        ``(stats, slots_BS, counts_B)``: ``stats`` a device tensor ``[C, blocks with more than
-        slots hits]`` (read both with one copy; when the second is not 0, some hits are missing
-        from the slots and :func:`count_at_least` / :func:`write_hits` must be used), the slots
-        and the per-block counts (for :func:`gather_slots`).
-    """
-    n = x_N.numel()
-    blocks = _cdiv(n, BLOCK)
-    slots_BS = torch.empty((blocks, slots), dtype=torch.int64, device=x_N.device)
-    counts_B = torch.empty(blocks, dtype=torch.int32, device=x_N.device)
-    _kernel[2][(blocks,)](x_N, threshold.reshape(1), slots_BS, counts_B, n, SLOTS=slots, BLOCK=BLOCK,
-                          num_warps=WRITE_WARPS)
-    stats = torch.stack([counts_B.sum(dtype=torch.int64), (counts_B > slots).sum(dtype=torch.int64)])
-    return stats, slots_BS, counts_B
-
-
-def gather_slots(slots_BS: torch.Tensor, counts_B: torch.Tensor) -> torch.Tensor:
-    """The keys held in the slots of :func:`slot_pass` (no block overflowed), in position order."""
-    used_BS = torch.arange(slots_BS.shape[1], device=slots_BS.device) < counts_B.unsqueeze(1)
-    return slots_BS[used_BS]
 
 
 def split(keys_C: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -175,8 +175,6 @@ def threshold_indices(
 #: for normal values and 14% faster for heavy-tailed ones, and "sort" 10-19% faster than "topk".
 _CUDA_SEARCH = "compact"
 _CUDA_FINAL = "sort"
-#: Whether "compact" may use the one-pass slots (see compact.slot_pass) when hits are rare.
-_CUDA_SLOTS = True
 
 
 def _compact_select(
@@ -185,32 +183,18 @@ def _compact_select(
     """The CUDA search through :mod:`.compact` (rounds count only): the same rounds and the same result as
     the "mask" search with the "sort" final step (positions ascending when at most k pass; else the
     k largest, by magnitude descending and equal magnitudes by position)."""
-    # One pass with a few slots per block when hits are rare enough (about 4x the expected hits per
-    # block, from the margin); else, or when a block overflowed its slots, two passes, both queued
-    # before the count is read. The room reserved for hits is what the margin leads to expect; in
-    # the rare case that more pass, the second pass runs again with room for all.
-    expected = margin * k / x_N.numel() * compact.BLOCK
-    slots = 8 if expected <= 2 else 1 << math.ceil(math.log2(4 * expected))
-    use_slots = _CUDA_SLOTS and slots <= 64
+    # Both passes are queued before the count is read, so the device does not wait for the host
+    # in between; the room reserved for hits is what the margin leads to expect, and in the rare
+    # case that more pass, the second pass runs again with room for all.
     cap = 2 * math.ceil(margin * k) + 1024
     for round_ in range(max_rounds):
-        if use_slots:
-            stats, slots_BS, counts_B = compact.slot_pass(x_N, threshold, slots)
-            c, overflowed = stats.tolist()
-        else:
-            count, starts_B = compact.count_at_least(x_N, threshold)
-            keys = compact.write_hits(x_N, threshold, starts_B, cap)
-            c = int(count)
+        count, starts_B = compact.count_at_least(x_N, threshold)
+        keys = compact.write_hits(x_N, threshold, starts_B, cap)
+        c = int(count)
         if c >= lower_bound * k or round_ == max_rounds - 1:
             break
         threshold = threshold * lower_bound
-    if use_slots:
-        if not overflowed:
-            keys = compact.gather_slots(slots_BS, counts_B)
-        else:
-            count, starts_B = compact.count_at_least(x_N, threshold)
-            keys = compact.write_hits(x_N, threshold, starts_B, c)
-    elif c > cap:
+    if c > cap:
         keys = compact.write_hits(x_N, threshold, starts_B, c)
     pos_C, bits_C = compact.split(keys[:c])
     if c > k:

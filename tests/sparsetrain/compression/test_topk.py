@@ -248,8 +248,7 @@ def test_cuda_selection_keeps_the_plain_result(search, final, kth, kind, numel, 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("kind", ["plain", "ties", "mostly_zero", "signed_zeros", "nan_and_inf", "zeros"])
-@pytest.mark.parametrize("slots", [True, False])
-def test_cuda_compact_search_equals_mask_and_sort_in_order(dtype, kind, slots, monkeypatch):
+def test_cuda_compact_search_equals_mask_and_sort_in_order(dtype, kind, monkeypatch):
     # The Triton compaction returns the very tensor (same positions, same order) that the
     # mask search with the stable-sort final step returns.
     from sparsetrain.compression import compact
@@ -265,7 +264,6 @@ def test_cuda_compact_search_equals_mask_and_sort_in_order(dtype, kind, slots, m
         monkeypatch.setattr(topk_mod, "_CUDA_FINAL", "sort")
         expected = threshold_indices(x, k, stride=stride, offset=offset)
         monkeypatch.setattr(topk_mod, "_CUDA_SEARCH", "compact")
-        monkeypatch.setattr(topk_mod, "_CUDA_SLOTS", slots)
         got = threshold_indices(x, k, stride=stride, offset=offset)
         assert torch.equal(got, expected), (kind, dtype, offset)
     for tv in (0.0, 0.5, float("inf"), float("nan")):  # 0: everything but NaN passes
@@ -295,21 +293,7 @@ for n in (1, 4096 * 2 + 17):
             assert torch.equal(compact.split(compact.write_hits(x, t, starts, 3))[0], hits[:3])
         assert torch.equal(pos, hits), (n, tv)
         assert torch.equal(bits.view(torch.float32), x[hits].abs()), (n, tv)
-# One pass into per-block slots: what fits comes out in order; the overflow count tells when not.
-x = _awkward("ties", 8209, torch.Generator().manual_seed(2))
-for tv in (0.0, 1.5, 2.5):
-    t = torch.tensor(tv)
-    hits = (x.abs() >= t).nonzero().view(-1)
-    stats, slots_BS, counts_B = compact.slot_pass(x, t, 8)
-    c, overflowed = stats.tolist()
-    per_block = [int((x[i * compact.BLOCK:(i + 1) * compact.BLOCK].abs() >= t).sum()) for i in range(len(counts_B))]
-    assert c == hits.numel() and counts_B.tolist() == per_block, tv
-    assert overflowed == sum(b > 8 for b in per_block), tv
-    if not overflowed:
-        assert torch.equal(compact.split(compact.gather_slots(slots_BS, counts_B))[0], hits), tv
-
-# The CUDA selection around the kernels: rounds, slots or two passes, more hits than the reserved
-# room, the final sort.
+# The CUDA selection around the kernels: rounds, more hits than the reserved room, the final sort.
 from sparsetrain.compression.topk import _compact_select
 x = _awkward("ties", 8209, torch.Generator().manual_seed(1))
 x[7] = float("nan")
