@@ -3,16 +3,16 @@
 The sampled-threshold selection (:func:`sparsetrain.compression.topk.threshold_indices`) needs the
 positions of the few entries (about 0.1%) of a large gradient at or above a threshold. Done with
 torch ops that is a compare writing a bool mask of the whole tensor, then ``nonzero`` reading it
-back. Here two Triton passes write nothing but the hits: the first reads the tensor, counts the hits
-of each block of ``BLOCK`` entries and writes them as one bit per entry (1/32 of the tensor's fp32
-bytes); an exclusive cumulative sum of the counts gives each block its offset; the second pass reads
-the bits and, of the tensor, only the hits, and writes each block's hits at its offset, in position
-order, as int64 keys holding the magnitude's fp32 bits above the position (so that keeping the k
-largest needs no gather from the tensor). The positions within a block come from population counts
-of the bit words, not from a scan over the block. One pass that reserves room with an atomic add per
-block was slower on an H100 (the blocks' atomics on one counter serialise), and so was one pass into
-a few slots per block followed by a gather on an H200. NaN never passes ``>=``; ``-0.0`` passes as
-``0.0``.
+back. Here two Triton passes write nothing but the hits: the first reads the tensor, counts the
+hits of each block of ``BLOCK`` entries and writes them as one bit per entry (1/32 of the
+tensor's fp32 bytes); an exclusive cumulative sum of the counts gives each block its offset; the
+second pass reads the bits and, of the tensor, only the hits, and writes each block's hits at its
+offset, in position order, as int64 keys holding the magnitude's fp32 bits above the position (so
+that keeping the k largest needs no gather from the tensor). A block with a single hit, the most
+common case at low density, needs no scan. One pass that reserves room with an atomic add per
+block was slower on an H100 (the blocks' atomics on one counter serialise), and so was one pass
+into a few slots per block followed by a gather on an H200. NaN never passes ``>=``; ``-0.0``
+passes as ``0.0``.
 
 Legend: N elements of the tensor, B blocks, C hits (entries at or above the threshold).
 """
@@ -52,28 +52,23 @@ def _build():
 
     @triton.jit
     def write_kernel(x_ptr, bits_ptr, starts_ptr, keys_ptr, n, cap, BLOCK: tl.constexpr):
-        # Positions without a scan over the block: each hit's rank is the number of hits in the
-        # words before its own (a scan over BLOCK // 32 word counts) plus the bits below it in its
-        # word (population counts, SWAR on 32-bit words).
-        W: tl.constexpr = BLOCK // 32
         pid = tl.program_id(0).to(tl.int64)
-        words = tl.load(bits_ptr + pid * W + tl.arange(0, W)).to(tl.uint32, bitcast=True)
-        v = words - ((words >> 1) & 0x55555555)
-        v = (v & 0x33333333) + ((v >> 2) & 0x33333333)
-        counts_w = ((((v + (v >> 4)) & 0x0F0F0F0F) * 0x01010101) >> 24).to(tl.int32)
-        c = tl.sum(counts_w, axis=0)
+        words = tl.load(bits_ptr + pid * (BLOCK // 32) + tl.arange(0, BLOCK // 32))
+        hit_i = tl.reshape((words[:, None] >> tl.arange(0, 32)[None, :]) & 1, (BLOCK,))
+        c = tl.sum(hit_i, axis=0)
         if c > 0:
-            j = tl.arange(0, 32)
-            hit = ((words[:, None] >> j[None, :].to(tl.uint32)) & 1) != 0  # [W, 32]
-            below = words[:, None] & ((tl.full((1, 32), 1, tl.uint32) << j[None, :].to(tl.uint32)) - 1)
-            v = below - ((below >> 1) & 0x55555555)
-            v = (v & 0x33333333) + ((v >> 2) & 0x33333333)
-            rank = ((((v + (v >> 4)) & 0x0F0F0F0F) * 0x01010101) >> 24).to(tl.int64)
-            pos = tl.load(starts_ptr + pid) + (tl.cumsum(counts_w, axis=0) - counts_w).to(tl.int64)[:, None] + rank
-            offs = pid * BLOCK + tl.arange(0, W)[:, None] * 32 + j[None, :]
+            offs = pid * BLOCK + tl.arange(0, BLOCK)
+            hit = hit_i != 0
             a = tl.abs(tl.load(x_ptr + offs, mask=hit, other=0.0).to(tl.float32))  # the hits only
             key = (a.to(tl.int32, bitcast=True).to(tl.int64) << 32) | offs
-            tl.store(keys_ptr + pos, key, mask=hit & (pos < cap))
+            start = tl.load(starts_ptr + pid)
+            if c == 1:  # the most common case at low density: no scan needed
+                one = tl.max(tl.where(hit, key, -1), axis=0)
+                if start < cap:
+                    tl.store(keys_ptr + start, one)
+            else:
+                pos = start + tl.cumsum(hit_i, axis=0) - 1
+                tl.store(keys_ptr + pos, key, mask=hit & (pos < cap))
 
     return count_kernel, write_kernel
 
