@@ -99,11 +99,11 @@ def _breakdown(run, x, k, stride, args, floor) -> None:
     stages["sort of the sample (alternative to its topk)"] = lambda r: _discard(
         torch.sort(sample, descending=True).values[k_s - 1])
     if hits is not None:
-        c, counted = topk_mod.compact.count_at_least(x, t)
-        stages["compaction pass 1 (Triton): count and bits per block, cumsum"] = lambda r: _discard(
+        c, starts = topk_mod.compact.count_at_least(x, t)
+        stages["compaction pass 1 (Triton): count per block, cumsum"] = lambda r: _discard(
             topk_mod.compact.count_at_least(x, t))
         stages["compaction pass 2 (Triton): write the hits"] = lambda r: _discard(
-            topk_mod.compact.write_hits(x, counted, int(c)))
+            topk_mod.compact.write_hits(x, t, starts, int(c)))
         pos, bits = topk_mod.compact.split(hits)
         stages[f"stable sort of the {hits.numel()} written magnitudes"] = lambda r: _discard(
             pos[torch.sort(bits, descending=True, stable=True).indices[:k]])
@@ -127,10 +127,10 @@ def _tune(run, x, k, stride, args, floor) -> None:
         for block in (1024, 2048, 4096, 8192, 16384):
             for warps in (4, 8, 16):
                 compact.BLOCK, compact.COUNT_WARPS, compact.WRITE_WARPS = block, warps, warps
-                c, counted = compact.count_at_least(x, t)
+                c, starts = compact.count_at_least(x, t)
                 ms1 = statistics.median(run(lambda r: _discard(compact.count_at_least(x, t)), args.reps,
                                             args.warmup)[0])
-                ms2 = statistics.median(run(lambda r, s=counted, c=int(c): _discard(compact.write_hits(x, s, c)),
+                ms2 = statistics.median(run(lambda r, s=starts, c=int(c): _discard(compact.write_hits(x, t, s, c)),
                                             args.reps, args.warmup)[0])
                 print(f"|   | tune | BLOCK {block}, {warps} warps: pass 1 {ms1:.3f} ms, pass 2 {ms2:.3f} ms "
                       f"| {ms1 + ms2:.3f} | {(ms1 + ms2) / floor:.2f} | | |")

@@ -3,16 +3,13 @@
 The sampled-threshold selection (:func:`sparsetrain.compression.topk.threshold_indices`) needs the
 positions of the few entries (about 0.1%) of a large gradient at or above a threshold. Done with
 torch ops that is a compare writing a bool mask of the whole tensor, then ``nonzero`` reading it
-back. Here two Triton passes write nothing but the hits: the first reads the tensor, counts the
-hits of each block of ``BLOCK`` entries and writes them as one bit per entry (1/32 of the
-tensor's fp32 bytes); an exclusive cumulative sum of the counts gives each block its offset; the
-second pass reads the bits and, of the tensor, only the hits, and writes each block's hits at its
-offset, in position order, as int64 keys holding the magnitude's fp32 bits above the position (so
-that keeping the k largest needs no gather from the tensor). A block with a single hit, the most
-common case at low density, needs no scan. One pass that reserves room with an atomic add per
-block was slower on an H100 (the blocks' atomics on one counter serialise), and so was one pass
-into a few slots per block followed by a gather on an H200. NaN never passes ``>=``; ``-0.0``
-passes as ``0.0``.
+back. Here two Triton passes read the tensor and write nothing but the hits: the first counts the
+hits of each block of ``BLOCK`` entries, an exclusive cumulative sum of the counts gives each block
+its offset, and the second pass writes each block's hits there, in position order, as int64 keys
+holding the magnitude's fp32 bits above the position (so that keeping the k largest needs no
+gather from the tensor). A block with a single hit, the most common case at low density, needs
+no scan. One pass that reserves room with an atomic add per block was slower on an H100: the
+blocks' atomics on one counter serialise. NaN never passes ``>=``; ``-0.0`` passes as ``0.0``.
 
 Legend: N elements of the tensor, B blocks, C hits (entries at or above the threshold).
 """
@@ -39,36 +36,32 @@ def _build():
     import triton.language as tl
 
     @triton.jit
-    def count_kernel(x_ptr, t_ptr, counts_ptr, bits_ptr, n, BLOCK: tl.constexpr):
+    def count_kernel(x_ptr, t_ptr, counts_ptr, n, BLOCK: tl.constexpr):
         pid = tl.program_id(0).to(tl.int64)
         offs = pid * BLOCK + tl.arange(0, BLOCK)
         inside = offs < n
         a = tl.abs(tl.load(x_ptr + offs, mask=inside, other=0.0).to(tl.float32))
-        hit_i = ((a >= tl.load(t_ptr).to(tl.float32)) & inside).to(tl.int32)
-        tl.store(counts_ptr + pid, tl.sum(hit_i, axis=0))
-        # The block's hits as BLOCK // 32 words, bit j of word w for entry 32 w + j.
-        bit = tl.reshape(hit_i, (BLOCK // 32, 32)) << tl.arange(0, 32)[None, :]
-        tl.store(bits_ptr + pid * (BLOCK // 32) + tl.arange(0, BLOCK // 32), tl.sum(bit, axis=1))
+        hit = (a >= tl.load(t_ptr).to(tl.float32)) & inside
+        tl.store(counts_ptr + pid, tl.sum(hit.to(tl.int32), axis=0))
 
     @triton.jit
-    def write_kernel(x_ptr, bits_ptr, starts_ptr, keys_ptr, n, cap, BLOCK: tl.constexpr):
+    def write_kernel(x_ptr, t_ptr, starts_ptr, keys_ptr, n, cap, BLOCK: tl.constexpr):
         pid = tl.program_id(0).to(tl.int64)
-        words = tl.load(bits_ptr + pid * (BLOCK // 32) + tl.arange(0, BLOCK // 32))
-        hit_i = tl.reshape((words[:, None] >> tl.arange(0, 32)[None, :]) & 1, (BLOCK,))
+        offs = pid * BLOCK + tl.arange(0, BLOCK)
+        inside = offs < n
+        a = tl.abs(tl.load(x_ptr + offs, mask=inside, other=0.0).to(tl.float32))
+        hit = (a >= tl.load(t_ptr).to(tl.float32)) & inside
+        hit_i = hit.to(tl.int32)
         c = tl.sum(hit_i, axis=0)
-        if c > 0:
-            offs = pid * BLOCK + tl.arange(0, BLOCK)
-            hit = hit_i != 0
-            a = tl.abs(tl.load(x_ptr + offs, mask=hit, other=0.0).to(tl.float32))  # the hits only
-            key = (a.to(tl.int32, bitcast=True).to(tl.int64) << 32) | offs
-            start = tl.load(starts_ptr + pid)
-            if c == 1:  # the most common case at low density: no scan needed
-                one = tl.max(tl.where(hit, key, -1), axis=0)
-                if start < cap:
-                    tl.store(keys_ptr + start, one)
-            else:
-                pos = start + tl.cumsum(hit_i, axis=0) - 1
-                tl.store(keys_ptr + pos, key, mask=hit & (pos < cap))
+        key = (a.to(tl.int32, bitcast=True).to(tl.int64) << 32) | offs
+        start = tl.load(starts_ptr + pid)
+        if c == 1:  # the most common case at low density: no scan needed
+            one = tl.max(tl.where(hit, key, -1), axis=0)
+            if start < cap:
+                tl.store(keys_ptr + start, one)
+        elif c > 1:
+            pos = start + tl.cumsum(hit_i, axis=0) - 1
+            tl.store(keys_ptr + pos, key, mask=hit & (pos < cap))
 
     return count_kernel, write_kernel
 
@@ -88,40 +81,38 @@ def available(x_N: torch.Tensor) -> bool:
     return _kernel is not False
 
 
-def count_at_least(x_N: torch.Tensor,
-                   threshold: torch.Tensor) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
-    """Pass 1: how many entries have ``|x_N| >= threshold``; where each block's hits start, and which
-    entries they are (a bit per entry). Nothing here waits for the device.
+def count_at_least(x_N: torch.Tensor, threshold: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pass 1: how many entries have ``|x_N| >= threshold``, and where each block's hits start.
+
+    Nothing here waits for the device.
 
     Args:
         x_N: flat contiguous CUDA tensor (check :func:`available` first).
         threshold: 0-d tensor on the same device.
 
     Returns:
-        ``(C, counted)``: the count as a 0-d device tensor, and what :func:`write_hits` needs.
+        ``(C, starts_B)``: the count as a 0-d device tensor, and the exclusive cumulative sum of
+        the blocks' counts.
     """
     n = x_N.numel()
-    blocks = _cdiv(n, BLOCK)
-    counts_B = torch.empty(blocks, dtype=torch.int64, device=x_N.device)
-    bits_BW = torch.empty((blocks, BLOCK // 32), dtype=torch.int32, device=x_N.device)
-    _kernel[0][(blocks,)](x_N, threshold.reshape(1), counts_B, bits_BW, n, BLOCK=BLOCK, num_warps=COUNT_WARPS)
+    counts_B = torch.empty(_cdiv(n, BLOCK), dtype=torch.int64, device=x_N.device)
+    _kernel[0][(counts_B.numel(),)](x_N, threshold.reshape(1), counts_B, n, BLOCK=BLOCK, num_warps=COUNT_WARPS)
     ends_B = torch.cumsum(counts_B, 0)
-    return ends_B[-1].clone(), (ends_B.sub_(counts_B), bits_BW)  # a copy: the view would see the subtraction
+    return ends_B[-1].clone(), ends_B.sub_(counts_B)  # a copy: the view would see the subtraction
 
 
-def write_hits(x_N: torch.Tensor, counted: tuple[torch.Tensor, torch.Tensor], cap: int) -> torch.Tensor:
+def write_hits(x_N: torch.Tensor, threshold: torch.Tensor, starts_B: torch.Tensor, cap: int) -> torch.Tensor:
     """Pass 2: the first ``cap`` hits, in position order, as keys (see :func:`split`) in a new
-    int64 tensor of ``cap`` entries (entries past the count are left unset). It reads pass 1's bits
-    and, of the tensor, only the hits. Nothing here waits for the device.
+    int64 tensor of ``cap`` entries (entries past the count are left unset). Nothing here waits
+    for the device.
 
     Args:
-        x_N: as for :func:`count_at_least`.
-        counted: what :func:`count_at_least` returned for it.
+        x_N, threshold: as for :func:`count_at_least`.
+        starts_B: what :func:`count_at_least` returned for the same arguments.
         cap: room for this many hits.
     """
-    starts_B, bits_BW = counted
     keys = torch.empty(max(cap, 1), dtype=torch.int64, device=x_N.device)
-    _kernel[1][(starts_B.numel(),)](x_N, bits_BW, starts_B, keys, x_N.numel(), cap,
+    _kernel[1][(starts_B.numel(),)](x_N, threshold.reshape(1), starts_B, keys, x_N.numel(), cap,
                                     BLOCK=BLOCK, num_warps=WRITE_WARPS)
     return keys
 
@@ -141,9 +132,9 @@ def at_least(x_N: torch.Tensor, threshold: torch.Tensor) -> torch.Tensor:
         x_N: flat contiguous CUDA tensor (check :func:`available` first).
         threshold: 0-d tensor on the same device.
     """
-    c, counted = count_at_least(x_N, threshold)
+    c, starts_B = count_at_least(x_N, threshold)
     c = int(c)
-    return write_hits(x_N, counted, c)[:c]
+    return write_hits(x_N, threshold, starts_B, c)[:c]
 
 
 def _cdiv(a: int, b: int) -> int:

@@ -188,14 +188,14 @@ def _compact_select(
     # case that more pass, the second pass runs again with room for all.
     cap = 2 * math.ceil(margin * k) + 1024
     for round_ in range(max_rounds):
-        count, counted = compact.count_at_least(x_N, threshold)
-        keys = compact.write_hits(x_N, counted, cap)
+        count, starts_B = compact.count_at_least(x_N, threshold)
+        keys = compact.write_hits(x_N, threshold, starts_B, cap)
         c = int(count)
         if c >= lower_bound * k or round_ == max_rounds - 1:
             break
         threshold = threshold * lower_bound
     if c > cap:
-        keys = compact.write_hits(x_N, counted, c)
+        keys = compact.write_hits(x_N, threshold, starts_B, c)
     pos_C, bits_C = compact.split(keys[:c])
     if c > k:
         return pos_C[torch.sort(bits_C, descending=True, stable=True).indices[:k]]

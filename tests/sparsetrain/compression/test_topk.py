@@ -287,10 +287,10 @@ for n in (1, 4096 * 2 + 17):
         t = torch.tensor(tv)
         pos, bits = compact.split(compact.at_least(x, t))
         hits = (x.abs() >= t).nonzero().view(-1)
-        count, counted = compact.count_at_least(x, t)
+        count, starts = compact.count_at_least(x, t)
         assert int(count) == hits.numel()
         if hits.numel() > 3:  # room for only 3: the first 3 hits, in order
-            assert torch.equal(compact.split(compact.write_hits(x, counted, 3))[0], hits[:3])
+            assert torch.equal(compact.split(compact.write_hits(x, t, starts, 3))[0], hits[:3])
         assert torch.equal(pos, hits), (n, tv)
         assert torch.equal(bits.view(torch.float32), x[hits].abs()), (n, tv)
 # The CUDA selection around the kernels: rounds, more hits than the reserved room, the final sort.
