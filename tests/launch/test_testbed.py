@@ -193,11 +193,20 @@ HOLDER = textwrap.dedent("""\
     """)
 
 
+def _default_signal_dispositions():
+    # The owner handles only signals it has not been told to ignore: under `nohup` (SIGHUP ignored,
+    # inherited by every child) the bed rightly leaves SIGHUP alone, so start the owner as a shell
+    # with default dispositions would.
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(sig, signal.SIG_DFL)
+
+
 @netns
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT, signal.SIGHUP])
 def test_teardown_when_the_owner_is_signalled(sig):
     _skip_unless_available()
-    p = subprocess.Popen([PY, "-c", HOLDER], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    p = subprocess.Popen([PY, "-c", HOLDER], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         preexec_fn=_default_signal_dispositions)
     try:
         names = p.stdout.readline().split()
         assert len(names) == 2, p.stderr.read()
