@@ -334,28 +334,33 @@ def test_conv_layers_train_in_the_pattern():
     assert is_nm(net[2].weight, 2, 8) and is_nm(net[4].weight, 2, 8) and not is_nm(net[0].weight, 2, 8)
 
 
+def _small_run(compiled, steps, **config):
+    """SR-STE on a small MLP, the model under torch.compile or not: losses, flip fractions, masks."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 8))
+    sp = NMSparsifier(model, NMConfig(n=2, m=4, method="srste", lambda_w=1e-2, **config))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    fwd = torch.compile(model) if compiled else model
+    g = torch.Generator().manual_seed(1)
+    losses, flips = [], []
+    for _ in range(steps):
+        x, y = torch.randn(8, 16, generator=g), torch.randn(8, 8, generator=g)
+        loss = ((fwd(x) - y) ** 2).mean()
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        sp.step()
+        losses.append(loss.item())
+        flips.append(sp.stats().get("mask_flip_fraction"))
+    return losses, flips, list(sp.masks.values())
+
+
 def test_compiled_model_trains_like_eager_and_mask_changes_do_not_recompile():
     import torch._dynamo
     from torch._dynamo.utils import counters
 
     def run(compiled):
-        torch.manual_seed(0)
-        model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 8))
-        sp = NMSparsifier(model, NMConfig(n=2, m=4, method="srste", lambda_w=1e-2))
-        opt = torch.optim.SGD(model.parameters(), lr=0.1)
-        fwd = torch.compile(model) if compiled else model
-        g = torch.Generator().manual_seed(1)
-        losses, flips = [], []
-        for _ in range(5):
-            x, y = torch.randn(8, 16, generator=g), torch.randn(8, 8, generator=g)
-            loss = ((fwd(x) - y) ** 2).mean()
-            loss.backward()
-            opt.step()
-            opt.zero_grad()
-            sp.step()
-            losses.append(loss.item())
-            flips.append(sp.stats()["mask_flip_fraction"])
-        return losses, flips
+        return _small_run(compiled, 5)[:2]
 
     torch._dynamo.reset()
     counters.clear()
@@ -414,23 +419,8 @@ def test_masks_in_forward_compiled_trains_like_eager_without_recompiling():
     from torch._dynamo.utils import counters
 
     def run(compiled):
-        torch.manual_seed(0)
-        model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 8))
-        sp = NMSparsifier(model, NMConfig(n=2, m=4, method="srste", lambda_w=1e-2, masks_in_forward=compiled,
-                                          verify_every=2))
-        opt = torch.optim.SGD(model.parameters(), lr=0.1)
-        fwd = torch.compile(model) if compiled else model
-        g = torch.Generator().manual_seed(1)
-        losses = []
-        for _ in range(6):
-            x, y = torch.randn(8, 16, generator=g), torch.randn(8, 8, generator=g)
-            loss = ((fwd(x) - y) ** 2).mean()
-            loss.backward()
-            opt.step()
-            opt.zero_grad()
-            sp.step()
-            losses.append(loss.item())
-        return losses, sp.stats()["mask_flip_fraction"], list(sp.masks.values())
+        losses, flips, masks = _small_run(compiled, 6, masks_in_forward=compiled, verify_every=2)
+        return losses, flips[-1], masks
 
     torch._dynamo.reset()
     counters.clear()
