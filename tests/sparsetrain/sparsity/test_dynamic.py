@@ -150,12 +150,13 @@ def test_rigl_grows_by_the_dense_gradient_of_the_masked_forward(micro_batches):
         assert not torch.equal(expected, old[name])
 
 
-def _run(method, steps, *, stop=None, state=None, seed_model=0):
+def _run(method, steps, *, stop=None, state=None, seed_model=0, grad_masking="hook"):
     """Train ``steps`` optimizer steps; with ``stop`` return a checkpoint taken after that many steps."""
     model = _model(seed_model)
     opt = torch.optim.AdamW(model.parameters(), lr=0.01, weight_decay=0.05)
     sp = DynamicSparsifier(model, DynamicSparsityConfig(method=method, sparsity=0.85, update_interval=3, seed=5,
-                                                            drop_schedule="constant", end_fraction=1.0),
+                                                            drop_schedule="constant", end_fraction=1.0,
+                                                            grad_masking=grad_masking),
                            total_steps=steps, optimizer=opt)
     start = 0
     if state is not None:
@@ -631,4 +632,14 @@ def test_masking_gradients_before_the_step_with_a_closure(keyword):
         opt.step(closure=closure) if keyword else opt.step(closure)
     for (name, a), b in zip(ref_model.state_dict().items(), model.state_dict().values()):
         assert torch.equal(a, b), name
+    assert sp.statistics() == ref_sp.statistics()
+
+
+@pytest.mark.parametrize("stop", [4, 6])
+def test_crash_and_resume_is_bit_exact_with_masking_before_the_step(stop):
+    ref_model, ref_sp = _run("rigl", 14, grad_masking="step")
+    ckpt = _run("rigl", 14, stop=stop, grad_masking="step")
+    model, sp = _run("rigl", 14, state=ckpt, seed_model=1, grad_masking="step")
+    for (n1, p1), (n2, p2) in zip(ref_model.state_dict().items(), model.state_dict().items()):
+        assert n1 == n2 and torch.equal(p1, p2), n1
     assert sp.statistics() == ref_sp.statistics()
