@@ -28,6 +28,11 @@ Two parts:
   per node and configuration, then a table of ratios measured side by side::
 
       PYTHONPATH=. python benchmarks/compression_twonode.py --rates 100mbit 1gbit --steps 150
+
+  With ``--device cuda`` each node's rank trains on its own GPU (node i gets GPU i; with one GPU
+  both share it) and the ranks talk NCCL over the shaped link: NCCL is told the link's interface
+  and has its peer-to-peer and shared-memory transports switched off, so every byte goes through
+  the veth pair as it would between two hosts.
 """
 
 from __future__ import annotations
@@ -107,7 +112,7 @@ def worker(args) -> None:
     cuda = torch.cuda.is_available() and not args.cpu
     if cuda:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    device = torch.device("cuda") if cuda else torch.device("cpu")
+    device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
     dist.init_process_group("nccl" if cuda else "gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
 
@@ -170,7 +175,7 @@ def worker(args) -> None:
         "step_s_all_mean": statistics.fmean(times),
         "tx_bytes_per_step": None if tx0 is None or tx1 is None else (tx1 - tx0) / max(1, len(steady)),
         "val_loss": val_loss,
-        "device": str(device),
+        "device": torch.cuda.get_device_name(device) if cuda else "cpu",
     }
     if dgc:
         result["dgc_last"] = dict(state.last_stats)
@@ -184,10 +189,11 @@ def worker(args) -> None:
 
 
 def _worker_argv(args, hook: str, node: int, port: int) -> list[str]:
+    device = [] if args.device == "cuda" else ["--cpu"]
     return [
         sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1",
         "--node-rank", str(node), "--master-addr", "10.77.0.1", "--master-port", str(port),
-        str(Path(__file__).resolve()), "--worker", "--cpu", "--hook", hook,
+        str(Path(__file__).resolve()), "--worker", *device, "--hook", hook,
         "--steps", str(args.steps), "--warmup-steps", str(args.warmup_steps), "--ramp-steps", str(args.ramp_steps),
         "--d-model", str(args.d_model), "--n-layer", str(args.n_layer), "--n-head", str(args.n_head),
         "--block-size", str(args.block_size), "--batch-size", str(args.batch_size), "--lr", str(args.lr),
@@ -203,6 +209,22 @@ def orchestrate(args) -> None:
     if reason:
         raise SystemExit(f"the two-host test bed is unavailable here: {reason}")
     env = {"OMP_NUM_THREADS": str(args.threads), "PYTHONPATH": str(ROOT)}
+    envs = [dict(env), dict(env)]
+    if args.device == "cuda":
+        n_gpu = torch.cuda.device_count()
+        if n_gpu < 1:
+            raise SystemExit("--device cuda needs a CUDA GPU")
+        for node, node_env in enumerate(envs):
+            node_env.update(
+                CUDA_VISIBLE_DEVICES=str(node % n_gpu),
+                # Every byte over the link, as between two hosts: no NVLink/PCIe peer copies, no
+                # shared memory, no InfiniBand; NCCL's sockets on the link's interface.
+                NCCL_SOCKET_IFNAME="st0", NCCL_P2P_DISABLE="1", NCCL_SHM_DISABLE="1", NCCL_IB_DISABLE="1",
+                NCCL_NVLS_ENABLE="0",
+                # Both namespaces share the machine's host name; distinct host ids keep NCCL from
+                # treating the two ranks as one host (and refusing two ranks on one GPU).
+                NCCL_HOSTID=f"sparsetrain-node{node}",
+            )
     rows: dict[str, dict[str, dict]] = {}
     port = 29600
     for rate in args.rates:
@@ -211,7 +233,7 @@ def orchestrate(args) -> None:
             for rep in range(args.repeats):
                 for hook in args.hooks:
                     port += 1
-                    res = bed.run([_worker_argv(args, hook, 0, port), _worker_argv(args, hook, 1, port)], env=env,
+                    res = bed.run([_worker_argv(args, hook, 0, port), _worker_argv(args, hook, 1, port)], env=envs,
                                   timeout=args.timeout, cwd=str(ROOT))
                     line = next((ln for ln in res[0].stdout.splitlines() if ln.startswith('{"result"')), None)
                     if line is None or any(r.returncode != 0 for r in res):
@@ -225,8 +247,9 @@ def orchestrate(args) -> None:
 
 
 def _table(rows, args) -> None:
+    backend = "NCCL, GPUs" if args.device == "cuda" else "gloo, CPU"
     print(f"\nDemo GPT d_model={args.d_model} n_layer={args.n_layer} batch={args.batch_size}x{args.block_size}, "
-          f"2 nodes x 1 rank (gloo), {args.steps} steps, warm-up {args.warmup_steps} + ramp {args.ramp_steps}; "
+          f"2 nodes x 1 rank ({backend}), {args.steps} steps, warm-up {args.warmup_steps} + ramp {args.ramp_steps}; "
           f"step time = median of the steps after warm-up and ramp; bytes = tx_bytes of one node's link / step")
     for rate, by_hook in rows.items():
         print(f"\n### {rate}\n")
@@ -269,6 +292,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--interface", default="st0", help="link interface whose tx_bytes are counted (worker)")
     p.add_argument("--timeout", type=float, default=1800.0, help="seconds per run (orchestration)")
     p.add_argument("--cpu", action="store_true", help="stay on CPU/gloo even when CUDA is present (worker)")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
+                   help="orchestration: train on CPU over gloo, or on the GPUs over NCCL (node i on GPU i)")
     p.add_argument("--bucket-cap-mb", type=float, default=None,
                    help="DDP bucket size for every hook (default: DDP's); PowerSGD on CPU always gets one bucket")
     args = p.parse_args(argv)

@@ -18,7 +18,10 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["at_least", "available", "count_at_least", "split", "write_hits"]
+__all__ = [
+    "at_least", "available", "block_table", "count_at_least", "count_segments", "split", "write_hits",
+    "write_segments",
+]
 
 _LOW = (1 << 32) - 1
 
@@ -32,38 +35,9 @@ _kernel = None  # the Triton kernel, built on first use; False when Triton is mi
 
 
 def _build():
-    import triton
-    import triton.language as tl
+    from . import _compact_kernels as k  # imports Triton
 
-    @triton.jit
-    def count_kernel(x_ptr, t_ptr, counts_ptr, n, BLOCK: tl.constexpr):
-        pid = tl.program_id(0).to(tl.int64)
-        offs = pid * BLOCK + tl.arange(0, BLOCK)
-        inside = offs < n
-        a = tl.abs(tl.load(x_ptr + offs, mask=inside, other=0.0).to(tl.float32))
-        hit = (a >= tl.load(t_ptr).to(tl.float32)) & inside
-        tl.store(counts_ptr + pid, tl.sum(hit.to(tl.int32), axis=0))
-
-    @triton.jit
-    def write_kernel(x_ptr, t_ptr, starts_ptr, keys_ptr, n, cap, BLOCK: tl.constexpr):
-        pid = tl.program_id(0).to(tl.int64)
-        offs = pid * BLOCK + tl.arange(0, BLOCK)
-        inside = offs < n
-        a = tl.abs(tl.load(x_ptr + offs, mask=inside, other=0.0).to(tl.float32))
-        hit = (a >= tl.load(t_ptr).to(tl.float32)) & inside
-        hit_i = hit.to(tl.int32)
-        c = tl.sum(hit_i, axis=0)
-        key = (a.to(tl.int32, bitcast=True).to(tl.int64) << 32) | offs
-        start = tl.load(starts_ptr + pid)
-        if c == 1:  # the most common case at low density: no scan needed
-            one = tl.max(tl.where(hit, key, -1), axis=0)
-            if start < cap:
-                tl.store(keys_ptr + start, one)
-        elif c > 1:
-            pos = start + tl.cumsum(hit_i, axis=0) - 1
-            tl.store(keys_ptr + pos, key, mask=hit & (pos < cap))
-
-    return count_kernel, write_kernel
+    return k.count_kernel, k.write_kernel, k.segment_count_kernel, k.segment_write_kernel
 
 
 def available(x_N: torch.Tensor) -> bool:
@@ -135,6 +109,64 @@ def at_least(x_N: torch.Tensor, threshold: torch.Tensor) -> torch.Tensor:
     c, starts_B = count_at_least(x_N, threshold)
     c = int(c)
     return write_hits(x_N, threshold, starts_B, c)[:c]
+
+
+def block_table(bounds: list[tuple[int, int]], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The blocks of the segment passes for segments ``[(start, numel), ...]`` of one tensor.
+
+    Returns:
+        ``(table_B3, last_G)``: per block its first position, the end of its segment and the
+        segment's number (int64, ``BLOCK`` positions or fewer per block, blocks in position
+        order); and the number of each segment's last block.
+    """
+    rows, last = [], []
+    for g, (start, numel) in enumerate(bounds):
+        end = start + numel
+        rows += [(b, end, g) for b in range(start, end, BLOCK)]
+        last.append(len(rows) - 1)
+    table = torch.tensor(rows, dtype=torch.int64).reshape(-1, 3)
+    return table.to(device), torch.tensor(last, dtype=torch.int64).to(device)
+
+
+def count_segments(
+    x_N: torch.Tensor, thresholds_G: torch.Tensor, table_B3: torch.Tensor, last_G: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Pass 1 over segments: how many entries of each segment have ``|x| >=`` its threshold.
+    Nothing here waits for the device.
+
+    Args:
+        x_N: flat contiguous CUDA tensor (check :func:`available` first).
+        thresholds_G: one threshold per segment (float32, same device).
+        table_B3, last_G: from :func:`block_table`.
+
+    Returns:
+        ``(counts_G, ends_G, starts_B)``: the segments' counts, where each segment's hits end
+        in the output of :func:`write_segments` (a cumulative sum), and each block's start there.
+    """
+    counts_B = torch.empty(table_B3.shape[0], dtype=torch.int64, device=x_N.device)
+    _kernel[2][(counts_B.numel(),)](x_N, thresholds_G, table_B3, counts_B, BLOCK=BLOCK, num_warps=COUNT_WARPS)
+    ends_B = torch.cumsum(counts_B, 0)
+    ends_G = ends_B.index_select(0, last_G)
+    counts_G = torch.diff(ends_G, prepend=ends_G.new_zeros(1))
+    return counts_G, ends_G, ends_B.sub_(counts_B)
+
+
+def write_segments(
+    x_N: torch.Tensor, thresholds_G: torch.Tensor, table_B3: torch.Tensor, starts_B: torch.Tensor, cap: int
+) -> torch.Tensor:
+    """Pass 2 over segments: the first ``cap`` hits, segment after segment and in position order
+    within each, as keys (see :func:`split`; positions in ``x_N``), in a new int64 tensor of ``cap``
+    entries. Nothing here waits for the device.
+
+    Args:
+        x_N, thresholds_G, table_B3: as for :func:`count_segments`.
+        starts_B: what :func:`count_segments` returned for the same arguments.
+        cap: room for this many hits.
+    """
+    keys = torch.empty(max(cap, 1), dtype=torch.int64, device=x_N.device)
+    _kernel[3][(starts_B.numel(),)](x_N, thresholds_G, table_B3, starts_B, keys, cap, BLOCK=BLOCK,
+                                    num_warps=WRITE_WARPS)
+    return keys
 
 
 def _cdiv(a: int, b: int) -> int:

@@ -24,6 +24,7 @@ sampled threshold aims 30% above k (DGC's upper bound, ``margin``), so that usua
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Callable
 
@@ -487,6 +488,8 @@ def threshold_indices_segments(
         return threshold_indices(x_N[s : s + n], k, stride=stride, offset=offset, lower_bound=lower_bound,
                                  max_rounds=max_rounds, margin=margin).add_(s)
 
+    if x_N.is_cuda and _CUDA_SEARCH == "compact" and x_N.dtype == torch.float32 and compact.available(x_N):
+        return _compact_segments(x_N, segments, offset, lower_bound, max_rounds, margin, one)
     if x_N.is_cuda or not x_N.is_contiguous():
         parts = [one(*seg) for seg in segments]
         return torch.cat(parts), [p.numel() for p in parts]
@@ -524,6 +527,140 @@ def threshold_indices_segments(
         elif c > k:
             found[i] = found[i].index_select(0, _largest(mags[i], k))
     return torch.cat(found), [f.numel() for f in found]
+
+
+class _SegmentPlan:
+    """What the CUDA search over a bucket's segments reuses from step to step (see
+    :func:`_compact_segments`): the sample's positions for offset 0 (each segment's sample
+    at ``start + j * stride``, at most ``ceil(numel / stride)`` of them), and the blocks of the
+    counting and writing passes."""
+
+    def __init__(self, segments: tuple[tuple[int, int, int, int], ...], device: torch.device) -> None:
+        seg_P, base_P, end_P, first = [], [], [], []
+        for g, (s, n, _k, stride) in enumerate(segments):
+            first.append(len(seg_P))
+            m = -(-n // stride)
+            seg_P += [g] * m
+            base_P += range(s, s + m * stride, stride)
+            end_P += [s + n] * m
+        self.first_G = first  # where each segment's sample begins, in the sample
+        self.first_dev = torch.tensor(first, dtype=torch.int64).to(device)
+        cpu = torch.tensor([seg_P, base_P, end_P], dtype=torch.int64)
+        self.seg_P, self.base_P, self.end_P = cpu.to(device).unbind(0)
+        self.stride_P = torch.tensor([segments[g][3] for g in seg_P], dtype=torch.int64).to(device)
+        self.table_B3, self.last_G = compact.block_table([(s, n) for s, n, _k, _st in segments], device)
+        self.arange_G = torch.arange(len(segments), device=device)
+
+
+_SEGMENT_PLANS: dict[tuple, _SegmentPlan] = {}
+_LOW32 = (1 << 32) - 1
+_INF_BITS = 0x7F800000
+
+
+def _to_device(values: list[list[int]], device: torch.device) -> torch.Tensor:
+    """A small int64 table copied to ``device`` without waiting for the device (pinned source)."""
+    t = torch.tensor(values, dtype=torch.int64)
+    return t.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else t.to(device)
+
+
+def _compact_segments(
+    x_N: torch.Tensor,
+    segments: list[tuple[int, int, int, int]],
+    offset: int,
+    lower_bound: float,
+    max_rounds: int,
+    margin: float,
+    one: Callable[[int, int, int, int], torch.Tensor],
+) -> tuple[torch.Tensor, list[int]]:
+    """The CUDA search of :func:`threshold_indices_segments`: every segment's first round at once,
+    waiting for the device once per call instead of once per segment.
+
+    Per segment the result is that of :func:`threshold_indices` (the "compact" search): the same
+    sample and sampled threshold, the same hits, and the same final order. The thresholds come
+    from one sort of all samples keyed by (segment, magnitude bits descending); the hits of all
+    segments from one counting and one writing pass (:func:`compact.count_segments`); the k
+    largest of each segment that has more than k from one stable sort keyed the same way. A
+    segment whose first threshold lets fewer than ``lower_bound * k`` pass, and one selected
+    exactly (stride 1 or k >= numel), is done on its own by ``one``.
+    """
+    searched = [g for g, (_s, n, k, stride) in enumerate(segments) if stride > 1 and k < n]
+    parts: list[torch.Tensor | None] = [None] * len(segments)
+    if searched:
+        idx_K, kept, redo = _search_segments(x_N, [segments[g] for g in searched], offset, lower_bound,
+                                             max_rounds, margin)
+        if len(searched) == len(segments) and not any(redo):
+            return idx_K, kept
+        for g, part, again in zip(searched, idx_K.split(kept), redo):
+            parts[g] = None if again else part
+    for g, seg in enumerate(segments):
+        if parts[g] is None:
+            parts[g] = one(*seg)
+    return torch.cat(parts), [p.numel() for p in parts]
+
+
+def _search_segments(
+    x_N: torch.Tensor,
+    segments: list[tuple[int, int, int, int]],
+    offset: int,
+    lower_bound: float,
+    max_rounds: int,
+    margin: float,
+) -> tuple[torch.Tensor, list[int], list[bool]]:
+    """The batched part of :func:`_compact_segments` (segments with ``stride > 1`` and ``k < numel``):
+    ``(positions, counts, redo)``, where ``redo`` marks the segments that need more than their first
+    round; those have no positions here."""
+    device = x_N.device
+    key = (tuple(segments), device)
+    plan = _SEGMENT_PLANS.get(key)
+    if plan is None:
+        if len(_SEGMENT_PLANS) >= 64:
+            _SEGMENT_PLANS.clear()
+        plan = _SEGMENT_PLANS[key] = _SegmentPlan(key[0], device)
+    o_G, kth_G, cap = [], [], 0
+    for g, (_s, n, k, stride) in enumerate(segments):
+        o = offset % stride
+        n_sample = (n - o + stride - 1) // stride
+        o_G.append(o)
+        kth_G.append(plan.first_G[g] + min(n_sample, max(1, math.ceil(margin * k * n_sample / n))) - 1)
+        cap += 2 * math.ceil(margin * k) + 1024
+    o_G, kth_G = _to_device([o_G, kth_G], device).unbind(0)
+
+    # Thresholds: the k_s-th largest sampled magnitude of each segment; NaN where a sample holds NaN.
+    pos_P = plan.base_P + o_G.index_select(0, plan.seg_P)
+    inside_P = pos_P < plan.end_P
+    bits_P = x_N.index_select(0, torch.where(inside_P, pos_P, 0)).abs_().view(torch.int32).long()
+    bits_P = torch.where(inside_P, bits_P, 0)  # past a segment's end: sorts as 0.0, after every real entry
+    keys_P = torch.sort((plan.seg_P << 32) | (_LOW32 - bits_P)).values
+    first_bits = _LOW32 - (keys_P.index_select(0, plan.first_dev) & _LOW32)
+    kth_bits = _LOW32 - (keys_P.index_select(0, kth_G) & _LOW32)
+    thr_G = torch.where(first_bits > _INF_BITS, first_bits, kth_bits).int().view(torch.float32)
+
+    counts_G, ends_G, starts_B = compact.count_segments(x_N, thr_G, plan.table_B3, plan.last_G)
+    keys_C = compact.write_segments(x_N, thr_G, plan.table_B3, starts_B, cap)
+    counts = counts_G.tolist()  # the one wait for the device
+    total = sum(counts)
+    if total > cap:
+        keys_C = compact.write_segments(x_N, thr_G, plan.table_B3, starts_B, total)
+    pos_C, bits_C = compact.split(keys_C[:total])
+
+    ks = [k for _s, _n, k, _st in segments]
+    redo = [c < lower_bound * k and max_rounds > 1 for c, k in zip(counts, ks)]
+    trim = [not r and c > k for c, k, r in zip(counts, ks, redo)]
+    kept = [0 if r else min(c, k) for c, k, r in zip(counts, ks, redo)]
+    n_kept = sum(kept)
+    # Output entry j of segment g comes from hit j of g (or from g's j-th largest, where g is trimmed).
+    shift = [(e - c) - (f - m) for e, c, f, m in
+             zip(itertools.accumulate(counts), counts, itertools.accumulate(kept), kept)]
+    shift_G, kept_G, trim_G = _to_device([shift, kept, trim], device).unbind(0)
+    seg_K = plan.arange_G.repeat_interleave(kept_G, output_size=n_kept)
+    src_K = torch.arange(n_kept, device=device) + shift_G.index_select(0, seg_K)
+    idx_K = pos_C.index_select(0, src_K)
+    if any(trim):  # by magnitude descending, equal magnitudes in position order (a stable sort)
+        seg_C = plan.arange_G.repeat_interleave(counts_G, output_size=total)
+        order_C = torch.sort((seg_C << 32) | (_LOW32 - bits_C.long()), stable=True).indices
+        ranked_K = pos_C.index_select(0, order_C.index_select(0, src_K))
+        idx_K = torch.where(trim_G.index_select(0, seg_K).bool(), ranked_K, idx_K)
+    return idx_K, kept, redo
 
 
 def _blocks(starts: list[int]) -> list[tuple[int, tuple[int, ...], tuple[int, ...]]]:

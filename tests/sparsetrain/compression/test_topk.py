@@ -308,6 +308,43 @@ for k, t0 in ((10, 0.0), (10, 0.9), (50, 5.0), (3000, 0.5), (8000, 0.0)):
         hits = hits[torch.sort(x[hits].abs(), descending=True, stable=True).indices[:k]]
     got = _compact_select(x, k, torch.tensor(t0), 0.8, 10, 1.3)
     assert torch.equal(got, hits), (k, t0)
+# Several segments at once (the CUDA search of threshold_indices_segments): against the plain
+# per-segment search. Segments of zeros, NaN in a sample (rounds, done alone), stride 1 and k = n.
+from sparsetrain.compression.topk import _compact_segments, threshold_indices
+
+
+def plain(x, s, n, k, stride, offset):
+    if stride == 1 or k >= n:
+        return threshold_indices(x[s : s + n], k, stride=stride) + s
+    v = x[s : s + n]
+    o = offset % stride
+    sample = v[o::stride].abs()
+    desc = torch.sort(sample, descending=True).values
+    t = desc[min(sample.numel(), max(1, math.ceil(1.3 * k * sample.numel() / n))) - 1]
+    t = desc[0] if torch.isnan(desc[0]) else t
+    for round_ in range(10):
+        hits = (v.abs() >= t).nonzero().view(-1)
+        if hits.numel() >= 0.8 * k or round_ == 9:
+            break
+        t = t * 0.8
+    if hits.numel() > k:
+        hits = hits[torch.sort(v[hits].abs(), descending=True, stable=True).indices[:k]]
+    return hits + s
+
+
+import math
+x = _awkward("ties", 40_000, torch.Generator().manual_seed(2))
+x[5_000:8_000] = 0.0
+x[12_000:12_600:7] = float("nan")
+x[30_001] = float("inf")
+segments = [(100, 4_900, 49, 7), (5_000, 3_000, 100, 3), (8_003, 9, 9, 1), (9_000, 6_000, 60, 5),
+            (15_000, 4_100, 600, 2), (20_000, 2_500, 10, 13), (25_000, 12_000, 120, 11)]
+for offset in (0, 5, 12):
+    got, counts = _compact_segments(x, segments, offset, 0.8, 10, 1.3,
+                                    lambda s, n, k, st: plain(x, s, n, k, st, offset))
+    expected = [plain(x, *seg, offset) for seg in segments]
+    assert counts == [e.numel() for e in expected], (offset, counts)
+    assert torch.equal(got, torch.cat(expected)), offset
 print("interpreted ok")
 """
 
@@ -389,6 +426,26 @@ def test_segments_give_exactly_the_per_tensor_result(kind, layout, density):
         assert torch.equal(got, expected), (kind, layout, density, offset, "scratch")
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("kind", ["plain", "ties", "mostly_zero", "signed_zeros", "nan_in_sample", "nan_and_inf",
+                                  "zeros"])
+@pytest.mark.parametrize("layout", ["layers", "mixed", "small"])
+@pytest.mark.parametrize("density", [0.001, 0.01, 0.0625])
+def test_cuda_segments_give_exactly_the_per_tensor_result(kind, layout, density):
+    # One search for all segments (one wait for the device) against one search per segment.
+    from sparsetrain.compression import compact
+
+    if not compact.available(torch.zeros(1, device="cuda")):
+        pytest.skip("Triton is not available")
+    segments, n = _layout(layout, density)
+    x = _awkward(kind, n, torch.Generator().manual_seed(n + int(density * 1e4))).cuda()
+    for offset in (0, 3, 1001):
+        expected, counts = _per_segment(x, segments, offset)
+        got, got_counts = threshold_indices_segments(x, segments, offset=offset)
+        assert torch.equal(got, expected) and got_counts == counts, (kind, layout, density, offset)
+
+
 def test_segments_ignore_what_lies_between_them():
     segments, n = _layout("mixed", 0.001)
     x = torch.randn(n, generator=torch.Generator().manual_seed(0))
@@ -414,6 +471,10 @@ def test_segments_lower_the_threshold_like_the_per_tensor_search(max_rounds):
     expected, counts = _per_segment(x, segments, 0, max_rounds=max_rounds)
     got, got_counts = threshold_indices_segments(x, segments, offset=0, max_rounds=max_rounds)
     assert torch.equal(got, expected) and got_counts == counts
+    if torch.cuda.is_available():  # the CUDA search over all segments at once: the same rounds
+        expected, counts = _per_segment(x.cuda(), segments, 0, max_rounds=max_rounds)
+        got, got_counts = threshold_indices_segments(x.cuda(), segments, offset=0, max_rounds=max_rounds)
+        assert torch.equal(got, expected) and got_counts == counts
 
 
 def test_segments_on_a_view_and_empty():
