@@ -101,6 +101,10 @@ def main(argv=None) -> int:
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--steps", type=int, default=3000, help="optimizer steps per run")
     p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("--seed-list", type=int, nargs="+",
+                   help="run exactly these seeds instead of 0..seeds-1 (e.g. one process per seed)")
+    p.add_argument("--merge", type=Path, nargs="+",
+                   help="train nothing: print the table and checks of runs saved with --json (all seeds together)")
     p.add_argument("--sparsities", type=float, nargs="+", default=[0.8, 0.9])
     p.add_argument("--distributions", nargs="+", default=["erk", "uniform"])
     p.add_argument("--methods", nargs="+", default=["static", "set", "rigl"])
@@ -143,13 +147,16 @@ def main(argv=None) -> int:
           f"batch={args.batch_size}x{args.block_size} d_model={args.d_model} n_layer={args.n_layer} "
           f"dT={args.update_interval} alpha={args.drop_fraction} end={args.end_fraction} amp={args.amp}")
     results = []
-    for seed in range(args.seeds):
+    if args.merge:
+        results = [r for f in args.merge for r in json.loads(f.read_text())]
+        print(f"# merged {len(results)} runs from {len(args.merge)} files")
+    for seed in [] if args.merge else (args.seed_list or range(args.seeds)):
         for method, sparsity, dist in configs:
             r = run_one(args, method, sparsity, dist, seed, (train, val_batches), device)
             results.append(r)
             print(f"  seed {seed} {method:6s} {sparsity:.2f} {dist:7s} val_loss {r['val_loss']:.4f} "
                   f"({r['train_s']:.1f} s)", flush=True)
-    if args.json:
+    if args.json and not args.merge:
         args.json.write_text(json.dumps(results, indent=1))
 
     def losses(method, sparsity, dist):
