@@ -215,16 +215,9 @@ def orchestrate(args) -> None:
         if n_gpu < 1:
             raise SystemExit("--device cuda needs a CUDA GPU")
         for node, node_env in enumerate(envs):
-            node_env.update(
-                CUDA_VISIBLE_DEVICES=str(node % n_gpu),
-                # Every byte over the link, as between two hosts: no NVLink/PCIe peer copies, no
-                # shared memory, no InfiniBand; NCCL's sockets on the link's interface.
-                NCCL_SOCKET_IFNAME="st0", NCCL_P2P_DISABLE="1", NCCL_SHM_DISABLE="1", NCCL_IB_DISABLE="1",
-                NCCL_NVLS_ENABLE="0",
-                # Both namespaces share the machine's host name; distinct host ids keep NCCL from
-                # treating the two ranks as one host (and refusing two ranks on one GPU).
-                NCCL_HOSTID=f"sparsetrain-node{node}",
-            )
+            # The bed's host_env already routes NCCL over the link (its interface, a host id per
+            # namespace, no peer-to-peer, shared-memory or InfiniBand transports).
+            node_env.update(CUDA_VISIBLE_DEVICES=str(node % n_gpu), NCCL_NVLS_ENABLE="0")
     rows: dict[str, dict[str, dict]] = {}
     port = 29600
     for rate in args.rates:

@@ -321,10 +321,22 @@ class TwoHostTestbed:
 
     # ---------------------------------------------------------------- running commands
     def host_env(self, host: int) -> dict[str, str]:
-        """Variables every command on ``host`` gets: ``GLOO_SOCKET_IFNAME`` (both hosts have the
-        machine's host name, which does not resolve to the link, so gloo is told the interface)."""
+        """Variables every command on ``host`` gets.
+
+        - ``GLOO_SOCKET_IFNAME``, ``TP_SOCKET_IFNAME``, ``NCCL_SOCKET_IFNAME``: the link's interface
+          (both hosts have the machine's host name, which does not resolve to the link).
+        - ``NCCL_HOSTID``: the host's namespace, so that NCCL treats the two hosts as two machines
+          (else it sees one host, and may pair the ranks through shared memory or the GPUs'
+          peer-to-peer path, or refuse two ranks on one GPU); with ``NCCL_P2P_DISABLE``,
+          ``NCCL_SHM_DISABLE`` and ``NCCL_IB_DISABLE`` (InfiniBand devices are not confined to a
+          network namespace), every byte between the hosts crosses the link.
+        """
         self._check_host(host)
-        return {"GLOO_SOCKET_IFNAME": INTERFACE, "TP_SOCKET_IFNAME": INTERFACE}
+        return {
+            "GLOO_SOCKET_IFNAME": INTERFACE, "TP_SOCKET_IFNAME": INTERFACE, "NCCL_SOCKET_IFNAME": INTERFACE,
+            "NCCL_HOSTID": self.namespaces[host], "NCCL_P2P_DISABLE": "1", "NCCL_SHM_DISABLE": "1",
+            "NCCL_IB_DISABLE": "1",
+        }
 
     def _check_host(self, host: int) -> None:
         if host not in (0, 1):

@@ -38,7 +38,8 @@ CLIENT = textwrap.dedent("""\
     for _ in range(int(sys.argv[2])):
         s.sendall(block)
     s.close()
-    print(os.environ["GLOO_SOCKET_IFNAME"], os.environ.get("EXTRA"), file=sys.stderr)
+    print(os.environ["GLOO_SOCKET_IFNAME"], os.environ.get("EXTRA"), os.environ["NCCL_SOCKET_IFNAME"],
+          os.environ["NCCL_HOSTID"], os.environ["NCCL_IB_DISABLE"], file=sys.stderr)
     """)
 
 
@@ -67,7 +68,9 @@ def test_link_carries_traffic_between_hosts(bed):
     assert [r.returncode for r in res] == [0, 0], (res[0].stderr, res[1].stderr)
     peer, nbytes, _ = res[0].stdout.split()
     assert (peer, int(nbytes)) == (a1, 16 << 16)
-    assert res[1].stderr.split() == [tb.INTERFACE, "yes"]
+    # the link's interface for gloo and NCCL, and a NCCL host id per host (NCCL sees two machines)
+    assert res[1].stderr.split() == [tb.INTERFACE, "yes", tb.INTERFACE, bed.namespaces[1], "1"]
+    assert bed.host_env(0)["NCCL_HOSTID"] != bed.host_env(1)["NCCL_HOSTID"]
     assert not res[0].timed_out and res[0].seconds > 0
 
 
