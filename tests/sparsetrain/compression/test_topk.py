@@ -349,6 +349,21 @@ print("interpreted ok")
 """
 
 
+def test_block_table_covers_each_segment_without_straddling():
+    from sparsetrain.compression import compact
+
+    bounds = [(0, 1), (5, compact.BLOCK), (2000, 3 * compact.BLOCK + 7), (9000, compact.BLOCK - 1)]
+    table, last = compact.block_table(bounds, torch.device("cpu"))
+    covered = {}
+    for start, end, g in table.tolist():
+        s, n = bounds[g]
+        assert end == s + n and s <= start < end and start - s == (start - s) // compact.BLOCK * compact.BLOCK
+        covered.setdefault(g, []).extend(range(start, min(start + compact.BLOCK, end)))
+    assert all(covered[g] == list(range(s, s + n)) for g, (s, n) in enumerate(bounds))
+    assert table[last, 2].tolist() == list(range(len(bounds)))  # each segment's last block
+    assert last.tolist() == [0, 1, 5, 6]
+
+
 def test_compact_kernel_in_the_triton_interpreter():
     # The kernels' logic (block counts, offsets, the room reserved) on CPU tensors, where Triton
     # is installed: its interpreter runs the same program without a GPU. In a subprocess, because
