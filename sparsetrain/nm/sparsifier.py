@@ -259,7 +259,8 @@ class NMSparsifier:
     def _set_forward_pattern(self) -> None:
         if self.config.masks_in_forward:
             for p in self._params.values():
-                p.nm = self._pattern
+                if p.nm != self._pattern:
+                    p.nm = self._pattern
 
     @torch.no_grad()
     def _refresh_stored(self) -> None:
@@ -337,7 +338,10 @@ class NMSparsifier:
         self._pattern = new_pattern
         beta, lam = cfg.beta(t), self._lambda()
         for p in self._params.values():
-            p.beta, p.lambda_w = beta, lam
+            # Only on a change (MDGF's decay, a new loss scale): a module's __setattr__ is not free,
+            # and this runs for every layer at every step.
+            if p.beta != beta or p.lambda_w != lam:
+                p.beta, p.lambda_w = beta, lam
         if cfg.masks_in_forward:
             self._step_forward_masks(t, changed)
             return
