@@ -114,11 +114,20 @@ def at_least(x_N: torch.Tensor, threshold: torch.Tensor) -> torch.Tensor:
 def block_table(bounds: list[tuple[int, int]], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """The blocks of the segment passes for segments ``[(start, numel), ...]`` of one tensor.
 
+    Raises:
+        ValueError: the segments overlap, are out of order, or one is empty.
+
     Returns:
         ``(table_B3, last_G)``: per block its first position, the end of its segment and the
         segment's number (int64, ``BLOCK`` positions or fewer per block, blocks in position
         order); and the number of each segment's last block.
     """
+    end = 0
+    for start, numel in bounds:
+        if start < end or numel < 1:
+            raise ValueError(f"`bounds` must be ascending, non-overlapping (start, numel) pairs with numel >= 1, "
+                             f"got ({start}, {numel}) after end {end}")
+        end = start + numel
     rows, last = [], []
     for g, (start, numel) in enumerate(bounds):
         end = start + numel

@@ -362,6 +362,9 @@ def test_block_table_covers_each_segment_without_straddling():
     assert all(covered[g] == list(range(s, s + n)) for g, (s, n) in enumerate(bounds))
     assert table[last, 2].tolist() == list(range(len(bounds)))  # each segment's last block
     assert last.tolist() == [0, 1, 5, 6]
+    for bad in ([(0, 10), (5, 10)], [(10, 5), (0, 5)], [(0, 0)]):
+        with pytest.raises(ValueError, match="`bounds` must be ascending"):
+            compact.block_table(bad, torch.device("cpu"))
 
 
 def test_compact_kernel_in_the_triton_interpreter():
