@@ -139,7 +139,7 @@ def block_table(bounds: list[tuple[int, int]], device: torch.device) -> tuple[to
 
 def count_segments(
     x_N: torch.Tensor, thresholds_G: torch.Tensor, table_B3: torch.Tensor, last_G: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Pass 1 over segments: how many entries of each segment have ``|x| >=`` its threshold.
     Nothing here waits for the device.
 
@@ -149,15 +149,15 @@ def count_segments(
         table_B3, last_G: from :func:`block_table`.
 
     Returns:
-        ``(counts_G, ends_G, starts_B)``: the segments' counts, where each segment's hits end
-        in the output of :func:`write_segments` (a cumulative sum), and each block's start there.
+        ``(counts_G, starts_B)``: the segments' counts, and where each block's hits start in the
+        output of :func:`write_segments` (segment after segment).
     """
     counts_B = torch.empty(table_B3.shape[0], dtype=torch.int64, device=x_N.device)
     _kernel[2][(counts_B.numel(),)](x_N, thresholds_G, table_B3, counts_B, BLOCK=BLOCK, num_warps=COUNT_WARPS)
     ends_B = torch.cumsum(counts_B, 0)
     ends_G = ends_B.index_select(0, last_G)
     counts_G = torch.diff(ends_G, prepend=ends_G.new_zeros(1))
-    return counts_G, ends_G, ends_B.sub_(counts_B)
+    return counts_G, ends_B.sub_(counts_B)
 
 
 def write_segments(

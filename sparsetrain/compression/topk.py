@@ -129,12 +129,7 @@ def threshold_indices(
     _check_flat(x_N, k)
     if stride < 1:
         raise ValueError(f"`stride` must be >= 1, got {stride}")
-    if not 0.0 < lower_bound < 1.0:
-        raise ValueError(f"`lower_bound` must be in (0, 1), got {lower_bound}")
-    if max_rounds < 1:
-        raise ValueError(f"`max_rounds` must be >= 1, got {max_rounds}")
-    if not margin >= 1.0:
-        raise ValueError(f"`margin` must be >= 1, got {margin}")
+    _check_rounds(lower_bound, max_rounds, margin)
     n = x_N.numel()
     if stride == 1 or k >= n:
         return topk_indices(x_N, k)
@@ -232,6 +227,16 @@ def select_indices(
         d = density if density is not None else k / max(1, x_N.numel())
         return threshold_indices(x_N, k, stride=sample_stride(x_N.numel(), d, sample_ratio), offset=offset)
     raise ValueError(f"`method` must be 'topk' or 'threshold', got {method!r}")
+
+
+def _check_rounds(lower_bound: float, max_rounds: int, margin: float) -> None:
+    """The threshold search's knobs, as :func:`threshold_indices` documents them."""
+    if not 0.0 < lower_bound < 1.0:
+        raise ValueError(f"`lower_bound` must be in (0, 1), got {lower_bound}")
+    if max_rounds < 1:
+        raise ValueError(f"`max_rounds` must be >= 1, got {max_rounds}")
+    if not margin >= 1.0:
+        raise ValueError(f"`margin` must be >= 1, got {margin}")
 
 
 def _check_flat(x_N: torch.Tensor, k: int) -> None:
@@ -474,12 +479,7 @@ def threshold_indices_segments(
         if stride < 1:
             raise ValueError(f"`stride` must be >= 1, got {stride}")
         end = s + n
-    if not 0.0 < lower_bound < 1.0:
-        raise ValueError(f"`lower_bound` must be in (0, 1), got {lower_bound}")
-    if max_rounds < 1:
-        raise ValueError(f"`max_rounds` must be >= 1, got {max_rounds}")
-    if not margin >= 1.0:
-        raise ValueError(f"`margin` must be >= 1, got {margin}")
+    _check_rounds(lower_bound, max_rounds, margin)
     device = x_N.device
     if not segments:
         return torch.zeros(0, dtype=torch.long, device=device), []
@@ -536,20 +536,19 @@ class _SegmentPlan:
     counting and writing passes."""
 
     def __init__(self, segments: tuple[tuple[int, int, int, int], ...], device: torch.device) -> None:
-        seg_P, base_P, end_P, first = [], [], [], []
-        for g, (s, n, _k, stride) in enumerate(segments):
-            first.append(len(seg_P))
-            m = -(-n // stride)
-            seg_P += [g] * m
-            base_P += range(s, s + m * stride, stride)
-            end_P += [s + n] * m
+        start_G, numel_G, _k, stride_G = (torch.tensor(c, dtype=torch.int64, device=device) for c in zip(*segments))
+        size_G = (numel_G + stride_G - 1) // stride_G
+        first = [0]
+        for _s, n, _k, stride in segments[:-1]:
+            first.append(first[-1] + -(-n // stride))
         self.first_G = first  # where each segment's sample begins, in the sample
-        self.first_dev = torch.tensor(first, dtype=torch.int64).to(device)
-        cpu = torch.tensor([seg_P, base_P, end_P], dtype=torch.int64)
-        self.seg_P, self.base_P, self.end_P = cpu.to(device).unbind(0)
-        self.stride_P = torch.tensor([segments[g][3] for g in seg_P], dtype=torch.int64).to(device)
-        self.table_B3, self.last_G = compact.block_table([(s, n) for s, n, _k, _st in segments], device)
+        self.first_dev = torch.tensor(first, dtype=torch.int64, device=device)
         self.arange_G = torch.arange(len(segments), device=device)
+        self.seg_P = self.arange_G.repeat_interleave(size_G)
+        j_P = torch.arange(self.seg_P.numel(), device=device) - self.first_dev.index_select(0, self.seg_P)
+        self.base_P = start_G.index_select(0, self.seg_P) + j_P * stride_G.index_select(0, self.seg_P)
+        self.end_P = (start_G + numel_G).index_select(0, self.seg_P)
+        self.table_B3, self.last_G = compact.block_table([(s, n) for s, n, _k, _st in segments], device)
 
 
 _SEGMENT_PLANS: dict[tuple, _SegmentPlan] = {}
@@ -635,7 +634,7 @@ def _search_segments(
     kth_bits = _LOW32 - (keys_P.index_select(0, kth_G) & _LOW32)
     thr_G = torch.where(first_bits > _INF_BITS, first_bits, kth_bits).int().view(torch.float32)
 
-    counts_G, ends_G, starts_B = compact.count_segments(x_N, thr_G, plan.table_B3, plan.last_G)
+    counts_G, starts_B = compact.count_segments(x_N, thr_G, plan.table_B3, plan.last_G)
     keys_C = compact.write_segments(x_N, thr_G, plan.table_B3, starts_B, cap)
     counts = counts_G.tolist()  # the one wait for the device
     total = sum(counts)
