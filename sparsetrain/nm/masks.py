@@ -12,11 +12,14 @@ Legend: R rows (output channels), K reduction dim, G groups of ``m`` (G = R * K 
 from __future__ import annotations
 
 import fnmatch
+import math
 import warnings
 from collections.abc import Iterable, Sequence
 
 import torch
 from torch import nn
+
+from . import grouped
 
 __all__ = [
     "check_nm",
@@ -57,7 +60,7 @@ def reduction_dim(weight: torch.Tensor) -> int:
     """
     if weight.dim() < 2:
         raise ValueError(f"`weight` must have >= 2 dims (out, in, ...), got shape {tuple(weight.shape)}")
-    return weight[0].numel()
+    return math.prod(weight.shape[1:])
 
 
 def _groups(weight: torch.Tensor, m: int) -> torch.Tensor:
@@ -113,17 +116,14 @@ def _eager_masks(weights, olds, n: int, m: int, compiled: bool = False):
 
 
 _COMPILED: dict[str, object] = {}
-#: Inductor options for the compiled masks (benchmarks/gpu_nm_overhead.py tries e.g. combo kernels,
-#: which launch the layers' mask kernels together).
-_COMPILE_OPTIONS: dict[str, object] = {}
 
 
 def _compiled_masks():
-    key = "masks" + (repr(sorted(_COMPILE_OPTIONS.items())) if _COMPILE_OPTIONS else "")
+    key = "masks"
     if key not in _COMPILED:
         def fused(weights, olds, n, m):
             return _eager_masks(weights, olds, n, m, compiled=True)
-        _COMPILED[key] = torch.compile(fused, dynamic=False, options=dict(_COMPILE_OPTIONS) or None)
+        _COMPILED[key] = torch.compile(fused, dynamic=False)
     return _COMPILED[key]
 
 
@@ -137,18 +137,20 @@ def nm_masks(
 ) -> tuple[list[torch.Tensor], torch.Tensor | None]:
     """:func:`nm_mask` of many weights at once, and how many entries changed from ``olds``.
 
-    With ``compiled=True`` the whole list goes through one ``torch.compile`` graph: each layer's
-    mask (read ``|W|``, rank within groups, compare with the old mask, count flips) is one fused
-    kernel, launched from compiled code, with no per-layer Python dispatch and no host sync. The
-    masks are identical to :func:`nm_mask`'s (same ranks, same ties). If compilation fails the
-    eager path runs instead, with one warning.
+    With ``compiled=True`` the whole list is done in one fused pass, with no per-layer Python
+    dispatch and no host sync: on CUDA, where Triton is installed, by ONE Triton launch for all
+    layers (:mod:`sparsetrain.nm.grouped`; the masks are then views of one flat buffer);
+    elsewhere by one ``torch.compile`` graph in which each layer's mask (read ``|W|``, rank within
+    groups, compare with the old mask, count flips) is one fused kernel. The masks are identical
+    to :func:`nm_mask`'s (same ranks, same ties). If compilation fails the eager path runs
+    instead, with one warning.
 
     Args:
         weights: Linear/Conv weights; ``m`` must divide each reduction dim.
         n: weights kept per group, ``1 <= n < m``.
         m: group size, at most 16 (the pairwise-rank kernel).
         olds: previous masks (or None entries) to count flips against; None for no count.
-        compiled: fuse under ``torch.compile``.
+        compiled: fuse (a grouped Triton kernel on CUDA, else ``torch.compile``).
 
     Returns:
         ``(masks, flips)``: the bool masks, and a 0-dim int64 tensor on the weights' device with
@@ -158,6 +160,14 @@ def nm_masks(
         ValueError: bad ``n``/``m``, ``m`` > 16, a weight whose reduction dim ``m`` does not divide,
             or ``olds`` of another length or shape.
     """
+    masks, _, flips = _nm_masks(weights, n, m, olds, compiled, complements=False)
+    return masks, flips
+
+
+def _nm_masks(weights, n, m, olds, compiled, complements, check=True):
+    """:func:`nm_masks`, and with ``complements`` each mask's ``~mask`` as a second list (what
+    :class:`~sparsetrain.nm.methods.NMMask` computes with; None without). ``check=False`` skips
+    the per-layer checks, for a caller that made them once (they cost host time every step)."""
     check_nm(n, m)
     if m > _PAIRWISE_MAX_M:
         raise ValueError(f"`m` must be <= {_PAIRWISE_MAX_M} for nm_masks, got {m}; use nm_mask")
@@ -165,7 +175,7 @@ def nm_masks(
     olds = [None] * len(weights) if olds is None else list(olds)
     if len(olds) != len(weights):
         raise ValueError(f"`olds` must hold one entry per weight ({len(weights)}), got {len(olds)}")
-    for w, old in zip(weights, olds):
+    for w, old in zip(weights, olds) if check else ():
         k = reduction_dim(w)
         if k % m:
             raise ValueError(f"the reduction dim of a weight of shape {tuple(w.shape)} is {k}, "
@@ -173,16 +183,24 @@ def nm_masks(
         if old is not None and (old.shape != w.shape or old.dtype != torch.bool or old.device != w.device):
             raise ValueError(f"`olds` entries must be bool masks of their weight's shape and device, got "
                              f"{old.dtype} {tuple(old.shape)} on {old.device} for {tuple(w.shape)} on {w.device}")
+    every_old = all(o is not None for o in olds)
+    if compiled and (every_old or all(o is None for o in olds)):
+        with torch.no_grad():
+            out = grouped.grouped_masks(weights, n, m, olds if every_old else None)
+        if out is not None:
+            return out
     if compiled and _COMPILED.get("masks_failed") is None:
         try:
             with torch.no_grad():
-                return _compiled_masks()(weights, olds, n, m)
+                masks, flips = _compiled_masks()(weights, olds, n, m)
+                return masks, [~k for k in masks] if complements else None, flips
         except Exception as err:  # noqa: BLE001 - no working compiler here: fall back, once
             _COMPILED["masks_failed"] = True
             warnings.warn(f"N:M masks: torch.compile failed ({type(err).__name__}: {str(err).splitlines()[0]}); "
                           f"computing masks eagerly", stacklevel=2)
     with torch.no_grad():
-        return _eager_masks(weights, olds, n, m)
+        masks, flips = _eager_masks(weights, olds, n, m)
+        return masks, [~k for k in masks] if complements else None, flips
 
 
 def forward_mask(weight: torch.Tensor, n: int, m: int) -> torch.Tensor:
@@ -192,6 +210,10 @@ def forward_mask(weight: torch.Tensor, n: int, m: int) -> torch.Tensor:
     w = weight.detach()
     if torch.compiler.is_compiling():
         return _broadcast_keep(w.reshape(-1, m), n).reshape(w.shape)
+    if m <= _PAIRWISE_MAX_M and w.is_cuda:
+        out = grouped.grouped_masks([w], n, m)
+        if out is not None:
+            return out[0][0]
     return _pairwise_keep(_groups(w, m), n).reshape(w.shape)
 
 

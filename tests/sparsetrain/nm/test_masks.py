@@ -191,3 +191,70 @@ def test_nm_masks_compiled_equals_eager(monkeypatch):
     ref, ref_flips = nm_masks(ws, 2, 4, olds)
     assert all(torch.equal(a, b) for a, b in zip(news, ref))
     assert int(flips) == int(ref_flips)
+
+
+_GROUPED = r"""
+import torch
+from sparsetrain.nm import grouped, nm_mask
+
+g = torch.Generator().manual_seed(0)
+for n, m in [(2, 4), (1, 8), (3, 5), (1, 2), (5, 16), (7, 8)]:
+    ws = [torch.randint(-3, 4, (6, 24 * m), generator=g).float(),  # ties and zeros
+          torch.randn(5, 2 * m, generator=g).to(torch.bfloat16), torch.randn(9, m, 2, generator=g).half(),
+          torch.randn(3000, m, generator=g)]  # several programs of one layer
+    ws[0][0, 1] = float("nan")
+    ws[2][3, 0, 0] = float("-inf")
+    assert grouped.available(ws, interpret=True)
+    masks, pruned, flips = grouped.grouped_masks(ws, n, m, interpret=True)
+    assert flips is None
+    for w, k, p in zip(ws, masks, pruned):
+        ref = nm_mask(w, n, m)
+        assert k.dtype == torch.bool and torch.equal(k, ref) and torch.equal(p, ~ref), (n, m, w.shape)
+    olds = [torch.rand(w.shape, generator=g) > 0.5 for w in ws]
+    _, _, flips = grouped.grouped_masks(ws, n, m, olds, interpret=True)
+    assert int(flips) == sum(int((nm_mask(w, n, m) != o).sum()) for w, o in zip(ws, olds))
+    again, _, flips = grouped.grouped_masks(ws, n, m, masks, interpret=True)  # the previous call's buffer, reused
+    assert int(flips) == 0 and all(torch.equal(a, b) for a, b in zip(again, masks))
+    assert again[0].data_ptr() != masks[0].data_ptr()  # new tensors every call
+    assert grouped.grouped_masks(ws, n, m) is None  # CPU tensors, outside the interpreter
+    assert grouped.grouped_masks([ws[0].T], n, m, interpret=True) is None  # not contiguous
+print("interpreted ok")
+"""
+
+
+def test_grouped_kernel_in_the_triton_interpreter():
+    # The grouped Triton kernel (one launch for all layers, read through an address table) on CPU
+    # tensors, in Triton's interpreter; in a subprocess, which reads TRITON_INTERPRET on import.
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    pytest.importorskip("triton")
+    root = Path(__file__).resolve().parents[3]
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(root)}
+    out = subprocess.run([sys.executable, "-c", _GROUPED], env=env, cwd=root, capture_output=True, text=True,
+                         timeout=600)
+    assert out.returncode == 0 and "interpreted ok" in out.stdout, out.stderr[-3000:]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("n,m", [(1, 2), (2, 4), (1, 8), (3, 8), (5, 16), (2, 6)])
+def test_cuda_nm_masks_take_the_grouped_kernel_and_equal_nm_mask(n, m):
+    from sparsetrain.nm import grouped
+
+    g = torch.Generator().manual_seed(m)
+    ws = [torch.randint(-3, 4, (64, 8 * m), generator=g).float(), torch.randn(768, 96 * m, generator=g),
+          torch.randn(33, 4 * m, generator=g).to(torch.bfloat16), torch.randn(7, 2, 1, m, generator=g).half()]
+    ws[0][0, 1] = float("nan")
+    ws[1][5, 3] = float("inf")
+    ws = [w.cuda() for w in ws]
+    assert grouped.available(ws)
+    olds = [torch.rand(w.shape, generator=g).cuda() > 0.5 for w in ws]
+    news, flips = nm_masks(ws, n, m, olds, compiled=True)
+    refs = [nm_mask(w, n, m) for w in ws]
+    assert all(torch.equal(a, b) for a, b in zip(news, refs))
+    assert int(flips) == sum(int((r != o).sum()) for r, o in zip(refs, olds))
+    assert news[1].data_ptr() - news[0].data_ptr() == ws[0].numel()  # one flat buffer: the grouped kernel ran
+    assert torch.equal(masks_mod.forward_mask(ws[1], n, m), refs[1])

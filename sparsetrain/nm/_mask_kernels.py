@@ -1,0 +1,40 @@
+"""The Triton kernel of :mod:`.grouped` (imported only where Triton is installed)."""
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def nm_mask_kernel(wtab_ptr, blocks_ptr, keep_ptr, pruned_ptr, old_ptr, flips_ptr,
+                   N: tl.constexpr, M: tl.constexpr, MP: tl.constexpr, BG: tl.constexpr,
+                   DTYPE: tl.constexpr, FLIPS: tl.constexpr):
+    """One program per row of the block table ``(layer, first group)``: the N:M mask of ``BG``
+    groups of ``M`` consecutive weights of that layer.
+
+    ``wtab`` holds per layer ``(weight address, groups, offset)``: the weight is read through its
+    address (all layers in one launch), the masks are written at ``offset`` into flat buffers.
+    Ranks as ``masks._broadcast_keep``: |w| with NaN largest, ties to the lower index.
+    """
+    pid = tl.program_id(0)
+    layer = tl.load(blocks_ptr + 2 * pid)
+    g = tl.load(blocks_ptr + 2 * pid + 1) + tl.arange(0, BG)
+    w_ptr = tl.load(wtab_ptr + 3 * layer).to(tl.pointer_type(DTYPE))
+    groups = tl.load(wtab_ptr + 3 * layer + 1)
+    base = tl.load(wtab_ptr + 3 * layer + 2)
+    c = tl.arange(0, MP)
+    offs = g[:, None] * M + c[None, :]
+    inside = (g[:, None] < groups) & (c[None, :] < M)
+    a = tl.abs(tl.load(w_ptr + offs, mask=inside, other=0.0).to(tl.float32))
+    a = tl.where(a != a, float("inf"), a)
+    a = tl.where(inside, a, -1.0)  # padding columns beat nobody
+    a_i = a[:, :, None]  # entry i
+    a_j = a[:, None, :]  # rival j, which wins a tie when earlier
+    earlier = c[None, None, :] < c[None, :, None]
+    beats = (a_j > a_i) | ((a_j == a_i) & earlier)
+    keep = tl.sum(beats.to(tl.int32), axis=2) < N
+    tl.store(keep_ptr + base + offs, keep.to(tl.int8), mask=inside)
+    tl.store(pruned_ptr + base + offs, (~keep).to(tl.int8), mask=inside)
+    if FLIPS:
+        old = tl.load(old_ptr + base + offs, mask=inside, other=0) != 0
+        flipped = ((old != keep) & inside).to(tl.int32)
+        tl.store(flips_ptr + pid, tl.sum(tl.sum(flipped, axis=1), axis=0))

@@ -1,0 +1,161 @@
+"""N:M masks of many layers in one Triton launch (CUDA).
+
+:func:`sparsetrain.nm.nm_masks` runs here for CUDA weights when Triton is installed: one kernel
+reads every layer's weight through an address table, writes each layer's mask (and its
+complement, for the straight-through forward pass) into two flat bool buffers, and counts the
+entries that differ from the previous masks. The host does one launch and no per-layer work
+beyond slicing the buffers, where a compiled graph launches a kernel or two per layer from
+Python. The masks equal :func:`~sparsetrain.nm.nm_mask`'s (same ranks, same ties, NaN largest).
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Sequence
+
+import torch
+
+__all__ = ["available", "grouped_masks"]
+
+_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+#: Entries ranked at once per program: a program compares every entry of its groups with every
+#: other entry of the same group, ``groups * mp * mp`` comparisons for a padded group size ``mp``.
+_TILE = 4096
+_PLANS_KEPT = 256
+
+_kernel = None  # built on first use; False where Triton is missing
+_plans: OrderedDict = OrderedDict()
+
+
+def _build():
+    import triton.language as tl
+
+    from . import _mask_kernels as k  # imports Triton
+
+    return k.nm_mask_kernel, {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
+
+
+def available(weights: Sequence[torch.Tensor], interpret: bool = False) -> bool:
+    """Whether :func:`grouped_masks` can take ``weights``: contiguous fp32/fp16/bf16 tensors on
+    one CUDA device (any device with ``interpret``, for Triton's interpreter), Triton importable
+    (tried once)."""
+    global _kernel
+    if not weights:
+        return False
+    dev = weights[0].device
+    for w in weights:
+        if not (w.device == dev and w.is_contiguous() and w.dtype in _DTYPES):
+            return False
+    if dev.type != "cuda" and not interpret:
+        return False
+    if _kernel is None:
+        try:
+            _kernel = _build()
+        except Exception:  # noqa: BLE001 - no Triton: the caller takes the torch path
+            _kernel = False
+    return _kernel is not False
+
+
+class _Plan:
+    """Address and block tables of one list of weights, built once while the weights stay put."""
+
+    def __init__(self, weights: list[torch.Tensor], m: int, per_block: int) -> None:
+        dev = weights[0].device
+        self.numels = [w.numel() for w in weights]
+        self.shapes = [w.shape for w in weights]
+        self.offsets = []
+        total = 0
+        for numel in self.numels:
+            self.offsets.append(total)
+            total += numel
+        self.total = total
+        self.launches = []  # one per weight dtype: (dtype, address table, block table, layers)
+        for dtype in dict.fromkeys(w.dtype for w in weights):
+            layers = [i for i, w in enumerate(weights) if w.dtype == dtype]
+            wtab = torch.tensor([[weights[i].data_ptr(), self.numels[i] // m, self.offsets[i]] for i in layers],
+                                dtype=torch.int64)
+            rows = []
+            for j, i in enumerate(layers):
+                starts = torch.arange(0, self.numels[i] // m, per_block, dtype=torch.int64)
+                rows.append(torch.stack([torch.full_like(starts, j), starts], 1))
+            blocks = torch.cat(rows)
+            self.launches.append((dtype, wtab.to(dev), blocks.to(dev), layers))
+        self.programs = sum(b.shape[0] for _, _, b, _ in self.launches)
+        self.last_keep: torch.Tensor | None = None  # the flat buffer the previous masks are views of
+        self.last_views: list[torch.Tensor] = []
+
+
+def _plan(weights: list[torch.Tensor], n: int, m: int, per_block: int, interpret: bool) -> _Plan | None:
+    key = (n, m, per_block, interpret,
+           tuple((w.data_ptr(), w.shape, w.stride(), w.dtype, w.get_device()) for w in weights))
+    plan = _plans.get(key)
+    if plan is None:
+        if not available(weights, interpret):
+            return None
+        plan = _plans[key] = _Plan(weights, m, per_block)
+        while len(_plans) > _PLANS_KEPT:
+            _plans.popitem(last=False)
+    else:
+        _plans.move_to_end(key)
+    return plan
+
+
+def grouped_masks(
+    weights: Sequence[torch.Tensor],
+    n: int,
+    m: int,
+    olds: Sequence[torch.Tensor] | None = None,
+    interpret: bool = False,
+) -> tuple[list[torch.Tensor], list[torch.Tensor], torch.Tensor | None] | None:
+    """N:M masks of ``weights`` (groups of ``m`` consecutive entries of the flattened weight), their
+    complements, and the number of entries that differ from ``olds``, in one Triton launch per
+    weight dtype; None where :func:`available` says no. ``m`` must divide every weight's
+    reduction dim (the caller's checks). The launch tables are built on the first call for a list
+    of weights and reused while the weights keep their addresses, shapes and dtypes.
+
+    The masks of one call are views of one flat buffer (so are the complements): each call
+    returns new tensors, and the previous ones are never written again.
+
+    Args:
+        weights: contiguous weights on one device.
+        n: entries kept per group.
+        m: group size.
+        olds: the previous mask of every weight (bool, same shapes), or None for no count.
+        interpret: allow CPU tensors, for Triton's interpreter (``TRITON_INTERPRET=1``).
+
+    Returns:
+        ``(masks, pruned, flips)``: bool masks, their complements, and a 0-dim int64 tensor (None
+        without ``olds``); or None.
+    """
+    weights = list(weights)
+    mp = 1 << (m - 1).bit_length()
+    per_block = max(1, _TILE // (mp * mp))
+    plan = _plan(weights, n, m, per_block, interpret)
+    if plan is None or not _kernel:
+        return None
+    kernel, tl_dtypes = _kernel
+    dev = weights[0].device
+    keep = torch.empty(plan.total, dtype=torch.bool, device=dev)
+    pruned = torch.empty(plan.total, dtype=torch.bool, device=dev)
+    flips = old = None
+    if olds is not None:
+        olds = list(olds)
+        if plan.last_keep is not None and len(olds) == len(plan.last_views) and all(
+                a is b for a, b in zip(olds, plan.last_views)):
+            old = plan.last_keep  # the previous call's masks, untouched: no gather
+        else:
+            old = torch.cat([o.reshape(-1) for o in olds])
+        flips = torch.empty(plan.programs, dtype=torch.int32, device=dev)
+    done = 0
+    for dtype, wtab, blocks, _ in plan.launches:
+        programs = blocks.shape[0]
+        kernel[(programs,)](
+            wtab, blocks, keep.view(torch.int8), pruned.view(torch.int8),
+            old.view(torch.int8) if old is not None else keep.view(torch.int8),
+            flips[done:] if flips is not None else keep,
+            N=n, M=m, MP=mp, BG=per_block, DTYPE=tl_dtypes[dtype], FLIPS=flips is not None, num_warps=4)
+        done += programs
+    masks = [v.view(s) for v, s in zip(keep.split(plan.numels), plan.shapes)]
+    comps = [v.view(s) for v, s in zip(pruned.split(plan.numels), plan.shapes)]
+    plan.last_keep, plan.last_views = keep, masks
+    return masks, comps, (flips.sum(dtype=torch.int64) if flips is not None else None)
