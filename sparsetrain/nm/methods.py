@@ -34,7 +34,11 @@ METHODS = ("ste", "srste", "mdgf", "sdgf")
 
 
 class _MaskedWeight(torch.autograd.Function):
-    """``W * (mask + (1 - mask) * beta)`` forward; ``g + lambda_w * (1 - mask) * W`` backward."""
+    """``W * (mask + (1 - mask) * beta)`` forward; ``g + lambda_w * (1 - mask) * W`` backward.
+
+    Pruned entries are computed with the same ``addcmul`` as :class:`NMMask`'s stored-mask path
+    (bit-identical results); ``torch.where`` keeps the other entries, NaN-safe.
+    """
 
     @staticmethod
     def forward(ctx, weight, mask, beta, lambda_w):
@@ -44,14 +48,15 @@ class _MaskedWeight(torch.autograd.Function):
         if beta == 0.0:
             # torch.where, not weight * mask: a pruned inf/NaN must not leak into the output (AMP).
             return torch.where(mask, weight, 0.0)
-        return torch.where(mask, weight, weight * beta)
+        return torch.where(mask, weight, torch.addcmul(weight, weight, ~mask, value=beta - 1.0))
 
     @staticmethod
     def backward(ctx, grad):
         if not ctx.lambda_w:
             return grad, None, None, None
         weight, mask = ctx.saved_tensors
-        return torch.where(mask, grad, torch.add(grad, weight, alpha=ctx.lambda_w)), None, None, None
+        decayed = torch.addcmul(grad, weight, ~mask, value=ctx.lambda_w)
+        return torch.where(mask, grad, decayed), None, None, None
 
 
 def masked_weight(weight: torch.Tensor, mask: torch.Tensor, beta: float = 0.0,
@@ -87,35 +92,65 @@ class NMMask(nn.Module):
 
     Registered with ``torch.nn.utils.parametrize.register_parametrization(layer, "weight", ...)``:
     the dense weight stays the trained parameter (``layer.parametrizations.weight.original``),
-    the forward pass sees :func:`masked_weight`. The mask is a plain attribute, not a buffer, so
-    DDP does not broadcast it every step; the owner (:class:`~sparsetrain.nm.NMSparsifier`)
-    recomputes it, checks it is equal on all ranks and checkpoints it.
+    the forward pass sees ``W * (mask + (1 - mask) * beta)`` with the gradient straight through to
+    ``W``, and :meth:`decay_gradient` (a hook on ``W`` that the owner registers) adds SR-STE's
+    ``lambda_w * (1 - mask) * W``. The mask is a plain attribute, not a buffer, so DDP does not
+    broadcast it every step; the owner (:class:`~sparsetrain.nm.NMSparsifier`) recomputes it,
+    checks it is equal on all ranks and checkpoints it.
+
+    With a stored mask the forward pass is one ``torch.addcmul(W, W.detach(), pruned, value=beta - 1)``
+    (its backward passes the gradient through untouched, in C++) and SR-STE's term is one
+    ``addcmul`` in the hook: no Python runs in the backward pass beyond that hook. This is what
+    :func:`masked_weight` computes, except where ``W`` is not finite: a NaN or inf weight gives NaN
+    in the forward weight (:func:`masked_weight` keeps a pruned NaN out). N:M masks rank NaN and inf
+    largest and keep them, so this differs only for a non-finite weight pruned by a stale mask.
 
     Attributes:
         mask: bool mask of the weight's shape, or None for a dense stage (identity).
+        pruned: ``~mask``, kept beside it (set both with :meth:`set_mask`).
         beta: MDGF's weight on pruned entries (0 = hard mask).
         lambda_w: SR-STE's decay, already divided by the gradient-accumulation factor.
         nm: ``(n, m)`` to compute the mask from the weight in every forward pass instead of
             using ``mask`` (``NMConfig.masks_in_forward``; inside ``torch.compile`` it fuses into
-            the kernel that reads the weight); None uses ``mask``.
+            the kernel that reads the weight; SR-STE's term is then part of that pass's backward,
+            not of the hook); None uses ``mask``.
     """
 
     def __init__(self, mask: torch.Tensor | None, beta: float = 0.0, lambda_w: float = 0.0,
                  nm: tuple[int, int] | None = None) -> None:
         super().__init__()
-        self.mask = mask
+        self.set_mask(mask)
         self.beta = beta
         self.lambda_w = lambda_w
         self.nm = nm
 
+    def set_mask(self, mask: torch.Tensor | None, pruned: torch.Tensor | None = None) -> None:
+        """Install ``mask`` (None: dense) and its complement ``pruned`` (computed when not given)."""
+        # Plain attributes (neither parameters nor buffers), set past nn.Module.__setattr__'s checks:
+        # this runs for every layer at every mask update.
+        self.__dict__["mask"] = mask
+        self.__dict__["pruned"] = None if mask is None else (~mask if pruned is None else pruned)
+
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
         if self.nm is not None:
             return _MaskedWeight.apply(weight, forward_mask(weight, *self.nm), self.beta, self.lambda_w)
-        if self.mask is None:
+        pruned = self.pruned
+        if pruned is None:
             return weight
-        if self.mask.device != weight.device:  # the model was moved after the mask was computed
-            self.mask = self.mask.to(weight.device)
-        return _MaskedWeight.apply(weight, self.mask, self.beta, self.lambda_w)
+        if pruned.get_device() != weight.get_device():  # the model was moved after the mask was computed
+            self.set_mask(self.mask.to(weight.device))
+            pruned = self.pruned
+        return torch.addcmul(weight, weight.detach(), pruned, value=self.beta - 1.0)
+
+    def decay_gradient(self, weight: torch.Tensor, grad: torch.Tensor) -> torch.Tensor | None:
+        """SR-STE's term for a gradient hook on the dense ``weight``: ``grad + lambda_w * pruned * weight``
+        (None, leaving ``grad`` as it is, without ``lambda_w``, without a mask, or with ``nm``)."""
+        pruned = self.pruned
+        if not self.lambda_w or self.nm is not None or pruned is None:
+            return None
+        if pruned.get_device() != grad.get_device():
+            pruned = pruned.to(grad.device)
+        return torch.addcmul(grad, weight.detach(), pruned, value=self.lambda_w)
 
     def extra_repr(self) -> str:
         return f"beta={self.beta}, lambda_w={self.lambda_w}, dense={self.mask is None}"

@@ -16,6 +16,7 @@ The Lightning callback :class:`sparsetrain.callbacks.NMSparsity` drives the same
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -27,7 +28,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from .export import nm_export_state_dict
-from .masks import check_nm, nm_mask, nm_masks, pack_mask, select_nm_layers, unpack_mask
+from .masks import _nm_masks, check_nm, nm_mask, pack_mask, select_nm_layers, unpack_mask
 from .methods import METHODS, NMMask, mdgf_beta, sdgf_ladder, sdgf_pattern
 
 __all__ = ["NMConfig", "NMSparsifier"]
@@ -58,9 +59,10 @@ class NMConfig:
             backward pass, so it is divided by this to be applied once per step.
         verify_every: check that the masks are identical on all ranks every this many mask
             updates (and when attaching and finalizing); 0 checks only then.
-        compile_masks: compute the masks under ``torch.compile`` (:func:`~sparsetrain.nm.nm_masks`:
-            one fused kernel per layer, no per-layer dispatch or host sync). None (default): on CUDA
-            weights, eager elsewhere. See ``benchmarks/gpu_nm_overhead.py``.
+        compile_masks: compute all masks in one fused pass (:func:`~sparsetrain.nm.nm_masks`: one
+            grouped Triton launch on CUDA where Triton is installed, else a ``torch.compile`` graph;
+            no per-layer dispatch or host sync). None (default): on CUDA weights, eager elsewhere.
+            See ``benchmarks/gpu_nm_overhead.py``.
         masks_in_forward: compute each layer's mask from its weight inside the forward pass
             (requires ``update_every=1``) instead of in a separate pass after every optimizer
             step. Meant for a ``torch.compile``'d model: the mask computation then fuses into the
@@ -233,7 +235,11 @@ class NMSparsifier:
         for name, mod in self.layers.items():
             p = NMMask(None, beta=config.beta(0), lambda_w=lam)
             parametrize.register_parametrization(mod, "weight", p, unsafe=True)
+            _direct_weight_property(mod)
             self._hooks.append(mod.register_load_state_dict_pre_hook(_accept_plain_weight))
+            if config.lambda_w:  # SR-STE's term (any method may set lambda_w)
+                w = mod.parametrizations.weight.original
+                self._hooks.append(w.register_hook(functools.partial(p.decay_gradient, w)))
             self._params[name] = p
         with torch.no_grad():
             self._recompute(count_flips=False)
@@ -248,7 +254,7 @@ class NMSparsifier:
     # ------------------------------------------------------------------ weights and masks
     def dense_weight(self, name: str) -> torch.Tensor:
         """The live dense weight (the trained parameter) of layer ``name``."""
-        return self.layers[name].parametrizations.weight.original
+        return _original(self.layers[name])
 
     @property
     def masks(self) -> dict[str, torch.Tensor | None]:
@@ -296,22 +302,25 @@ class NMSparsifier:
         pat = self._pattern
         if pat is None:
             for p in self._params.values():
-                p.mask = None
+                p.set_mask(None)
             return
         weights = [self.dense_weight(name) for name in self._params]
         olds = []
         for w, p in zip(weights, self._params.values()):
-            usable = count_flips and p.mask is not None and p.mask.shape == w.shape
-            olds.append(p.mask.to(w.device) if usable else None)
+            old = p.mask if count_flips and p.mask is not None and p.mask.shape == w.shape else None
+            if old is not None and old.get_device() != w.get_device():
+                old = old.to(w.device)
+            olds.append(old)
         compiled = self._compiled(weights)
-        if pat[1] <= 16:
-            news, flips = nm_masks(weights, *pat, olds, compiled=compiled)
+        if pat[1] <= 16:  # the layers' shapes were checked when attaching
+            news, comps, flips = _nm_masks(weights, *pat, olds, compiled, complements=True, check=False)
         else:
             news = [nm_mask(w, *pat) for w in weights]
+            comps = [~new for new in news]
             flips = sum((new != old).sum() for new, old in zip(news, olds) if old is not None) \
                 if any(o is not None for o in olds) else None
-        for p, new in zip(self._params.values(), news):
-            p.mask = new
+        for p, new, comp in zip(self._params.values(), news, comps):
+            p.set_mask(new, comp)
         if flips is not None:
             total = sum(old.numel() for old in olds if old is not None)
             self.last_flip_fraction = flips.double() / total
@@ -455,7 +464,7 @@ class NMSparsifier:
             mask = nm_mask(w, n, m) if mask is None else mask.to(w.device)
             parametrize.remove_parametrizations(mod, "weight", leave_parametrized=False)
             mod.weight.copy_(torch.where(mask, mod.weight, 0.0))
-            self._params[name].mask = None
+            self._params[name].set_mask(None)
         for h in self._hooks:
             h.remove()
         self._finalized = True
@@ -521,12 +530,12 @@ class NMSparsifier:
             p.beta, p.lambda_w = beta, lam
             if state.get("finalized"):
                 # Training continues after a finished run: its weights are already exactly N:M.
-                p.mask = nm_mask(self.dense_weight(name), *self._pattern) if self._pattern else None
+                p.set_mask(nm_mask(self.dense_weight(name), *self._pattern) if self._pattern else None)
             elif name in state["masks"]:
                 w = self.dense_weight(name)
-                p.mask = unpack_mask(state["masks"][name].to(w.device), state["mask_shapes"][name])
+                p.set_mask(unpack_mask(state["masks"][name].to(w.device), state["mask_shapes"][name]))
             else:
-                p.mask = None
+                p.set_mask(None)
         self._stale = False
         self._set_forward_pattern()
         fc = state.get("flip_count")
@@ -535,6 +544,35 @@ class NMSparsifier:
         lf = state.get("last_flip_fraction")
         self.last_flip_fraction = torch.tensor(lf, dtype=torch.float64) if lf is not None else None
         self.check_ranks()
+
+
+def _direct_weight_property(mod: nn.Module) -> None:
+    """Make ``mod.weight`` call the layer's :class:`NMMask` directly.
+
+    ``register_parametrization`` gives ``mod`` a class of its own, whose ``weight`` property goes
+    through ``ParametrizationList.__call__``, which probes for further parametrizations with
+    ``hasattr`` (a raised and caught AttributeError) at every access: several times the cost of
+    the masking itself, for every layer in every forward pass of an eager model. This replaces
+    that property (on ``mod``'s own class only) by one that reads the dense weight and calls the
+    single parametrization's ``forward``; inside ``parametrize.cached()`` it defers to the original
+    property. ``remove_parametrizations`` removes it like the original.
+    """
+    cls = type(mod)
+    original = cls.__dict__["weight"]
+
+    def weight(self):
+        if parametrize._cache_enabled:
+            return original.fget(self)
+        plist = self._modules["parametrizations"]._modules["weight"]
+        return plist._modules["0"].forward(plist._parameters["original"])
+
+    cls.weight = property(weight, original.fset)
+
+
+def _original(mod: nn.Module) -> torch.Tensor:
+    """The dense weight of a parametrized layer (``mod.parametrizations.weight.original``, read
+    from the module dicts directly: this runs for every layer at every mask update)."""
+    return mod._modules["parametrizations"]._modules["weight"]._parameters["original"]
 
 
 def _fingerprint(mask: torch.Tensor) -> torch.Tensor:

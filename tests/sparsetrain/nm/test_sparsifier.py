@@ -437,3 +437,38 @@ def test_masks_in_forward_needs_update_every_one():
         NMConfig(masks_in_forward=True, update_every=2)
     with pytest.raises(ValueError, match="masks_in_forward"):
         NMConfig(masks_in_forward=1)
+
+
+def test_srste_term_comes_from_a_weight_hook_removed_by_finalize():
+    # SR-STE's lambda * (1 - mask) * W is added by a gradient hook on the dense weight (once per
+    # backward pass); finalize() removes it with the parametrization, leaving plain gradients.
+    torch.manual_seed(0)
+    layer = nn.Linear(8, 4)
+    sp = NMSparsifier(nn.Sequential(layer), NMConfig(method="srste", lambda_w=0.5))
+    w = sp.dense_weight("0")
+    mask = sp.masks["0"]
+    x = torch.randn(3, 8)
+    layer(x).sum().backward()
+    g_eff = torch.ones(3, 4).T @ x  # dL/dW_eff of sum(x @ W_eff.T + b)
+    assert torch.allclose(w.grad, g_eff + 0.5 * (~mask) * w.detach(), atol=1e-6)
+    sp.finalize()
+    w.grad = None
+    layer(x).sum().backward()
+    assert torch.allclose(layer.weight.grad, g_eff, atol=1e-6)
+
+
+def test_direct_weight_property_keeps_parametrize_semantics():
+    # The layer's `weight` calls its NMMask directly; inside parametrize.cached() it is computed
+    # once (parametrize's own cache), and removing the parametrization restores the plain class.
+    from torch.nn.utils import parametrize
+
+    torch.manual_seed(0)
+    layer = nn.Linear(8, 4)
+    cls = type(layer)
+    sp = NMSparsifier(nn.Sequential(layer), NMConfig(method="ste"))
+    assert type(layer) is not cls and torch.equal(layer.weight, torch.where(sp.masks["0"], sp.dense_weight("0"), 0))
+    assert layer.weight is not layer.weight
+    with parametrize.cached():
+        assert layer.weight is layer.weight
+    sp.finalize()
+    assert type(layer) is cls and isinstance(layer.weight, nn.Parameter)
