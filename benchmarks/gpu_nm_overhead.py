@@ -7,7 +7,7 @@ transformer blocks in 2:4 (embeddings and lm_head dense). Runs are interleaved (
 dense, ...) and each is the median over repeats; ratios are sparse / dense step time.
 
 Rows: ``srste`` recomputes the masks every step (the default; on CUDA the masks of all layers come
-from one ``torch.compile`` graph, see ``nm_masks``); ``srste, masks in forward`` computes each mask
+from one grouped Triton launch, see ``nm_masks``); ``srste, masks in forward`` computes each mask
 inside the forward pass instead (``NMConfig.masks_in_forward``: with ``--compile`` it fuses into the
 kernel that reads the weight; stored masks and flip statistics every ``verify_every`` steps);
 ``srste, eager masks`` recomputes every step without compiling; ``srste, masks every 10`` recomputes
@@ -36,8 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 from sparsetrain.demo.model import GPT, GPTConfig  # noqa: E402
-from sparsetrain.nm import NMConfig, NMSparsifier, nm_mask, nm_masks  # noqa: E402
-from sparsetrain.nm import masks as masks_mod  # noqa: E402
+from sparsetrain.nm import NMConfig, NMSparsifier, grouped, nm_mask, nm_masks  # noqa: E402
 
 VARIANTS = {
     "dense": None,
@@ -99,7 +98,11 @@ def profile(variant, cfg, device, args, batches):
     with torch_profile(activities=acts) as prof:
         ms = time_steps(model, sp, opt, batches, device, args.precision, 5)
     key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
-    print(f"\n=== profile: {variant} ({ms:.2f} ms/step over 5 steps) ===")
+    events = prof.key_averages()
+    gpu_us = sum(getattr(e, "self_device_time_total", 0) for e in events)
+    cpu_us = sum(e.self_cpu_time_total for e in events)
+    print(f"\n=== profile: {variant} ({ms:.2f} ms/step over 5 steps; per step: GPU kernels "
+          f"{gpu_us / 5e3:.2f} ms, host ops {cpu_us / 5e3:.2f} ms, both as the profiler counts them) ===")
     print(prof.key_averages().table(sort_by=key, row_limit=25, max_name_column_width=60))
     print(prof.key_averages().table(sort_by="cpu_time_total", row_limit=15, max_name_column_width=60))
     del model, sp, opt
@@ -170,6 +173,26 @@ def main(argv=None):
             times[v].append(time_steps(model, sp, opt, batches, device, args.precision, args.steps))
             if sp is not None and sp.last_flip_fraction is not None:
                 flips[v] = float(sp.last_flip_fraction)
+    sparse = next((sp for _, sp, _ in built.values() if sp is not None), None)
+    n_layers = len(sparse.layers) if sparse is not None else 0
+    n_sparse = sum(sparse.dense_weight(k).numel() for k in sparse.layers) if sparse is not None else 0
+
+    name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu (smoke)"
+    mode = f"torch.compile (mode {args.compile_mode or 'default'})" if args.compile else "eager"
+    print(f"\nN:M training-step overhead: {name}, torch {torch.__version__}, {args.precision}, {mode}, GPT "
+          f"{cfg.n_layer}x{cfg.d_model} vocab {cfg.vocab_size}, batch {args.batch_size}x{args.seq} tokens, "
+          f"{args.n}:{args.m} on {n_layers} Linears ({n_sparse / 1e6:.1f}M weights), "
+          f"median of {args.repeats} x {args.steps} steps")
+    dense = statistics.median(times["dense"]) if times.get("dense") else None
+    print(f"{'variant':26s} {'ms/step':>9s} {'vs dense':>9s}")
+    for v in args.variants:
+        if not times[v]:
+            print(f"{v:26s} {'failed':>9s}")
+            continue
+        ms = statistics.median(times[v])
+        ratio = f"{ms / dense:.3f}x" if dense else "-"
+        each = " ".join(f"{t:.2f}" for t in times[v])
+        print(f"{v:26s} {ms:9.2f} {ratio:>9s}   repeats: {each}")
     del built
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -191,42 +214,16 @@ def main(argv=None):
 
     mask_ms = {"eager nm_mask per layer": timed(lambda: [nm_mask(w, args.n, args.m) for w in weights])}
     if device.type == "cuda":
-        mask_ms["nm_masks, compiled, with flip count"] = timed(
+        mask_ms["nm_masks, one grouped Triton launch, with flip count"] = timed(
             lambda: nm_masks(weights, args.n, args.m, olds, compiled=True))
-        mask_ms["nm_masks, compiled, no flip count"] = timed(
+        mask_ms["nm_masks, one grouped Triton launch, no flip count"] = timed(
             lambda: nm_masks(weights, args.n, args.m, None, compiled=True))
-        for label, options in (("combo kernels", {"combo_kernels": True}),
-                               ("CUDA graphs", {"triton.cudagraphs": True})):
-            masks_mod._COMPILE_OPTIONS.clear()
-            masks_mod._COMPILE_OPTIONS.update(options)
-            try:
-                ms = timed(lambda: nm_masks(weights, args.n, args.m, olds, compiled=True))
-                if masks_mod._COMPILED.pop("masks_failed", None):
-                    print(f"masks with {label}: compilation failed (the time would be eager's)")
-                else:
-                    mask_ms[f"nm_masks, compiled, {label}, with flip count"] = ms
-            except Exception as err:  # noqa: BLE001 - an option this torch lacks: report, go on
-                print(f"masks with {label}: failed: {type(err).__name__}: {err}".splitlines()[0])
-            finally:
-                masks_mod._COMPILE_OPTIONS.clear()
-    n_sparse = sum(w.numel() for w in weights)
-
-    name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu (smoke)"
-    mode = f"torch.compile (mode {args.compile_mode or 'default'})" if args.compile else "eager"
-    print(f"\nN:M training-step overhead: {name}, torch {torch.__version__}, {args.precision}, {mode}, GPT "
-          f"{cfg.n_layer}x{cfg.d_model} vocab {cfg.vocab_size}, batch {args.batch_size}x{args.seq} tokens, "
-          f"{args.n}:{args.m} on {len(weights)} Linears ({n_sparse / 1e6:.1f}M weights), "
-          f"median of {args.repeats} x {args.steps} steps")
-    dense = statistics.median(times["dense"]) if times.get("dense") else None
-    print(f"{'variant':26s} {'ms/step':>9s} {'vs dense':>9s}")
-    for v in args.variants:
-        if not times[v]:
-            print(f"{v:26s} {'failed':>9s}")
-            continue
-        ms = statistics.median(times[v])
-        ratio = f"{ms / dense:.3f}x" if dense else "-"
-        each = " ".join(f"{t:.2f}" for t in times[v])
-        print(f"{v:26s} {ms:9.2f} {ratio:>9s}   repeats: {each}")
+        kernel, grouped._kernel = grouped._kernel, False  # the torch.compile graph instead
+        try:
+            mask_ms["nm_masks, torch.compile graph, with flip count"] = timed(
+                lambda: nm_masks(weights, args.n, args.m, olds, compiled=True))
+        finally:
+            grouped._kernel = kernel
     for how, ms in mask_ms.items():
         print(f"mask recomputation alone (all {len(weights)} layers, {how}): {ms:.3f} ms")
     if flips:
