@@ -56,10 +56,14 @@ class DynamicSparsity(Callback):
             after every step only when the optimizer is not one of
             :data:`~sparsetrain.sparsity.ZERO_PRESERVING_OPTIMIZERS` (or DeepSpeed is used); an int
             ``N >= 1``: after every N-th step (see :class:`~sparsetrain.sparsity.DynamicSparsityConfig`).
-        grad_masking: ``"hook"`` (default: a gradient hook per layer) or ``"step"`` (one pass before
-            each optimizer step, called here before Lightning clips gradients; cheaper for small
-            steps, not for DeepSpeed or gradient compression; see
-            :class:`~sparsetrain.sparsity.DynamicSparsityConfig`).
+        grad_masking: ``"auto"`` (default), ``"hook"`` (a gradient hook per layer) or ``"step"``
+            (one pass before each optimizer step, called here before Lightning clips gradients;
+            cheaper for small steps, not for DeepSpeed or gradient compression; see
+            :class:`~sparsetrain.sparsity.DynamicSparsityConfig`). ``"auto"`` picks ``"step"``
+            unless the Trainer uses the DeepSpeed strategy, a DDP strategy with a communication
+            hook, or a :class:`~sparsetrain.callbacks.GradientCompression` callback: training is
+            the same bit for bit either way, and ``"step"`` saves a Python call per layer and
+            backward pass.
         log_stats: log the statistics after each update.
         log_per_layer: also log each layer's sparsity.
 
@@ -88,17 +92,20 @@ class DynamicSparsity(Callback):
         seed: int = 0,
         check_sync: bool = True,
         enforce_interval: int | Literal["auto"] = "auto",
-        grad_masking: Literal["hook", "step"] = "hook",
+        grad_masking: Literal["auto", "hook", "step"] = "auto",
         log_stats: bool = True,
         log_per_layer: bool = False,
     ) -> None:
         super().__init__()
+        if grad_masking not in ("auto", "hook", "step"):
+            raise ValueError(f"`grad_masking` must be 'auto', 'hook' or 'step', got {grad_masking!r}")
+        self.grad_masking = grad_masking
         self.config = DynamicSparsityConfig(
             method=method, sparsity=sparsity, distribution=distribution, update_interval=update_interval,
             drop_fraction=drop_fraction, drop_schedule=drop_schedule, begin_fraction=begin_fraction,
             end_fraction=end_fraction, include=include, exclude=exclude or (),
             keep_first_dense=keep_first_dense, keep_last_dense=keep_last_dense, seed=seed, check_sync=check_sync,
-            enforce_interval=enforce_interval, grad_masking=grad_masking,
+            enforce_interval=enforce_interval, grad_masking="hook" if grad_masking == "auto" else grad_masking,
         )
         self.log_stats = log_stats
         self.log_per_layer = log_per_layer
@@ -115,6 +122,8 @@ class DynamicSparsity(Callback):
             return
         if self.sparsifier is not None and self.sparsifier.model is pl_module:
             return  # a second fit on the same module keeps its masks
+        if self.grad_masking == "auto":
+            self.config.grad_masking = "hook" if self._gradients_read_before_step(trainer) else "step"
         self.sparsifier = DynamicSparsifier(pl_module, self.config)
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -200,6 +209,17 @@ class DynamicSparsity(Callback):
         self._pending_state = dict(state_dict) if state_dict else None
 
     # ------------------------------------------------------------------ helpers
+
+    @classmethod
+    def _gradients_read_before_step(cls, trainer: pl.Trainer) -> bool:
+        """Whether something reads the gradients between the backward pass and the optimizer step
+        that must see them masked: DeepSpeed, a DDP communication hook, gradient compression."""
+        from .compression import GradientCompression
+
+        if trainer is None:  # setup() called by hand, to attach before fitting
+            return False
+        return (cls._is_deepspeed(trainer) or getattr(trainer.strategy, "_ddp_comm_hook", None) is not None
+                or any(isinstance(c, GradientCompression) for c in trainer.callbacks))
 
     @staticmethod
     def _is_deepspeed(trainer: pl.Trainer) -> bool:

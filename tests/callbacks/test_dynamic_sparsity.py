@@ -242,3 +242,23 @@ def test_grad_masking_step_trains_like_the_hooks_with_clipping():
         assert torch.equal(a, b), name
     for name, (w, mask) in _masked_weights(task).items():
         assert not w[~mask].any(), name
+
+
+def test_grad_masking_auto_picks_step_unless_something_reads_gradients_before_the_step():
+    from lightning.pytorch.strategies import DDPStrategy
+    from sparsetrain.callbacks import GradientCompression
+    from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
+
+    def resolved(trainer_kw, **cb_kw):
+        cb = DynamicSparsity(method="set", sparsity=0.5, **cb_kw)
+        trainer = _trainer(callbacks=[cb, *trainer_kw.pop("extra", [])], **trainer_kw)
+        cb.setup(trainer, _task(), "fit")
+        return cb.sparsifier.config.grad_masking
+
+    assert resolved({}) == "step"
+    assert resolved({"extra": [GradientCompression()]}) == "hook"
+    assert resolved({"strategy": DDPStrategy(ddp_comm_hook=allreduce_hook)}) == "hook"
+    assert resolved({"strategy": DDPStrategy()}) == "step"
+    assert resolved({}, grad_masking="hook") == "hook"
+    with pytest.raises(ValueError, match="`grad_masking` must be 'auto', 'hook' or 'step', got 'both'"):
+        DynamicSparsity(grad_masking="both")
