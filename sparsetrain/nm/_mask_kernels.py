@@ -5,22 +5,30 @@ import triton.language as tl
 
 
 @triton.jit
-def nm_mask_kernel(wtab_ptr, blocks_ptr, keep_ptr, pruned_ptr, old_ptr, flips_ptr,
+def nm_mask_kernel(wtab_ptr, blocks_ptr, w_one_ptr, groups_one, keep_ptr, pruned_ptr, old_ptr, flips_ptr,
                    N: tl.constexpr, M: tl.constexpr, MP: tl.constexpr, BG: tl.constexpr,
-                   DTYPE: tl.constexpr, FLIPS: tl.constexpr):
-    """One program per row of the block table ``(layer, first group)``: the N:M mask of ``BG``
-    groups of ``M`` consecutive weights of that layer.
+                   DTYPE: tl.constexpr, FLIPS: tl.constexpr, ONE: tl.constexpr):
+    """The N:M mask of ``BG`` groups of ``M`` consecutive weights per program.
 
-    ``wtab`` holds per layer ``(weight address, groups, offset)``: the weight is read through its
-    address (all layers in one launch), the masks are written at ``offset`` into flat buffers.
-    Ranks as ``masks._broadcast_keep``: |w| with NaN largest, ties to the lower index.
+    Several layers (``ONE`` false): one program per row of the block table ``(layer, first
+    group)``; ``wtab`` holds per layer ``(weight address, groups, offset)``: the weight is read
+    through its address (all layers in one launch), the masks are written at ``offset`` into flat
+    buffers. One layer (``ONE``): ``w_one_ptr`` with ``groups_one`` groups, program ``i`` takes
+    the ``i``-th ``BG`` groups, no tables. Ranks as ``masks._broadcast_keep``: |w| with NaN
+    largest, ties to the lower index.
     """
     pid = tl.program_id(0)
-    layer = tl.load(blocks_ptr + 2 * pid)
-    g = tl.load(blocks_ptr + 2 * pid + 1) + tl.arange(0, BG)
-    w_ptr = tl.load(wtab_ptr + 3 * layer).to(tl.pointer_type(DTYPE))
-    groups = tl.load(wtab_ptr + 3 * layer + 1)
-    base = tl.load(wtab_ptr + 3 * layer + 2)
+    if ONE:
+        g = pid.to(tl.int64) * BG + tl.arange(0, BG)
+        w_ptr = w_one_ptr
+        groups = groups_one
+        base = 0
+    else:
+        layer = tl.load(blocks_ptr + 2 * pid)
+        g = tl.load(blocks_ptr + 2 * pid + 1) + tl.arange(0, BG)
+        w_ptr = tl.load(wtab_ptr + 3 * layer).to(tl.pointer_type(DTYPE))
+        groups = tl.load(wtab_ptr + 3 * layer + 1)
+        base = tl.load(wtab_ptr + 3 * layer + 2)
     c = tl.arange(0, MP)
     offs = g[:, None] * M + c[None, :]
     inside = (g[:, None] < groups) & (c[None, :] < M)
@@ -33,7 +41,8 @@ def nm_mask_kernel(wtab_ptr, blocks_ptr, keep_ptr, pruned_ptr, old_ptr, flips_pt
     beats = (a_j > a_i) | ((a_j == a_i) & earlier)
     keep = tl.sum(beats.to(tl.int32), axis=2) < N
     tl.store(keep_ptr + base + offs, keep.to(tl.int8), mask=inside)
-    tl.store(pruned_ptr + base + offs, (~keep).to(tl.int8), mask=inside)
+    if not ONE:
+        tl.store(pruned_ptr + base + offs, (~keep).to(tl.int8), mask=inside)
     if FLIPS:
         old = tl.load(old_ptr + base + offs, mask=inside, other=0) != 0
         flipped = ((old != keep) & inside).to(tl.int32)

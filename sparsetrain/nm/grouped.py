@@ -15,13 +15,13 @@ from collections.abc import Sequence
 
 import torch
 
-__all__ = ["available", "grouped_masks"]
+__all__ = ["available", "grouped_masks", "one_mask"]
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 #: Entries ranked at once per program: a program compares every entry of its groups with every
 #: other entry of the same group, ``groups * mp * mp`` comparisons for a padded group size ``mp``.
 _TILE = 4096
-_PLANS_KEPT = 256
+_PLANS_KEPT = 8
 
 _kernel = None  # built on first use; False where Triton is missing
 _plans: OrderedDict = OrderedDict()
@@ -100,6 +100,27 @@ def _plan(weights: list[torch.Tensor], n: int, m: int, per_block: int, interpret
     return plan
 
 
+def one_mask(weight: torch.Tensor, n: int, m: int, interpret: bool = False) -> torch.Tensor | None:
+    """The N:M mask of one weight in one launch, with no launch tables (what a forward pass computes
+    per layer); None where :func:`available` says no."""
+    if not available([weight], interpret):
+        return None
+    kernel, tl_dtypes = _kernel
+    mp = 1 << (m - 1).bit_length()
+    per_block = max(1, _TILE // (mp * mp))
+    groups = weight.numel() // m
+    keep = torch.empty(weight.shape, dtype=torch.bool, device=weight.device)
+    k8 = keep.view(torch.int8)
+    kernel[(_cdiv(groups, per_block),)](
+        k8, k8, weight, groups, k8, k8, k8, k8,
+        N=n, M=m, MP=mp, BG=per_block, DTYPE=tl_dtypes[weight.dtype], FLIPS=False, ONE=True, num_warps=4)
+    return keep
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
 def grouped_masks(
     weights: Sequence[torch.Tensor],
     n: int,
@@ -150,10 +171,11 @@ def grouped_masks(
     for dtype, wtab, blocks, _ in plan.launches:
         programs = blocks.shape[0]
         kernel[(programs,)](
-            wtab, blocks, keep.view(torch.int8), pruned.view(torch.int8),
+            wtab, blocks, weights[0], 0, keep.view(torch.int8), pruned.view(torch.int8),
             old.view(torch.int8) if old is not None else keep.view(torch.int8),
             flips[done:] if flips is not None else keep,
-            N=n, M=m, MP=mp, BG=per_block, DTYPE=tl_dtypes[dtype], FLIPS=flips is not None, num_warps=4)
+            N=n, M=m, MP=mp, BG=per_block, DTYPE=tl_dtypes[dtype], FLIPS=flips is not None, ONE=False,
+            num_warps=4)
         done += programs
     masks = [v.view(s) for v, s in zip(keep.split(plan.numels), plan.shapes)]
     comps = [v.view(s) for v, s in zip(pruned.split(plan.numels), plan.shapes)]

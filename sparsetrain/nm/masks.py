@@ -211,9 +211,9 @@ def forward_mask(weight: torch.Tensor, n: int, m: int) -> torch.Tensor:
     if torch.compiler.is_compiling():
         return _broadcast_keep(w.reshape(-1, m), n).reshape(w.shape)
     if m <= _PAIRWISE_MAX_M and w.is_cuda:
-        out = grouped.grouped_masks([w], n, m)
-        if out is not None:
-            return out[0][0]
+        mask = grouped.one_mask(w, n, m)
+        if mask is not None:
+            return mask
     return _pairwise_keep(_groups(w, m), n).reshape(w.shape)
 
 

@@ -216,6 +216,9 @@ for n, m in [(2, 4), (1, 8), (3, 5), (1, 2), (5, 16), (7, 8)]:
     again, _, flips = grouped.grouped_masks(ws, n, m, masks, interpret=True)  # the previous call's buffer, reused
     assert int(flips) == 0 and all(torch.equal(a, b) for a, b in zip(again, masks))
     assert again[0].data_ptr() != masks[0].data_ptr()  # new tensors every call
+    for w in ws:
+        assert torch.equal(grouped.one_mask(w, n, m, interpret=True), nm_mask(w, n, m))  # no tables
+    assert grouped.one_mask(ws[0], n, m) is None
     assert grouped.grouped_masks(ws, n, m) is None  # CPU tensors, outside the interpreter
     assert grouped.grouped_masks([ws[0].T], n, m, interpret=True) is None  # not contiguous
 print("interpreted ok")
