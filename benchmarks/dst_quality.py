@@ -73,7 +73,7 @@ def run_one(args, method: str, sparsity: float, distribution: str, seed: int, da
             model,
             DynamicSparsityConfig(method=method, sparsity=sparsity, distribution=distribution,
                                   update_interval=args.update_interval, drop_fraction=args.drop_fraction,
-                                  end_fraction=args.end_fraction, seed=seed),
+                                  end_fraction=args.end_fraction, seed=seed, exclude=tuple(args.exclude)),
             total_steps=args.steps, optimizer=opt,
         )
     t0 = time.perf_counter()
@@ -108,6 +108,10 @@ def main(argv=None) -> int:
     p.add_argument("--sparsities", type=float, nargs="+", default=[0.8, 0.9])
     p.add_argument("--distributions", nargs="+", default=["erk", "uniform"])
     p.add_argument("--methods", nargs="+", default=["static", "set", "rigl"])
+    p.add_argument("--exclude", nargs="+", default=[],
+                   help="module-name globs to keep dense, e.g. lm_head (default: every Linear is sparsified)")
+    p.add_argument("--no-dense", action="store_true",
+                   help="skip the dense run (when another process of the same seeds runs it; see --merge)")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--block-size", type=int, default=128)
     p.add_argument("--d-model", type=int, default=128)
@@ -139,13 +143,14 @@ def main(argv=None) -> int:
          torch.stack([val[i][1] for i in range(s, min(s + args.batch_size, n_val))]))
         for s in range(0, n_val, args.batch_size)
     ]
-    configs = [("dense", 0.0, "-")] + [
+    configs = ([] if args.no_dense else [("dense", 0.0, "-")]) + [
         (m, s, d) for s in args.sparsities for d in args.distributions for m in args.methods
     ]
     dev_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     print(f"# dst_quality: device={dev_name} torch={torch.__version__} steps={args.steps} seeds={args.seeds} "
           f"batch={args.batch_size}x{args.block_size} d_model={args.d_model} n_layer={args.n_layer} "
-          f"dT={args.update_interval} alpha={args.drop_fraction} end={args.end_fraction} amp={args.amp}")
+          f"dT={args.update_interval} alpha={args.drop_fraction} end={args.end_fraction} amp={args.amp}"
+          + (f" exclude={','.join(args.exclude)}" if args.exclude else ""))
     results = []
     if args.merge:
         results = [r for f in args.merge for r in json.loads(f.read_text())]
@@ -166,7 +171,7 @@ def main(argv=None) -> int:
     def mean(xs):
         return statistics.fmean(xs)
 
-    dense = mean(losses("dense", 0.0, "-"))
+    dense = mean(losses("dense", 0.0, "-")) if losses("dense", 0.0, "-") else None  # None: --no-dense
     print()
     print("| method | sparsity | distribution | val loss (mean ± std) | vs dense | achieved sparsity | ITOP rate |")
     print("|---|---|---|---|---|---|---|")
@@ -176,7 +181,8 @@ def main(argv=None) -> int:
         rs = [r for r in results if r["method"] == method and r["sparsity"] == sparsity and r["distribution"] == dist]
         ach = f"{mean([r['achieved_sparsity'] for r in rs]):.4f}" if method != "dense" else "0"
         itop = f"{mean([r['itop_rate'] for r in rs]):.3f}" if method != "dense" else "-"
-        print(f"| {method} | {sparsity:.2f} | {dist} | {mean(ls):.4f} ± {std:.4f} | {mean(ls) / dense:.3f}x | "
+        vs = f"{mean(ls) / dense:.3f}x" if dense else "-"
+        print(f"| {method} | {sparsity:.2f} | {dist} | {mean(ls):.4f} ± {std:.4f} | {vs} | "
               f"{ach} | {itop} |")
 
     print()
@@ -191,7 +197,7 @@ def main(argv=None) -> int:
             for m in args.methods:
                 checks.append((f"{m} {s:.2f}: ERK < uniform",
                                mean(losses(m, s, "erk")) < mean(losses(m, s, "uniform"))))
-    if 0.8 in args.sparsities and "rigl" in args.methods and "erk" in args.distributions:
+    if dense and 0.8 in args.sparsities and "rigl" in args.methods and "erk" in args.distributions:
         ratio = mean(losses("rigl", 0.8, "erk")) / dense
         checks.append((f"RigL-ERK 0.80 within 5% of dense ({ratio:.3f}x)", ratio <= 1.05))
     for name, ok in checks:
