@@ -147,10 +147,11 @@ def main(argv=None) -> int:
         (m, s, d) for s in args.sparsities for d in args.distributions for m in args.methods
     ]
     dev_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    print(f"# dst_quality: device={dev_name} torch={torch.__version__} steps={args.steps} seeds={args.seeds} "
-          f"batch={args.batch_size}x{args.block_size} d_model={args.d_model} n_layer={args.n_layer} "
-          f"dT={args.update_interval} alpha={args.drop_fraction} end={args.end_fraction} amp={args.amp}"
-          + (f" exclude={','.join(args.exclude)}" if args.exclude else ""))
+    if not args.merge:  # merged runs carry their own settings, printed when they ran
+        print(f"# dst_quality: device={dev_name} torch={torch.__version__} steps={args.steps} seeds={args.seeds} "
+              f"batch={args.batch_size}x{args.block_size} d_model={args.d_model} n_layer={args.n_layer} "
+              f"dT={args.update_interval} alpha={args.drop_fraction} end={args.end_fraction} amp={args.amp}"
+              + (f" exclude={','.join(args.exclude)}" if args.exclude else ""))
     results = []
     if args.merge:
         results = [r for f in args.merge for r in json.loads(f.read_text())]
