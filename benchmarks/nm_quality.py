@@ -62,6 +62,8 @@ def run(method, pattern, seed, args, train, val):
     sp = None
     if method != "dense":
         kw = {"decay_steps": max(1, int(args.decay_fraction * args.steps))} if method in ("mdgf", "sdgf") else {}
+        if args.lambda_w is not None and method in ("mdgf", "sdgf"):
+            kw["lambda_w"] = args.lambda_w  # SR-STE's decay on top of the decaying masks
         sp = NMSparsifier(model, NMConfig(n=pattern[0], m=pattern[1], method=method, include=args.include, **kw))
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.0)
     warm = max(1, args.steps // 20)
@@ -109,6 +111,8 @@ def main(argv=None):
     p.add_argument("--decay-fraction", type=float, default=0.5, help="MDGF/SDGF decay over this part of the run")
     p.add_argument("--include", nargs="+", default=["*.attn.*", "*.mlp.*"])
     p.add_argument("--only", nargs="+", default=None, help="subset of runs, e.g. dense srste@2:4")
+    p.add_argument("--lambda-w", type=float, default=None,
+                   help="SR-STE's decay for mdgf/sdgf too (default: theirs, 0, a plain straight-through gradient)")
     p.add_argument("--threads", type=int, default=None)
     args = p.parse_args(argv)
     if args.threads:
