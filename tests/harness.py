@@ -133,3 +133,21 @@ def run_distributed(
                     p.kill()
                     p.join(timeout=5)
     return [pickle.loads(collected[r][1]) for r in range(world_size)]
+
+
+def run_triton_interpreted(code: str, marker: str = "interpreted ok") -> None:
+    """Run ``code`` in a fresh Python with ``TRITON_INTERPRET=1`` (Triton's interpreter runs its
+    kernels on CPU tensors; it reads the variable once, on import, so a subprocess) and assert that it
+    exited cleanly after printing ``marker``. Skips the calling test where Triton is missing."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import pytest
+
+    pytest.importorskip("triton")
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(root)}
+    out = subprocess.run([sys.executable, "-c", code], env=env, cwd=root, capture_output=True, text=True,
+                         timeout=600)
+    assert out.returncode == 0 and marker in out.stdout, out.stderr[-3000:]

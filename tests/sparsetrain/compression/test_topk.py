@@ -1,5 +1,4 @@
 import math
-import os
 
 import pytest
 import torch
@@ -13,6 +12,7 @@ from sparsetrain.compression.topk import (
     threshold_indices_segments,
     topk_indices,
 )
+from tests.harness import run_triton_interpreted
 
 
 def _is_top_set(x, idx):
@@ -369,18 +369,8 @@ def test_block_table_covers_each_segment_without_straddling():
 
 def test_compact_kernel_in_the_triton_interpreter():
     # The kernels' logic (block counts, offsets, the room reserved) on CPU tensors, where Triton
-    # is installed: its interpreter runs the same program without a GPU. In a subprocess, because
-    # Triton reads TRITON_INTERPRET once, on import, for the whole process.
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    pytest.importorskip("triton")
-    root = Path(__file__).resolve().parents[3]
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(root)}
-    out = subprocess.run([sys.executable, "-c", _INTERPRETED], env=env, cwd=root, capture_output=True, text=True,
-                         timeout=600)
-    assert out.returncode == 0 and "interpreted ok" in out.stdout, out.stderr[-3000:]
+    # is installed: its interpreter runs the same program without a GPU.
+    run_triton_interpreted(_INTERPRETED)
 
 
 @pytest.mark.gpu

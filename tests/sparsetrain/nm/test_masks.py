@@ -7,6 +7,7 @@ from torch import nn
 
 from sparsetrain.nm import check_nm, is_nm, kept_magnitude, nm_mask, nm_masks, pack_mask, select_nm_layers, unpack_mask
 from sparsetrain.nm import masks as masks_mod
+from tests.harness import run_triton_interpreted
 
 PATTERNS = [(1, 2), (1, 4), (2, 4), (3, 4), (1, 8), (2, 8), (4, 8), (7, 8), (5, 32)]
 SHAPES = [(8, 32), (3, 64), (4, 2, 4, 4), (6, 32, 1), (2, 1, 2, 4, 4)]
@@ -226,19 +227,9 @@ print("interpreted ok")
 
 
 def test_grouped_kernel_in_the_triton_interpreter():
-    # The grouped Triton kernel (one launch for all layers, read through an address table) on CPU
-    # tensors, in Triton's interpreter; in a subprocess, which reads TRITON_INTERPRET on import.
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    pytest.importorskip("triton")
-    root = Path(__file__).resolve().parents[3]
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(root)}
-    out = subprocess.run([sys.executable, "-c", _GROUPED], env=env, cwd=root, capture_output=True, text=True,
-                         timeout=600)
-    assert out.returncode == 0 and "interpreted ok" in out.stdout, out.stderr[-3000:]
+    # The grouped Triton kernel (one launch for all layers, read through an address table) and the
+    # table-free one-layer launch, on CPU tensors in Triton's interpreter.
+    run_triton_interpreted(_GROUPED)
 
 
 @pytest.mark.gpu
