@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import torch
 
+from .._triton import build_once
+
 __all__ = [
     "at_least", "available", "block_table", "count_at_least", "count_segments", "split", "write_hits",
     "write_segments",
@@ -47,11 +49,7 @@ def available(x_N: torch.Tensor) -> bool:
     if not (x_N.is_cuda and x_N.is_contiguous() and x_N.numel() < 2**31
             and x_N.dtype in (torch.float32, torch.float16, torch.bfloat16)):
         return False
-    if _kernel is None:
-        try:
-            _kernel = _build()
-        except Exception:  # noqa: BLE001 - no Triton: the caller takes the torch path
-            _kernel = False
+    _kernel = build_once(_kernel, _build)
     return _kernel is not False
 
 

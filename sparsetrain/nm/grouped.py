@@ -15,6 +15,8 @@ from collections.abc import Sequence
 
 import torch
 
+from .._triton import build_once
+
 __all__ = ["available", "grouped_masks", "one_mask"]
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -48,11 +50,7 @@ def available(weights: Sequence[torch.Tensor], interpret: bool = False) -> bool:
             return False
     if dev.type != "cuda" and not interpret:
         return False
-    if _kernel is None:
-        try:
-            _kernel = _build()
-        except Exception:  # noqa: BLE001 - no Triton: the caller takes the torch path
-            _kernel = False
+    _kernel = build_once(_kernel, _build)
     return _kernel is not False
 
 
