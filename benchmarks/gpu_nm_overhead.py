@@ -12,7 +12,10 @@ inside the forward pass instead (``NMConfig.masks_in_forward``: with ``--compile
 kernel that reads the weight; stored masks and flip statistics every ``verify_every`` steps);
 ``srste, eager masks`` recomputes every step without compiling; ``srste, masks every 10`` recomputes
 every 10th step; ``srste, fixed masks`` and ``ste, fixed masks`` never recompute (the
-parametrization's cost alone, with and without SR-STE's backward term).
+parametrization's cost alone, with and without SR-STE's backward term). ``srste, inplace`` and
+``ste, inplace, fixed masks`` mask the weights themselves between optimizer steps
+(``NMConfig.inplace``: no parametrization; one launch puts the dense weights back before the
+optimizer step, adding SR-STE's term, and one masks them again after it).
 
     PYTHONPATH=. python benchmarks/gpu_nm_overhead.py                 # CUDA only
     PYTHONPATH=. python benchmarks/gpu_nm_overhead.py --precision bf16-true
@@ -46,6 +49,8 @@ VARIANTS = {
     "srste, masks every 10": {"method": "srste", "update_every": 10},
     "srste, fixed masks": {"method": "srste", "update_every": 0},
     "ste, fixed masks": {"method": "ste", "update_every": 0},
+    "srste, inplace": {"method": "srste", "inplace": True},
+    "ste, inplace, fixed masks": {"method": "ste", "inplace": True, "update_every": 0},
 }
 
 
@@ -79,6 +84,8 @@ def time_steps(model, sp, opt, batches, device, precision, steps):
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
             loss = loss_fn(x, y)
         loss.backward()
+        if sp is not None:
+            sp.before_optimizer_step()  # inplace: the dense weights back (a no-op otherwise)
         opt.step()
         opt.zero_grad(set_to_none=True)
         if sp is not None:
@@ -224,8 +231,25 @@ def main(argv=None):
                 lambda: nm_masks(weights, args.n, args.m, olds, compiled=True))
         finally:
             grouped._kernel = kernel
+    # In-place masking's own passes: mask (dense copy aside) and put back (with SR-STE's term).
+    shadows = [torch.empty_like(w) for w in weights]
+    flat = torch.cat([(~mask).reshape(-1) for mask in olds])
+    grads = [torch.zeros_like(w) for w in weights]
+
+    @torch.no_grad()
+    def swap_pair():
+        if not (grouped.swap(weights, shadows, flat, -1.0)
+                and grouped.swap(weights, shadows, flat, 2e-4, restore=True, grads=grads)):
+            for w, s, pr, gr in zip(weights, shadows, flat.split([w.numel() for w in weights]), grads):
+                s.copy_(w)
+                w.addcmul_(s, pr.view(w.shape), value=-1.0)
+                w.copy_(s)
+                gr.addcmul_(s, pr.view(w.shape), value=2e-4)
+
+    swap_ms = timed(swap_pair)
     for how, ms in mask_ms.items():
         print(f"mask recomputation alone (all {len(weights)} layers, {how}): {ms:.3f} ms")
+    print(f"in-place masking alone (all {len(weights)} layers, mask then restore with SR-STE's term): {swap_ms:.3f} ms")
     if flips:
         print("last mask flip fraction: " + ", ".join(f"{k} {f:.4f}" for k, f in flips.items()))
 

@@ -54,6 +54,10 @@ class NMSparsity(Callback):
         masks_in_forward: compute the masks inside the forward pass (for a ``torch.compile``'d
             LightningModule: they fuse into the weight's kernel); needs ``update_every=1``. See
             :class:`~sparsetrain.nm.NMConfig`.
+        inplace: mask the layers' weights in place between optimizer steps instead of through a
+            parametrization (the dense weights are kept aside and put back before each optimizer
+            step): the forward and backward passes run as a dense model's, for one dense copy of
+            the sparse weights in memory. See :class:`~sparsetrain.nm.NMConfig`.
         finalize: at the end of training make the weights exactly N:M and remove the
             parametrizations (plain ``weight`` parameters again).
         log_stats: log the statistics each step.
@@ -82,6 +86,7 @@ class NMSparsity(Callback):
         verify_every: int = 100,
         compile_masks: bool | None = None,
         masks_in_forward: bool = False,
+        inplace: bool = False,
         finalize: bool = True,
         log_stats: bool = True,
     ) -> None:
@@ -93,7 +98,7 @@ class NMSparsity(Callback):
             n=n, m=m, method=method, lambda_w=lambda_w, update_every=update_every, decay=decay,
             stages=parsed_stages, include=list(include) if include is not None else None,
             exclude=list(exclude) if exclude is not None else None, verify_every=verify_every,
-            compile_masks=compile_masks, masks_in_forward=masks_in_forward,
+            compile_masks=compile_masks, masks_in_forward=masks_in_forward, inplace=inplace,
         )
         # Validate everything now; decay_steps gets its real value in setup() when left to the run length.
         probe = decay_steps if decay_steps is not None or method not in ("mdgf", "sdgf") else 1
@@ -143,11 +148,14 @@ class NMSparsity(Callback):
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         sp = self._require()
-        if self._restored:
-            sp.check_ranks()  # masks came from the checkpoint (they may be older than the weights)
-        else:
-            sp.refresh()  # the weights DDP broadcast / the precision plugin converted
+        # Restored: the masks came from the checkpoint (they may be older than the weights), so only
+        # check them; else compute them from the weights DDP broadcast / the precision plugin
+        # converted. With `inplace`, the weights are masked from here on.
+        sp.refresh(recompute=not self._restored)
         self._seen_step = trainer.global_step
+
+    def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any) -> None:
+        self._require().before_optimizer_step()  # `inplace`: the dense weights back, SR-STE's term
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any,
                            batch: Any, batch_idx: int) -> None:

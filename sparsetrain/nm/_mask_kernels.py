@@ -47,3 +47,38 @@ def nm_mask_kernel(wtab_ptr, blocks_ptr, w_one_ptr, groups_one, keep_ptr, pruned
         old = tl.load(old_ptr + base + offs, mask=inside, other=0) != 0
         flipped = ((old != keep) & inside).to(tl.int32)
         tl.store(flips_ptr + pid, tl.sum(tl.sum(flipped, axis=1), axis=0))
+
+
+@triton.jit
+def swap_kernel(tab_ptr, blocks_ptr, pruned_ptr, gtab_ptr, factor,
+                DTYPE: tl.constexpr, BLOCK: tl.constexpr, RESTORE: tl.constexpr, DECAY: tl.constexpr):
+    """Masks weights in place, or puts them back, ``BLOCK`` entries of one layer per program.
+
+    ``tab`` holds per layer ``(weight address, shadow address, entries, offset)``; the block table
+    ``(layer, first entry)``; ``pruned`` is the flat complement of all layers' masks (at ``offset``).
+    Masking (``RESTORE`` false): ``shadow = w``, then ``w += factor * w * pruned`` with
+    ``factor = beta - 1``, the formula of ``torch.addcmul`` (exact: ``pruned`` is 0 or 1).
+    Restoring: ``w = shadow``, and with ``DECAY`` the gradient (address in ``gtab``) gets
+    ``factor * shadow * pruned`` added (SR-STE's term, ``factor = lambda_w``).
+    """
+    pid = tl.program_id(0)
+    layer = tl.load(blocks_ptr + 2 * pid)
+    offs = tl.load(blocks_ptr + 2 * pid + 1) + tl.arange(0, BLOCK)
+    w_ptr = tl.load(tab_ptr + 4 * layer).to(tl.pointer_type(DTYPE))
+    s_ptr = tl.load(tab_ptr + 4 * layer + 1).to(tl.pointer_type(DTYPE))
+    inside = offs < tl.load(tab_ptr + 4 * layer + 2)
+    base = tl.load(tab_ptr + 4 * layer + 3)
+    if RESTORE:
+        s = tl.load(s_ptr + offs, mask=inside)
+        tl.store(w_ptr + offs, s, mask=inside)
+        if DECAY:
+            g_ptr = tl.load(gtab_ptr + layer).to(tl.pointer_type(DTYPE))
+            p = (tl.load(pruned_ptr + base + offs, mask=inside, other=0) != 0).to(tl.float32)
+            g = tl.load(g_ptr + offs, mask=inside).to(tl.float32)
+            tl.store(g_ptr + offs, (g + factor * s.to(tl.float32) * p).to(DTYPE), mask=inside)
+    else:
+        w = tl.load(w_ptr + offs, mask=inside)
+        tl.store(s_ptr + offs, w, mask=inside)
+        p = (tl.load(pruned_ptr + base + offs, mask=inside, other=0) != 0).to(tl.float32)
+        wf = w.to(tl.float32)
+        tl.store(w_ptr + offs, (wf + factor * wf * p).to(DTYPE), mask=inside)

@@ -17,7 +17,7 @@ import torch
 
 from .._triton import build_once
 
-__all__ = ["available", "grouped_masks", "one_mask"]
+__all__ = ["available", "grouped_masks", "one_mask", "swap"]
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 #: Entries ranked at once per program: a program compares every entry of its groups with every
@@ -34,7 +34,8 @@ def _build():
 
     from . import _mask_kernels as k  # imports Triton
 
-    return k.nm_mask_kernel, {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
+    dtypes = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
+    return k.nm_mask_kernel, dtypes, k.swap_kernel
 
 
 def available(weights: Sequence[torch.Tensor], interpret: bool = False) -> bool:
@@ -103,7 +104,7 @@ def one_mask(weight: torch.Tensor, n: int, m: int, interpret: bool = False) -> t
     per layer); None where :func:`available` says no."""
     if not available([weight], interpret):
         return None
-    kernel, tl_dtypes = _kernel
+    kernel, tl_dtypes, _ = _kernel
     mp = 1 << (m - 1).bit_length()
     per_block = max(1, _TILE // (mp * mp))
     groups = weight.numel() // m
@@ -152,7 +153,7 @@ def grouped_masks(
     plan = _plan(weights, n, m, per_block, interpret)
     if plan is None or not _kernel:
         return None
-    kernel, tl_dtypes = _kernel
+    kernel, tl_dtypes, _ = _kernel
     dev = weights[0].device
     keep = torch.empty(plan.total, dtype=torch.bool, device=dev)
     pruned = torch.empty(plan.total, dtype=torch.bool, device=dev)
@@ -179,3 +180,77 @@ def grouped_masks(
     comps = [v.view(s) for v, s in zip(pruned.split(plan.numels), plan.shapes)]
     plan.last_keep, plan.last_views = keep, masks
     return masks, comps, (flips.sum(dtype=torch.int64) if flips is not None else None)
+
+
+#: Entries per program of the in-place masking kernel.
+_SWAP_BLOCK = 2048
+_swap_tables: OrderedDict = OrderedDict()
+_grad_table: list = [None, None]  # (key, device table) of the last gradients seen
+
+
+def _table(rows: list, dev: torch.device) -> torch.Tensor:
+    """An int64 table on ``dev`` without blocking the host (pinned staging for CUDA)."""
+    t = torch.tensor(rows, dtype=torch.int64)
+    if dev.type != "cuda":
+        return t
+    return t.pin_memory().to(dev, non_blocking=True)
+
+
+def swap(weights: Sequence[torch.Tensor], shadows: Sequence[torch.Tensor], pruned: torch.Tensor, factor: float,
+         restore: bool = False, grads: Sequence[torch.Tensor] | None = None, interpret: bool = False) -> bool:
+    """Mask ``weights`` in place keeping their dense values in ``shadows``, or put them back, in one
+    Triton launch; False (nothing done) where it cannot: the caller then runs the torch ops.
+
+    Masking: ``shadow.copy_(w); w.addcmul_(shadow, pruned_i, value=factor)`` per layer
+    (``factor = beta - 1``). Restoring: ``w.copy_(shadow)`` and, with ``grads``,
+    ``grad.addcmul_(shadow, pruned_i, value=factor)`` (``factor = lambda_w``). Results equal those
+    ops bit for bit (``pruned`` is 0 or 1, so the products are exact).
+
+    Args:
+        weights: contiguous weights of one dtype on one device (any device with ``interpret``).
+        shadows: one contiguous tensor per weight, same shape and dtype.
+        pruned: the flat bool complement of all layers' masks, in order (``numel`` = all weights').
+        factor: ``beta - 1`` when masking, ``lambda_w`` when restoring.
+        restore: put the dense weights back instead of masking.
+        grads: with ``restore``: each weight's contiguous gradient, to add SR-STE's term to.
+    """
+    weights, shadows = list(weights), list(shadows)
+    if not available(weights, interpret) or not _kernel:
+        return False
+    dtype, dev = weights[0].dtype, weights[0].device
+    if any(w.dtype != dtype for w in weights) or not all(
+            s.dtype == dtype and s.device == dev and s.is_contiguous() and s.shape == w.shape
+            for s, w in zip(shadows, weights)):
+        return False
+    if grads is not None and not all(g is not None and g.dtype == dtype and g.device == dev and g.is_contiguous()
+                                     and g.shape == w.shape for g, w in zip(grads, weights)):
+        return False
+    if not (pruned.dtype == torch.bool and pruned.device == dev and pruned.is_contiguous()):
+        return False
+    key = (interpret, tuple((w.data_ptr(), s.data_ptr(), w.numel(), w.get_device()) for w, s in zip(weights, shadows)))
+    tabs = _swap_tables.get(key)
+    if tabs is None:
+        rows, blocks, total = [], [], 0
+        for i, (w, s) in enumerate(zip(weights, shadows)):
+            rows.append([w.data_ptr(), s.data_ptr(), w.numel(), total])
+            blocks.extend([i, start] for start in range(0, w.numel(), _SWAP_BLOCK))
+            total += w.numel()
+        tabs = _swap_tables[key] = (_table(rows, dev), _table(blocks, dev), total)
+        while len(_swap_tables) > _PLANS_KEPT:
+            _swap_tables.popitem(last=False)
+    else:
+        _swap_tables.move_to_end(key)
+    tab, blocks, total = tabs
+    if pruned.numel() != total:
+        raise ValueError(f"`pruned` must hold {total} entries (all weights'), got {pruned.numel()}")
+    gtab = tab
+    if grads is not None:
+        gkey = (interpret, tuple(g.data_ptr() for g in grads))
+        if _grad_table[0] != gkey:
+            _grad_table[:] = [gkey, _table([g.data_ptr() for g in grads], dev)]
+        gtab = _grad_table[1]
+    _, tl_dtypes, kernel = _kernel
+    kernel[(blocks.shape[0],)](
+        tab, blocks, pruned.view(torch.int8), gtab, float(factor),
+        DTYPE=tl_dtypes[dtype], BLOCK=_SWAP_BLOCK, RESTORE=restore, DECAY=grads is not None, num_warps=4)
+    return True

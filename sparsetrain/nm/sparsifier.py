@@ -27,6 +27,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.utils import parametrize
 
+from . import grouped
 from .export import nm_export_state_dict
 from .masks import _nm_masks, check_nm, nm_mask, pack_mask, select_nm_layers, unpack_mask
 from .methods import METHODS, NMMask, mdgf_beta, sdgf_ladder, sdgf_pattern
@@ -71,6 +72,18 @@ class NMConfig:
             gradient accumulation). The stored masks (statistics, rank checks, checkpoints,
             export) are then refreshed on demand and every ``verify_every`` steps, and the mask
             flip fraction is measured at those steps only (against the step before).
+        inplace: mask the layers' own ``weight`` parameters in place instead of registering a
+            parametrization: after each optimizer step the dense weights are copied aside and the
+            weights masked (one Triton launch for all layers on CUDA), and before the next
+            optimizer step they are put back, with SR-STE's term added to the gradients in the
+            same launch. The forward and backward passes then run exactly as a dense model's (no
+            per-layer op, autograd node or hook), at the price of one dense copy of the sparse
+            weights in memory. It needs :meth:`NMSparsifier.before_optimizer_step` before every
+            optimizer step (``optimizer=`` registers it; the Lightning callback calls it). Between
+            the forward pass and the optimizer step, ``layer.weight`` holds the masked weight;
+            ``state_dict()`` and ``load_state_dict()`` of the model see the dense weights. Not
+            with ``masks_in_forward``, shared (tied) weights, or sharded optimizers that keep their
+            own master weights (DeepSpeed, FSDP).
     """
 
     n: int = 2
@@ -87,6 +100,7 @@ class NMConfig:
     verify_every: int = 100
     compile_masks: bool | None = None
     masks_in_forward: bool = False
+    inplace: bool = False
     _ladder: list[tuple[int, int]] = field(init=False, repr=False, default_factory=list)
 
     def __post_init__(self) -> None:
@@ -108,6 +122,11 @@ class NMConfig:
             raise ValueError(f"`compile_masks` must be True, False or None (on CUDA only), got {self.compile_masks!r}")
         if not isinstance(self.masks_in_forward, bool):
             raise ValueError(f"`masks_in_forward` must be True or False, got {self.masks_in_forward!r}")
+        if not isinstance(self.inplace, bool):
+            raise ValueError(f"`inplace` must be True or False, got {self.inplace!r}")
+        if self.inplace and self.masks_in_forward:
+            raise ValueError("`inplace` and `masks_in_forward` exclude each other: in-place masks are computed "
+                             "after the optimizer step, not in the forward pass")
         if self.masks_in_forward and self.update_every != 1:
             raise ValueError(f"`masks_in_forward` recomputes the masks in every forward pass, so it needs "
                              f"`update_every`=1, got {self.update_every}")
@@ -172,12 +191,18 @@ class NMSparsifier:
     wrapping: DDP broadcasts rank 0's weights when it wraps, and the masks must be recomputed
     from those.
 
+    With ``NMConfig(inplace=True)`` no parametrization is registered: the layers' weights are
+    masked in place after attaching (or at :meth:`refresh`, with ``verify_now=False``) and after
+    every :meth:`step`, and :meth:`before_optimizer_step` puts the dense weights back before each
+    optimizer step (see :class:`NMConfig`).
+
     Args:
         model: the model (not yet wrapped in DDP).
         config: an :class:`NMConfig`; keyword arguments build one when omitted.
         optimizer: when given, :meth:`step` runs after each ``optimizer.step()`` through
-            ``optimizer.register_step_post_hook`` (a step skipped by a GradScaler is not counted);
-            otherwise call :meth:`step` yourself after each optimizer step.
+            ``optimizer.register_step_post_hook`` (a step skipped by a GradScaler is not counted),
+            and with ``inplace`` :meth:`before_optimizer_step` before it (a step pre-hook);
+            otherwise call them yourself around each optimizer step.
         grad_scaler: a ``torch.amp.GradScaler`` when training in fp16 with loss scaling: the
             SR-STE term is then multiplied by the current scale so it survives unscaling.
         process_group: group for the rank-equality check (default group when None).
@@ -187,7 +212,8 @@ class NMSparsifier:
 
     Raises:
         ValueError: bad config, no layer can take the pattern, a layer already has a
-            parametrized ``weight``, or ``model`` is already wrapped in DDP.
+            parametrized ``weight``, ``model`` is already wrapped in DDP, or (``inplace``) a
+            sparse weight is shared with another module.
     """
 
     __slots__ = (
@@ -195,6 +221,7 @@ class NMSparsifier:
         "config", "model", "grad_scaler", "process_group",
         # internal state
         "layers", "_params", "_hooks", "step_count", "_pattern", "_updates", "_finalized", "_stale",
+        "_shadows", "_swapped", "_armed",
         # statistics
         "last_flip_fraction", "_flip_count", "_flip_total",
     )
@@ -230,31 +257,143 @@ class NMSparsifier:
         self._flip_total = 0
         self._params: dict[str, NMMask] = {}
         self._stale = False  # masks_in_forward: the stored masks lag the weights
+        self._shadows: list[torch.Tensor] | None = None  # inplace: the dense weights while masked
+        self._swapped = False  # inplace: the weights hold their masked values now
+        self._armed = False  # inplace: masked at least once (attached with verify_now, or refresh())
         self._hooks = []
+        if config.inplace:
+            _check_unshared(model, self.layers)
         lam = self._lambda()
-        for name, mod in self.layers.items():
+        for i, (name, mod) in enumerate(self.layers.items()):
             p = NMMask(None, beta=config.beta(0), lambda_w=lam)
+            self._params[name] = p
+            if config.inplace:  # the NMMask only holds the masks
+                self._hooks.append(mod.register_state_dict_post_hook(functools.partial(self._dense_entry, i)))
+                self._hooks.append(mod.register_load_state_dict_pre_hook(functools.partial(self._load_entry, i)))
+                continue
             parametrize.register_parametrization(mod, "weight", p, unsafe=True)
             _direct_weight_property(mod)
             self._hooks.append(mod.register_load_state_dict_pre_hook(_accept_plain_weight))
             if config.lambda_w:  # SR-STE's term (any method may set lambda_w)
                 w = mod.parametrizations.weight.original
                 self._hooks.append(w.register_hook(functools.partial(p.decay_gradient, w)))
-            self._params[name] = p
         with torch.no_grad():
             self._recompute(count_flips=False)
         self._set_forward_pattern()
         if optimizer is not None:
             if not hasattr(optimizer, "register_step_post_hook"):
                 raise ValueError(f"`optimizer` must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
+            if config.inplace:
+                self._hooks.append(optimizer.register_step_pre_hook(lambda *_: self.before_optimizer_step()))
             self._hooks.append(optimizer.register_step_post_hook(lambda *_: self.step()))
         if verify_now:
             self.check_ranks()
+            self._mask_in_place()
 
     # ------------------------------------------------------------------ weights and masks
     def dense_weight(self, name: str) -> torch.Tensor:
         """The live dense weight (the trained parameter) of layer ``name``."""
+        if self.config.inplace:
+            if self._swapped:
+                return self._shadows[list(self.layers).index(name)]
+            return self.layers[name]._parameters["weight"]
         return _original(self.layers[name])
+
+    # ------------------------------------------------------------------ inplace: masking the weights themselves
+    def _plain_weights(self) -> list[torch.Tensor]:
+        return [mod._parameters["weight"] for mod in self.layers.values()]
+
+    @torch.no_grad()
+    def _mask_in_place(self) -> None:
+        """``inplace``: keep the dense weights aside and mask the weights (no-op when already masked,
+        in a dense SDGF stage, or without ``inplace``)."""
+        if not self.config.inplace:
+            return
+        self._armed = True
+        if self._swapped or self._pattern is None or any(p.pruned is None for p in self._params.values()):
+            return
+        ws = self._plain_weights()
+        if self._shadows is None or any(s.shape != w.shape or s.dtype != w.dtype or s.device != w.device
+                                        for s, w in zip(self._shadows, ws)):
+            self._shadows = [torch.empty_like(w, memory_format=torch.contiguous_format) for w in ws]
+        prs = self._pruned_on(ws)
+        factor = self.config.beta(self.step_count) - 1.0
+        flat = _flat_pruned(self._params, prs) if ws[0].is_cuda else None
+        if flat is None or not grouped.swap(ws, self._shadows, flat, factor):
+            for w, sh, pr in zip(ws, self._shadows, prs):
+                sh.copy_(w)
+                w.addcmul_(sh, pr, value=factor)
+        self._swapped = True
+
+    @torch.no_grad()
+    def _restore(self, decay: bool) -> None:
+        """``inplace``: put the dense weights back; with ``decay``, add SR-STE's
+        ``lambda_w * (1 - mask) * W`` to their gradients."""
+        if not self._swapped:
+            return
+        ws = self._plain_weights()
+        prs = self._pruned_on(ws)
+        lam = self.config.lambda_w if decay else 0.0
+        grads = [w.grad for w in ws] if lam else None
+        if grads is not None and any(g is None for g in grads):
+            grads = None if all(g is None for g in grads) else grads
+        flat = _flat_pruned(self._params, prs) if ws[0].is_cuda else None
+        fast = flat is not None and (grads is None or all(g is not None for g in grads)) and grouped.swap(
+            ws, self._shadows, flat, lam, restore=True, grads=grads)
+        if not fast:
+            for i, (w, sh, pr) in enumerate(zip(ws, self._shadows, prs)):
+                w.copy_(sh)
+                if grads is not None and grads[i] is not None:
+                    grads[i].addcmul_(sh, pr, value=lam)
+        self._swapped = False
+
+    def _pruned_on(self, ws: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Each layer's pruned mask, moved to its weight's device when the model was moved."""
+        out = []
+        for w, p in zip(ws, self._params.values()):
+            if p.pruned.get_device() != w.get_device():
+                p.set_mask(p.mask.to(w.device))
+            out.append(p.pruned)
+        return out
+
+    def before_optimizer_step(self) -> None:
+        """``inplace``: put the dense weights back and add SR-STE's term to their gradients; call it
+        after the backward pass(es) and before every ``optimizer.step()`` (``optimizer=`` does).
+        A no-op without ``inplace``.
+
+        Raises:
+            RuntimeError: the weights were never masked (attached with ``verify_now=False`` and
+                :meth:`refresh` not called).
+        """
+        self._check_live()
+        if not self.config.inplace:
+            return
+        if not self._armed and self._pattern is not None:
+            raise RuntimeError("the N:M sparsifier was attached with verify_now=False and the weights were never "
+                               "masked: call refresh() after wrapping the model (DDP) and before training")
+        self._restore(decay=True)
+
+    def _dense_entry(self, i: int, module: nn.Module, state_dict: dict, prefix: str, local_metadata: Any) -> None:
+        """State-dict hook (``inplace``): the dense weight, not the masked one."""
+        if self._swapped and prefix + "weight" in state_dict:
+            state_dict[prefix + "weight"] = self._shadows[i]
+
+    @torch.no_grad()
+    def _load_entry(self, i: int, module: nn.Module, state_dict: dict, prefix: str, *_: Any) -> None:
+        """Load pre-hook (``inplace``): a loaded weight is dense; while masked, it goes to the dense
+        copy and the layer receives its masked version. Checkpoints saved with the parametrization
+        (``parametrizations.weight.original``) load too."""
+        key, orig = prefix + "weight", prefix + "parametrizations.weight.original"
+        if orig in state_dict and key not in state_dict:  # saved with the parametrization
+            state_dict[key] = state_dict.pop(orig)
+        if not self._swapped or key not in state_dict:
+            return
+        sh, incoming = self._shadows[i], state_dict[key]
+        if not isinstance(incoming, torch.Tensor) or incoming.shape != sh.shape:
+            return  # load_state_dict reports the mismatch
+        sh.copy_(incoming)
+        pr = self._pruned_on(self._plain_weights())[i]
+        state_dict[key] = torch.addcmul(sh, sh, pr, value=self.config.beta(self.step_count) - 1.0)
 
     @property
     def masks(self) -> dict[str, torch.Tensor | None]:
@@ -291,11 +430,20 @@ class NMSparsifier:
         return lam
 
     @torch.no_grad()
-    def refresh(self) -> None:
-        """Recompute every mask from the current weights (also checks rank equality)."""
+    def refresh(self, recompute: bool = True) -> None:
+        """Recompute every mask from the current weights and check they are equal on all ranks;
+        with ``inplace``, then mask the weights in place.
+
+        Args:
+            recompute: False keeps the current masks (e.g. just restored from a checkpoint) and
+                only checks them and, with ``inplace``, masks the weights.
+        """
         self._check_live()
-        self._recompute(count_flips=False)
+        self._restore(decay=False)
+        if recompute:
+            self._recompute(count_flips=False)
         self.check_ranks()
+        self._mask_in_place()
 
     def _recompute(self, count_flips: bool) -> None:
         self._stale = False
@@ -339,6 +487,10 @@ class NMSparsifier:
     def step(self) -> None:
         """Advance one optimizer step: schedule (beta, SDGF pattern), masks when due, statistics."""
         self._check_live()
+        if self._swapped:
+            raise RuntimeError("step() found the weights still masked: with `inplace`, call before_optimizer_step() "
+                               "before every optimizer step (or pass optimizer= when attaching), or the optimizer "
+                               "updates the masked weights")
         cfg = self.config
         self.step_count += 1
         t = self.step_count
@@ -360,6 +512,7 @@ class NMSparsifier:
             self._updates += 1
             if cfg.verify_every and self._updates % cfg.verify_every == 0:
                 self.check_ranks()
+        self._mask_in_place()
 
     def _step_forward_masks(self, t: int, changed: bool) -> None:
         """``step()`` with ``masks_in_forward``: the forward pass computes the masks; the stored ones
@@ -435,7 +588,7 @@ class NMSparsifier:
         """
         self._check_live()
         return nm_export_state_dict(self.model.state_dict(), self.config.n, self.config.m,
-                                    masks=self._target_masks())
+                                    masks=self._target_masks(), layers=list(self.layers))
 
     def _target_masks(self) -> dict[str, torch.Tensor]:
         if self._pattern != (self.config.n, self.config.m):
@@ -456,17 +609,20 @@ class NMSparsifier:
         if self._finalized:
             return dict(self.layers)
         self.check_ranks()
+        self._restore(decay=False)
         target = self._target_masks()
         n, m = self.config.n, self.config.m
         for name, mod in self.layers.items():
             w = self.dense_weight(name)
             mask = target.get(name)
             mask = nm_mask(w, n, m) if mask is None else mask.to(w.device)
-            parametrize.remove_parametrizations(mod, "weight", leave_parametrized=False)
+            if not self.config.inplace:
+                parametrize.remove_parametrizations(mod, "weight", leave_parametrized=False)
             mod.weight.copy_(torch.where(mask, mod.weight, 0.0))
             self._params[name].set_mask(None)
         for h in self._hooks:
             h.remove()
+        self._shadows = None
         self._finalized = True
         return dict(self.layers)
 
@@ -522,6 +678,7 @@ class NMSparsifier:
         if list(state["layers"]) != list(self.layers):
             missing = sorted(set(state["layers"]) ^ set(self.layers))
             raise ValueError(f"`state` covers other layers than this sparsifier (differing: {', '.join(missing)})")
+        self._restore(decay=False)
         self.step_count = int(state["step"])
         self._updates = int(state["updates"])
         self._pattern = tuple(state["pattern"]) if state["pattern"] is not None else None
@@ -544,6 +701,8 @@ class NMSparsifier:
         lf = state.get("last_flip_fraction")
         self.last_flip_fraction = torch.tensor(lf, dtype=torch.float64) if lf is not None else None
         self.check_ranks()
+        if self._armed:  # masking was on (attached with verify_now, or refreshed): on again, new masks
+            self._mask_in_place()
 
 
 def _direct_weight_property(mod: nn.Module) -> None:
@@ -573,6 +732,44 @@ def _original(mod: nn.Module) -> torch.Tensor:
     """The dense weight of a parametrized layer (``mod.parametrizations.weight.original``, read
     from the module dicts directly: this runs for every layer at every mask update)."""
     return mod._modules["parametrizations"]._modules["weight"]._parameters["original"]
+
+
+def _check_unshared(model: nn.Module, layers: dict[str, nn.Module]) -> None:
+    """``inplace`` masks the parameter itself: refuse a sparse weight that another module also uses."""
+    owners: dict[int, list[str]] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        owners.setdefault(id(param), []).append(name)
+    for name, mod in layers.items():
+        names = owners.get(id(mod.weight), [])
+        if len(names) > 1:
+            raise ValueError(f"`inplace` masks the weight parameter itself, but layer {name!r} shares it "
+                             f"({', '.join(names)}); use inplace=False or exclude the layer")
+
+
+def _flat_pruned(params: dict[str, NMMask], prs: list[torch.Tensor]) -> torch.Tensor | None:
+    """All layers' pruned masks as one flat bool tensor, in layer order, for the one-launch in-place
+    masking: the buffer they are views of (``nm_masks`` writes them so), or else a new one, which
+    the layers' masks are then re-seated into (so the next call finds it). None for no masks."""
+    if not prs or any(pr is None for pr in prs):
+        return None
+    base = prs[0]._base
+    if base is not None and base.dim() == 1 and base.is_contiguous():
+        ptr, ok = base.data_ptr(), True
+        for pr in prs:
+            if pr._base is not base or pr.data_ptr() != ptr or not pr.is_contiguous():
+                ok = False
+                break
+            ptr += pr.numel()
+        if ok and ptr == base.data_ptr() + base.numel():
+            return base
+    flat = torch.cat([pr.reshape(-1) for pr in prs])
+    keep = ~flat
+    start = 0
+    for p, pr in zip(params.values(), prs):
+        k = pr.numel()
+        p.set_mask(keep[start:start + k].view(pr.shape), flat[start:start + k].view(pr.shape))
+        start += k
+    return flat
 
 
 def _fingerprint(mask: torch.Tensor) -> torch.Tensor:

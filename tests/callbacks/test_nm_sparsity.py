@@ -42,7 +42,8 @@ def _module(seed=0):
     return DemoLM(model=CFG, lr=1e-2)
 
 
-@pytest.mark.parametrize("method,kw", [("srste", {}), ("mdgf", {}), ("sdgf", {"n": 1, "m": 8})])
+@pytest.mark.parametrize("method,kw", [("srste", {}), ("mdgf", {}), ("sdgf", {"n": 1, "m": 8}),
+                                       ("srste", {"inplace": True})])
 def test_fit_ends_exactly_nm_with_plain_weights(method, kw):
     module = _module()
     cb = NMSparsity(method=method, include=["*.mlp.*"], **kw)
@@ -69,9 +70,9 @@ class _Consumed(Callback):
         self.loader.mark_consumed()
 
 
-def _fit_to(max_steps, tmp_path, ckpt_path=None):
+def _fit_to(max_steps, tmp_path, ckpt_path=None, inplace=False):
     module = _module(seed=7 if ckpt_path else 0)  # a resumed run must get everything from the checkpoint
-    cb = NMSparsity(method="mdgf", decay_steps=5, update_every=2, include=["*.mlp.*", "*.out_proj"])
+    cb = NMSparsity(method="mdgf", decay_steps=5, update_every=2, include=["*.mlp.*", "*.out_proj"], inplace=inplace)
     ckpt = ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=3, save_top_k=-1, filename="{step}")
     # A stateful loader: Lightning restarts a plain DataLoader's epoch from its first batch on resume.
     g = torch.Generator().manual_seed(0)
@@ -82,9 +83,11 @@ def _fit_to(max_steps, tmp_path, ckpt_path=None):
     return module, cb
 
 
-def test_resume_is_bit_exact_with_grad_accumulation(tmp_path):
+@pytest.mark.parametrize("inplace", [False, True])
+def test_resume_is_bit_exact_with_grad_accumulation(tmp_path, inplace):
+    # The reference trains with the parametrization: in-place masking gives the same run.
     ref, _ = _fit_to(6, tmp_path / "a")
-    _fit_to(3, tmp_path / "b")
+    _fit_to(3, tmp_path / "b", inplace=inplace)
     path = tmp_path / "b" / "step=3.ckpt"
     ckpt = torch.load(path, weights_only=True)
     # The checkpoint's exported view is exactly N:M and loads into the plain model.
@@ -93,7 +96,7 @@ def test_resume_is_bit_exact_with_grad_accumulation(tmp_path):
         assert is_nm(exported[name + ".weight"], 2, 4)
     plain = DemoLM(model=CFG)
     plain.load_state_dict(exported)
-    got, cb = _fit_to(6, tmp_path / "c", ckpt_path=str(path))
+    got, cb = _fit_to(6, tmp_path / "c", ckpt_path=str(path), inplace=inplace)
     assert cb.sparsifier.step_count == 6
     ref_sd, got_sd = ref.state_dict(), got.state_dict()
     assert set(ref_sd) == set(got_sd)
@@ -155,3 +158,14 @@ def test_lightning_ddp_masks_identical_on_both_ranks():
         assert torch.equal(e0[k], e1[k])
     for name in MLP_LAYERS:
         assert is_nm(e0[name + ".weight"], 2, 4)
+
+
+def test_inplace_fit_equals_the_parametrization():
+    # SR-STE: the term goes into the gradients before the optimizer step instead of in a hook.
+    out = []
+    for inplace in (False, True):
+        module = _module()
+        trainer = _trainer(5, [NMSparsity(method="srste", include=["*.mlp.*"], inplace=inplace, finalize=False)])
+        trainer.fit(module, _loader())
+        out.append(trainer.callbacks[0].sparsifier.exported_state_dict())
+    assert set(out[0]) == set(out[1]) and all(torch.equal(out[0][k], out[1][k]) for k in out[0])

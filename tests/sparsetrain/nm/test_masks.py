@@ -232,6 +232,48 @@ def test_grouped_kernel_in_the_triton_interpreter():
     run_triton_interpreted(_GROUPED)
 
 
+_SWAP = r"""
+import torch
+from sparsetrain.nm import grouped, nm_mask
+
+g = torch.Generator().manual_seed(0)
+for dtype in (torch.float32, torch.bfloat16, torch.float16):
+    ws = [torch.randn(6, 96, generator=g), torch.randn(2500, 4, generator=g), torch.randn(3, 8, 2, 2, generator=g)]
+    ws = [w.to(dtype) for w in ws]
+    ws[0][0, 1] = float("inf")
+    pruned = [~nm_mask(w, 2, 4) for w in ws]
+    flat = torch.cat([p.reshape(-1) for p in pruned])
+    tol = 2 ** -7 if dtype == torch.bfloat16 else 0  # the interpreter rounds fp32 to bf16 towards zero: one ulp
+    for beta in (0.0, 0.3):
+        dense = [w.clone() for w in ws]
+        shadows = [torch.empty_like(w) for w in ws]
+        assert grouped.swap(ws, shadows, flat, beta - 1.0, interpret=True)
+        # addcmul's formula as on CUDA: in fp32, with the scalar in fp32 (torch on CPU rounds it to
+        # the tensor's dtype first, so it is not the reference for bf16/fp16).
+        for w, s, d, p in zip(ws, shadows, dense, pruned):
+            assert torch.equal(s, d)
+            ref = (d.float() + (beta - 1.0) * d.float() * p).to(dtype)
+            torch.testing.assert_close(w, ref, rtol=tol, atol=0, equal_nan=True)  # inf - inf: NaN in both
+        grads = [torch.randn(w.shape, generator=g).to(dtype) for w in ws]
+        refs = [(gr.float() + 0.01 * d.float() * p).to(dtype) for gr, d, p in zip(grads, dense, pruned)]
+        assert grouped.swap(ws, shadows, flat, 0.01, restore=True, grads=grads, interpret=True)
+        assert all(torch.equal(w, d) for w, d in zip(ws, dense))
+        for gr, r in zip(grads, refs):
+            torch.testing.assert_close(gr, r, rtol=tol, atol=0, equal_nan=True)
+        assert grouped.swap(ws, shadows, flat, 0.0, restore=True, interpret=True)  # no gradients: copy only
+        assert all(torch.equal(w, d) for w, d in zip(ws, dense))
+assert not grouped.swap(ws, shadows, flat, -1.0)  # CPU tensors, outside the interpreter
+assert not grouped.swap(ws, [s.float() for s in shadows], flat, -1.0, interpret=True)  # other dtype
+print("interpreted ok")
+"""
+
+
+def test_in_place_masking_kernel_in_the_triton_interpreter():
+    # One launch masks every layer's weight in place (dense copy aside) or puts it back, adding
+    # SR-STE's term to the gradients: equal to the torch ops the sparsifier runs elsewhere.
+    run_triton_interpreted(_SWAP)
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("n,m", [(1, 2), (2, 4), (1, 8), (3, 8), (5, 16), (2, 6)])
@@ -252,3 +294,27 @@ def test_cuda_nm_masks_take_the_grouped_kernel_and_equal_nm_mask(n, m):
     assert int(flips) == sum(int((r != o).sum()) for r, o in zip(refs, olds))
     assert news[1].data_ptr() - news[0].data_ptr() == ws[0].numel()  # one flat buffer: the grouped kernel ran
     assert torch.equal(masks_mod.forward_mask(ws[1], n, m), refs[1])
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_cuda_in_place_masking_kernel_equals_the_torch_ops(dtype):
+    from sparsetrain.nm import grouped
+
+    g = torch.Generator().manual_seed(1)
+    ws = [torch.randn(768, 3072, generator=g), torch.randn(64, 96, generator=g), torch.randn(5, 8, 3, 4, generator=g)]
+    ws = [w.to(dtype).cuda() for w in ws]
+    pruned = [~nm_mask(w, 2, 4) for w in ws]
+    flat = torch.cat([p.reshape(-1) for p in pruned])
+    for factor, lam in ((-1.0, 2e-4), (-0.37, 0.05)):
+        dense = [w.clone() for w in ws]
+        shadows = [torch.empty_like(w) for w in ws]
+        assert grouped.swap(ws, shadows, flat, factor)
+        for w, s, d, p in zip(ws, shadows, dense, pruned):
+            assert torch.equal(s, d) and torch.equal(w, torch.addcmul(d, d, p, value=factor))
+        grads = [torch.randn(w.shape, generator=g).to(dtype).cuda() for w in ws]
+        refs = [torch.addcmul(gr, d, p, value=lam) for gr, d, p in zip(grads, dense, pruned)]
+        assert grouped.swap(ws, shadows, flat, lam, restore=True, grads=grads)
+        assert all(torch.equal(w, d) for w, d in zip(ws, dense))
+        assert all(torch.equal(gr, r) for gr, r in zip(grads, refs))

@@ -34,13 +34,15 @@ def _setup(seed=0, sgd=False, **kw):
 def _train(model, sp, opt, steps, start=0):
     for t in range(start, start + steps):
         model.loss(*_batch(t)).backward()
+        sp.before_optimizer_step()  # a no-op without `inplace`
         opt.step()
         opt.zero_grad()
         sp.step()
 
 
-def test_masks_follow_the_dense_weights_every_step():
-    model, sp, opt = _setup(method="srste", include=["*.mlp.*"])
+@pytest.mark.parametrize("inplace", [False, True])
+def test_masks_follow_the_dense_weights_every_step(inplace):
+    model, sp, opt = _setup(method="srste", include=["*.mlp.*"], inplace=inplace)
     assert list(sp.layers) == ["blocks.0.mlp.fc_in", "blocks.0.mlp.fc_out"]
     flips = []
     for t in range(4):
@@ -141,6 +143,7 @@ def test_plain_dense_checkpoint_loads_into_the_sparse_model():
 @pytest.mark.parametrize("method,kw", [
     ("ste", {"update_every": 2}), ("srste", {}), ("mdgf", {"decay_steps": 5, "decay": "exp"}),
     ("sdgf", {"decay_steps": 6, "n": 1, "m": 8, "update_every": 4}),
+    ("srste", {"inplace": True}), ("sdgf", {"decay_steps": 6, "n": 1, "m": 8, "inplace": True}),
 ])
 def test_resume_is_bit_exact(method, kw):
     model, sp, opt = _setup(method=method, **kw)
@@ -274,6 +277,23 @@ def _ddp_ranks(rank, world_size, steps):
         sp.step()  # verify_every=1: checks rank equality after every update
     out["masks"] = {k: v.clone() for k, v in sp.masks.items()}
     out["weights"] = {k: v.clone() for k, v in model.state_dict().items()}
+    # 3b. The same with in-place masking, from other initial weights on each rank (DDP broadcasts
+    # rank 0's when it wraps; refresh() masks them).
+    torch.manual_seed(rank)
+    model = GPT(CFG)
+    sp = NMSparsifier(model, NMConfig(method="srste", verify_every=1, inplace=True), verify_now=False)
+    ddp = nn.parallel.DistributedDataParallel(model)
+    opt = _opt(ddp.parameters(), sgd=True)
+    sp.refresh()
+    for t in range(steps):
+        x, y = _batch(t, b=4)
+        torch.nn.functional.cross_entropy(ddp(x[rank::world_size]).reshape(-1, 256),
+                                          y[rank::world_size].reshape(-1)).backward()
+        sp.before_optimizer_step()
+        opt.step()
+        opt.zero_grad()
+        sp.step()
+    out["inplace_weights"] = {k: v.clone() for k, v in model.state_dict().items()}
     # 4. Channel permutation: identical on every rank for the same weights and seed, refused otherwise.
     torch.manual_seed(0)
     out["perms"] = [site.info["perm"] for site in permute_for_nm(GPT(CFG), 2, 4, escapes=2)]
@@ -297,6 +317,10 @@ def test_ddp_masks_identical_across_ranks_and_match_single_process():
         assert torch.equal(r0["masks"][k], r1["masks"][k])
     for k in r0["weights"]:
         assert torch.equal(r0["weights"][k], r1["weights"][k])
+    plain_keys = {k.replace(".parametrizations.weight.original", ".weight"): v for k, v in r0["weights"].items()}
+    for k, v in r0["inplace_weights"].items():
+        assert torch.equal(v, r1["inplace_weights"][k])
+        assert torch.allclose(v, plain_keys[k], atol=1e-6, rtol=1e-5), k  # SR-STE's term after averaging
     # Single-process reference: the full batch (the mean of the ranks' gradients).
     model, sp, opt = _setup(method="srste", sgd=True)
     _train(model, sp, opt, steps)
@@ -472,3 +496,137 @@ def test_direct_weight_property_keeps_parametrize_semantics():
         assert layer.weight is layer.weight
     sp.finalize()
     assert type(layer) is cls and isinstance(layer.weight, nn.Parameter)
+
+
+# ----------------------------------------------------------------------------- inplace
+
+
+def _dense_view(sp):
+    """name -> tensor of everything a sparsifier's model trains: dense weights and other parameters."""
+    out = {name + ".weight": sp.dense_weight(name) for name in sp.layers}
+    for k, v in sp.model.state_dict().items():
+        if ".parametrizations." not in k and k not in out:
+            out[k] = v
+    return out
+
+
+@pytest.mark.parametrize("kw", [dict(method="srste"), dict(method="ste", n=1, m=4, update_every=2),
+                                dict(method="mdgf", decay_steps=5), dict(method="sdgf", n=1, m=8, decay_steps=6)])
+def test_inplace_trains_exactly_like_the_parametrization(kw):
+    model, sp, opt = _setup(**kw)
+    torch.manual_seed(0)
+    fast_model = GPT(CFG)
+    fast_opt = _opt(fast_model.parameters())
+    fast = NMSparsifier(fast_model, NMConfig(inplace=True, **kw), optimizer=fast_opt)
+    assert not any(".parametrizations." in k for k in fast_model.state_dict())
+    for t in range(8):
+        _train(model, sp, opt, 1, start=t)
+        fast_model.loss(*_batch(t)).backward()
+        fast_opt.step()  # the hooks put the dense weights back before, and mask them again after
+        fast_opt.zero_grad()
+        for name in sp.layers:  # the weights the forward pass computes with, and the dense ones
+            assert torch.equal(fast.layers[name].weight, sp.layers[name].weight), (t, name)
+        ref = _dense_view(sp)
+        got = fast_model.state_dict()  # dense weights under the plain keys
+        assert set(got) == set(ref) and all(torch.equal(got[k], ref[k]) for k in ref), t
+        assert fast.stats() == sp.stats()
+    got, ref = fast.exported_state_dict(), sp.exported_state_dict()
+    assert set(got) == set(ref) and all(torch.equal(got[k], ref[k]) for k in ref)
+    fast.finalize()
+    sp.finalize()
+    ref = model.state_dict()
+    assert all(torch.equal(v, ref[k]) for k, v in fast_model.state_dict().items())
+    assert all(is_nm(mod.weight, sp.config.n, sp.config.m) for mod in fast.layers.values())
+
+
+def test_inplace_grad_accumulation_matches_the_parametrization():
+    # SR-STE's term: the parametrization adds lambda_w / 2 in each of two backward passes, in-place
+    # masking adds lambda_w once before the step: equal up to rounding.
+    runs = []
+    for inplace in (False, True):
+        model, sp, opt = _setup(method="srste", lambda_w=0.05, grad_accumulation=2, inplace=inplace, sgd=True)
+        for t in range(4):
+            for micro in range(2):
+                model.loss(*_batch(10 * t + micro)).backward()
+            sp.before_optimizer_step()
+            opt.step()
+            opt.zero_grad()
+            sp.step()
+        runs.append(_dense_view(sp))
+    assert all(torch.allclose(runs[0][k], runs[1][k], rtol=1e-5, atol=1e-6) for k in runs[0])
+
+
+def test_inplace_checkpoints_hold_dense_weights_and_load_while_masked():
+    model, sp, opt = _setup(method="srste", inplace=True)
+    _train(model, sp, opt, 2)
+    name = "blocks.0.mlp.fc_in"
+    layer, dense = sp.layers[name], sp.dense_weight(name)
+    assert torch.equal(layer.weight, torch.where(sp.masks[name], dense, 0.0)) and not torch.equal(layer.weight, dense)
+    assert torch.equal(model.state_dict()[name + ".weight"], dense)
+    # Dense weights loaded while masked: kept as the dense weights, the forward pass sees them masked.
+    torch.manual_seed(7)
+    other = GPT(CFG).state_dict()
+    model.load_state_dict(other)
+    assert torch.equal(sp.dense_weight(name), other[name + ".weight"])
+    assert torch.equal(layer.weight, torch.where(sp.masks[name], other[name + ".weight"], 0.0))
+    sp.refresh()
+    assert torch.equal(sp.masks[name], nm_mask(other[name + ".weight"], 2, 4))
+    assert torch.equal(layer.weight, torch.where(sp.masks[name], other[name + ".weight"], 0.0))
+    # A checkpoint of the parametrization loads too, and vice versa.
+    pmodel, psp, popt = _setup(seed=3, method="srste")
+    model.load_state_dict(pmodel.state_dict())
+    assert torch.equal(sp.dense_weight(name), psp.dense_weight(name))
+    pmodel.load_state_dict(other)
+    assert torch.equal(psp.dense_weight(name), other[name + ".weight"])
+
+
+def test_inplace_misuse_is_refused():
+    with pytest.raises(ValueError, match="`inplace` must be True or False"):
+        NMConfig(inplace=1)
+    with pytest.raises(ValueError, match="`inplace` and `masks_in_forward` exclude each other"):
+        NMConfig(inplace=True, masks_in_forward=True)
+    tied = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 8))
+    tied[1].weight = tied[0].weight
+    with pytest.raises(ValueError, match=r"layer '0' shares it \(0.weight, 1.weight\)"):
+        NMSparsifier(tied, NMConfig(inplace=True))
+    # The optimizer stepped on the masked weights (no before_optimizer_step): step() refuses.
+    model, sp, opt = _setup(method="srste", inplace=True)
+    model.loss(*_batch(0)).backward()
+    opt.step()
+    with pytest.raises(RuntimeError, match="call before_optimizer_step"):
+        sp.step()
+    # Attached with verify_now=False and never refreshed: the weights were never masked.
+    torch.manual_seed(0)
+    model = GPT(CFG)
+    sp = NMSparsifier(model, NMConfig(inplace=True), verify_now=False)
+    assert not any(torch.equal(m.weight, torch.where(sp.masks[n], m.weight, 0.0)) for n, m in sp.layers.items())
+    with pytest.raises(RuntimeError, match="call refresh"):
+        sp.before_optimizer_step()
+    sp.refresh()
+    sp.before_optimizer_step()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("kw", [dict(method="srste"), dict(method="mdgf", decay_steps=4)])
+def test_cuda_inplace_trains_exactly_like_the_parametrization(dtype, kw):
+    from sparsetrain.nm import grouped
+
+    runs = []
+    for inplace in (False, True):
+        torch.manual_seed(0)
+        model = GPT(CFG).cuda().to(dtype)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+        sp = NMSparsifier(model, NMConfig(inplace=inplace, **kw), optimizer=opt)
+        grouped._swap_tables.clear()
+        for t in range(5):
+            x, y = _batch(t)
+            model.loss(x.cuda(), y.cuda()).backward()
+            opt.step()
+            opt.zero_grad()
+        assert bool(grouped._swap_tables) == inplace  # in-place: the one-launch kernel ran
+        runs.append((_dense_view(sp), {n: m.weight.clone() for n, m in sp.layers.items()}))
+    (dense_a, fwd_a), (dense_b, fwd_b) = runs
+    assert set(dense_a) == set(dense_b) and all(torch.equal(dense_a[k], dense_b[k]) for k in dense_a)
+    assert all(torch.equal(fwd_a[k], fwd_b[k]) for k in fwd_a)
