@@ -57,7 +57,8 @@ def swap_kernel(tab_ptr, blocks_ptr, pruned_ptr, gtab_ptr, factor,
     ``tab`` holds per layer ``(weight address, shadow address, entries, offset)``; the block table
     ``(layer, first entry)``; ``pruned`` is the flat complement of all layers' masks (at ``offset``).
     Masking (``RESTORE`` false): ``shadow = w``, then ``w += factor * w * pruned`` with
-    ``factor = beta - 1``, the formula of ``torch.addcmul`` (exact: ``pruned`` is 0 or 1).
+    ``factor = beta - 1``, computed as CUDA's ``torch.addcmul`` does (``w + factor * (w * pruned)``,
+    one fused multiply-add in fp32).
     Restoring: ``w = shadow``, and with ``DECAY`` the gradient (address in ``gtab``) gets
     ``factor * shadow * pruned`` added (SR-STE's term, ``factor = lambda_w``).
     """
@@ -75,10 +76,10 @@ def swap_kernel(tab_ptr, blocks_ptr, pruned_ptr, gtab_ptr, factor,
             g_ptr = tl.load(gtab_ptr + layer).to(tl.pointer_type(DTYPE))
             p = (tl.load(pruned_ptr + base + offs, mask=inside, other=0) != 0).to(tl.float32)
             g = tl.load(g_ptr + offs, mask=inside).to(tl.float32)
-            tl.store(g_ptr + offs, (g + factor * s.to(tl.float32) * p).to(DTYPE), mask=inside)
+            tl.store(g_ptr + offs, (g + factor * (s.to(tl.float32) * p)).to(DTYPE), mask=inside)
     else:
         w = tl.load(w_ptr + offs, mask=inside)
         tl.store(s_ptr + offs, w, mask=inside)
         p = (tl.load(pruned_ptr + base + offs, mask=inside, other=0) != 0).to(tl.float32)
         wf = w.to(tl.float32)
-        tl.store(w_ptr + offs, (wf + factor * wf * p).to(DTYPE), mask=inside)
+        tl.store(w_ptr + offs, (wf + factor * (wf * p)).to(DTYPE), mask=inside)

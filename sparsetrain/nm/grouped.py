@@ -196,6 +196,16 @@ def _table(rows: list, dev: torch.device) -> torch.Tensor:
     return t.pin_memory().to(dev, non_blocking=True)
 
 
+def _swappable(weights: list[torch.Tensor], shadows: list[torch.Tensor], interpret: bool) -> bool:
+    """Whether :func:`swap` can take these weights and shadows (see there)."""
+    if not available(weights, interpret) or not _kernel:
+        return False
+    dtype, dev = weights[0].dtype, weights[0].device
+    return len(shadows) == len(weights) and all(w.dtype == dtype for w in weights) and all(
+        s.dtype == dtype and s.device == dev and s.is_contiguous() and s.shape == w.shape
+        for s, w in zip(shadows, weights))
+
+
 def swap(weights: Sequence[torch.Tensor], shadows: Sequence[torch.Tensor], pruned: torch.Tensor, factor: float,
          restore: bool = False, grads: Sequence[torch.Tensor] | None = None, interpret: bool = False) -> bool:
     """Mask ``weights`` in place keeping their dense values in ``shadows``, or put them back, in one
@@ -204,7 +214,7 @@ def swap(weights: Sequence[torch.Tensor], shadows: Sequence[torch.Tensor], prune
     Masking: ``shadow.copy_(w); w.addcmul_(shadow, pruned_i, value=factor)`` per layer
     (``factor = beta - 1``). Restoring: ``w.copy_(shadow)`` and, with ``grads``,
     ``grad.addcmul_(shadow, pruned_i, value=factor)`` (``factor = lambda_w``). Results equal those
-    ops bit for bit (``pruned`` is 0 or 1, so the products are exact).
+    ops on CUDA bit for bit (same fp32 formula, one fused multiply-add).
 
     Args:
         weights: contiguous weights of one dtype on one device (any device with ``interpret``).
@@ -215,38 +225,38 @@ def swap(weights: Sequence[torch.Tensor], shadows: Sequence[torch.Tensor], prune
         grads: with ``restore``: each weight's contiguous gradient, to add SR-STE's term to.
     """
     weights, shadows = list(weights), list(shadows)
-    if not available(weights, interpret) or not _kernel:
+    if not (pruned.dtype == torch.bool and pruned.is_contiguous()):
         return False
-    dtype, dev = weights[0].dtype, weights[0].device
-    if any(w.dtype != dtype for w in weights) or not all(
-            s.dtype == dtype and s.device == dev and s.is_contiguous() and s.shape == w.shape
-            for s, w in zip(shadows, weights)):
-        return False
-    if grads is not None and not all(g is not None and g.dtype == dtype and g.device == dev and g.is_contiguous()
-                                     and g.shape == w.shape for g, w in zip(grads, weights)):
-        return False
-    if not (pruned.dtype == torch.bool and pruned.device == dev and pruned.is_contiguous()):
-        return False
-    key = (interpret, tuple((w.data_ptr(), s.data_ptr(), w.numel(), w.get_device()) for w, s in zip(weights, shadows)))
+    # Checked once per list of weights: a step's host time is what this path saves, so the hit
+    # path only looks up the addresses.
+    ptr = torch.Tensor.data_ptr
+    key = (interpret, tuple(map(ptr, weights)), tuple(map(ptr, shadows)))
     tabs = _swap_tables.get(key)
     if tabs is None:
+        if not _swappable(weights, shadows, interpret):
+            return False
         rows, blocks, total = [], [], 0
         for i, (w, s) in enumerate(zip(weights, shadows)):
             rows.append([w.data_ptr(), s.data_ptr(), w.numel(), total])
             blocks.extend([i, start] for start in range(0, w.numel(), _SWAP_BLOCK))
             total += w.numel()
-        tabs = _swap_tables[key] = (_table(rows, dev), _table(blocks, dev), total)
+        dev = weights[0].device
+        tabs = _swap_tables[key] = (_table(rows, dev), _table(blocks, dev), total, weights[0].dtype, dev)
         while len(_swap_tables) > _PLANS_KEPT:
             _swap_tables.popitem(last=False)
-    else:
-        _swap_tables.move_to_end(key)
-    tab, blocks, total = tabs
-    if pruned.numel() != total:
-        raise ValueError(f"`pruned` must hold {total} entries (all weights'), got {pruned.numel()}")
+    tab, blocks, total, dtype, dev = tabs
+    if pruned.numel() != total or pruned.device != dev:
+        raise ValueError(f"`pruned` must hold all {total} weight entries on {dev}, got {pruned.numel()} "
+                         f"on {pruned.device}")
     gtab = tab
     if grads is not None:
-        gkey = (interpret, tuple(g.data_ptr() for g in grads))
+        if any(g is None for g in grads):
+            return False
+        gkey = (interpret, dev, tuple(map(ptr, grads)))
         if _grad_table[0] != gkey:
+            if not all(g.dtype == dtype and g.device == dev and g.is_contiguous() and g.shape == w.shape
+                       for g, w in zip(grads, weights)):
+                return False
             _grad_table[:] = [gkey, _table([g.data_ptr() for g in grads], dev)]
         gtab = _grad_table[1]
     _, tl_dtypes, kernel = _kernel

@@ -221,7 +221,7 @@ class NMSparsifier:
         "config", "model", "grad_scaler", "process_group",
         # internal state
         "layers", "_params", "_hooks", "step_count", "_pattern", "_updates", "_finalized", "_stale",
-        "_shadows", "_swapped", "_armed",
+        "_shadows", "_swapped", "_armed", "_flat",
         # statistics
         "last_flip_fraction", "_flip_count", "_flip_total",
     )
@@ -260,6 +260,7 @@ class NMSparsifier:
         self._shadows: list[torch.Tensor] | None = None  # inplace: the dense weights while masked
         self._swapped = False  # inplace: the weights hold their masked values now
         self._armed = False  # inplace: masked at least once (attached with verify_now, or refresh())
+        self._flat: tuple | None = None  # inplace on CUDA: (first, last pruned mask, their flat buffer)
         self._hooks = []
         if config.inplace:
             _check_unshared(model, self.layers)
@@ -318,7 +319,7 @@ class NMSparsifier:
             self._shadows = [torch.empty_like(w, memory_format=torch.contiguous_format) for w in ws]
         prs = self._pruned_on(ws)
         factor = self.config.beta(self.step_count) - 1.0
-        flat = _flat_pruned(self._params, prs) if ws[0].is_cuda else None
+        flat = self._flat_pruned(prs) if ws[0].is_cuda else None
         if flat is None or not grouped.swap(ws, self._shadows, flat, factor):
             for w, sh, pr in zip(ws, self._shadows, prs):
                 sh.copy_(w)
@@ -337,7 +338,7 @@ class NMSparsifier:
         grads = [w.grad for w in ws] if lam else None
         if grads is not None and any(g is None for g in grads):
             grads = None if all(g is None for g in grads) else grads
-        flat = _flat_pruned(self._params, prs) if ws[0].is_cuda else None
+        flat = self._flat_pruned(prs) if ws[0].is_cuda else None
         fast = flat is not None and (grads is None or all(g is not None for g in grads)) and grouped.swap(
             ws, self._shadows, flat, lam, restore=True, grads=grads)
         if not fast:
@@ -346,6 +347,17 @@ class NMSparsifier:
                 if grads is not None and grads[i] is not None:
                     grads[i].addcmul_(sh, pr, value=lam)
         self._swapped = False
+
+    def _flat_pruned(self, prs: list[torch.Tensor]) -> torch.Tensor | None:
+        """:func:`_flat_pruned`, kept while the masks are the same tensors (masking and restoring
+        both need it)."""
+        c = self._flat
+        if c is not None and c[0] is prs[0] and c[1] is prs[-1]:
+            return c[2]
+        flat = _flat_pruned(self._params, prs)
+        prs = [p.pruned for p in self._params.values()]  # re-seated when a new buffer was built
+        self._flat = (prs[0], prs[-1], flat)
+        return flat
 
     def _pruned_on(self, ws: list[torch.Tensor]) -> list[torch.Tensor]:
         """Each layer's pruned mask, moved to its weight's device when the model was moved."""
@@ -753,15 +765,10 @@ def _flat_pruned(params: dict[str, NMMask], prs: list[torch.Tensor]) -> torch.Te
     if not prs or any(pr is None for pr in prs):
         return None
     base = prs[0]._base
-    if base is not None and base.dim() == 1 and base.is_contiguous():
-        ptr, ok = base.data_ptr(), True
-        for pr in prs:
-            if pr._base is not base or pr.data_ptr() != ptr or not pr.is_contiguous():
-                ok = False
-                break
-            ptr += pr.numel()
-        if ok and ptr == base.data_ptr() + base.numel():
-            return base
+    # Views of one buffer, in order, are what nm_masks and this function write.
+    if base is not None and base.dim() == 1 and prs[0].data_ptr() == base.data_ptr() and all(
+            pr._base is base for pr in prs) and sum(pr.numel() for pr in prs) == base.numel():
+        return base
     flat = torch.cat([pr.reshape(-1) for pr in prs])
     keep = ~flat
     start = 0

@@ -252,10 +252,10 @@ for dtype in (torch.float32, torch.bfloat16, torch.float16):
         # the tensor's dtype first, so it is not the reference for bf16/fp16).
         for w, s, d, p in zip(ws, shadows, dense, pruned):
             assert torch.equal(s, d)
-            ref = (d.float() + (beta - 1.0) * d.float() * p).to(dtype)
+            ref = (d.float() + (beta - 1.0) * (d.float() * p)).to(dtype)
             torch.testing.assert_close(w, ref, rtol=tol, atol=0, equal_nan=True)  # inf - inf: NaN in both
         grads = [torch.randn(w.shape, generator=g).to(dtype) for w in ws]
-        refs = [(gr.float() + 0.01 * d.float() * p).to(dtype) for gr, d, p in zip(grads, dense, pruned)]
+        refs = [(gr.float() + 0.01 * (d.float() * p)).to(dtype) for gr, d, p in zip(grads, dense, pruned)]
         assert grouped.swap(ws, shadows, flat, 0.01, restore=True, grads=grads, interpret=True)
         assert all(torch.equal(w, d) for w, d in zip(ws, dense))
         for gr, r in zip(grads, refs):
