@@ -64,6 +64,8 @@ def run(method, pattern, seed, args, train, val):
         kw = {"decay_steps": max(1, int(args.decay_fraction * args.steps))} if method in ("mdgf", "sdgf") else {}
         if args.lambda_w is not None and method in ("mdgf", "sdgf"):
             kw["lambda_w"] = args.lambda_w  # SR-STE's decay on top of the decaying masks
+        if method == "mdgf":
+            kw["decay"] = args.decay
         sp = NMSparsifier(model, NMConfig(n=pattern[0], m=pattern[1], method=method, include=args.include, **kw))
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.0)
     warm = max(1, args.steps // 20)
@@ -108,11 +110,13 @@ def main(argv=None):
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--byte-budget", type=int, default=2_000_000)
     p.add_argument("--val-batches", type=int, default=32)
-    p.add_argument("--decay-fraction", type=float, default=0.5, help="MDGF/SDGF decay over this part of the run")
+    p.add_argument("--decay-fraction", type=float, default=0.25, help="MDGF/SDGF decay over this part of the run")
+    p.add_argument("--decay", choices=["linear", "exp"], default="linear", help="MDGF's beta schedule")
     p.add_argument("--include", nargs="+", default=["*.attn.*", "*.mlp.*"])
     p.add_argument("--only", nargs="+", default=None, help="subset of runs, e.g. dense srste@2:4")
     p.add_argument("--lambda-w", type=float, default=None,
-                   help="SR-STE's decay for mdgf/sdgf too (default: theirs, 0, a plain straight-through gradient)")
+                   help="SR-STE's decay for mdgf/sdgf (default: NMConfig's, 2e-4; 0 gives their authors' plain "
+                        "straight-through gradient)")
     p.add_argument("--threads", type=int, default=None)
     args = p.parse_args(argv)
     if args.threads:

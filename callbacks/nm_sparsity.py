@@ -39,7 +39,7 @@ class NMSparsity(Callback):
         m: group size along the reduction dim (in_features; c_in*k_h*k_w for convs).
         method: ``"srste"`` (STE + lambda_w * (1 - mask) * W, Zhou et al. 2021), ``"ste"``,
             ``"mdgf"`` (decaying mask) or ``"sdgf"`` (staged patterns), Bambhaniya et al. 2024.
-        lambda_w: SR-STE's decay; None = 2e-4 for srste, 0 otherwise.
+        lambda_w: SR-STE's decay; None = 2e-4 for srste, mdgf and sdgf, 0 for ste.
         update_every: recompute the masks every this many optimizer steps (0: fixed masks).
         decay: MDGF's beta schedule, ``"linear"`` or ``"exp"``.
         decay_steps: steps over which MDGF's beta reaches 0 / SDGF reaches the target; None =
@@ -79,7 +79,7 @@ class NMSparsity(Callback):
         update_every: int = 1,
         decay: Literal["linear", "exp"] = "linear",
         decay_steps: int | None = None,
-        decay_fraction: float = 0.5,
+        decay_fraction: float = 0.25,
         stages: list[str] | None = None,
         include: list[str] | None = None,
         exclude: list[str] | None = None,

@@ -45,8 +45,10 @@ class NMConfig:
         n: weights kept per group, ``1 <= n < m``.
         m: group size along the reduction dim.
         method: ``"ste"``, ``"srste"``, ``"mdgf"`` or ``"sdgf"`` (see :mod:`sparsetrain.nm.methods`).
-        lambda_w: SR-STE's decay on pruned weights; None means 2e-4 for ``srste`` and 0 otherwise
-            (Zhou et al. 2021). Any method may use it.
+        lambda_w: SR-STE's decay on pruned weights (Zhou et al. 2021); None means 2e-4 for
+            ``srste``, ``mdgf`` and ``sdgf`` and 0 for ``ste``. MDGF and SDGF beat SR-STE at 1:8
+            on the demo LM with it and lose without it (``benchmarks/results/nm.md``); 0 gives
+            their authors' plain straight-through gradient.
         update_every: recompute the masks every this many optimizer steps (1 = every step, as in
             SR-STE); 0 keeps the masks fixed after attaching (fine-tuning a pruned model).
         decay: MDGF's beta schedule, ``"linear"`` or ``"exp"``.
@@ -108,7 +110,7 @@ class NMConfig:
         if self.method not in METHODS:
             raise ValueError(f"`method` must be one of {', '.join(map(repr, METHODS))}, got {self.method!r}")
         if self.lambda_w is None:
-            self.lambda_w = 2e-4 if self.method == "srste" else 0.0
+            self.lambda_w = 0.0 if self.method == "ste" else 2e-4
         if not (isinstance(self.lambda_w, (int, float)) and math.isfinite(self.lambda_w) and self.lambda_w >= 0):
             raise ValueError(f"`lambda_w` must be a finite number >= 0, got {self.lambda_w!r}")
         for name in ("update_every", "verify_every"):

@@ -158,5 +158,6 @@ def test_config_rejects_bad_input(kw, match):
 def test_lambda_defaults():
     assert NMConfig(method="srste").lambda_w == 2e-4
     assert NMConfig(method="ste").lambda_w == 0.0
+    assert NMConfig(method="mdgf", decay_steps=3).lambda_w == NMConfig(method="sdgf", decay_steps=3).lambda_w == 2e-4
     assert NMConfig(method="sdgf", decay_steps=3, stages=[(7, 8), (2, 8)], n=1, m=8).ms == [8]
     assert NMConfig(method="sdgf", decay_steps=3, stages=[(8, 16)], n=1, m=8).ms == [8, 16]
