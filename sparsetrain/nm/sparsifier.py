@@ -259,7 +259,8 @@ class NMSparsifier:
         self._flip_total = 0
         self._params: dict[str, NMMask] = {}
         self._stale = False  # masks_in_forward: the stored masks lag the weights
-        self._shadows: list[torch.Tensor] | None = None  # inplace: the dense weights while masked
+        # inplace: (the weights' addresses, their dense values while masked)
+        self._shadows: tuple[tuple[int, ...], list[torch.Tensor]] | None = None
         self._swapped = False  # inplace: the weights hold their masked values now
         self._armed = False  # inplace: masked at least once (attached with verify_now, or refresh())
         self._flat: tuple | None = None  # inplace on CUDA: (first, last pruned mask, their flat buffer)
@@ -298,7 +299,7 @@ class NMSparsifier:
         """The live dense weight (the trained parameter) of layer ``name``."""
         if self.config.inplace:
             if self._swapped:
-                return self._shadows[list(self.layers).index(name)]
+                return self._shadows[1][list(self.layers).index(name)]
             return self.layers[name]._parameters["weight"]
         return _original(self.layers[name])
 
@@ -316,14 +317,17 @@ class NMSparsifier:
         if self._swapped or self._pattern is None or any(p.pruned is None for p in self._params.values()):
             return
         ws = self._plain_weights()
-        if self._shadows is None or any(s.shape != w.shape or s.dtype != w.dtype or s.device != w.device
-                                        for s, w in zip(self._shadows, ws)):
-            self._shadows = [torch.empty_like(w, memory_format=torch.contiguous_format) for w in ws]
+        # New shadows only when the weights moved (model.to(), a load with assign=True): comparing
+        # addresses is cheaper than comparing shapes, dtypes and devices, at every step.
+        where = tuple(map(torch.Tensor.data_ptr, ws))
+        if self._shadows is None or self._shadows[0] != where:
+            self._shadows = (where, [torch.empty_like(w, memory_format=torch.contiguous_format) for w in ws])
+        shadows = self._shadows[1]
         prs = self._pruned_on(ws)
         factor = self.config.beta(self.step_count) - 1.0
         flat = self._flat_pruned(prs) if ws[0].is_cuda else None
-        if flat is None or not grouped.swap(ws, self._shadows, flat, factor):
-            for w, sh, pr in zip(ws, self._shadows, prs):
+        if flat is None or not grouped.swap(ws, shadows, flat, factor):
+            for w, sh, pr in zip(ws, shadows, prs):
                 sh.copy_(w)
                 w.addcmul_(sh, pr, value=factor)
         self._swapped = True
@@ -336,15 +340,15 @@ class NMSparsifier:
             return
         ws = self._plain_weights()
         prs = self._pruned_on(ws)
+        shadows = self._shadows[1]
         lam = self.config.lambda_w if decay else 0.0
         grads = [w.grad for w in ws] if lam else None
-        if grads is not None and any(g is None for g in grads):
-            grads = None if all(g is None for g in grads) else grads
+        if grads is not None and all(g is None for g in grads):
+            grads = None
         flat = self._flat_pruned(prs) if ws[0].is_cuda else None
-        fast = flat is not None and (grads is None or all(g is not None for g in grads)) and grouped.swap(
-            ws, self._shadows, flat, lam, restore=True, grads=grads)
-        if not fast:
-            for i, (w, sh, pr) in enumerate(zip(ws, self._shadows, prs)):
+        # swap() declines a list with some gradients missing: the per-layer ops take it then.
+        if flat is None or not grouped.swap(ws, shadows, flat, lam, restore=True, grads=grads):
+            for i, (w, sh, pr) in enumerate(zip(ws, shadows, prs)):
                 w.copy_(sh)
                 if grads is not None and grads[i] is not None:
                     grads[i].addcmul_(sh, pr, value=lam)
@@ -390,7 +394,7 @@ class NMSparsifier:
     def _dense_entry(self, i: int, module: nn.Module, state_dict: dict, prefix: str, local_metadata: Any) -> None:
         """State-dict hook (``inplace``): the dense weight, not the masked one."""
         if self._swapped and prefix + "weight" in state_dict:
-            state_dict[prefix + "weight"] = self._shadows[i]
+            state_dict[prefix + "weight"] = self._shadows[1][i]
 
     @torch.no_grad()
     def _load_entry(self, i: int, module: nn.Module, state_dict: dict, prefix: str, *_: Any) -> None:
@@ -402,7 +406,7 @@ class NMSparsifier:
             state_dict[key] = state_dict.pop(orig)
         if not self._swapped or key not in state_dict:
             return
-        sh, incoming = self._shadows[i], state_dict[key]
+        sh, incoming = self._shadows[1][i], state_dict[key]
         if not isinstance(incoming, torch.Tensor) or incoming.shape != sh.shape:
             return  # load_state_dict reports the mismatch
         sh.copy_(incoming)
