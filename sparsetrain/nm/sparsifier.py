@@ -455,7 +455,12 @@ class NMSparsifier:
         Args:
             recompute: False keeps the current masks (e.g. just restored from a checkpoint) and
                 only checks them and, with ``inplace``, masks the weights.
+
+        Raises:
+            ValueError: ``recompute`` is not a bool.
         """
+        if not isinstance(recompute, bool):
+            raise ValueError(f"`recompute` must be True or False, got {recompute!r}")
         self._check_live()
         self._restore(decay=False)
         if recompute:

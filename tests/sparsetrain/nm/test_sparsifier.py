@@ -602,6 +602,8 @@ def test_inplace_misuse_is_refused():
     assert not any(torch.equal(m.weight, torch.where(sp.masks[n], m.weight, 0.0)) for n, m in sp.layers.items())
     with pytest.raises(RuntimeError, match="call refresh"):
         sp.before_optimizer_step()
+    with pytest.raises(ValueError, match="`recompute` must be True or False, got 'no'"):
+        sp.refresh(recompute="no")
     sp.refresh()
     sp.before_optimizer_step()
 
