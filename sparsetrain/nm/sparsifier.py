@@ -16,9 +16,11 @@ The Lightning callback :class:`sparsetrain.callbacks.NMSparsity` drives the same
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
-from collections.abc import Sequence
+import warnings
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -27,6 +29,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.utils import parametrize
 
+from .. import contract
 from . import grouped
 from .export import nm_export_state_dict
 from .masks import _nm_masks, check_nm, nm_mask, pack_mask, select_nm_layers, unpack_mask
@@ -34,7 +37,10 @@ from .methods import METHODS, NMMask, mdgf_beta, sdgf_ladder, sdgf_pattern
 
 __all__ = ["NMConfig", "NMSparsifier"]
 
-_STATE_VERSION = 1
+_STATE_VERSION = 2
+#: The config fields that change what is computed: a state saved with other values is refused.
+_MATH_FIELDS = ("n", "m", "method", "lambda_w", "update_every", "decay", "decay_steps", "stages", "include",
+                "exclude")
 
 
 @dataclass(kw_only=True)
@@ -142,7 +148,11 @@ class NMConfig:
         elif self.decay_steps is not None:
             raise ValueError(f"`decay_steps` applies to 'mdgf' and 'sdgf' only, got {self.decay_steps!r} "
                              f"with method {self.method!r}")
+        self.include = contract.check_patterns(self.include, "include")
+        self.exclude = contract.check_patterns(self.exclude, "exclude")
         if self.stages is not None:
+            if isinstance(self.stages, str) or not isinstance(self.stages, Sequence):
+                raise ValueError(f"`stages` must be a list of (n, m) pairs, got {self.stages!r}")
             if self.method != "sdgf":
                 raise ValueError(f"`stages` applies to 'sdgf' only, got method {self.method!r}")
             ladder = []
@@ -154,9 +164,18 @@ class NMConfig:
                     raise ValueError(f"`stages` must be denser than the target {self.n}:{self.m}, got "
                                      f"{st[0]}:{st[1]}")
                 ladder.append((int(st[0]), int(st[1])))
+            self.stages = tuple(ladder)
             self._ladder = ladder
         elif self.method == "sdgf":
             self._ladder = sdgf_ladder(self.n, self.m)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The config as plain Python values (what a sparsifier's state saves)."""
+        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.init}
+        for name in ("include", "exclude"):
+            out[name] = None if out[name] is None else list(out[name])
+        out["stages"] = None if self.stages is None else [list(st) for st in self.stages]
+        return out
 
     @property
     def ms(self) -> list[int]:
@@ -198,9 +217,17 @@ class NMSparsifier:
     every :meth:`step`, and :meth:`before_optimizer_step` puts the dense weights back before each
     optimizer step (see :class:`NMConfig`).
 
+    It follows the component contract of ``docs/architecture.md``: it claims the selected layers'
+    weights on the model (:func:`sparsetrain.contract.attach`; a layer claimed by another component
+    is refused), :meth:`masks` gives the forward masks by parameter name, :meth:`statistics` the
+    ``nm/...`` figures, :meth:`state_dict` is versioned and carries the config, :meth:`check_ranks`
+    raises :class:`~sparsetrain.contract.RankDivergenceError`, and :meth:`remove` leaves a plain
+    model. N:M keeps dense gradients by design (the straight-through estimator): its masks
+    constrain the forward weight only (``masks_gradients = False``).
+
     Args:
         model: the model (not yet wrapped in DDP).
-        config: an :class:`NMConfig`; keyword arguments build one when omitted.
+        config: an :class:`NMConfig`; keyword arguments build one when omitted (not both).
         optimizer: when given, :meth:`step` runs after each ``optimizer.step()`` through
             ``optimizer.register_step_post_hook`` (a step skipped by a GradScaler is not counted),
             and with ``inplace`` :meth:`before_optimizer_step` before it (a step pre-hook);
@@ -214,22 +241,25 @@ class NMSparsifier:
 
     Raises:
         ValueError: bad config, no layer can take the pattern, a layer already has a
-            parametrized ``weight``, ``model`` is already wrapped in DDP, or (``inplace``) a
-            sparse weight is shared with another module.
+            parametrized ``weight`` or is claimed by another component, ``model`` is already
+            wrapped in DDP, or (``inplace``) a sparse weight is shared with another module.
     """
+
+    #: N:M masks the forward weight only; gradients stay dense (straight-through estimator).
+    masks_gradients = False
 
     __slots__ = (
         # hyperparameters
         "config", "model", "grad_scaler", "process_group",
         # internal state
         "layers", "_params", "_hooks", "step_count", "_pattern", "_updates", "_finalized", "_stale",
-        "_shadows", "_swapped", "_armed", "_flat",
+        "_shadows", "_swapped", "_armed", "_flat", "mask_version", "__weakref__",
         # statistics
         "last_flip_fraction", "_flip_count", "_flip_total",
     )
 
     def __init__(self, model: nn.Module, config: NMConfig | None = None, *, optimizer: Any = None,
-                 grad_scaler: Any = None, process_group: Any = None, verify_now: bool = True,
+                 process_group: Any = None, grad_scaler: Any = None, verify_now: bool = True,
                  **kwargs: Any) -> None:
         if config is None:
             config = NMConfig(**kwargs)
@@ -245,11 +275,24 @@ class NMSparsifier:
         self.model = model
         self.grad_scaler = grad_scaler
         self.process_group = process_group
+        if not isinstance(verify_now, bool):
+            raise ValueError(f"`verify_now` must be True or False, got {verify_now!r}")
+        if optimizer is not None and not hasattr(optimizer, "register_step_post_hook"):
+            raise ValueError(f"`optimizer` must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
         self.layers = select_nm_layers(model, config.ms, config.include, config.exclude)
-        for name, mod in self.layers.items():
-            if parametrize.is_parametrized(mod, "weight"):
-                raise ValueError(f"layer {name!r} already has a parametrized `weight` (is N:M sparsity "
-                                 f"attached twice?); N:M needs the plain weight")
+        # Claimed before the model is touched: a layer another component masks is refused as it is.
+        contract.attach(model, self, claimed=[f"{name}.weight" for name in self.layers])
+        try:
+            for name, mod in self.layers.items():
+                if parametrize.is_parametrized(mod, "weight"):
+                    raise ValueError(f"layer {name!r} already has a parametrized `weight` (is N:M "
+                                     f"sparsity attached twice?); N:M needs the plain weight")
+            if config.inplace:
+                _check_unshared(model, self.layers)
+        except ValueError:
+            contract.detach(model, self)
+            raise
+        self.mask_version = 0
         self.step_count = 0
         self._pattern = config.pattern(0)
         self._updates = 0
@@ -265,8 +308,6 @@ class NMSparsifier:
         self._armed = False  # inplace: masked at least once (attached with verify_now, or refresh())
         self._flat: tuple | None = None  # inplace on CUDA: (first, last pruned mask, their flat buffer)
         self._hooks = []
-        if config.inplace:
-            _check_unshared(model, self.layers)
         lam = self._lambda()
         for i, (name, mod) in enumerate(self.layers.items()):
             p = NMMask(None, beta=config.beta(0), lambda_w=lam)
@@ -285,8 +326,6 @@ class NMSparsifier:
             self._recompute(count_flips=False)
         self._set_forward_pattern()
         if optimizer is not None:
-            if not hasattr(optimizer, "register_step_post_hook"):
-                raise ValueError(f"`optimizer` must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
             if config.inplace:
                 self._hooks.append(optimizer.register_step_pre_hook(lambda *_: self.before_optimizer_step()))
             self._hooks.append(optimizer.register_step_post_hook(lambda *_: self.step()))
@@ -414,8 +453,24 @@ class NMSparsifier:
         state_dict[key] = torch.addcmul(sh, sh, pr, value=self.config.beta(self.step_count) - 1.0)
 
     @property
-    def masks(self) -> dict[str, torch.Tensor | None]:
-        """Current bool mask per layer (None during a dense SDGF stage)."""
+    def masks(self) -> _Masks:
+        """``masks()``: parameter name (``"<layer>.weight"``, the weight's name in the plain model) ->
+        the bool mask the forward pass uses (``True`` = kept).
+
+        A layer without a current pattern (during SDGF's first, dense stage) is left out, so the
+        dict may be ``{}``; after :meth:`finalize` it is ``{}``.
+        With ``masks_in_forward`` the stored masks are brought up to date first.
+
+        Reading ``masks`` as a mapping (``sp.masks[layer]``, keyed by module name, None in a dense
+        stage) is the previous API: it still works and warns.
+        """
+        return _Masks(self)
+
+    def _param_masks(self) -> dict[str, torch.Tensor]:
+        self._refresh_stored()
+        return {f"{name}.weight": p.mask for name, p in self._params.items() if p.mask is not None}
+
+    def _layer_masks(self) -> dict[str, torch.Tensor | None]:
         self._refresh_stored()
         return {name: p.mask for name, p in self._params.items()}
 
@@ -470,6 +525,7 @@ class NMSparsifier:
 
     def _recompute(self, count_flips: bool) -> None:
         self._stale = False
+        self.mask_version += 1
         pat = self._pattern
         if pat is None:
             for p in self._params.values():
@@ -544,6 +600,7 @@ class NMSparsifier:
         self._set_forward_pattern()
         self._updates += 1
         self._stale = True
+        self.mask_version += 1  # the forward pass computes new masks from the new weights
         k = self.config.verify_every
         if changed:
             self._recompute(count_flips=False)
@@ -553,11 +610,44 @@ class NMSparsifier:
         elif k and (t + 1) % k == 0:
             self._recompute(count_flips=False)
 
-    def stats(self) -> dict[str, Any]:
-        """Statistics: step, the pattern in force (``"2:4"``, ``"dense"``), beta, density of the
-        forward weights, and the fraction of mask entries that flipped at the last update and on
-        average since attaching (SR-STE's aim is to make it fall).
+    def statistics(self) -> dict[str, float]:
+        """Flat statistics, plain floats (one host copy of the device counters):
+
+        - ``nm/step``: optimizer steps taken; ``nm/n``, ``nm/m``: the target pattern;
+        - ``nm/density``: the fraction of each sparse weight the forward pass keeps under the pattern
+          in force (``n/m``; 1.0 in SDGF's dense stage);
+        - ``nm/beta`` (``mdgf`` only): the weight on pruned entries in the forward pass;
+        - ``nm/mask_flip_fraction``: the fraction of mask entries that flipped at the last measured
+          update, and ``nm/mean_mask_flip_fraction`` on average since attaching (SR-STE's aim is to
+          make it fall); both present once an update was measured.
+
+        These are the keys the Lightning callback logs and its ``summary()`` writes.
         """
+        pat, cfg = self._pattern, self.config
+        out: dict[str, float] = {
+            "nm/step": float(self.step_count),
+            "nm/n": float(cfg.n),
+            "nm/m": float(cfg.m),
+            "nm/density": pat[0] / pat[1] if pat else 1.0,
+        }
+        if cfg.method == "mdgf":
+            out["nm/beta"] = float(cfg.beta(self.step_count))
+        if self.last_flip_fraction is not None:
+            last, count = torch.stack([self.last_flip_fraction.double(),
+                                       self._flip_count.to(self.last_flip_fraction.device).double()]).tolist()
+            out["nm/mask_flip_fraction"] = last
+            out["nm/mean_mask_flip_fraction"] = count / self._flip_total
+        return out
+
+    def stats(self) -> dict[str, Any]:
+        """Deprecated: use :meth:`statistics` (flat ``nm/...`` keys, plain floats).
+
+        Statistics: step, the pattern in force (``"2:4"``, ``"dense"``), beta, density of the
+        forward weights, and the fraction of mask entries that flipped at the last update and on
+        average since attaching.
+        """
+        warnings.warn("NMSparsifier.stats() is deprecated; use statistics() (keys 'nm/step', 'nm/density', "
+                      "'nm/mask_flip_fraction', ...)", FutureWarning, stacklevel=2)
         pat = self._pattern
         out: dict[str, Any] = {
             "step": self.step_count,
@@ -573,34 +663,33 @@ class NMSparsifier:
     # ------------------------------------------------------------------ distributed
     @torch.no_grad()
     def check_ranks(self) -> None:
-        """Raise unless every rank holds identical masks (no-op outside ``torch.distributed``).
+        """Raise unless every rank holds identical masks and schedule (no-op outside ``torch.distributed``).
 
-        One all-reduce (MAX of ``[fingerprint, -fingerprint]``) of a per-layer fingerprint: the
-        count of kept entries and a position hash of them.
+        Compares a per-layer fingerprint of the masks (:func:`sparsetrain.contract.fingerprint`) and
+        the schedule's step and pattern with :func:`sparsetrain.contract.check_in_sync`.
 
         Raises:
-            RuntimeError: naming the layers whose masks differ between ranks.
+            RankDivergenceError: on every rank, naming the layers whose masks differ.
         """
         if not (dist.is_available() and dist.is_initialized()):
             return
         if dist.get_world_size(self.process_group) < 2:
             return
         self._refresh_stored()
-        names = [n for n, p in self._params.items() if p.mask is not None]
-        if not names:
-            return
-        fps = torch.stack([_fingerprint(self._params[n].mask) for n in names])
-        both = torch.cat([fps, -fps])
-        if dist.get_backend(self.process_group) == "nccl" and both.device.type != "cuda":
-            both = both.cuda()
-        dist.all_reduce(both, op=dist.ReduceOp.MAX, group=self.process_group)
-        hi, lo = both[: len(names)], -both[len(names):]
-        bad = [n for n, h, lo_ in zip(names, hi.tolist(), lo.tolist()) if h != lo_]
-        if bad:
-            raise RuntimeError(
-                f"N:M masks differ across ranks for {', '.join(bad)}: the weights are not identical "
-                f"on every rank (was the sparsifier attached before DDP broadcast the weights? call "
-                f"refresh() after wrapping)")
+        pat = self._pattern or (0, 0)
+        fps = {"nm/schedule": torch.tensor([self.step_count, pat[0], pat[1]], dtype=torch.int64)}
+        for name, p in self._params.items():  # every layer, in order: the same rows on every rank
+            fps[f"{name}.weight"] = (contract.fingerprint(p.mask) if p.mask is not None
+                                     else torch.tensor([-1, -1], dtype=torch.int64))
+        device = next((f.device for f in fps.values() if f.device.type != "cpu"), None)
+        if device is not None:
+            fps = {k: v.to(device) for k, v in fps.items()}
+        try:
+            contract.check_in_sync(fps, self.process_group, what=f"N:M masks at step {self.step_count}")
+        except contract.RankDivergenceError as err:
+            raise contract.RankDivergenceError(
+                f"{err}: the weights are not identical on every rank (was the sparsifier attached before DDP "
+                f"broadcast the weights? call refresh() after wrapping)") from None
 
     # ------------------------------------------------------------------ export / finalize
     def exported_state_dict(self) -> dict[str, torch.Tensor]:
@@ -645,9 +734,17 @@ class NMSparsifier:
             self._params[name].set_mask(None)
         for h in self._hooks:
             h.remove()
+        self._hooks = []
         self._shadows = None
         self._finalized = True
+        self.mask_version += 1
+        contract.detach(self.model, self)
         return dict(self.layers)
+
+    def remove(self) -> None:
+        """Leave a plain model: what :meth:`finalize` does (each sparse weight exactly N:M in its plain
+        ``weight`` parameter, no parametrization, no hook), and detach from the model. Idempotent."""
+        self.finalize()
 
     def _check_live(self) -> None:
         if self._finalized:
@@ -655,7 +752,8 @@ class NMSparsifier:
 
     # ------------------------------------------------------------------ checkpointing
     def state_dict(self) -> dict[str, Any]:
-        """Plain-dict state: schedule step, pattern, packed masks (loads with ``weights_only=True``)."""
+        """Plain-dict state (version 2): the config, schedule step, pattern, packed masks by layer,
+        statistics; plain tensors and Python values (loads with ``weights_only=True``)."""
         cfg = self.config
         self._refresh_stored()
         masks = {}
@@ -666,6 +764,7 @@ class NMSparsifier:
                 shapes[name] = list(p.mask.shape)
         return {
             "version": _STATE_VERSION,
+            "config": cfg.to_dict(),
             "n": cfg.n, "m": cfg.m, "method": cfg.method,
             "step": self.step_count,
             "updates": self._updates,
@@ -686,18 +785,25 @@ class NMSparsifier:
         The state of a finalized sparsifier resumes too (training more steps after a finished
         run): the masks are then recomputed from the restored, already N:M, weights.
 
+        Reads version 2 and the previous release's version 1 (which saved no config: only its
+        pattern and method are checked).
+
         Raises:
-            ValueError: the state was saved with another pattern, method or set of layers.
+            ValueError: an unknown version, a config that differs from this one in a field that
+                changes the math (naming it: n, m, method, lambda_w, update_every, decay,
+                decay_steps, stages, include, exclude), or another set of layers.
         """
         self._check_live()
+        if not isinstance(state, Mapping):
+            raise ValueError(f"`state` must be a dict from NMSparsifier.state_dict(), got {type(state).__name__}")
+        version = state.get("version")
+        if version not in (1, _STATE_VERSION):
+            raise ValueError(f"`state` has version {version!r}; this sparsetrain reads versions 1 and {_STATE_VERSION}")
+        saved = dict(state["config"]) if version >= 2 else {k: state[k] for k in ("n", "m", "method")}
+        if saved.get("stages") is not None:
+            saved["stages"] = [tuple(st) for st in saved["stages"]]
+        contract.check_config(saved, self.config, _MATH_FIELDS, "NMSparsifier")
         cfg = self.config
-        if state.get("version") != _STATE_VERSION:
-            raise ValueError(f"`state` has version {state.get('version')!r}; this sparsetrain reads "
-                             f"version {_STATE_VERSION}")
-        saved = (state["n"], state["m"], state["method"])
-        if saved != (cfg.n, cfg.m, cfg.method):
-            raise ValueError(f"`state` was saved by {saved[0]}:{saved[1]} {saved[2]!r}; this sparsifier is "
-                             f"{cfg.n}:{cfg.m} {cfg.method!r}")
         if list(state["layers"]) != list(self.layers):
             missing = sorted(set(state["layers"]) ^ set(self.layers))
             raise ValueError(f"`state` covers other layers than this sparsifier (differing: {', '.join(missing)})")
@@ -723,6 +829,7 @@ class NMSparsifier:
         self._flip_total = int(state.get("flip_total") or 0)
         lf = state.get("last_flip_fraction")
         self.last_flip_fraction = torch.tensor(lf, dtype=torch.float64) if lf is not None else None
+        self.mask_version += 1
         self.check_ranks()
         if self._armed:  # masking was on (attached with verify_now, or refreshed): on again, new masks
             self._mask_in_place()
@@ -790,16 +897,36 @@ def _flat_pruned(params: dict[str, NMMask], prs: list[torch.Tensor]) -> torch.Te
     return flat
 
 
-def _fingerprint(mask: torch.Tensor) -> torch.Tensor:
-    """``[count, position hash]`` of a bool mask as int64 (equal masks give equal fingerprints)."""
-    flat = mask.reshape(-1)
-    idx = torch.arange(flat.numel(), device=flat.device, dtype=torch.int64)
-    h = (idx * 2654435761) % 2147483647
-    return torch.stack([flat.sum(dtype=torch.int64), torch.where(flat, h, 0).sum()])
-
-
 def _accept_plain_weight(module, state_dict, prefix, local_metadata, strict, missing, unexpected, errors):
     """Load a plain ``weight`` (a dense or finalized checkpoint) into a parametrized layer's dense weight."""
     plain, orig = prefix + "weight", prefix + "parametrizations.weight.original"
     if plain in state_dict and orig not in state_dict:
         state_dict[orig] = state_dict.pop(plain)
+
+
+class _Masks(Mapping):
+    """What :attr:`NMSparsifier.masks` returns: call it for the contract's ``masks()`` (parameter
+    name -> mask); read it as a mapping for the previous API (layer name -> mask or None), which
+    warns."""
+
+    __slots__ = ("_owner",)
+
+    def __init__(self, owner: NMSparsifier) -> None:
+        self._owner = owner
+
+    def __call__(self) -> dict[str, torch.Tensor]:
+        return self._owner._param_masks()
+
+    def _legacy(self) -> dict[str, torch.Tensor | None]:
+        warnings.warn("reading NMSparsifier.masks as a mapping by layer name is deprecated; call masks(), keyed "
+                      "by parameter name ('<layer>.weight')", FutureWarning, stacklevel=3)
+        return self._owner._layer_masks()
+
+    def __getitem__(self, name: str) -> torch.Tensor | None:
+        return self._legacy()[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._legacy())
+
+    def __len__(self) -> int:
+        return len(self._owner._params)

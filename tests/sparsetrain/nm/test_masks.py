@@ -134,7 +134,7 @@ def test_include_exclude():
 def test_layer_selection_errors():
     with pytest.raises(ValueError, match="divides the reduction dim of none"):
         select_nm_layers(_Net(), 32, include=["a", "odd"])
-    with pytest.raises(ValueError, match="`include` pattern 'nope' matches no Linear/Conv layer"):
+    with pytest.raises(ValueError, match="`include` pattern 'nope' matches no layer that can be sparsified"):
         select_nm_layers(_Net(), 4, include=["nope"])
     with pytest.raises(ValueError, match="`exclude` must be a list"):
         select_nm_layers(_Net(), 4, exclude="a")
