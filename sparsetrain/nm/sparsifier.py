@@ -385,14 +385,20 @@ class NMSparsifier:
 
     # ------------------------------------------------------------------ export / finalize
     def exported_state_dict(self) -> dict[str, torch.Tensor]:
-        """The model's state dict with every sparse layer's weight exactly N:M (plain keys, copies).
+        """The model's state dict with every sparse layer's weight exactly N:M (plain keys, copies),
+        whatever the masking strategy; it loads into the plain model.
 
-        Uses the current masks when they are at the target pattern; otherwise (an SDGF stage
-        before the target) the target mask of the current dense weights.
+        Built from :meth:`masks` when they are at the target pattern; otherwise (an SDGF stage
+        before the target) from the target's magnitude masks of the current dense weights. The same
+        as ``nm_export_state_dict(model.state_dict(), n, m, masks=sparsifier.masks())`` at the target.
         """
         self._check_live()
-        return nm_export_state_dict(self.model.state_dict(), self.config.n, self.config.m,
-                                    masks=self._target_masks(), layers=list(self.layers))
+        if self.schedule.at_target:
+            masks = self.masks()
+        else:
+            n, m = self.config.n, self.config.m
+            masks = {f"{name}.weight": nm_mask(w, n, m) for name, w in zip(self.layers, self.strategy.dense_weights())}
+        return nm_export_state_dict(self.model.state_dict(), self.config.n, self.config.m, masks=masks)
 
     def _target_masks(self) -> dict[str, torch.Tensor]:
         if not self.schedule.at_target:
