@@ -21,6 +21,11 @@ def _parse_stage(s: Any) -> tuple[int, int]:
     raise ValueError(f"`stages` entries must look like 'n:m' (e.g. '4:8'), got {s!r}")
 
 
+def _as_list(patterns: Any) -> Any:
+    """A list of patterns as a list (for the state key); a single string as given, for NMConfig to refuse."""
+    return list(patterns) if patterns is not None and not isinstance(patterns, str) else patterns
+
+
 class NMSparsity(Callback):
     """Train the LightningModule's Linear/Conv layers in an N:M pattern (SR-STE, STE, MDGF, SDGF).
 
@@ -97,8 +102,7 @@ class NMSparsity(Callback):
         parsed_stages = None if stages is None else [_parse_stage(s) for s in stages]
         self._kwargs = dict(
             n=n, m=m, method=method, lambda_w=lambda_w, update_every=update_every, decay=decay,
-            stages=parsed_stages, include=list(include) if include is not None else None,
-            exclude=list(exclude) if exclude is not None else None, verify_every=verify_every,
+            stages=parsed_stages, include=_as_list(include), exclude=_as_list(exclude), verify_every=verify_every,
             compile_masks=compile_masks, masks_in_forward=masks_in_forward, inplace=inplace,
         )
         # Validate everything now; decay_steps gets its real value in setup() when left to the run length.

@@ -131,6 +131,7 @@ def test_recipe_entry_builds_the_callback():
     ({"decay_fraction": 0.0}, "`decay_fraction` must be in"),
     ({"method": "sdgf", "stages": ["4/8"]}, "`stages` entries must look like 'n:m'"),
     ({"update_every": -2}, "`update_every` must be"),
+    ({"include": "*.mlp.*"}, "`include` must be a list of glob strings"),
 ])
 def test_bad_arguments(kw, match):
     with pytest.raises(ValueError, match=match):
