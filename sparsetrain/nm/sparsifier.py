@@ -44,9 +44,10 @@ _MATH_FIELDS = ("n", "m", "method", "lambda_w", "update_every", "decay", "decay_
 class NMSparsifier:
     """Trains a model's Linear/Conv layers in an N:M pattern with dense weights underneath.
 
-    Attaching registers an :class:`~sparsetrain.nm.methods.NMMask` parametrization on each
-    selected layer's ``weight`` (the dense parameter object is kept, so an optimizer built
-    before or after keeps working) and computes the masks from the current weights. Each
+    Attaching sets up the masking strategy the config chooses (:mod:`sparsetrain.nm.strategies`;
+    by default an :class:`~sparsetrain.nm.methods.NMMask` parametrization on each selected layer's
+    ``weight``; the dense parameter object is kept, so an optimizer built before or after keeps
+    working) and computes the masks from the current weights. Each
     :meth:`step` (call it once per optimizer step) advances the schedule, recomputes the masks
     when due (every ``update_every`` steps, and whenever the SDGF pattern changes) and records the
     fraction of mask entries that flipped. Masks are a deterministic function of the weights;
@@ -86,8 +87,8 @@ class NMSparsifier:
         config: an :class:`NMConfig`; keyword arguments build one when omitted (not both).
         optimizer: when given, :meth:`step` runs after each ``optimizer.step()`` through
             ``optimizer.register_step_post_hook`` (a step skipped by a GradScaler is not counted),
-            and with ``inplace`` :meth:`before_optimizer_step` before it (a step pre-hook);
-            otherwise call them yourself around each optimizer step.
+            and :meth:`before_optimizer_step` before it (a step pre-hook; it acts with ``inplace``
+            only); otherwise call them yourself around each optimizer step.
         grad_scaler: a ``torch.amp.GradScaler`` when training in fp16 with loss scaling: the
             SR-STE term is then multiplied by the current scale so it survives unscaling.
         process_group: group for the rank-equality check (default group when None).
