@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from .. import contract
 from .masks import check_nm, nm_mask, reduction_dim, unpack_mask
 
 __all__ = ["nm_export_checkpoint", "nm_export_state_dict", "nm_exact"]
@@ -50,7 +51,7 @@ def nm_exact(weight: torch.Tensor, n: int, m: int, mask: torch.Tensor | None = N
         mask = mask.to(weight.device)
         if bool((mask.reshape(-1, m).sum(-1) > n).any()):
             raise ValueError(f"`mask` keeps more than {n} of {m} in some group; it is not an {n}:{m} mask")
-    return torch.where(mask, weight.detach(), 0.0) + 0.0  # + 0.0 maps -0.0 to +0.0
+    return contract.masked(weight.detach(), mask) + 0.0  # NaN-safe; + 0.0 maps -0.0 to +0.0
 
 
 def nm_export_state_dict(
@@ -165,7 +166,7 @@ def _exact(weight: torch.Tensor, n: int | None, m: int | None, mask: torch.Tenso
     if mask.dtype != torch.bool or mask.shape != weight.shape:
         raise ValueError(f"`mask` must be a bool tensor of shape {tuple(weight.shape)}, "
                          f"got {mask.dtype} {tuple(mask.shape)}")
-    return torch.where(mask.to(weight.device), weight.detach(), 0.0) + 0.0
+    return contract.masked(weight.detach(), mask.to(weight.device)) + 0.0
 
 
 def nm_export_checkpoint(checkpoint: Mapping[str, Any]) -> dict[str, torch.Tensor]:

@@ -430,7 +430,7 @@ class NMSparsifier:
             masks.append(nm_mask(w, n, m) if mask is None else mask.to(w.device))
         self.strategy.release()
         for mod, p, mask in zip(self.layers.values(), self.params.values(), masks):
-            mod.weight.copy_(torch.where(mask, mod.weight, 0.0))
+            contract.mask_(mod.weight, mask)
             p.set_mask(None)
         for h in self._hooks:
             h.remove()
