@@ -260,7 +260,7 @@ def test_pure_export_of_a_state_dict():
         nm_export_state_dict(dense, 2, 4, layers=["nope"])
     with pytest.raises(ValueError, match="not an 2:4 mask"):
         nm_export_state_dict(dense, 2, 4, layers=["lm_head"],
-                             masks={"lm_head": torch.ones_like(dense["lm_head.weight"], dtype=torch.bool)})
+                             masks={"lm_head.weight": torch.ones_like(dense["lm_head.weight"], dtype=torch.bool)})
 
 
 # --------------------------------------------------------------------------- distributed
