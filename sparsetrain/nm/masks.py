@@ -85,6 +85,14 @@ def _pairwise_keep(a_GM: torch.Tensor, n: int) -> torch.Tensor:
     return rank_GM < n
 
 
+def _sort_keep(a_GM: torch.Tensor, n: int) -> torch.Tensor:
+    """:func:`_pairwise_keep` by one stable descending sort (same ranks, same ties): for large ``m``."""
+    order_GM = torch.sort(a_GM, dim=-1, descending=True, stable=True).indices
+    keep_GM = torch.zeros(a_GM.shape, dtype=torch.bool, device=a_GM.device)
+    keep_GM.scatter_(-1, order_GM[:, :n], True)
+    return keep_GM
+
+
 def _broadcast_keep(w_GM: torch.Tensor, n: int) -> torch.Tensor:
     """:func:`_pairwise_keep` of ``|w_GM|`` as one broadcast comparison (``[G, m, m]``, never
     materialised under ``torch.compile``: one pointwise kernel with an inner reduction of ``m``)."""
@@ -250,12 +258,7 @@ def nm_mask(weight: torch.Tensor, n: int, m: int, *, compiled: bool = False) -> 
     if compiled and m <= _PAIRWISE_MAX_M:
         return nm_masks([weight], n, m, compiled=True)[0][0]
     a_GM = _groups(weight, m)
-    if m <= _PAIRWISE_MAX_M:
-        keep_GM = _pairwise_keep(a_GM, n)
-    else:
-        order_GM = torch.sort(a_GM, dim=-1, descending=True, stable=True).indices
-        keep_GM = torch.zeros(a_GM.shape, dtype=torch.bool, device=a_GM.device)
-        keep_GM.scatter_(-1, order_GM[:, :n], True)
+    keep_GM = _pairwise_keep(a_GM, n) if m <= _PAIRWISE_MAX_M else _sort_keep(a_GM, n)
     return keep_GM.reshape(weight.shape)
 
 
