@@ -187,7 +187,8 @@ class NMSparsifier:
     @property
     def masks(self) -> _Masks:
         """``masks()``: parameter name (``"<layer>.weight"``, the weight's name in the plain model) ->
-        the bool mask the forward pass uses (``True`` = kept).
+        the bool mask the forward pass uses (``True`` = kept). The tensors are the live masks: do
+        not modify them, and clone them to keep them past the next update.
 
         A layer without a current pattern (during SDGF's first, dense stage) is left out, so the
         dict may be ``{}``; after :meth:`finalize` it is ``{}``. With ``masks_in_forward`` the
