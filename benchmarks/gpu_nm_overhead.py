@@ -207,7 +207,7 @@ def main(argv=None):
     # The mask computation alone, for the whole model (what one recomputation costs).
     model, sp, _ = build("ste, fixed masks", cfg, device, args.precision, args.n, args.m)
     weights = [sp.dense_weight(name) for name in sp.layers]
-    olds = list(sp.masks.values())
+    olds = list(sp.masks().values())
 
     def timed(fn, reps=10):
         for _ in range(3):

@@ -21,6 +21,11 @@ def _parse_stage(s: Any) -> tuple[int, int]:
     raise ValueError(f"`stages` entries must look like 'n:m' (e.g. '4:8'), got {s!r}")
 
 
+def _as_list(patterns: Any) -> Any:
+    """A list of patterns as a list (for the state key); a single string as given, for NMConfig to refuse."""
+    return list(patterns) if patterns is not None and not isinstance(patterns, str) else patterns
+
+
 class NMSparsity(Callback):
     """Train the LightningModule's Linear/Conv layers in an N:M pattern (SR-STE, STE, MDGF, SDGF).
 
@@ -28,11 +33,12 @@ class NMSparsity(Callback):
     on each selected weight, before the optimizer is built); at ``on_train_start`` (after DDP
     has broadcast the weights, or after a checkpoint was restored) it computes the masks and checks
     they are identical on every rank; after every optimizer step it advances the schedule,
-    recomputes the masks when due and logs ``nm/mask_flip_fraction`` (plus ``nm/beta`` for MDGF
-    and ``nm/density`` for SDGF); at ``on_train_end`` it makes the weights exactly N:M and removes
-    the parametrizations. Its checkpoint state (schedule step, masks) resumes bit for bit, and
-    :func:`sparsetrain.nm.nm_export_checkpoint` turns any checkpoint it wrote into the exact N:M
-    weights.
+    recomputes the masks when due and logs the sparsifier's
+    :meth:`~sparsetrain.nm.NMSparsifier.statistics` (``nm/step``, ``nm/density``,
+    ``nm/mask_flip_fraction``, ``nm/beta`` for MDGF, ...); at ``on_train_end`` it makes the
+    weights exactly N:M and removes the parametrizations. Its checkpoint state (schedule step,
+    masks) resumes bit for bit, and :func:`sparsetrain.nm.nm_export_checkpoint` turns any
+    checkpoint it wrote into the exact N:M weights.
 
     Args:
         n: weights kept per group of ``m``, ``1 <= n < m``.
@@ -60,7 +66,7 @@ class NMSparsity(Callback):
             the sparse weights in memory. See :class:`~sparsetrain.nm.NMConfig`.
         finalize: at the end of training make the weights exactly N:M and remove the
             parametrizations (plain ``weight`` parameters again).
-        log_stats: log the statistics each step.
+        log_stats: log :meth:`~sparsetrain.nm.NMSparsifier.statistics` after each optimizer step.
 
     Raises:
         ValueError: any argument out of range (named in the message).
@@ -96,8 +102,7 @@ class NMSparsity(Callback):
         parsed_stages = None if stages is None else [_parse_stage(s) for s in stages]
         self._kwargs = dict(
             n=n, m=m, method=method, lambda_w=lambda_w, update_every=update_every, decay=decay,
-            stages=parsed_stages, include=list(include) if include is not None else None,
-            exclude=list(exclude) if exclude is not None else None, verify_every=verify_every,
+            stages=parsed_stages, include=_as_list(include), exclude=_as_list(exclude), verify_every=verify_every,
             compile_masks=compile_masks, masks_in_forward=masks_in_forward, inplace=inplace,
         )
         # Validate everything now; decay_steps gets its real value in setup() when left to the run length.
@@ -166,31 +171,25 @@ class NMSparsity(Callback):
             self._seen_step += 1
             stepped = True
         if stepped and self.log_stats:
-            if sp.last_flip_fraction is not None:
-                pl_module.log("nm/mask_flip_fraction", sp.last_flip_fraction.float(), on_step=True, on_epoch=False)
-            method = sp.config.method
-            if method == "mdgf":
-                pl_module.log("nm/beta", sp.config.beta(sp.step_count), on_step=True, on_epoch=False)
-            elif method == "sdgf":
-                pat = sp.pattern
-                pl_module.log("nm/density", pat[0] / pat[1] if pat else 1.0, on_step=True, on_epoch=False)
+            pl_module.log_dict(sp.statistics(), on_step=True, on_epoch=False)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.finalize and self.sparsifier is not None:
             self.sparsifier.finalize()
 
     def summary(self) -> dict[str, Any]:
-        """JSON-ready summary for the run's ``summary.json``: pattern, layers, statistics, exactness."""
+        """JSON-ready summary for the run's ``summary.json``: the sparsifier's
+        :meth:`~sparsetrain.nm.NMSparsifier.statistics` (the keys logged during training), plus
+        ``nm/method``, ``nm/layers`` and, after finalization, ``nm/exact_nm``."""
         sp = self.sparsifier
         if sp is None:
             return {}
         from sparsetrain.nm import is_nm
 
         cfg = sp.config
-        out: dict[str, Any] = {"n": cfg.n, "m": cfg.m, "method": cfg.method, "layers": list(sp.layers),
-                               **sp.stats()}
+        out: dict[str, Any] = {**sp.statistics(), "nm/method": cfg.method, "nm/layers": list(sp.layers)}
         if sp.finalized:
-            out["exact_nm"] = all(is_nm(mod.weight, cfg.n, cfg.m) for mod in sp.layers.values())
+            out["nm/exact_nm"] = all(is_nm(mod.weight, cfg.n, cfg.m) for mod in sp.layers.values())
         return out
 
     # ------------------------------------------------------------------ state

@@ -4,6 +4,7 @@ the exact N:M exported view, and channel permutation for pruning dense models to
 See ``docs/nm_sparsity.md``.
 """
 
+from .config import NMConfig
 from .export import nm_exact, nm_export_checkpoint, nm_export_state_dict
 from .masks import (
     check_nm,
@@ -25,12 +26,19 @@ from .permute import (
     prune_to_nm,
     search_channel_permutation,
 )
-from .sparsifier import NMConfig, NMSparsifier
+from .schedule import NMSchedule
+from .sparsifier import NMSparsifier
+from .strategies import ForwardMasks, InPlace, MaskingStrategy, Parametrized
 
 __all__ = [
+    "ForwardMasks",
+    "InPlace",
+    "MaskingStrategy",
     "NMConfig",
     "NMMask",
+    "NMSchedule",
     "NMSparsifier",
+    "Parametrized",
     "PermutationSite",
     "apply_channel_permutation",
     "find_permutation_sites",

@@ -11,14 +11,14 @@ Legend: R rows (output channels), K reduction dim, G groups of ``m`` (G = R * K 
 
 from __future__ import annotations
 
-import fnmatch
 import math
 import warnings
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import nn
 
+from .. import contract
 from . import grouped
 
 __all__ = [
@@ -36,7 +36,6 @@ __all__ = [
 
 # Above this group size the pairwise-rank kernel (m^2 elementwise passes) costs more than one sort.
 _PAIRWISE_MAX_M = 16
-_NM_LAYER_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 
 def check_nm(n: int, m: int) -> None:
@@ -84,6 +83,14 @@ def _pairwise_keep(a_GM: torch.Tensor, n: int) -> torch.Tensor:
         rank_GM[:, : j + 1] += a_j > a_GM[:, : j + 1]
         rank_GM[:, j + 1 :] += a_j >= a_GM[:, j + 1 :]
     return rank_GM < n
+
+
+def _sort_keep(a_GM: torch.Tensor, n: int) -> torch.Tensor:
+    """:func:`_pairwise_keep` by one stable descending sort (same ranks, same ties): for large ``m``."""
+    order_GM = torch.sort(a_GM, dim=-1, descending=True, stable=True).indices
+    keep_GM = torch.zeros(a_GM.shape, dtype=torch.bool, device=a_GM.device)
+    keep_GM.scatter_(-1, order_GM[:, :n], True)
+    return keep_GM
 
 
 def _broadcast_keep(w_GM: torch.Tensor, n: int) -> torch.Tensor:
@@ -251,12 +258,7 @@ def nm_mask(weight: torch.Tensor, n: int, m: int, *, compiled: bool = False) -> 
     if compiled and m <= _PAIRWISE_MAX_M:
         return nm_masks([weight], n, m, compiled=True)[0][0]
     a_GM = _groups(weight, m)
-    if m <= _PAIRWISE_MAX_M:
-        keep_GM = _pairwise_keep(a_GM, n)
-    else:
-        order_GM = torch.sort(a_GM, dim=-1, descending=True, stable=True).indices
-        keep_GM = torch.zeros(a_GM.shape, dtype=torch.bool, device=a_GM.device)
-        keep_GM.scatter_(-1, order_GM[:, :n], True)
+    keep_GM = _pairwise_keep(a_GM, n) if m <= _PAIRWISE_MAX_M else _sort_keep(a_GM, n)
     return keep_GM.reshape(weight.shape)
 
 
@@ -297,10 +299,6 @@ def unpack_mask(packed: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
     return bits.reshape(-1)[:numel].bool().reshape(tuple(shape))
 
 
-def _matches(name: str, patterns: Iterable[str]) -> bool:
-    return any(fnmatch.fnmatchcase(name, p) for p in patterns)
-
-
 def select_nm_layers(
     model: nn.Module,
     ms: int | Sequence[int],
@@ -309,10 +307,11 @@ def select_nm_layers(
 ) -> dict[str, nn.Module]:
     """The Linear/Conv layers of ``model`` that can take N:M sparsity, by qualified module name.
 
-    A layer qualifies when it is an ``nn.Linear`` or ``nn.Conv1d/2d/3d``, its name matches one of
-    ``include`` (fnmatch patterns; all layers when None) and none of ``exclude``, and every ``m``
-    in ``ms`` divides its reduction dim. Selected layers whose reduction dim does not divide are
-    skipped with ONE warning that names them all.
+    The layers are chosen with the rule every component uses (:func:`sparsetrain.contract.select_layers`:
+    ``nn.Linear`` and ``nn.Conv1d/2d/3d``, names matched with ``fnmatch.fnmatchcase``, ``include``
+    then ``exclude``); of those, the ones whose reduction dim every ``m`` in ``ms`` divides are
+    kept. Selected layers whose reduction dim does not divide are skipped with ONE warning that
+    names them all.
 
     Args:
         model: the model.
@@ -327,24 +326,9 @@ def select_nm_layers(
         ValueError: a pattern matches no Linear/Conv layer, or no selected layer can take ``m``.
     """
     ms = [ms] if isinstance(ms, int) else list(ms)
-    for pats, arg in ((include, "include"), (exclude, "exclude")):
-        if pats is not None and (isinstance(pats, str) or not all(isinstance(p, str) for p in pats)):
-            raise ValueError(f"`{arg}` must be a list of name patterns, got {pats!r}")
-    candidates = {
-        name: mod for name, mod in model.named_modules()
-        if isinstance(mod, _NM_LAYER_TYPES) and getattr(mod, "weight", None) is not None
-    }
-    for pats, arg in ((include, "include"), (exclude, "exclude")):
-        for p in pats or ():
-            if not any(fnmatch.fnmatchcase(name, p) for name in candidates):
-                raise ValueError(f"`{arg}` pattern {p!r} matches no Linear/Conv layer; layers are: "
-                                 f"{', '.join(candidates) or '(none)'}")
+    selected = contract.select_layers(model, include=include, exclude=exclude or ())
     chosen, skipped = {}, []
-    for name, mod in candidates.items():
-        if include is not None and not _matches(name, include):
-            continue
-        if exclude and _matches(name, exclude):
-            continue
+    for name, mod in selected.items():
         k = reduction_dim(mod.weight)
         if any(k % m for m in ms):
             skipped.append(f"{name} (K={k})")

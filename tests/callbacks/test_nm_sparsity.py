@@ -16,6 +16,11 @@ CFG = GPTConfig(block_size=16, n_layer=1, n_head=2, d_model=64)
 MLP_LAYERS = ["model.blocks.0.mlp.fc_in", "model.blocks.0.mlp.fc_out"]
 
 
+def _by_layer(sp):
+    """The sparsifier's masks by layer name (``masks()`` keys them by parameter name)."""
+    return {k.removesuffix(".weight"): v for k, v in sp.masks().items()}
+
+
 @pytest.fixture(autouse=True)
 def _one_thread():
     n = torch.get_num_threads()
@@ -58,8 +63,10 @@ def test_fit_ends_exactly_nm_with_plain_weights(method, kw):
         assert is_nm(module.get_submodule(name).weight, n, m)
     assert not is_nm(module.model.blocks[0].attn.q_proj.weight, n, m)
     assert "nm/mask_flip_fraction" in trainer.callback_metrics
+    assert set(cb.sparsifier.statistics()) <= set(trainer.callback_metrics)  # logs exactly statistics()
     s = cb.summary()
-    assert s["exact_nm"] and s["step"] == 6 and s["layers"] == MLP_LAYERS
+    assert s["nm/exact_nm"] and s["nm/step"] == 6.0 and s["nm/layers"] == MLP_LAYERS
+    assert {k: v for k, v in s.items() if k in cb.sparsifier.statistics()} == cb.sparsifier.statistics()
 
 
 class _Consumed(Callback):
@@ -124,6 +131,7 @@ def test_recipe_entry_builds_the_callback():
     ({"decay_fraction": 0.0}, "`decay_fraction` must be in"),
     ({"method": "sdgf", "stages": ["4/8"]}, "`stages` entries must look like 'n:m'"),
     ({"update_every": -2}, "`update_every` must be"),
+    ({"include": "*.mlp.*"}, "`include` must be a list of glob strings"),
 ])
 def test_bad_arguments(kw, match):
     with pytest.raises(ValueError, match=match):
@@ -144,7 +152,7 @@ def _lightning_ddp(rank, world_size):
                          logger=False, enable_checkpointing=False, enable_progress_bar=False,
                          enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0)
     trainer.fit(module, _loader(seed=rank))
-    return {k: v.clone() for k, v in cb.sparsifier.masks.items()}, cb.sparsifier.exported_state_dict()
+    return {k: v.clone() for k, v in _by_layer(cb.sparsifier).items()}, cb.sparsifier.exported_state_dict()
 
 
 @pytest.mark.slow

@@ -3,12 +3,19 @@ import io
 import pytest
 import torch
 from torch import nn
+from torch.nn.utils import parametrize
 
+from sparsetrain import contract
 from sparsetrain.demo import GPT, GPTConfig
 from sparsetrain.nm import NMConfig, NMSparsifier, is_nm, nm_export_state_dict, nm_mask, permute_for_nm
 from tests.harness import run_distributed
 
 CFG = GPTConfig(block_size=16, n_layer=1, n_head=2, d_model=64)
+
+
+def _by_layer(sp):
+    """The sparsifier's masks by layer name (``masks()`` keys them by parameter name)."""
+    return {k.removesuffix(".weight"): v for k, v in sp.masks().items()}
 
 
 def _batch(seed, b=4):
@@ -46,25 +53,25 @@ def test_masks_follow_the_dense_weights_every_step(inplace):
     assert list(sp.layers) == ["blocks.0.mlp.fc_in", "blocks.0.mlp.fc_out"]
     flips = []
     for t in range(4):
-        before = {k: v.clone() for k, v in sp.masks.items()}
+        before = {k: v.clone() for k, v in _by_layer(sp).items()}
         _train(model, sp, opt, 1, start=t)
-        n_flip = sum(int((before[k] != sp.masks[k]).sum()) for k in before)
+        n_flip = sum(int((before[k] != _by_layer(sp)[k]).sum()) for k in before)
         flips.append(n_flip / sum(v.numel() for v in before.values()))
-        for name, mask in sp.masks.items():
+        for name, mask in _by_layer(sp).items():
             assert torch.equal(mask, nm_mask(sp.dense_weight(name), 2, 4))
             w = sp.layers[name].weight  # what the forward pass computes with
             assert torch.equal(w, torch.where(mask, sp.dense_weight(name), 0.0)) and is_nm(w, 2, 4)
-        assert sp.stats()["mask_flip_fraction"] == pytest.approx(flips[-1])
-    assert sp.stats()["mean_mask_flip_fraction"] == pytest.approx(sum(flips) / 4)
+        assert sp.statistics()["nm/mask_flip_fraction"] == pytest.approx(flips[-1])
+    assert sp.statistics()["nm/mean_mask_flip_fraction"] == pytest.approx(sum(flips) / 4)
 
 
 @pytest.mark.parametrize("every", [0, 3])
 def test_update_every(every):
     model, sp, opt = _setup(method="ste", update_every=every, include=["*.fc_in"])
-    seen = [sp.masks["blocks.0.mlp.fc_in"].clone()]
+    seen = [_by_layer(sp)["blocks.0.mlp.fc_in"].clone()]
     for t in range(6):
         _train(model, sp, opt, 1, start=t)
-        seen.append(sp.masks["blocks.0.mlp.fc_in"].clone())
+        seen.append(_by_layer(sp)["blocks.0.mlp.fc_in"].clone())
     for t in range(1, 7):
         if every and t % every == 0:
             assert torch.equal(seen[t], nm_mask(sp.dense_weight("blocks.0.mlp.fc_in"), 2, 4)) or t < 6
@@ -89,7 +96,7 @@ def test_sdgf_walks_its_ladder_and_mdgf_decays():
     model, sp, opt = _setup(method="mdgf", decay_steps=4, include=["*.mlp.*"])
     for t in range(5):
         name = "blocks.0.mlp.fc_out"
-        mask, dense, beta = sp.masks[name], sp.dense_weight(name), max(0.0, 1 - t / 4)
+        mask, dense, beta = _by_layer(sp)[name], sp.dense_weight(name), max(0.0, 1 - t / 4)
         assert torch.allclose(sp.layers[name].weight, torch.where(mask, dense, dense * beta), atol=0, rtol=1e-6)
         _train(model, sp, opt, 1, start=t)
     assert is_nm(sp.layers["blocks.0.mlp.fc_out"].weight, 2, 4)
@@ -192,17 +199,29 @@ def test_load_state_dict_rejects_a_mismatch():
     _, sp, _ = _setup(method="srste")
     state = sp.state_dict()
     _, other, _ = _setup(method="ste")
-    with pytest.raises(ValueError, match="saved by 2:4 'srste'; this sparsifier is 2:4 'ste'"):
+    with pytest.raises(ValueError, match="saved with method='srste' but this run has method='ste'"):
         other.load_state_dict(state)
     _, other, _ = _setup(method="srste", include=["*.mlp.*"])
-    with pytest.raises(ValueError, match="covers other layers"):
+    with pytest.raises(ValueError, match=r"saved with include=None but this run has include=\('\*.mlp.\*',\)"):
         other.load_state_dict(state)
+    _, other, _ = _setup(method="srste", lambda_w=1e-3)
+    with pytest.raises(ValueError, match="lambda_w=0.0002 but this run has lambda_w=0.001"):
+        other.load_state_dict(state)
+    _, other, _ = _setup(method="srste", verify_every=7, grad_accumulation=2)  # fields that keep the math
+    other.load_state_dict(state)
+    with pytest.raises(ValueError, match="version 3"):
+        other.load_state_dict({**state, "version": 3})
 
 
 def test_attaching_twice_is_refused():
-    model, _, _ = _setup(include=["*.mlp.*"])
-    with pytest.raises(ValueError, match="already has a parametrized `weight`"):
+    model, sp, _ = _setup(include=["*.mlp.*"])
+    with pytest.raises(ValueError, match="NMSparsifier and NMSparsifier both claim 'blocks.0.mlp.fc_in.weight'"):
         NMSparsifier(model, NMConfig(include=["*.mlp.*"]))
+    other = GPT(CFG)
+    parametrize.register_parametrization(other.blocks[0].mlp.fc_in, "weight", nn.Identity())
+    with pytest.raises(ValueError, match="layer 'blocks.0.mlp.fc_in' already has a parametrized `weight`"):
+        NMSparsifier(other, NMConfig(include=["*.mlp.*"]))
+    assert contract.attached(other) == []
     with pytest.raises(ValueError, match="either `config` or keyword"):
         NMSparsifier(GPT(CFG), NMConfig(), n=1)
 
@@ -227,7 +246,7 @@ def test_bf16(autocast):
     for name in sp.layers:
         w = exported[name + ".weight"]
         assert w.dtype == (torch.float32 if autocast else torch.bfloat16) and is_nm(w, 2, 4)
-        assert torch.equal(sp.masks[name], nm_mask(sp.dense_weight(name), 2, 4))
+        assert torch.equal(_by_layer(sp)[name], nm_mask(sp.dense_weight(name), 2, 4))
 
 
 def test_pure_export_of_a_state_dict():
@@ -241,7 +260,7 @@ def test_pure_export_of_a_state_dict():
         nm_export_state_dict(dense, 2, 4, layers=["nope"])
     with pytest.raises(ValueError, match="not an 2:4 mask"):
         nm_export_state_dict(dense, 2, 4, layers=["lm_head"],
-                             masks={"lm_head": torch.ones_like(dense["lm_head.weight"], dtype=torch.bool)})
+                             masks={"lm_head.weight": torch.ones_like(dense["lm_head.weight"], dtype=torch.bool)})
 
 
 # --------------------------------------------------------------------------- distributed
@@ -259,7 +278,7 @@ def _ddp_ranks(rank, world_size, steps):
         NMSparsifier(GPT(CFG), NMConfig(include=["*.mlp.*"]))
         out["diverged"] = "no error"
     except RuntimeError as err:
-        out["diverged"] = str(err)
+        out["diverged"] = f"{type(err).__name__}: {err}"
     # 3. The DDP recipe: attach, wrap, refresh; train on each rank's half of the batch.
     torch.manual_seed(0)
     model = GPT(CFG)
@@ -275,7 +294,7 @@ def _ddp_ranks(rank, world_size, steps):
         opt.step()
         opt.zero_grad()
         sp.step()  # verify_every=1: checks rank equality after every update
-    out["masks"] = {k: v.clone() for k, v in sp.masks.items()}
+    out["masks"] = {k: v.clone() for k, v in _by_layer(sp).items()}
     out["weights"] = {k: v.clone() for k, v in model.state_dict().items()}
     # 3b. The same with in-place masking, from other initial weights on each rank (DDP broadcasts
     # rank 0's when it wraps; refresh() masks them).
@@ -312,7 +331,8 @@ def test_ddp_masks_identical_across_ranks_and_match_single_process():
     r0, r1 = run_distributed(_ddp_ranks, 2, steps, timeout=180)
     for r in (r0, r1):
         assert "attach the sparsifier to the plain module before wrapping" in r["wrapped"]
-        assert "differ across ranks" in r["diverged"] and "blocks.0.mlp.fc_in" in r["diverged"]
+        assert r["diverged"].startswith("RankDivergenceError")
+        assert "differ across ranks" in r["diverged"] and "blocks.0.mlp.fc_in.weight" in r["diverged"]
     for k in r0["masks"]:
         assert torch.equal(r0["masks"][k], r1["masks"][k])
     for k in r0["weights"]:
@@ -327,8 +347,8 @@ def test_ddp_masks_identical_across_ranks_and_match_single_process():
     ref = model.state_dict()
     for k in r0["weights"]:
         assert torch.allclose(r0["weights"][k], ref[k], atol=1e-5, rtol=1e-4), k
-    agree = sum(int((r0["masks"][k] == sp.masks[k]).sum()) for k in sp.masks)
-    assert agree / sum(v.numel() for v in sp.masks.values()) > 0.999
+    agree = sum(int((r0["masks"][k] == _by_layer(sp)[k]).sum()) for k in _by_layer(sp))
+    assert agree / sum(v.numel() for v in _by_layer(sp).values()) > 0.999
     # Permutations: equal across ranks and to a single process's.
     torch.manual_seed(0)
     ref_perms = [site.info["perm"] for site in permute_for_nm(GPT(CFG), 2, 4, escapes=2)]
@@ -375,8 +395,8 @@ def _small_run(compiled, steps, **config):
         opt.zero_grad()
         sp.step()
         losses.append(loss.item())
-        flips.append(sp.stats().get("mask_flip_fraction"))
-    return losses, flips, list(sp.masks.values())
+        flips.append(sp.statistics().get("nm/mask_flip_fraction"))
+    return losses, flips, list(_by_layer(sp).values())
 
 
 def test_compiled_model_trains_like_eager_and_mask_changes_do_not_recompile():
@@ -410,11 +430,11 @@ def test_masks_in_forward_train_exactly_like_masks_after_each_step(kw):
         _train(model, sp, opt, 1, start=t)
         _train(live_model, live, live_opt, 1, start=t)
         if (t + 1) % 3 == 0 and sp.pattern == live.pattern == sp.config.pattern(t):  # not at a pattern change
-            assert live.stats()["mask_flip_fraction"] == pytest.approx(sp.stats()["mask_flip_fraction"])
+            assert live.statistics()["nm/mask_flip_fraction"] == pytest.approx(sp.statistics()["nm/mask_flip_fraction"])
     for (name, a), b in zip(model.state_dict().items(), live_model.state_dict().values()):
         assert torch.equal(a, b), name
-    assert all(torch.equal(a, b) for a, b in zip(sp.masks.values(), live.masks.values()))
-    assert live.stats()["pattern"] == sp.stats()["pattern"]
+    assert all(torch.equal(a, b) for a, b in zip(_by_layer(sp).values(), _by_layer(live).values()))
+    assert live.pattern == sp.pattern
     state, ref = live.state_dict(), sp.state_dict()
     assert all(torch.equal(state["masks"][k], ref["masks"][k]) for k in ref["masks"])
     assert all(torch.equal(a, b) for a, b in zip(sp.exported_state_dict().values(),
@@ -470,7 +490,7 @@ def test_srste_term_comes_from_a_weight_hook_removed_by_finalize():
     layer = nn.Linear(8, 4)
     sp = NMSparsifier(nn.Sequential(layer), NMConfig(method="srste", lambda_w=0.5))
     w = sp.dense_weight("0")
-    mask = sp.masks["0"]
+    mask = _by_layer(sp)["0"]
     x = torch.randn(3, 8)
     layer(x).sum().backward()
     g_eff = torch.ones(3, 4).T @ x  # dL/dW_eff of sum(x @ W_eff.T + b)
@@ -490,7 +510,8 @@ def test_direct_weight_property_keeps_parametrize_semantics():
     layer = nn.Linear(8, 4)
     cls = type(layer)
     sp = NMSparsifier(nn.Sequential(layer), NMConfig(method="ste"))
-    assert type(layer) is not cls and torch.equal(layer.weight, torch.where(sp.masks["0"], sp.dense_weight("0"), 0))
+    assert type(layer) is not cls
+    assert torch.equal(layer.weight, torch.where(_by_layer(sp)["0"], sp.dense_weight("0"), 0))
     assert layer.weight is not layer.weight
     with parametrize.cached():
         assert layer.weight is layer.weight
@@ -529,7 +550,7 @@ def test_inplace_trains_exactly_like_the_parametrization(kw):
         ref = _dense_view(sp)
         got = fast_model.state_dict()  # dense weights under the plain keys
         assert set(got) == set(ref) and all(torch.equal(got[k], ref[k]) for k in ref), t
-        assert fast.stats() == sp.stats()
+        assert fast.statistics() == sp.statistics()
     got, ref = fast.exported_state_dict(), sp.exported_state_dict()
     assert set(got) == set(ref) and all(torch.equal(got[k], ref[k]) for k in ref)
     fast.finalize()
@@ -561,17 +582,18 @@ def test_inplace_checkpoints_hold_dense_weights_and_load_while_masked():
     _train(model, sp, opt, 2)
     name = "blocks.0.mlp.fc_in"
     layer, dense = sp.layers[name], sp.dense_weight(name)
-    assert torch.equal(layer.weight, torch.where(sp.masks[name], dense, 0.0)) and not torch.equal(layer.weight, dense)
+    assert torch.equal(layer.weight, torch.where(_by_layer(sp)[name], dense, 0.0))
+    assert not torch.equal(layer.weight, dense)
     assert torch.equal(model.state_dict()[name + ".weight"], dense)
     # Dense weights loaded while masked: kept as the dense weights, the forward pass sees them masked.
     torch.manual_seed(7)
     other = GPT(CFG).state_dict()
     model.load_state_dict(other)
     assert torch.equal(sp.dense_weight(name), other[name + ".weight"])
-    assert torch.equal(layer.weight, torch.where(sp.masks[name], other[name + ".weight"], 0.0))
+    assert torch.equal(layer.weight, torch.where(_by_layer(sp)[name], other[name + ".weight"], 0.0))
     sp.refresh()
-    assert torch.equal(sp.masks[name], nm_mask(other[name + ".weight"], 2, 4))
-    assert torch.equal(layer.weight, torch.where(sp.masks[name], other[name + ".weight"], 0.0))
+    assert torch.equal(_by_layer(sp)[name], nm_mask(other[name + ".weight"], 2, 4))
+    assert torch.equal(layer.weight, torch.where(_by_layer(sp)[name], other[name + ".weight"], 0.0))
     # A checkpoint of the parametrization loads too, and vice versa.
     pmodel, psp, popt = _setup(seed=3, method="srste")
     model.load_state_dict(pmodel.state_dict())
@@ -599,7 +621,7 @@ def test_inplace_misuse_is_refused():
     torch.manual_seed(0)
     model = GPT(CFG)
     sp = NMSparsifier(model, NMConfig(inplace=True), verify_now=False)
-    assert not any(torch.equal(m.weight, torch.where(sp.masks[n], m.weight, 0.0)) for n, m in sp.layers.items())
+    assert not any(torch.equal(m.weight, torch.where(_by_layer(sp)[n], m.weight, 0.0)) for n, m in sp.layers.items())
     with pytest.raises(RuntimeError, match="call refresh"):
         sp.before_optimizer_step()
     with pytest.raises(ValueError, match="`recompute` must be True or False, got 'no'"):
@@ -634,3 +656,108 @@ def test_cuda_inplace_trains_exactly_like_the_parametrization(dtype, kw):
     (dense_a, fwd_a), (dense_b, fwd_b) = runs
     assert set(dense_a) == set(dense_b) and all(torch.equal(dense_a[k], dense_b[k]) for k in dense_a)
     assert all(torch.equal(fwd_a[k], fwd_b[k]) for k in fwd_a)
+
+
+# ----------------------------------------------------------------------------- the component contract
+
+
+def test_construction_from_fields_or_config_and_the_registry():
+    torch.manual_seed(0)
+    model = GPT(CFG)
+    sp = NMSparsifier(model, n=1, m=4, method="ste", include=["*.mlp.*"])
+    assert sp.config == NMConfig(n=1, m=4, method="ste", include=["*.mlp.*"])
+    assert NMSparsifier.masks_gradients is False and isinstance(sp, contract.Component)
+    assert contract.attached(model) == [sp]
+    assert sorted(contract.claims(model)) == ["blocks.0.mlp.fc_in.weight", "blocks.0.mlp.fc_out.weight"]
+    assert contract.gradient_masks(model) == ((), {})  # N:M keeps dense gradients
+    with pytest.raises(ValueError, match="both claim 'blocks.0.mlp.fc_in.weight'"):
+        NMSparsifier(model, NMConfig(include=["*.fc_in"], inplace=True))
+    other = NMSparsifier(model, NMConfig(include=["*.attn.*"], inplace=True))  # disjoint layers: fine
+    assert contract.attached(model) == [sp, other]
+    with pytest.raises(ValueError, match="`verify_now` must be True or False"):
+        NMSparsifier(GPT(CFG), verify_now="yes")
+
+
+@pytest.mark.parametrize("kw", [dict(), dict(inplace=True), dict(masks_in_forward=True)])
+def test_masks_by_parameter_name_and_mask_version(kw):
+    model, sp, opt = _setup(method="srste", include=["*.mlp.*"], **kw)
+    masks = sp.masks()
+    assert list(masks) == ["blocks.0.mlp.fc_in.weight", "blocks.0.mlp.fc_out.weight"]
+    assert set(masks) <= {k for k, _ in GPT(CFG).named_parameters()}  # the plain model's names
+    for key, mask in masks.items():
+        assert mask.dtype == torch.bool and torch.equal(mask, nm_mask(sp.dense_weight(key[:-7]), 2, 4))
+    version = sp.mask_version
+    _train(model, sp, opt, 1)
+    assert sp.mask_version > version
+    with pytest.warns(FutureWarning, match="masks as a mapping"):
+        assert torch.equal(sp.masks["blocks.0.mlp.fc_in"], sp.masks()["blocks.0.mlp.fc_in.weight"])
+
+
+def test_masks_leave_out_a_dense_stage_and_finalized_layers():
+    model, sp, opt = _setup(method="sdgf", n=1, m=8, decay_steps=100, include=["*.mlp.*"])
+    assert sp.pattern is None and sp.masks() == {}
+    with pytest.warns(FutureWarning):
+        assert dict(sp.masks) == {"blocks.0.mlp.fc_in": None, "blocks.0.mlp.fc_out": None}
+    model, sp, opt = _setup(method="ste")
+    sp.finalize()
+    assert sp.masks() == {}
+
+
+@pytest.mark.parametrize("method,kw,keys", [
+    ("srste", {}, set()), ("mdgf", {"decay_steps": 4}, {"nm/beta"}), ("sdgf", {"decay_steps": 4}, set()),
+])
+def test_statistics_are_flat_plain_floats(method, kw, keys):
+    model, sp, opt = _setup(method=method, **kw)
+    base = {"nm/step", "nm/n", "nm/m", "nm/density"}
+    assert set(sp.statistics()) == base | keys  # nothing measured yet
+    _train(model, sp, opt, 3)  # sdgf: dense, dense, 3:4, 3:4 (flips counted within a stage)
+    stats = sp.statistics()
+    assert set(stats) == base | keys | {"nm/mask_flip_fraction", "nm/mean_mask_flip_fraction"}
+    assert all(type(v) is float for v in stats.values())
+    assert stats["nm/step"] == 3.0 and stats["nm/n"] == 2.0 and stats["nm/m"] == 4.0
+    with pytest.warns(FutureWarning, match="use statistics"):
+        old = sp.stats()
+    assert old["step"] == 3 and old["mask_flip_fraction"] == stats["nm/mask_flip_fraction"]
+    assert old["density"] == stats["nm/density"]
+
+
+@pytest.mark.parametrize("kw", [dict(method="srste"), dict(method="srste", inplace=True),
+                                dict(method="sdgf", n=1, m=8, decay_steps=6)])
+def test_a_version_1_state_still_loads(kw):
+    # The previous release's state: no config, version 1; it resumes as the new one does.
+    model, sp, opt = _setup(**kw)
+    _train(model, sp, opt, 3)
+    buf = io.BytesIO()
+    torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "nm": sp.state_dict()}, buf)
+    buf.seek(0)
+    ckpt = torch.load(buf, weights_only=True)
+    _train(model, sp, opt, 3, start=3)
+    old = {k: v for k, v in ckpt["nm"].items() if k != "config"}
+    old["version"] = 1
+    model2, sp2, opt2 = _setup(seed=4, **kw)
+    model2.load_state_dict(ckpt["model"])
+    opt2.load_state_dict(ckpt["opt"])
+    sp2.load_state_dict(old)
+    _train(model2, sp2, opt2, 3, start=3)
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), model2.state_dict().values()))
+    _, other, _ = _setup(**{**kw, "method": "ste"} if kw["method"] == "srste" else {**kw, "n": 2})
+    with pytest.raises(ValueError, match="saved with"):
+        other.load_state_dict(old)
+
+
+@pytest.mark.parametrize("kw", [dict(method="srste"), dict(method="srste", inplace=True),
+                                dict(method="srste", masks_in_forward=True)])
+def test_remove_leaves_a_plain_model(kw):
+    model, sp, opt = _setup(include=["*.mlp.*"], **kw)
+    _train(model, sp, opt, 2)
+    exported = sp.exported_state_dict()
+    sp.remove()
+    assert contract.attached(model) == [] and contract.claims(model) == {}
+    assert set(model.state_dict()) == set(GPT(CFG).state_dict())
+    for name, mod in sp.layers.items():
+        assert type(mod) is nn.Linear and isinstance(mod.weight, nn.Parameter)
+        assert not mod._forward_hooks and not mod._state_dict_hooks and not mod._load_state_dict_pre_hooks
+        assert mod.weight._backward_hooks is None or not mod.weight._backward_hooks
+        assert torch.equal(mod.weight, exported[name + ".weight"]) and is_nm(mod.weight, 2, 4)
+    sp.remove()  # idempotent
+    NMSparsifier(model, NMConfig(include=["*.mlp.*"]))  # the layers can be claimed again
