@@ -39,6 +39,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from .. import contract
 from .topk import num_selected, sample_stride, threshold_indices_segments, topk_indices
 from .wire import DTYPES, SegmentLayout, encode_segments, pack, unpack
 
@@ -286,6 +287,8 @@ class DGCState:
         "loss_scale",
         "_names",
         "_bound",
+        "_model",
+        "_mask_version",
         "_plans",
         "_lock",
         "_step_open",
@@ -328,6 +331,8 @@ class DGCState:
         self.loss_scale: torch.Tensor | None = None
         self._names: dict[int, str] = {}
         self._bound = False
+        self._model: nn.Module | None = None
+        self._mask_version: tuple[int, ...] | None = None
         self._plans: dict[tuple, _Plan] = {}
         self._lock = threading.Lock()
         self._step_open = False
@@ -356,8 +361,10 @@ class DGCState:
         """
         if isinstance(module, nn.parallel.DistributedDataParallel):
             module = module.module
+        model = None
         if isinstance(module, nn.Module):
             named = list(module.named_parameters())
+            model = module
         else:
             try:
                 named = [(str(n), p) for n, p in module]
@@ -373,6 +380,8 @@ class DGCState:
             raise ValueError("`module`: bind before the first step; this state is already keyed by position")
         self._names = {id(p): name for name, p in named}
         self._bound = True
+        self._model = model
+        self._mask_version = None
         self._plans.clear()
         return self
 
@@ -435,6 +444,7 @@ class DGCState:
         self.momenta = {k: v.detach().clone() for k, v in state_dict["momenta"].items()}
         self.totals = dict(state_dict.get("totals", {}))
         self._plans.clear()
+        self._mask_version = None  # the loaded state is cleared outside the masks at the next step
 
     def full_state_dict(self) -> dict[str, Any]:
         """Every rank's :meth:`state_dict`, gathered (a collective: call it on all ranks).
@@ -480,8 +490,8 @@ class DGCState:
 
     def __getstate__(self) -> dict[str, Any]:
         """Every slot but the process group, the parameter map, plans and locks (torch's PowerSGDState)."""
-        skip = {"process_group", "grad_scaler", "_names", "_plans", "_lock", "_done", "_expected", "_n_prepared",
-                "_pool"}
+        skip = {"process_group", "grad_scaler", "_names", "_model", "_mask_version", "_plans", "_lock", "_done",
+                "_expected", "_n_prepared", "_pool"}
         return {s: getattr(self, s) for s in self.__slots__ if s not in skip}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -494,6 +504,8 @@ class DGCState:
         self.process_group = None
         self.grad_scaler = None
         self._names = {}
+        self._model = None
+        self._mask_version = None
         self._plans = {}
         self._lock = threading.Lock()
         self._done, self._expected, self._n_prepared, self._pool = [], None, 0, {}
@@ -609,9 +621,36 @@ class DGCState:
         self._plans[cache_key] = plan
         return plan
 
+    def _follow_masks(self) -> None:
+        """Rule 3 of ``docs/architecture.md``: never emit gradient outside the current gradient masks.
+
+        When the masks of the components that mask gradients (``contract.gradient_masks``) have
+        changed since the last step, the residuals and momenta are zeroed outside them, so that
+        gradient accumulated at a position a mask update has just dropped is never sent. Afterwards
+        the incoming gradients are zero there, and so the state stays zero there.
+        """
+        if self._model is None:
+            return
+        version, masks = contract.gradient_masks(self._model)
+        if version == self._mask_version:
+            return
+        for table in (self.residuals, self.momenta):
+            for name, t in table.items():
+                mask = masks.get(name)
+                if mask is None:
+                    continue
+                if mask.numel() != t.numel():
+                    raise ValueError(
+                        f"the gradient mask of parameter {name!r} has {mask.numel()} elements, "
+                        f"its compression state has {t.numel()}"
+                    )
+                contract.mask_(t, mask.reshape(-1).to(t.device))
+        self._mask_version = version
+
     def _begin_step(self, device: torch.device) -> None:
-        """Once per step: follow the GradScaler's loss scale."""
+        """Once per step: clear the state outside changed gradient masks; follow the GradScaler's loss scale."""
         self._step_open = True
+        self._follow_masks()
         self._scale_ratio = None
         self._scale_now = None
         scaler = self.grad_scaler

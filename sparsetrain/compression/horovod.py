@@ -17,6 +17,7 @@ from collections.abc import Iterable
 from typing import Any
 
 import torch
+from torch import nn
 
 from .dgc import DGCConfig, DGCState, check_optimizer
 
@@ -37,9 +38,11 @@ def _horovod():
 class _DGCDistributedOptimizer(torch.optim.Optimizer):
     """Methods mixed into a subclass of the wrapped optimizer's class (Horovod's own pattern)."""
 
-    def __init__(self, params, named_parameters, bucket_cap_mb: float, config: DGCConfig) -> None:
+    def __init__(self, params, named_parameters, bucket_cap_mb: float, config: DGCConfig, model) -> None:
         super(self.__class__, self).__init__(params)
         all_params = [p for group in self.param_groups for p in group["params"]]
+        if named_parameters is None and model is not None:
+            named_parameters = model.named_parameters()
         if named_parameters is None:
             named = [(f"param_{i}", p) for i, p in enumerate(all_params)]
         else:
@@ -52,7 +55,7 @@ class _DGCDistributedOptimizer(torch.optim.Optimizer):
         if not bucket_cap_mb > 0:
             raise ValueError(f"`bucket_cap_mb` must be > 0, got {bucket_cap_mb}")
         self._dgc = DGCState(config=config)
-        self._dgc.bind(named)
+        self._dgc.bind(named if model is None else model)
         check_optimizer(config, self)
         self._hvd = _horovod()
         # buckets in reverse parameter order, as DDP's first buckets (gradients of the last layers come first)
@@ -125,6 +128,7 @@ def DistributedOptimizer(  # noqa: N802 - named like hvd.DistributedOptimizer, w
     *,
     bucket_cap_mb: float = 25.0,
     config: DGCConfig | None = None,
+    model: nn.Module | None = None,
     **kwargs: Any,
 ) -> torch.optim.Optimizer:
     """Wrap ``optimizer`` so that :meth:`step` first exchanges DGC-compressed gradients over Horovod.
@@ -148,6 +152,9 @@ def DistributedOptimizer(  # noqa: N802 - named like hvd.DistributedOptimizer, w
             (keys of the checkpointed state); default ``param_<i>`` in optimizer order.
         bucket_cap_mb: gradients are exchanged in buckets of about this size.
         config: a :class:`DGCConfig`; or give its fields as keyword arguments.
+        model: the model the parameters belong to: its parameter names key the state (then
+            ``named_parameters`` may be left out), and the residuals and momenta are cleared
+            outside the gradient masks of the components attached to it (dynamic sparsity).
         **kwargs: :class:`DGCConfig` fields.
 
     Raises:
@@ -159,5 +166,7 @@ def DistributedOptimizer(  # noqa: N802 - named like hvd.DistributedOptimizer, w
         raise ValueError(f"give either `config` or keyword options, not both (got {sorted(kwargs)})")
     cfg = config if config is not None else DGCConfig(**kwargs)
     check_optimizer(cfg, optimizer)
+    if model is not None and not isinstance(model, nn.Module):
+        raise TypeError(f"`model` must be a torch.nn.Module or None, got {type(model).__name__}")
     cls = type(optimizer.__class__.__name__, (optimizer.__class__,), dict(_DGCDistributedOptimizer.__dict__))
-    return cls(optimizer.param_groups, named_parameters, bucket_cap_mb, cfg)
+    return cls(optimizer.param_groups, named_parameters, bucket_cap_mb, cfg, model)
