@@ -79,19 +79,21 @@ class _DGCDistributedOptimizer(torch.optim.Optimizer):
     def synchronize(self) -> None:
         """Exchange the accumulated gradients; afterwards every ``p.grad`` holds the averaged result."""
         hvd, state = self._hvd, self._dgc
+        engine = state.engine
         world = hvd.size()
         handles = []
         for b, params in enumerate(self._buckets):
             grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
             flat = torch.cat([g.reshape(-1) for g in grads])
-            pending, send = state._prepare(flat, params, world)
-            if pending.plan.sparse:
-                handle = hvd.allgather_async(send, name=f"sparsetrain.dgc.{b}")
+            message = engine.compress(flat, state.bucket_layout(params), world)
+            if message.collective == "all_gather":
+                handle = hvd.allgather_async(message.send, name=f"sparsetrain.dgc.{b}")
             else:
-                handle = hvd.allreduce_async(send, name=f"sparsetrain.dgc.{b}", op=hvd.Sum)
-            handles.append((params, pending, handle))
-        for params, pending, handle in handles:
-            result = state._finish(pending, hvd.synchronize(handle), world)
+                handle = hvd.allreduce_async(message.send, name=f"sparsetrain.dgc.{b}", op=hvd.Sum)
+            handles.append((params, message, handle))
+        engine.end_step()
+        for params, message, handle in handles:
+            result = engine.decompress(message, hvd.synchronize(handle))
             offset = 0
             for p in params:
                 n = p.numel()
@@ -101,12 +103,13 @@ class _DGCDistributedOptimizer(torch.optim.Optimizer):
                 else:
                     p.grad.copy_(value)
                 offset += n
-        state._end_step()
 
     def step(self, closure=None):
         """Exchange the gradients, then take the wrapped optimizer's step."""
         self.synchronize()
-        return super(self.__class__, self).step(closure)
+        loss = super(self.__class__, self).step(closure)
+        self._dgc.step()
+        return loss
 
     def state_dict(self) -> dict[str, Any]:
         """The wrapped optimizer's state plus this rank's DGC state under ``"dgc"``."""
