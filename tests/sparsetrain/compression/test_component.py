@@ -223,3 +223,20 @@ def test_on_two_ranks():
         assert r["removed_is_allreduce"] is True
         assert r["compressed_differs"] is True
         assert r["removed_steps"] == 3
+
+
+def test_what_the_previous_release_wrote_still_loads():
+    model = _model()
+    v1 = _state_dict(model, version=1)
+    state = DGCState(model, density=0.01)
+    state.load_full_state_dict({"version": 1, "world_size": 1, "ranks": [v1]})  # Lightning checkpoints
+    assert state.step_count == 5 and torch.equal(state.momenta["0.weight"], v1["momenta"]["0.weight"])
+    # a DGCState pickled by the previous release: its slots
+    legacy = {"config": DGCConfig(density=0.01), "step": 3, "residuals": dict(v1["residuals"]), "momenta": {},
+              "loss_scale": torch.tensor(1024.0), "_bound": True, "last_stats": {"step": 2.0}, "totals": {},
+              "_acc": {}, "_step_open": False, "_nonfinite": None}
+    copy = DGCState.__new__(DGCState)
+    with pytest.warns(UserWarning, match="default group"):
+        copy.__setstate__(legacy)
+    assert copy.step_count == 3 and float(copy.loss_scale) == 1024.0 and copy.last_stats == {"step": 2.0}
+    assert torch.equal(copy.residuals["0.weight"], v1["residuals"]["0.weight"])

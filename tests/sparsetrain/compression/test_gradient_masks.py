@@ -133,3 +133,55 @@ def test_no_gradient_reaches_a_pruned_weight(momentum, exchange):
             assert s["momentum_outside"] == 0.0, (r, t)
             for a, b in zip(s["weights"], results[0][t]["weights"]):
                 assert torch.equal(a, b), (r, t)  # ranks stay identical
+
+
+# ----------------------------------------------------------------------------- through Lightning
+
+
+def _lightning_ranks(rank, world, tmp):
+    import lightning.pytorch as pl
+    from sparsetrain.callbacks import GradientCompression
+
+    from sparsetrain.demo.lightning import MLPDataModule, MLPTask
+
+    names = ["model.net.0.weight", "model.net.2.weight"]
+
+    class Masking(pl.Callback):
+        """Attaches the masking component in setup (before DDP wraps the module), checks after every
+        optimizer step, and changes the masks every third step."""
+
+        def __init__(self, compression):
+            self.compression, self.component, self.seen = compression, None, []
+
+        def setup(self, trainer, pl_module, stage):
+            self.component = _MaskingComponent(pl_module, names)
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            masks, state = self.component.masks(), self.compression.state
+            params = dict(pl_module.named_parameters())
+            self.seen.append((
+                sum(int((params[n].detach() != 0)[~m].sum()) for n, m in masks.items()),
+                _outside(masks, state.residuals), _outside(masks, state.momenta), state.last_stats["sparse_buckets"],
+            ))
+            if trainer.global_step % 3 == 0:
+                self.component.change()
+
+    pl.seed_everything(0, verbose=False)
+    compression = GradientCompression(density=0.02, warmup_steps=2, ramp_steps=0, momentum=0.9, min_numel=100,
+                                      selection="topk")
+    masking = Masking(compression)
+    trainer = pl.Trainer(accelerator="cpu", devices=world, strategy="ddp", max_epochs=1, logger=False,
+                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                         num_sanity_val_steps=0, limit_val_batches=0, default_root_dir=tmp,
+                         callbacks=[masking, compression])
+    trainer.fit(MLPTask(optimizer="sgd", lr=0.05), MLPDataModule(n=512, batch_size=32, seed=0))
+    return masking.seen
+
+
+@pytest.mark.slow
+def test_no_gradient_reaches_a_pruned_weight_through_lightning(tmp_path):
+    results = run_distributed(_lightning_ranks, 2, str(tmp_path), timeout=240, lightning=True)
+    for r, seen in enumerate(results):
+        assert len(seen) == 7 and sum(s[3] for s in seen) > 0
+        for t, (weights, residual, momentum, _) in enumerate(seen):
+            assert (weights, residual, momentum) == (0, 0.0, 0.0), (r, t)
