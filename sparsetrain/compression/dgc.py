@@ -37,7 +37,7 @@ _STATE_VERSION = 2
 _LOADABLE = (1, 2)
 _LAST = ("density", "sent_fraction", "payload_bytes", "dense_payload_bytes", "wire_bytes", "dense_wire_bytes",
          "compress_s", "sparse_buckets", "dense_buckets")
-_TOTALS = ("payload_bytes", "dense_payload_bytes", "wire_bytes", "dense_wire_bytes", "compress_s")
+_TOTALS = ("payload_bytes", "dense_payload_bytes", "wire_bytes", "dense_wire_bytes", "compress_s")  # engine's totals
 
 
 class _StepCount(int):

@@ -68,6 +68,9 @@ class Message:
             ``"all_gather"``, else a float tensor of the bucket's size, already divided by W, to
             all-reduce with a sum.
         plan: how the bucket is exchanged (:class:`~sparsetrain.compression.plan.Plan`).
+
+    The other fields are what the engine computed before the exchange and commits after it; only
+    the engine reads them.
     """
 
     plan: Plan
@@ -211,7 +214,7 @@ class CompressionEngine:
             "dense_buckets": acc.get("dense_buckets", 0.0),
         }
         self.last_stats = stats
-        for k in ("payload_bytes", "dense_payload_bytes", "wire_bytes", "dense_wire_bytes", "compress_s"):
+        for k in _TOTALS:
             self.totals[k] = self.totals.get(k, 0.0) + stats[k]
         self.totals["steps"] = self.totals.get("steps", 0.0) + 1
         self._acc = {}

@@ -34,6 +34,7 @@ def _state_dict(model: nn.Module, **overrides) -> dict:
 def test_construction_attaches_and_claims_nothing():
     model = _model()
     state = DGCState(model, density=0.01)
+    assert isinstance(state, contract.Component)
     assert state in contract.attached(model)
     assert contract.claims(model) == {}
     assert state.masks() == {} and state.masks_gradients is False
