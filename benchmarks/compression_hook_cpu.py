@@ -72,7 +72,7 @@ def _time_parts() -> dict[str, float]:
     """Wrap the DGC hook's parts with timers (``--parts``); returns the dict they add seconds to:
     ``prepare`` (work before the exchange), ``select`` (the entries' selection, part of prepare),
     ``finish`` (decode and, at the step's last bucket, the state commit) and ``commit``."""
-    from sparsetrain.compression import dgc
+    from sparsetrain.compression import engine
 
     acc: dict[str, float] = {}
 
@@ -88,12 +88,12 @@ def _time_parts() -> dict[str, float]:
 
         setattr(owner, name, wrapper)
 
-    timed(dgc.DGCState, "_prepare", "prepare")
-    timed(dgc.DGCState, "_finish", "finish")
-    timed(dgc.DGCState, "_commit", "commit")
+    timed(engine.CompressionEngine, "compress", "prepare")
+    timed(engine.CompressionEngine, "decompress", "finish")
+    timed(engine.CompressionEngine, "_commit", "commit")
     for name in ("threshold_indices_segments", "threshold_indices"):  # whichever this version calls
-        if hasattr(dgc, name):
-            timed(dgc, name, "select")
+        if hasattr(engine, name):
+            timed(engine, name, "select")
     return acc
 
 

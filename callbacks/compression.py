@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import warnings
+from dataclasses import fields
 from typing import Any, Literal
 
 import lightning.pytorch as pl
@@ -13,8 +14,6 @@ from sparsetrain.compression import DGCConfig, DGCState, check_optimizer, dgc_ho
 
 __all__ = ["GradientCompression"]
 
-_LOGGED = ("density", "sent_fraction", "payload_bytes", "wire_bytes", "dense_wire_bytes", "compress_s")
-
 
 class GradientCompression(Callback):
     """Compress DDP's gradient exchange with top-k sparsification, error feedback and DGC momentum correction.
@@ -24,7 +23,8 @@ class GradientCompression(Callback):
     at the start of fitting, before the first backward (Lightning's own
     ``DDPStrategy(ddp_comm_hook=...)`` is ignored on CPU, so the callback does not rely on
     it), keeps the state in the Trainer's checkpoints (every rank's residuals and momenta,
-    so a resumed run is bit-identical), and logs ``compression/*`` statistics.
+    gathered on rank 0, which writes the checkpoint; each rank loads its own part, so a resumed
+    run is bit-identical), and logs :meth:`~sparsetrain.compression.DGCState.statistics`.
 
     With ``momentum > 0`` the hook owns momentum (momentum correction): configure the
     optimizer with ``momentum=0``; an SGD with momentum is rejected at the start of fitting.
@@ -36,7 +36,8 @@ class GradientCompression(Callback):
         ...                      callbacks=[GradientCompression(density=0.001, momentum=0.9)])
 
     Args are those of :class:`~sparsetrain.compression.DGCConfig`, plus:
-        log_every_n_steps: log statistics every this many optimizer steps (0: never).
+        log_every_n_steps: log :meth:`~sparsetrain.compression.DGCState.statistics` every this
+            many synced steps (0: never).
 
     Raises:
         ValueError: an option outside its range (at construction); a strategy other than DDP,
@@ -61,15 +62,12 @@ class GradientCompression(Callback):
         cost_rule: bool = True,
         fallback_dtype: Literal["fp32", "bf16"] = "fp32",
         check_finite: bool = True,
+        verify_every: int = 0,
         log_every_n_steps: int = 1,
     ) -> None:
         super().__init__()
-        self.config = DGCConfig(
-            density=density, warmup_steps=warmup_steps, ramp_steps=ramp_steps, momentum=momentum,
-            nesterov=nesterov, momentum_masking=momentum_masking, error_feedback=error_feedback,
-            clip_norm=clip_norm, selection=selection, sample_ratio=sample_ratio, min_numel=min_numel,
-            value_dtype=value_dtype, cost_rule=cost_rule, fallback_dtype=fallback_dtype, check_finite=check_finite,
-        )
+        given = locals()
+        self.config = DGCConfig(**{f.name: given[f.name] for f in fields(DGCConfig)})
         if not isinstance(log_every_n_steps, int) or isinstance(log_every_n_steps, bool) or log_every_n_steps < 0:
             raise ValueError(f"`log_every_n_steps` must be an int >= 0, got {log_every_n_steps!r}")
         self.log_every_n_steps = log_every_n_steps
@@ -77,6 +75,7 @@ class GradientCompression(Callback):
         self._pending: dict[str, Any] | None = None
         self._registered_on: int | None = None
         self._logged_step = -1
+        self._global_step = 0
 
     # ------------------------------------------------------------------ hooks
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -114,12 +113,12 @@ class GradientCompression(Callback):
             )
         if self.state is None:
             scaler = getattr(trainer.precision_plugin, "scaler", None)
-            self.state = DGCState(
-                getattr(trainer.strategy, "process_group", None), self.config, module=pl_module, grad_scaler=scaler
-            )
+            group = getattr(trainer.strategy, "process_group", None)
+            self.state = DGCState(pl_module, self.config, process_group=group, grad_scaler=scaler)
             if self._pending is not None:
                 self.state.load_full_state_dict(self._pending)
                 self._pending = None
+        self._global_step = trainer.global_step
         if self._registered_on == id(model):
             return
         try:
@@ -132,37 +131,38 @@ class GradientCompression(Callback):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
         state = self.state
-        if state is None or not self.log_every_n_steps or not state.last_stats:
+        if state is None:
             return
-        step = int(state.last_stats["step"])
+        if trainer.global_step != self._global_step:  # an optimizer step was taken
+            self._global_step = trainer.global_step
+            state.step()
+        if not self.log_every_n_steps or not state.step_count:
+            return
+        step = state.step_count - 1  # the synced step just taken
         if step == self._logged_step or step % self.log_every_n_steps:
             return
         self._logged_step = step
-        stats = state.last_stats
-        metrics = {f"compression/{k}": float(stats[k]) for k in _LOGGED}
-        dense = stats["dense_wire_bytes"]
-        metrics["compression/ratio"] = dense / stats["wire_bytes"] if stats["wire_bytes"] else 1.0
-        pl_module.log_dict(metrics, on_step=True, on_epoch=False, prog_bar=False, sync_dist=False)
+        pl_module.log_dict(state.statistics(), on_step=True, on_epoch=False, prog_bar=False, sync_dist=False)
 
     def summary(self) -> dict[str, Any]:
-        """JSON-ready totals for the run's ``summary.json``."""
+        """JSON-ready totals for the run's ``summary.json`` (from :meth:`DGCState.statistics`)."""
         if self.state is None:
             return {}
-        t = self.state.totals
-        wire, dense = t.get("wire_bytes", 0.0), t.get("dense_wire_bytes", 0.0)
+        stats = self.state.statistics()
         return {
             "density": self.config.density,
-            "steps": int(t.get("steps", 0)),
-            "wire_bytes": wire,
-            "dense_wire_bytes": dense,
-            "ratio": dense / wire if wire else 1.0,
-            "compress_s": t.get("compress_s", 0.0),
-            "last": dict(self.state.last_stats),
+            "steps": int(stats["compression/total_steps"]),
+            "wire_bytes": stats["compression/total_wire_bytes"],
+            "dense_wire_bytes": stats["compression/total_dense_wire_bytes"],
+            "ratio": stats["compression/total_ratio"],
+            "compress_s": stats["compression/total_compress_s"],
+            "last": {k.removeprefix("compression/"): v for k, v in stats.items() if "/total_" not in k},
         }
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:
-        """Every rank's DGC state (a collective: Lightning calls it on all ranks when checkpointing)."""
+        """Every rank's DGC state, gathered on rank 0 (a collective: Lightning calls it on all ranks when
+        checkpointing, and rank 0 writes the file)."""
         if self.state is None:
             return dict(self._pending or {})
         return self.state.full_state_dict()

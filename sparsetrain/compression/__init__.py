@@ -1,13 +1,20 @@
 """Top-k gradient compression with error feedback and DGC momentum correction.
 
-- :func:`dgc_hook` / :class:`DGCState`: a DDP communication hook (``ddp.register_comm_hook``),
-- :class:`DGCConfig`: its options, shared by the Lightning callback and the Horovod optimizer,
-- :mod:`.topk`: exact and sampled-threshold selection, :mod:`.wire`: the packed message,
+- :class:`DGCState` / :func:`dgc_hook`: the component and its DDP communication hook
+  (``ddp.register_comm_hook``), in :mod:`.dgc`;
+- :class:`CompressionEngine`: the algorithm and one rank's residuals and momenta, keyed by
+  parameter name, which the DDP hook, the Horovod optimizer and other exchanges drive
+  (compress a flat buffer -> :class:`Message`; decompress; commit), in :mod:`.engine`;
+- :class:`DGCConfig`, :class:`BucketLayout`, :func:`plan_bucket`: the options, the density
+  schedule and the cost rule, in :mod:`.plan`;
+- :mod:`.topk`: exact and sampled-threshold selection, :mod:`.wire`: the packed message;
 - :func:`sparsetrain.compression.horovod.DistributedOptimizer`: the same over ``hvd.allgather``
   (imported on demand, so Horovod stays optional).
 """
 
-from .dgc import DENSITY_RAMP, DGCConfig, DGCState, check_optimizer, dgc_hook
+from .dgc import DGCState, check_optimizer, dgc_hook
+from .engine import CompressionEngine, Message
+from .plan import DENSITY_RAMP, MATH_FIELDS, BucketLayout, DGCConfig, plan_bucket
 from .topk import (
     num_selected,
     sample_stride,
@@ -19,11 +26,16 @@ from .topk import (
 
 __all__ = [
     "DENSITY_RAMP",
+    "MATH_FIELDS",
+    "BucketLayout",
+    "CompressionEngine",
     "DGCConfig",
     "DGCState",
+    "Message",
     "check_optimizer",
     "dgc_hook",
     "num_selected",
+    "plan_bucket",
     "sample_stride",
     "select_indices",
     "threshold_indices",

@@ -17,6 +17,7 @@ from collections.abc import Iterable
 from typing import Any
 
 import torch
+from torch import nn
 
 from .dgc import DGCConfig, DGCState, check_optimizer
 
@@ -37,9 +38,11 @@ def _horovod():
 class _DGCDistributedOptimizer(torch.optim.Optimizer):
     """Methods mixed into a subclass of the wrapped optimizer's class (Horovod's own pattern)."""
 
-    def __init__(self, params, named_parameters, bucket_cap_mb: float, config: DGCConfig) -> None:
+    def __init__(self, params, named_parameters, bucket_cap_mb: float, config: DGCConfig, model) -> None:
         super(self.__class__, self).__init__(params)
         all_params = [p for group in self.param_groups for p in group["params"]]
+        if named_parameters is None and model is not None:
+            named_parameters = model.named_parameters()
         if named_parameters is None:
             named = [(f"param_{i}", p) for i, p in enumerate(all_params)]
         else:
@@ -52,7 +55,7 @@ class _DGCDistributedOptimizer(torch.optim.Optimizer):
         if not bucket_cap_mb > 0:
             raise ValueError(f"`bucket_cap_mb` must be > 0, got {bucket_cap_mb}")
         self._dgc = DGCState(config=config)
-        self._dgc.bind(named)
+        self._dgc.bind(named if model is None else model)
         check_optimizer(config, self)
         self._hvd = _horovod()
         # buckets in reverse parameter order, as DDP's first buckets (gradients of the last layers come first)
@@ -76,19 +79,21 @@ class _DGCDistributedOptimizer(torch.optim.Optimizer):
     def synchronize(self) -> None:
         """Exchange the accumulated gradients; afterwards every ``p.grad`` holds the averaged result."""
         hvd, state = self._hvd, self._dgc
+        engine = state.engine
         world = hvd.size()
         handles = []
         for b, params in enumerate(self._buckets):
             grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
             flat = torch.cat([g.reshape(-1) for g in grads])
-            pending, send = state._prepare(flat, params, world)
-            if pending.plan.sparse:
-                handle = hvd.allgather_async(send, name=f"sparsetrain.dgc.{b}")
+            message = engine.compress(flat, state.bucket_layout(params), world)
+            if message.collective == "all_gather":
+                handle = hvd.allgather_async(message.send, name=f"sparsetrain.dgc.{b}")
             else:
-                handle = hvd.allreduce_async(send, name=f"sparsetrain.dgc.{b}", op=hvd.Sum)
-            handles.append((params, pending, handle))
-        for params, pending, handle in handles:
-            result = state._finish(pending, hvd.synchronize(handle), world)
+                handle = hvd.allreduce_async(message.send, name=f"sparsetrain.dgc.{b}", op=hvd.Sum)
+            handles.append((params, message, handle))
+        engine.end_step()
+        for params, message, handle in handles:
+            result = engine.decompress(message, hvd.synchronize(handle))
             offset = 0
             for p in params:
                 n = p.numel()
@@ -98,12 +103,13 @@ class _DGCDistributedOptimizer(torch.optim.Optimizer):
                 else:
                     p.grad.copy_(value)
                 offset += n
-        state._end_step()
 
     def step(self, closure=None):
         """Exchange the gradients, then take the wrapped optimizer's step."""
         self.synchronize()
-        return super(self.__class__, self).step(closure)
+        loss = super(self.__class__, self).step(closure)
+        self._dgc.step()
+        return loss
 
     def state_dict(self) -> dict[str, Any]:
         """The wrapped optimizer's state plus this rank's DGC state under ``"dgc"``."""
@@ -125,6 +131,7 @@ def DistributedOptimizer(  # noqa: N802 - named like hvd.DistributedOptimizer, w
     *,
     bucket_cap_mb: float = 25.0,
     config: DGCConfig | None = None,
+    model: nn.Module | None = None,
     **kwargs: Any,
 ) -> torch.optim.Optimizer:
     """Wrap ``optimizer`` so that :meth:`step` first exchanges DGC-compressed gradients over Horovod.
@@ -148,6 +155,9 @@ def DistributedOptimizer(  # noqa: N802 - named like hvd.DistributedOptimizer, w
             (keys of the checkpointed state); default ``param_<i>`` in optimizer order.
         bucket_cap_mb: gradients are exchanged in buckets of about this size.
         config: a :class:`DGCConfig`; or give its fields as keyword arguments.
+        model: the model the parameters belong to: its parameter names key the state (then
+            ``named_parameters`` may be left out), and the residuals and momenta are cleared
+            outside the gradient masks of the components attached to it (dynamic sparsity).
         **kwargs: :class:`DGCConfig` fields.
 
     Raises:
@@ -159,5 +169,7 @@ def DistributedOptimizer(  # noqa: N802 - named like hvd.DistributedOptimizer, w
         raise ValueError(f"give either `config` or keyword options, not both (got {sorted(kwargs)})")
     cfg = config if config is not None else DGCConfig(**kwargs)
     check_optimizer(cfg, optimizer)
+    if model is not None and not isinstance(model, nn.Module):
+        raise TypeError(f"`model` must be a torch.nn.Module or None, got {type(model).__name__}")
     cls = type(optimizer.__class__.__name__, (optimizer.__class__,), dict(_DGCDistributedOptimizer.__dict__))
-    return cls(optimizer.param_groups, named_parameters, bucket_cap_mb, cfg)
+    return cls(optimizer.param_groups, named_parameters, bucket_cap_mb, cfg, model)

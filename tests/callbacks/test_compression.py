@@ -87,7 +87,7 @@ def _ranks(rank, world, tmp):
 
     # uninterrupted: 2 epochs
     trainer, model, cb, probe = fit(2)
-    out["steps"] = cb.state.step
+    out["steps"] = cb.state.step_count
     out["stats"] = dict(cb.state.last_stats)
     out["logged"] = [None if v is None else float(v) for v in probe.seen]
     out["summary"] = cb.summary()
@@ -99,7 +99,7 @@ def _ranks(rank, world, tmp):
     path = os.path.join(tmp, "epoch1.ckpt")
     trainer.save_checkpoint(path)
     trainer, model, cb2, _ = fit(2, ckpt=path)
-    out["resumed_steps"] = cb2.state.step
+    out["resumed_steps"] = cb2.state.step_count
     out["resume_identical"] = all(torch.equal(a, b) for a, b in zip(full, model.parameters()))
     out["ckpt"] = path
 
@@ -116,7 +116,7 @@ def _ranks(rank, world, tmp):
         strategy = DDPStrategy(ddp_comm_hook=default_hooks.fp16_compress_hook)
         _, _, cb3, _ = fit(1, strategy=strategy)
     out["hook_warning"] = [str(w.message) for w in caught if "ignores" in str(w.message)]
-    out["hook_used"] = cb3.state.step
+    out["hook_used"] = cb3.state.step_count
     return out
 
 
