@@ -3,19 +3,19 @@
 from __future__ import annotations
 
 import warnings
-from dataclasses import fields
-from typing import Any, Literal
+from typing import Any
 
 import lightning.pytorch as pl
-from lightning.pytorch.callbacks import Callback
 from torch.nn.parallel import DistributedDataParallel
 
 from sparsetrain.compression import DGCConfig, DGCState, check_optimizer, dgc_hook
 
+from ._base import ComponentCallback
+
 __all__ = ["GradientCompression"]
 
 
-class GradientCompression(Callback):
+class GradientCompression(ComponentCallback):
     """Compress DDP's gradient exchange with top-k sparsification, error feedback and DGC momentum correction.
 
     The callback builds a :class:`~sparsetrain.compression.DGCState`, registers
@@ -45,37 +45,22 @@ class GradientCompression(Callback):
             communication hook on CUDA (at the start of fitting).
     """
 
-    def __init__(
-        self,
-        density: float = 0.001,
-        warmup_steps: int = 10,
-        ramp_steps: int = 100,
-        momentum: float = 0.0,
-        nesterov: bool = False,
-        momentum_masking: bool = True,
-        error_feedback: bool = True,
-        clip_norm: float | None = None,
-        selection: Literal["topk", "threshold"] = "threshold",
-        sample_ratio: float = 0.01,
-        min_numel: int = 1024,
-        value_dtype: Literal["fp32", "fp16", "bf16"] = "fp32",
-        cost_rule: bool = True,
-        fallback_dtype: Literal["fp32", "bf16"] = "fp32",
-        check_finite: bool = True,
-        verify_every: int = 0,
-        log_every_n_steps: int = 1,
-    ) -> None:
-        super().__init__()
-        given = locals()
-        self.config = DGCConfig(**{f.name: given[f.name] for f in fields(DGCConfig)})
+    config_class = DGCConfig
+
+    def __init__(self, *, log_every_n_steps: int = 1, **config_fields: Any) -> None:
+        super().__init__(**self.split_kwargs(config_fields))
+        self.config = DGCConfig(**config_fields)
         if not isinstance(log_every_n_steps, int) or isinstance(log_every_n_steps, bool) or log_every_n_steps < 0:
             raise ValueError(f"`log_every_n_steps` must be an int >= 0, got {log_every_n_steps!r}")
         self.log_every_n_steps = log_every_n_steps
-        self.state: DGCState | None = None
-        self._pending: dict[str, Any] | None = None
         self._registered_on: int | None = None
         self._logged_step = -1
         self._global_step = 0
+
+    @property
+    def state(self) -> DGCState | None:
+        """The core :class:`~sparsetrain.compression.DGCState` (None before fitting starts)."""
+        return self.component
 
     # ------------------------------------------------------------------ hooks
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -114,10 +99,10 @@ class GradientCompression(Callback):
         if self.state is None:
             scaler = getattr(trainer.precision_plugin, "scaler", None)
             group = getattr(trainer.strategy, "process_group", None)
-            self.state = DGCState(pl_module, self.config, process_group=group, grad_scaler=scaler)
-            if self._pending is not None:
-                self.state.load_full_state_dict(self._pending)
-                self._pending = None
+            self.component = DGCState(pl_module, self.config, process_group=group, grad_scaler=scaler)
+            pending = self.take_pending()
+            if pending is not None:
+                self._load_component_state(pending)
         self._global_step = trainer.global_step
         if self._registered_on == id(model):
             return
@@ -163,14 +148,9 @@ class GradientCompression(Callback):
     def state_dict(self) -> dict[str, Any]:
         """Every rank's DGC state, gathered on rank 0 (a collective: Lightning calls it on all ranks when
         checkpointing, and rank 0 writes the file)."""
-        if self.state is None:
-            return dict(self._pending or {})
-        return self.state.full_state_dict()
+        if self.component is None:
+            return super().state_dict()
+        return self.component.full_state_dict()
 
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        if not state_dict:
-            return
-        if self.state is None:
-            self._pending = dict(state_dict)
-        else:
-            self.state.load_full_state_dict(state_dict)
+    def _load_component_state(self, state: dict[str, Any]) -> None:
+        self.component.load_full_state_dict(state)

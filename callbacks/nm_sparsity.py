@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import math
-from typing import Any, Literal
+from typing import Any
 
 import lightning.pytorch as pl
-from lightning.pytorch.callbacks import Callback
 
 from sparsetrain.nm import NMConfig, NMSparsifier
+
+from ._base import ComponentCallback
 
 __all__ = ["NMSparsity"]
 
@@ -26,7 +27,7 @@ def _as_list(patterns: Any) -> Any:
     return list(patterns) if patterns is not None and not isinstance(patterns, str) else patterns
 
 
-class NMSparsity(Callback):
+class NMSparsity(ComponentCallback):
     """Train the LightningModule's Linear/Conv layers in an N:M pattern (SR-STE, STE, MDGF, SDGF).
 
     At ``setup`` the callback attaches an :class:`~sparsetrain.nm.NMSparsifier` (a parametrization
@@ -76,35 +77,32 @@ class NMSparsity(Callback):
         trainer = pl.Trainer(callbacks=[NMSparsity(n=2, m=4, method="srste", include=["*.mlp.*"])])
     """
 
+    config_class = NMConfig
+    _state_key_fields = ("n", "m", "method", "include", "exclude")
+    # decay_steps and stages are the callback's own (a run fraction, "n:m" strings); grad_accumulation
+    # comes from the Trainer
+    _hidden_fields = ("decay_steps", "stages", "grad_accumulation")
+
     def __init__(
         self,
-        n: int = 2,
-        m: int = 4,
-        method: Literal["ste", "srste", "mdgf", "sdgf"] = "srste",
-        lambda_w: float | None = None,
-        update_every: int = 1,
-        decay: Literal["linear", "exp"] = "linear",
+        *,
         decay_steps: int | None = None,
         decay_fraction: float = 0.25,
         stages: list[str] | None = None,
-        include: list[str] | None = None,
-        exclude: list[str] | None = None,
-        verify_every: int = 100,
-        compile_masks: bool | None = None,
-        masks_in_forward: bool = False,
-        inplace: bool = False,
         finalize: bool = True,
         log_stats: bool = True,
+        **config_fields: Any,
     ) -> None:
-        super().__init__()
+        config_fields = self.split_kwargs(config_fields)
+        for key in ("include", "exclude"):
+            if key in config_fields:
+                config_fields[key] = _as_list(config_fields[key])
+        super().__init__(**config_fields)
         if not (isinstance(decay_fraction, (int, float)) and 0 < decay_fraction <= 1):
             raise ValueError(f"`decay_fraction` must be in (0, 1], got {decay_fraction!r}")
         parsed_stages = None if stages is None else [_parse_stage(s) for s in stages]
-        self._kwargs = dict(
-            n=n, m=m, method=method, lambda_w=lambda_w, update_every=update_every, decay=decay,
-            stages=parsed_stages, include=_as_list(include), exclude=_as_list(exclude), verify_every=verify_every,
-            compile_masks=compile_masks, masks_in_forward=masks_in_forward, inplace=inplace,
-        )
+        self._kwargs = {**config_fields, "stages": parsed_stages}
+        method = config_fields.get("method", NMConfig.method)
         # Validate everything now; decay_steps gets its real value in setup() when left to the run length.
         probe = decay_steps if decay_steps is not None or method not in ("mdgf", "sdgf") else 1
         NMConfig(**self._kwargs, decay_steps=probe)
@@ -112,16 +110,13 @@ class NMSparsity(Callback):
         self.decay_fraction = float(decay_fraction)
         self.finalize = finalize
         self.log_stats = log_stats
-        self.sparsifier: NMSparsifier | None = None
-        self._pending: dict[str, Any] | None = None
         self._restored = False
         self._seen_step = 0
 
     @property
-    def state_key(self) -> str:
-        k = self._kwargs
-        return self._generate_state_key(n=k["n"], m=k["m"], method=k["method"], include=k["include"],
-                                        exclude=k["exclude"])
+    def sparsifier(self) -> NMSparsifier | None:
+        """The core :class:`~sparsetrain.nm.NMSparsifier` (None before ``setup``)."""
+        return self.component
 
     # ------------------------------------------------------------------ hooks
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -137,7 +132,7 @@ class NMSparsity(Callback):
         if self.sparsifier is not None and self.sparsifier.model is pl_module and not self.sparsifier.finalized:
             return  # fit() called again with the same module: keep training the attached masks
         decay_steps = self.decay_steps
-        if decay_steps is None and self._kwargs["method"] in ("mdgf", "sdgf"):
+        if decay_steps is None and self._kwargs.get("method", NMConfig.method) in ("mdgf", "sdgf"):
             total = trainer.max_steps if trainer.max_steps > 0 else trainer.estimated_stepping_batches
             if not math.isfinite(total):
                 raise ValueError("`decay_steps` must be given when the run length is unbounded "
@@ -146,10 +141,11 @@ class NMSparsity(Callback):
         scaler = getattr(trainer.precision_plugin, "scaler", None)
         config = NMConfig(**self._kwargs, decay_steps=decay_steps,
                           grad_accumulation=max(1, int(trainer.accumulate_grad_batches)))
-        self.sparsifier = NMSparsifier(pl_module, config, grad_scaler=scaler, verify_now=False)
+        self.component = NMSparsifier(pl_module, config, grad_scaler=scaler, verify_now=False)
         self._restored = False
-        if self._pending is not None:
-            self.load_state_dict(self._pending)
+        pending = self.take_pending()
+        if pending is not None:
+            self.load_state_dict(pending)
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         sp = self._require()
@@ -170,8 +166,8 @@ class NMSparsity(Callback):
             sp.step()
             self._seen_step += 1
             stepped = True
-        if stepped and self.log_stats:
-            pl_module.log_dict(sp.statistics(), on_step=True, on_epoch=False)
+        if stepped and self.log_stats and self.logging_due(trainer):
+            self.log_statistics(pl_module)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.finalize and self.sparsifier is not None:
@@ -193,20 +189,9 @@ class NMSparsity(Callback):
         return out
 
     # ------------------------------------------------------------------ state
-    def state_dict(self) -> dict[str, Any]:
-        if self.sparsifier is None:
-            return dict(self._pending or {})
-        return self.sparsifier.state_dict()
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        if not state_dict:
-            return
-        if self.sparsifier is None:
-            self._pending = dict(state_dict)
-            return
-        self.sparsifier.load_state_dict(state_dict)
-        self._pending = None
-        self._restored = True
+    def _load_component_state(self, state: dict[str, Any]) -> None:
+        self.component.load_state_dict(state)
+        self._restored = True  # on_train_start checks the restored masks instead of recomputing them
 
     def _require(self) -> NMSparsifier:
         if self.sparsifier is None:

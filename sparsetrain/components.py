@@ -171,6 +171,9 @@ def build_component(spec: dict[str, Any], path: str) -> Any:
     target = _resolve(name)
     sig = inspect.signature(target)
     hints = typing.get_type_hints(target.__init__ if inspect.isclass(target) else target)
+    # A signature made from a config dataclass (the callbacks') carries resolved types of its own.
+    hints.update({p.name: p.annotation for p in sig.parameters.values()
+                  if p.annotation is not p.empty and not isinstance(p.annotation, str) and p.name not in hints})
     params = {
         p.name: p
         for p in sig.parameters.values()

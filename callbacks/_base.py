@@ -1,0 +1,157 @@
+"""What every sparsetrain callback shares: one core component, its state in the checkpoint, its statistics.
+
+A callback is a thin adapter over a core component (docs/architecture.md). This base gives each of them:
+
+- the component's config built from the callback's keyword arguments: the fields of ``config_class``
+  are the callback's arguments without being listed again (the class's signature is made from them,
+  so recipes and ``LightningCLI`` see every argument with its type and default);
+- the checkpoint state: ``state_dict()`` is the component's; a state that arrives before the component
+  exists (Lightning restores callback states before ``setup``) is kept and loaded once it does;
+- a distinct ``state_key`` per instance (from ``_state_key_fields``), so two callbacks of one class on
+  different layers can share a Trainer;
+- logging the component's ``statistics()`` under their own keys, and ``summary()`` for ``summary.json``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import typing
+from typing import Any, ClassVar
+
+from lightning.pytorch.callbacks import Callback
+
+__all__ = ["ComponentCallback"]
+
+
+class ComponentCallback(Callback):
+    """Base of the callbacks; subclasses set ``config_class`` and build ``self.component`` in ``setup``."""
+
+    #: The component's config dataclass, whose fields are keyword arguments of the callback.
+    config_class: ClassVar[type | None] = None
+    #: Arguments that make two instances of the callback distinct (their checkpoint ``state_key``).
+    _state_key_fields: ClassVar[tuple[str, ...]] = ()
+    #: Config fields the callback does not take as arguments (set by the callback itself).
+    _hidden_fields: ClassVar[tuple[str, ...]] = ()
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if cls.config_class is not None and "__init__" in cls.__dict__:
+            cls.__signature__ = _signature(cls)  # type: ignore[attr-defined]
+
+    def __init__(self, **config_fields: Any) -> None:
+        super().__init__()
+        self.component: Any = None
+        self._pending: dict[str, Any] | None = None
+        defaults = {name: f.default for name, f in self.config_fields().items()
+                    if f.default is not dataclasses.MISSING} if self.config_class is not None else {}
+        self._key_values = {k: config_fields.get(k, defaults.get(k)) for k in self._state_key_fields}
+
+    # ------------------------------------------------------------------ config
+
+    @classmethod
+    def config_fields(cls) -> dict[str, dataclasses.Field]:
+        """The config fields the callback takes as keyword arguments."""
+        assert cls.config_class is not None
+        return {f.name: f for f in dataclasses.fields(cls.config_class)
+                if f.init and f.name not in cls._hidden_fields}
+
+    @classmethod
+    def split_kwargs(cls, kwargs: dict[str, Any]) -> dict[str, Any]:
+        """The config fields among ``kwargs``.
+
+        Raises:
+            TypeError: an argument that is neither the callback's nor a config field (naming it and the allowed ones).
+        """
+        fields = cls.config_fields()
+        unknown = sorted(set(kwargs) - set(fields))
+        if unknown:
+            allowed = ", ".join(sorted(inspect.signature(cls).parameters))
+            raise TypeError(f"{cls.__name__} got an unexpected argument `{unknown[0]}`; allowed: {allowed}")
+        return dict(kwargs)
+
+    # ------------------------------------------------------------------ state
+
+    @property
+    def state_key(self) -> str:
+        return self._generate_state_key(**self._key_values) if self._key_values else super().state_key
+
+    @property
+    def _legacy_state_key(self) -> str:  # type: ignore[override]
+        """The key of checkpoints from before ``state_key`` was per instance: the class name.
+
+        Lightning falls back to it when a checkpoint has no state under :attr:`state_key`.
+        """
+        return type(self).__qualname__
+
+    def state_dict(self) -> dict[str, Any]:
+        if self.component is None:
+            return dict(self._pending or {})
+        return self.component.state_dict()
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if not state_dict:
+            return
+        if self.component is None:
+            self._pending = dict(state_dict)
+            return
+        self._load_component_state(state_dict)
+        self._pending = None
+
+    def _load_component_state(self, state: dict[str, Any]) -> None:
+        """Load a checkpoint's state into the built component (subclasses add what follows a load)."""
+        self.component.load_state_dict(state)
+
+    def take_pending(self) -> dict[str, Any] | None:
+        """The state that arrived before the component existed (once), or None."""
+        state, self._pending = self._pending, None
+        return state
+
+    # ------------------------------------------------------------------ statistics
+
+    def statistics(self) -> dict[str, float]:
+        """The component's ``statistics()`` ({} before it exists)."""
+        return {} if self.component is None else self.component.statistics()
+
+    @staticmethod
+    def logging_due(trainer: Any) -> bool:
+        """Whether to log at this optimizer step: every ``log_every_n_steps`` of the Trainer, and at the
+        last step of a run of known length. Logging reads the statistics from the device, so it is
+        not done at every step."""
+        every = getattr(trainer, "log_every_n_steps", 1) or 1
+        step = trainer.global_step
+        return step % every == 0 or 0 < getattr(trainer, "max_steps", -1) <= step
+
+    def log_statistics(self, pl_module: Any, keep: Any = None) -> None:
+        """Log ``statistics()`` (those whose key ``keep(key)`` accepts) on this step."""
+        values = {k: v for k, v in self.statistics().items() if keep is None or keep(k)}
+        if values:
+            pl_module.log_dict(values, on_step=True, on_epoch=False, sync_dist=False)
+
+    def summary(self) -> dict[str, Any]:
+        """JSON-ready figures for the run's ``summary.json``: the component's statistics."""
+        return dict(self.statistics())
+
+
+def _signature(cls: type) -> inspect.Signature:
+    """The callback's own parameters, then every config field it takes as a keyword argument."""
+    own_hints = typing.get_type_hints(cls.__init__)
+    own = [p.replace(annotation=own_hints.get(p.name, p.annotation))
+           for p in inspect.signature(cls.__init__).parameters.values()
+           if p.name != "self" and p.kind is not p.VAR_KEYWORD]
+    names = {p.name for p in own}
+    hints = typing.get_type_hints(cls.config_class)
+    extra = []
+    for name, f in cls.config_fields().items():
+        if name in names:
+            continue
+        if f.default is not dataclasses.MISSING:
+            default = f.default
+        elif f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
+            default = f.default_factory()  # type: ignore[misc]
+        else:
+            default = inspect.Parameter.empty
+        extra.append(inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default,
+                                       annotation=hints.get(name, inspect.Parameter.empty)))
+    own = [p.replace(kind=inspect.Parameter.KEYWORD_ONLY) if p.kind is p.POSITIONAL_OR_KEYWORD else p for p in own]
+    return inspect.Signature(own + extra)
