@@ -1,7 +1,10 @@
-"""Dynamic sparse training from a plain loop: masks, enforcement, schedule and updates.
+"""Dynamic sparse training from a plain loop: the config and the sparsifier that orchestrates it.
 
-:class:`DynamicSparsifier` owns the stateful side; the algorithms are the pure functions of
-:mod:`.rigl`, :mod:`.set`, :mod:`.gmp` and :mod:`.density`. Usage::
+:class:`DynamicSparsifier` owns the stateful side (masks, hooks, counts, the schedule); the
+algorithms are the pure functions of :mod:`.rigl`, :mod:`.set`, :mod:`.gmp` and :mod:`.density`;
+the grouped mask update is :mod:`.update`, the rule that decides when the masks must be re-applied
+is :mod:`.enforcement`, and the check that lets a gradient be masked in place is
+:mod:`._sole_owner`. Usage::
 
     sparsifier = DynamicSparsifier(model, method="rigl", sparsity=0.9, total_steps=10_000, optimizer=optimizer)
     for x, y in loader:
@@ -30,12 +33,13 @@ How the invariants are kept (each is tested):
   float's bits with a cached integer mask of all-ones / all-zeros. The hook masks the gradient
   in place (no new tensor per layer and step) when nothing but the autograd engine refers to it,
   which is the usual case; a gradient shared with anything else (a user's hook that keeps it, an
-  addition that hands it to two inputs, views of one storage) gets a masked copy instead.
+  addition that hands it to two inputs, views of one storage) gets a masked copy instead
+  (:mod:`._sole_owner`).
 - On accelerators, a mask update selects the layers of one shape, dtype, device and active count
   together (a few tensor operations per group of layers instead of per layer: one ``topk`` for
   all the attention projections of a transformer, say); the masks are those of the per-layer
   functions, because selections are exact (:mod:`.masks`). On the CPU, where stacking the layers
-  costs more than it saves, layers are updated one by one.
+  costs more than it saves, layers are updated one by one (:mod:`.update`).
 - Weights and every optimizer state tensor of the weight's shape (SGD momentum, Adam
   ``exp_avg`` / ``exp_avg_sq``, ...) stay exactly zero outside the mask, so momentum and weight
   decay cannot revive pruned weights. A full enforcement pass zeroes them at attach, after every
@@ -44,7 +48,7 @@ How the invariants are kept (each is tested):
   one of the torch optimizers listed in :data:`ZERO_PRESERVING_OPTIMIZERS`: their update is
   elementwise and maps (weight 0, states 0, gradient 0) to (weight 0, states 0) exactly, and the
   gradient hook above makes the gradient 0 outside the mask, so by induction over the steps the
-  zeros stay zeros (the per-optimizer argument is the comment above ``_GROUP_CONDITIONS``; they
+  zeros stay zeros (the per-optimizer argument is in :mod:`.enforcement`; they
   are equal as values: a state may hold -0.0 where the pass would write +0.0). This assumes that
   between ``backward()`` and ``optimizer.step()`` the gradients are only scaled or clipped, and
   that nothing but the optimizer writes the weights; code that does more (adds gradient noise,
@@ -84,19 +88,19 @@ from torch.nn.utils import parametrize
 
 from .. import contract
 from ..contract import check_patterns
+from ._sole_owner import sole_owner, sole_refs
 from .density import DISTRIBUTIONS, layer_active_counts
-from .gmp import _prune_rows
+from .enforcement import optimizer_blocker
 from .masks import DEFAULT_MODULE_TYPES, random_mask
-from .rigl import _rigl_rows
 from .schedules import DROP_SCHEDULES, METHODS, MaskSchedule
-from .set import _draw_growth_scores, _set_rows
+from .update import GroupKey, group_layers, growth_scores, host_ints, reduced_dense_grads, update_groups
 
 __all__ = [
     "MASK_NAME",
+    "MATH_FIELDS",
     "DynamicSparsifier",
     "DynamicSparsityConfig",
     "MaskDivergenceError",
-    "ZERO_PRESERVING_OPTIMIZERS",
 ]
 
 MASK_NAME = "weight_mask"
@@ -104,145 +108,6 @@ _STATE_VERSION = 2
 #: Config fields that change what is computed: a state saved with another value is refused on load.
 MATH_FIELDS = ("method", "sparsity", "distribution", "update_every", "drop_fraction", "drop_schedule",
                "begin_fraction", "end_fraction", "include", "exclude", "keep_first_dense", "keep_last_dense", "seed")
-
-
-def _eps_positive(group: dict[str, Any]) -> str | None:
-    eps = group.get("eps")
-    if isinstance(eps, (int, float)) and not isinstance(eps, bool) and eps > 0:
-        return None
-    return f"eps={eps!r} (0 / 0 outside the mask)"
-
-
-def _adagrad_ok(group: dict[str, Any]) -> str | None:
-    init = group.get("initial_accumulator_value", 0)
-    if init != 0:
-        return f"initial_accumulator_value={init!r} (its `sum` state starts nonzero outside the mask)"
-    return _eps_positive(group)
-
-
-# Optimizers (these exact classes: a subclass may change `step`) whose update maps (weight 0, every
-# state 0, gradient 0) to (weight 0, every state 0) exactly, with any of their options (weight decay
-# coupled or decoupled, momentum, dampening, nesterov, amsgrad, centered, maximize, foreach, fused,
-# capturable, differentiable), given finite hyperparameters and the condition checked here on every
-# param group. From the step functions of torch/optim (single-tensor, foreach and fused alike), with
-# g = 0 (the gradient hook), w = 0 and the states 0 at a masked position:
-#   SGD       d = g + wd*w = 0; buf = mom*buf + (1 - damp)*d = 0 (first step buf = d); nesterov d + mom*buf = 0;
-#             w -= lr*d = 0.
-#   Adam(W)   g + wd*w = 0, or w *= 1 - lr*wd; m = lerp(m, g, 1 - b1) = 0; v = b2*v + (1 - b2)*g*g = 0;
-#             amsgrad vmax = max(vmax, v) = 0; w -= lr/bc1 * m / (sqrt(v)/sqrt(bc2) + eps) = 0 / eps = 0.
-#   NAdam     m, v as Adam; w -= c1*g/(sqrt(v/bc2) + eps) + c2*m/(sqrt(v/bc2) + eps) = 0.
-#   RAdam     m, v as Adam; w -= lr*m/bc1 * (rect*sqrt(bc2)/(sqrt(v) + eps), or 1) = 0.
-#   RMSprop   v = a*v + (1 - a)*g*g = 0; centered gavg = lerp(gavg, g, 1 - a) = 0; avg = sqrt(v - gavg^2) + eps
-#             = eps; buf = mom*buf + g/avg = 0; w -= lr*buf (or lr*g/avg) = 0.
-#   Adadelta  v = rho*v + (1 - rho)*g*g = 0; delta = sqrt(u + eps)/sqrt(v + eps)*g = 0;
-#             u = rho*u + (1 - rho)*delta^2 = 0; w -= lr*delta = 0.
-#   Adagrad   sum += g*g (stays at initial_accumulator_value, hence 0); w -= clr*g/(sqrt(sum) + eps) = 0.
-#   ASGD      w = w*(1 - lambd*eta) - eta*(g + wd*w) = 0; ax += mu*(w - ax) (or ax = w) = 0.
-# eps = 0 would make the Adam family, RMSprop, Adadelta and Adagrad compute 0 / 0 there. Not listed:
-# Adamax (exp_inf = max(b2*exp_inf, |g| + eps) becomes eps outside the mask), Rprop (its step sizes start
-# at lr), LBFGS, Adafactor, Muon, SparseAdam (not elementwise, or states of another shape) and anything
-# else: those get the enforcement pass after every step.
-_GROUP_CONDITIONS: dict[type[torch.optim.Optimizer], Callable[[dict[str, Any]], str | None] | None] = {
-    torch.optim.SGD: None,
-    torch.optim.Adam: _eps_positive,
-    torch.optim.AdamW: _eps_positive,
-    torch.optim.NAdam: _eps_positive,
-    torch.optim.RAdam: _eps_positive,
-    torch.optim.RMSprop: _eps_positive,
-    torch.optim.Adadelta: _eps_positive,
-    torch.optim.Adagrad: _adagrad_ok,
-    torch.optim.ASGD: None,
-}
-#: The optimizer classes whose steps keep zero weights and states at zero when the gradient is zero
-#: (``enforce_interval="auto"`` skips the per-step enforcement for them; Adagrad needs
-#: ``initial_accumulator_value=0`` and all but SGD and ASGD need ``eps > 0``).
-ZERO_PRESERVING_OPTIMIZERS: tuple[type[torch.optim.Optimizer], ...] = tuple(_GROUP_CONDITIONS)
-
-
-def _host_ints(values: list[torch.Tensor]) -> list[int]:
-    """Integer tensors (0-dim or 1-D) as one flat list of Python ints, in order, with one
-    device-to-host copy per device (not one per tensor)."""
-    out: list[list[int]] = [[] for _ in values]
-    by_device: dict[torch.device, list[int]] = {}
-    for i, v in enumerate(values):
-        by_device.setdefault(v.device, []).append(i)
-    for idx in by_device.values():
-        flat = torch.cat([values[i].reshape(-1) for i in idx]).tolist()
-        start = 0
-        for i in idx:
-            n = values[i].numel()
-            out[i] = [int(x) for x in flat[start:start + n]]
-            start += n
-    return [x for part in out for x in part]
-
-
-# Reference counts (Python object, gradient, its view base, their storage) of a gradient that only
-# the autograd engine and the hook hold, as a tensor hook sees them, for a gradient that is not a
-# view (index 0) and one that is (index 1, e.g. a Linear weight's: the transpose of a product);
-# measured once per process by `_sole_refs`, None where no such gradient could be measured.
-_SoleRefs = tuple[tuple[int, int, int, int] | None, tuple[int, int, int, int] | None]
-_SOLE_REFS: _SoleRefs | None = None
-
-
-def _ref_counts(grad: torch.Tensor, python_refs: int) -> tuple[int, int, int, int]:
-    base = grad._base
-    return (python_refs, grad._use_count(), 0 if base is None else base._use_count(),
-            torch._C._storage_Use_Count(grad.untyped_storage()._cdata))
-
-
-def _sole_refs() -> _SoleRefs:
-    """What :func:`_sole_owner` compares with: measured on gradients known to be unshared.
-
-    Where torch lacks the private counters, nothing is ever masked in place.
-    """
-    global _SOLE_REFS
-    if _SOLE_REFS is None:
-        found: dict[bool, tuple[int, int, int, int]] = {}
-
-        def probe(grad: torch.Tensor) -> None:  # called as the sparsifier's hook is
-            found.setdefault(grad._base is not None, _ref_counts(grad, sys.getrefcount(grad)))
-
-        try:
-            with torch.enable_grad():
-                for forward in (lambda w: w * 2.0, lambda w: nn.functional.linear(torch.ones(3, 2), w)):
-                    w = torch.zeros(2, 2, requires_grad=True)
-                    w.register_hook(probe)
-                    forward(w).sum().backward()
-        except (AttributeError, RuntimeError):
-            found.clear()
-        _SOLE_REFS = (found.get(False), found.get(True))
-    return _SOLE_REFS
-
-
-def _sole_owner(grad: torch.Tensor, python_refs: int, refs: _SoleRefs) -> bool:
-    """Whether a tensor hook may mask ``grad`` in place: nothing but the engine and the hook refers to it.
-
-    ``python_refs`` is ``sys.getrefcount(grad)`` taken in the hook. A gradient can be shared: an
-    addition hands the same tensor to both of its inputs, a user's hook or a custom backward may
-    keep it, a view may share its storage with other gradients. Then the Python object, the
-    tensor, its view base or their storage holds more references than for a gradient known to be
-    unshared (``refs``), and the hook returns a masked copy instead -- the test torch's
-    ``AccumulateGrad`` makes before it takes a gradient over without copying it.
-    """
-    try:
-        if grad.requires_grad:  # part of a graph (double backward): leave it alone
-            return False
-        base = grad._base
-        sole = refs[base is not None]
-        # In order of cost; the same counts as `_ref_counts` (with `base` held here as there).
-        return (sole is not None and python_refs <= sole[0] and grad._use_count() <= sole[1]
-                and (base is None or base._use_count() <= sole[2])
-                and torch._C._storage_Use_Count(grad.untyped_storage()._cdata) <= sole[3])
-    except (AttributeError, RuntimeError):
-        return False
-
-
-def _stack_rows(tensors: list[torch.Tensor]) -> torch.Tensor:
-    """Same-shaped tensors as the rows of one ``[len(tensors), numel]`` tensor (a view for one
-    contiguous tensor, else a new tensor)."""
-    if len(tensors) == 1 and tensors[0].is_contiguous():
-        return tensors[0].view(1, -1)
-    return torch.stack(tensors).view(len(tensors), -1)
 
 
 class MaskDivergenceError(contract.RankDivergenceError):
@@ -482,7 +347,7 @@ class DynamicSparsifier:
         self._captured = False
         self._dense_grads: dict[str, torch.Tensor] = {}
         self._bits = contract.BitMasks()
-        self._refs = _sole_refs()
+        self._refs = sole_refs()
         self._device_generators: dict[torch.device, torch.Generator | None] = {}
         #: Incremented at every mask change (an update that changed a mask, a model or sparsifier load).
         self.mask_version = 0
@@ -556,7 +421,7 @@ class DynamicSparsifier:
                     self._dense_grads[name] = grad.detach().clone()
                 else:
                     buf.add_(grad.detach())
-            if _sole_owner(grad, sys.getrefcount(grad), refs):  # the usual case: no new tensor
+            if sole_owner(grad, sys.getrefcount(grad), refs):  # the usual case: no new tensor
                 contract.mask_(grad, buffers[MASK_NAME], self._bits)
                 return None
             return contract.masked(grad, buffers[MASK_NAME], self._bits)
@@ -574,7 +439,7 @@ class DynamicSparsifier:
         counted = [torch.count_nonzero(self._modules[n]._buffers[MASK_NAME]) for n in names]
         if ever:
             counted += [torch.count_nonzero(self._ever_active[n]) for n in names]
-        values = _host_ints(counted)
+        values = host_ints(counted)
         self._active = dict(zip(names, values[: len(names)]))
         if ever:
             self._ever_counts = dict(zip(names, values[len(names):]))
@@ -783,18 +648,9 @@ class DynamicSparsifier:
         """What makes the per-step pass necessary in auto mode, or ``None`` (cheap: runs every step)."""
         if self._state_maskers:
             return "state maskers are registered (e.g. DeepSpeed master weights)"
-        if not self._optimizers:
-            return "no optimizer is attached"
-        for opt in self._optimizers:
-            cls = type(opt)
-            if cls not in _GROUP_CONDITIONS:
-                return f"{cls.__module__}.{cls.__qualname__} is not in ZERO_PRESERVING_OPTIMIZERS"
-            condition = _GROUP_CONDITIONS[cls]
-            if condition is not None:
-                for group in opt.param_groups:
-                    reason = condition(group)
-                    if reason is not None:
-                        return f"{cls.__name__} has {reason}"
+        blocker = optimizer_blocker(self._optimizers)
+        if blocker is not None:
+            return blocker
         signature = tuple((id(o), len(o.param_groups)) for o in self._optimizers)
         if self._coverage is None or self._coverage[0] != signature:
             held = {id(p) for o in self._optimizers for g in o.param_groups for p in g["params"]}
@@ -873,87 +729,19 @@ class DynamicSparsifier:
             return 1
         return dist.get_world_size(self.process_group)
 
-    # On the CPU a group's stacked copies cost more than the per-layer operations they save (the
-    # update is bound by memory traffic there, not by launching operations: one RigL update of a
-    # 37-layer GPT took ~25% longer grouped), so CPU layers are updated one by one.
+    #: Group the CPU layers in mask updates too (see :mod:`.update`: on the CPU, where the update is bound
+    #: by memory traffic, a group's stacked copies cost more than the operations they save).
     _group_on_cpu = False
 
-    def _groups(self, counts: dict[str, int]) -> dict[tuple[Any, ...], list[str]]:
-        """Layers that can be updated together, in registration order: one shape, dtype, device
-        (not the CPU, see ``_group_on_cpu``), active count and selection size (``counts``: positions
-        each layer drops or keeps)."""
-        groups: dict[tuple[Any, ...], list[str]] = {}
-        for name, module in self._modules.items():
-            w = module.weight
-            alone = name if w.device.type == "cpu" and not self._group_on_cpu else None
-            key = (tuple(w.shape), w.dtype, w.device, self._active[name], counts[name], alone)
-            groups.setdefault(key, []).append(name)
-        return groups
+    def _weights(self) -> dict[str, torch.Tensor]:
+        return {name: m.weight for name, m in self._modules.items()}
+
+    def _groups(self, counts: dict[str, int]) -> dict[GroupKey, list[str]]:
+        """Layers that can be updated together (:func:`.update.group_layers`)."""
+        return group_layers(self._weights(), self._active, counts, group_on_cpu=self._group_on_cpu)
 
     @torch.no_grad()
-    def _reduced_dense_grads(self, groups: dict[tuple[Any, ...], list[str]]) -> dict[tuple[Any, ...], torch.Tensor]:
-        """Each group's captured dense gradients as ``[layers, positions]``, averaged over the ranks."""
-        grads = {}
-        for key, names in groups.items():
-            rows = []
-            for name in names:
-                g = self._dense_grads.pop(name, None)
-                if g is None:  # the layer took no part in this step's backward
-                    g = torch.zeros_like(self._modules[name].weight)
-                rows.append(g)
-            grads[key] = _stack_rows(rows)
-        self._dense_grads.clear()
-        world = self._world()
-        if world > 1 and self.config.grad_masking == "hook":  # with "step", DDP averaged them already
-            works = [dist.all_reduce(g, group=self.process_group, async_op=True) for g in grads.values()]
-            for w in works:
-                w.wait()
-            for g in grads.values():
-                g.div_(world)
-        return grads
-
-    def _growth_generator(self, device: torch.device) -> torch.Generator | None:
-        """A generator on ``device`` for SET's growth scores, or ``None`` to draw them on the CPU."""
-        if device.type == "cpu":
-            return None
-        if device not in self._device_generators:
-            try:
-                self._device_generators[device] = torch.Generator(device=device)
-            except (RuntimeError, TypeError):  # no generator of this device type: draw on the CPU
-                self._device_generators[device] = None
-        return self._device_generators[device]
-
-    @torch.no_grad()
-    def _growth_scores(self, groups: dict[tuple[Any, ...], list[str]]) -> dict[tuple[Any, ...], torch.Tensor]:
-        """SET's random growth scores of each group that regrows, as ``[layers, positions]``.
-
-        Drawn layer by layer in registration order (so grouping does not change which numbers a
-        layer gets). On the CPU from the sparsifier's generator; on an accelerator, from a generator
-        of that device reseeded before each layer with a number drawn from the CPU generator, so the
-        checkpointed CPU generator state still determines every draw, on every rank alike.
-        """
-        scores: dict[tuple[Any, ...], torch.Tensor] = {}
-        where: dict[str, tuple[torch.Tensor, int]] = {}
-        for key, names in groups.items():
-            if key[4] == 0:  # nothing dropped, nothing drawn
-                continue
-            w = self._modules[names[0]].weight
-            scores[key] = torch.empty(len(names), w.numel(), device=w.device)
-            where.update((name, (scores[key], i)) for i, name in enumerate(names))
-        for name in self._modules:
-            if name not in where:
-                continue
-            out_LN, i = where[name]
-            generator = self._growth_generator(out_LN.device)
-            if generator is None:
-                generator = self._generator
-            else:
-                generator.manual_seed(int(torch.randint(2**62, (), generator=self._generator)))
-            _draw_growth_scores(out_LN[i], generator)
-        return scores
-
-    @torch.no_grad()
-    def _update(self, t: int) -> dict[str, Any]:
+    def _update(self, t: int) -> None:
         cfg, sched = self.config, self.schedule
         assert sched is not None
         method = cfg.method
@@ -969,54 +757,20 @@ class DynamicSparsifier:
         # Layers alike are updated together, a few passes per group rather than per layer (the same
         # masks: selections are exact). The active counts are known on the host, so nothing below
         # waits for the device until the one copy of the per-layer counts at the end.
-        groups = self._groups(counts)
-        grads = self._reduced_dense_grads(groups) if method == "rigl" else {}
-        scores = self._growth_scores(groups) if method == "set" else {}
-        counted: list[torch.Tensor] = []  # per changing group: connections grown, positions active for the first time
-        changed: list[list[str]] = []
-        targets: list[torch.Tensor] = []  # tensors of grouped layers to overwrite, and their new values
-        values: list[torch.Tensor] = []
-        for key, names in groups.items():
-            shape, n_active, k = key[0], key[3], key[4]
-            if method == "gmp":
-                for name in names:
-                    self._active[name] = min(k, n_active)
-            if (k >= n_active) if method == "gmp" else (k == 0):  # nothing pruned or dropped: the mask stays
-                continue
-            masks = [self._modules[n]._buffers[MASK_NAME] for n in names]
-            mask_LN = _stack_rows(masks)
-            weight_LN = _stack_rows([self._modules[n].weight.detach() for n in names])
-            if method == "rigl":
-                new_LN = _rigl_rows(weight_LN, grads[key], mask_LN, k, n_active)
-            elif method == "set":
-                new_LN = _set_rows(weight_LN, mask_LN, scores[key], k, n_active)
-            else:
-                new_LN = _prune_rows(weight_LN, mask_LN, k, n_active)
-            evers = []
-            for name, mask in zip(names, masks):
-                ever = self._ever_active[name]
-                if ever.device != mask.device:
-                    ever = self._ever_active[name] = ever.to(mask.device)
-                evers.append(ever)
-            ever_LN = _stack_rows(evers)
-            grown_LN = new_LN & ~mask_LN
-            first_LN = grown_LN & ~ever_LN
-            if len(names) == 1:  # mask_LN and ever_LN are views of the layer's own tensors
-                counted += [torch.count_nonzero(grown_LN), torch.count_nonzero(first_LN)]
-                mask_LN.copy_(new_LN)
-                ever_LN |= new_LN
-            else:
-                counted += [torch.count_nonzero(grown_LN, dim=1), torch.count_nonzero(first_LN, dim=1)]
-                targets += masks + evers
-                values += [r.view(shape) for r in new_LN.unbind(0)]
-                values += [r.view(shape) for r in (ever_LN | new_LN).unbind(0)]
-            changed.append(names)
-        if targets:
-            torch._foreach_copy_(targets, values)
+        weights = self._weights()
+        groups = group_layers(weights, self._active, counts, group_on_cpu=self._group_on_cpu)
+        grads = scores = {}
+        if method == "rigl":  # with grad_masking="step", DDP averaged them already
+            grads = reduced_dense_grads(groups, weights, self._dense_grads, process_group=self.process_group,
+                                        all_reduce=cfg.grad_masking == "hook")
+        elif method == "set":
+            scores = growth_scores(groups, weights, self._generator, self._device_generators)
+        counted, changed = update_groups(method, groups, weights, self._layer_masks(), self._ever_active,
+                                         self._active, grads, scores)
         # Newly grown connections were inactive, so their weights and optimizer states are already 0.
         self.apply_masks()
         regrown = 0
-        flat = _host_ints(counted)
+        flat = host_ints(counted)
         start = 0
         for names in changed:
             n = len(names)

@@ -19,6 +19,7 @@ from sparsetrain.sparsity import (
     magnitude_prune,
     rigl_update,
     set_update,
+    update,
 )
 from sparsetrain.sparsity.gmp import _prune_rows
 from sparsetrain.sparsity.rigl import _rigl_rows
@@ -275,8 +276,8 @@ def _check_set_device_draws(device):
 def test_set_scores_drawn_by_a_device_generator_repeat_and_resume_exactly(monkeypatch):
     # Stand-in for an accelerator: a second CPU generator takes the device generator's place, which
     # runs the reseeding path on this machine.
-    monkeypatch.setattr(DynamicSparsifier, "_growth_generator",
-                        lambda self, device: self._device_generators.setdefault(device, torch.Generator()))
+    monkeypatch.setattr(update, "_device_generator",
+                        lambda device, generators: generators.setdefault(device, torch.Generator()))
     monkeypatch.setattr(DynamicSparsifier, "_group_on_cpu", True)
     ref = _check_set_device_draws("cpu")
     assert ref._device_generators and ref.statistics()["sparsity/regrown_total"] > 0
