@@ -266,13 +266,17 @@ class DynamicSparsity(Callback):
 
     @staticmethod
     def _attach_optimizers(trainer: pl.Trainer, sp: DynamicSparsifier) -> None:
+        sp.check_layers()  # a layer taken over by another component: say so, naming it
         weights = {id(w) for w, _ in sp._pairs()}
         holding = [
             opt for opt in trainer.optimizers
             if any(id(p) in weights for g in opt.param_groups for p in g["params"])
         ]
         if not holding:
-            raise ValueError("DynamicSparsity: no optimizer of the Trainer holds the sparsified weights")
+            raise ValueError(
+                f"DynamicSparsity: no optimizer of the Trainer holds the sparsified weights ({', '.join(sp.masks())}): "
+                "`configure_optimizers` must return an optimizer over them"
+            )
         if not all(isinstance(opt, torch.optim.Optimizer) for opt in holding):
             names = ", ".join(type(o).__name__ for o in holding)
             raise ValueError(f"DynamicSparsity needs torch.optim optimizers, got {names}")

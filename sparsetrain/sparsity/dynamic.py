@@ -368,7 +368,8 @@ class DynamicSparsifier:
                 raise ValueError(f"module {name!r} already has a `{MASK_NAME}` (sparsified twice, or pruned?)")
             if parametrize.is_parametrized(module, "weight"):
                 raise ValueError(
-                    f"module {name!r} has a parametrized `weight` (another sparsifier?): exclude it with `exclude`"
+                    f"module {name!r} has a parametrized `weight` (masked by another component, e.g. N:M?): one "
+                    "layer can be masked by one component only; leave it out with `include` / `exclude`"
                 )
         contract.attach(model, self, claimed=[_param_name(name) for name in layers])
         self._modules = dict(layers)
@@ -462,6 +463,7 @@ class DynamicSparsifier:
         """
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(f"`optimizer` must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
+        self.check_layers()
         held = {id(p) for g in optimizer.param_groups for p in g["params"]}
         if not any(id(m.weight) in held for m in self._modules.values()):
             raise ValueError("`optimizer` holds none of the sparsified weights")
@@ -524,6 +526,24 @@ class DynamicSparsifier:
 
     def _after_optimizer_load(self, optimizer: torch.optim.Optimizer) -> None:
         self.apply_masks()
+
+    def check_layers(self) -> None:
+        """Check that no sparsified layer's ``weight`` was taken over since attach.
+
+        A component that masks through a parametrization (N:M) and was attached to one of these
+        layers after this sparsifier (without claiming it through the contract) replaces the
+        ``weight`` parameter: its gradient hook and the optimizer would then see another tensor.
+
+        Raises:
+            ValueError: naming the layer, and what to do instead.
+        """
+        for name, module in self._modules.items():
+            if parametrize.is_parametrized(module, "weight"):
+                raise ValueError(
+                    f"the `weight` of {name!r} was parametrized after DynamicSparsifier attached to it (by another "
+                    "component masking it, e.g. N:M): one layer can be masked by one component only; give them "
+                    "disjoint layers with `include` / `exclude`"
+                )
 
     def detach_optimizers(self) -> None:
         """Forget every attached optimizer and remove its hooks (e.g. before attaching a new one)."""

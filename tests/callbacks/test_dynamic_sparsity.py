@@ -282,3 +282,94 @@ def test_grad_masking_auto_picks_step_unless_something_reads_gradients_before_th
     assert resolved({}, grad_masking="hook") == "hook"
     with pytest.raises(ValueError, match="`grad_masking` must be 'auto', 'hook' or 'step', got 'both'"):
         DynamicSparsity(grad_masking="both")
+
+
+def test_logs_and_summarises_exactly_the_sparsifier_statistics():
+    logged = {}
+
+    class _Grab(Callback):
+        def on_train_batch_end(self, trainer, *args):
+            logged.update({k: float(v) for k, v in trainer.logged_metrics.items()})
+
+    for per_layer in (False, True):
+        logged.clear()
+        cb = DynamicSparsity(method="set", sparsity=0.8, update_every=2, end_fraction=1.0, log_per_layer=per_layer)
+        _trainer(max_steps=4, log_every_n_steps=1, callbacks=[cb, _Grab()]).fit(_task(), _Data())
+        stats = cb.sparsifier.statistics()
+        assert cb.summary() == stats and all(type(v) is float for v in stats.values())
+        expected = {k for k in stats if per_layer or not k.startswith("sparsity/layer/")}
+        assert {k for k in logged if k.startswith("sparsity/")} == expected
+        assert logged["sparsity/updates"] == 1 and logged["sparsity/regrown"] > 0
+    assert DynamicSparsity().summary() == {}
+
+
+def test_two_callbacks_on_different_layers_coexist_and_resume(tmp_path):
+    def run(ckpt=None, crash=None):
+        cbs = [DynamicSparsity(method="rigl", sparsity=0.8, update_every=2, end_fraction=1.0, include=["model.net.0"],
+                               seed=1),
+               DynamicSparsity(method="set", sparsity=0.5, update_every=3, end_fraction=1.0, include=["model.net.2"],
+                               seed=2)]
+        task = _task(seed=0 if ckpt is None else 5)
+        trainer = _trainer(max_steps=8, callbacks=cbs + ([_Crash(*crash)] if crash else []))
+        trainer.fit(task, _Data(n=32, batch_size=32), ckpt_path=ckpt)
+        return task, cbs
+
+    ref_task, ref = run()
+    assert ref[0].state_key != ref[1].state_key
+    assert [list(cb.sparsifier.masks()) for cb in ref] == [["model.net.0.weight"], ["model.net.2.weight"]]
+    assert [cb.sparsifier.update_count for cb in ref] == [3, 2]  # after steps 2, 4, 6 and 3, 6
+    path = str(tmp_path / "two.ckpt")
+    with pytest.raises(KeyError, match="simulated crash"):
+        run(crash=(4, path))
+    states = torch.load(path, weights_only=True)["callbacks"]
+    assert states[ref[0].state_key]["layers"] == ["model.net.0"] and states[ref[0].state_key]["step"] == 4
+    assert states[ref[1].state_key]["layers"] == ["model.net.2"] and states[ref[1].state_key]["step"] == 4
+    task, resumed = run(ckpt=path)
+    for cb, ref_cb in zip(resumed, ref):
+        assert cb.sparsifier.statistics() == ref_cb.sparsifier.statistics()
+    ref_state = ref_task.state_dict()
+    for k, v in task.state_dict().items():
+        assert torch.equal(v, ref_state[k]), k
+
+
+def test_a_checkpoint_keyed_by_the_class_name_still_resumes(tmp_path):
+    cb = DynamicSparsity(method="rigl", sparsity=0.8, update_every=2, end_fraction=1.0)
+    trainer = _trainer(max_steps=3, callbacks=[cb])
+    trainer.fit(_task(), _Data())
+    assert cb.sparsifier.update_count == 1
+    path = tmp_path / "new.ckpt"
+    trainer.save_checkpoint(path)
+    ckpt = torch.load(path, weights_only=True)
+    # the previous release kept the state under the class name
+    ckpt["callbacks"] = {"DynamicSparsity": ckpt["callbacks"].pop(cb.state_key)}
+    old = tmp_path / "old.ckpt"
+    torch.save(ckpt, old)
+    again = DynamicSparsity(method="rigl", sparsity=0.8, update_every=2, end_fraction=1.0)
+    _trainer(max_steps=5, callbacks=[again]).fit(_task(seed=3), _Data(), ckpt_path=old)
+    assert again.sparsifier.step_count == 5 and again.sparsifier.update_count == 1
+    assert again.sparsifier.schedule == cb.sparsifier.schedule  # the saved run length, 3 steps
+
+
+def test_dynamic_sparsity_and_nm_on_disjoint_layers_train_together():
+    from sparsetrain.callbacks import NMSparsity
+
+    for order in (0, 1):
+        dyn = DynamicSparsity(method="rigl", sparsity=0.8, update_every=2, end_fraction=1.0, include=["model.net.0"])
+        nm = NMSparsity(n=2, m=4, include=["model.net.2"])
+        task = _task()
+        _trainer(max_steps=4, callbacks=[dyn, nm] if order == 0 else [nm, dyn]).fit(task, _Data())
+        assert dyn.sparsifier.update_count == 1 and list(dyn.sparsifier.masks()) == ["model.net.0.weight"]
+        w, mask = task.model.net[0].weight, task.model.net[0].weight_mask
+        assert not w[~mask].any()
+        assert float((task.model.net[2].weight.reshape(-1, 4) != 0).sum(1).max()) <= 2  # exactly 2:4 at the end
+
+
+@pytest.mark.parametrize("order", ["dynamic first", "nm first"])
+def test_a_layer_masked_by_dynamic_sparsity_and_nm_is_refused_naming_it(order):
+    from sparsetrain.callbacks import NMSparsity
+
+    dyn = DynamicSparsity(method="rigl", sparsity=0.8, include=["model.net.0"])
+    nm = NMSparsity(n=2, m=4)  # every layer, model.net.0 included
+    callbacks = [dyn, nm] if order == "dynamic first" else [nm, dyn]
+    with pytest.raises(ValueError, match=r"'model\.net\.0'.*one layer can be masked by one component only"):
+        _trainer(max_steps=2, callbacks=callbacks).fit(_task(), _Data())
