@@ -347,6 +347,7 @@ class DynamicSparsifier:
         self._captured = False
         self._dense_grads: dict[str, torch.Tensor] = {}
         self._bits = contract.BitMasks()
+        self._fingerprints: tuple[tuple[tuple[int, int], ...], dict[str, torch.Tensor]] | None = None
         self._refs = sole_refs()
         self._device_generators: dict[torch.device, torch.Generator | None] = {}
         #: Incremented at every mask change (an update that changed a mask, a model or sparsifier load).
@@ -815,7 +816,14 @@ class DynamicSparsifier:
         """
         if self._world() == 1:
             return
-        prints = {name: contract.fingerprint(m) for name, m in self.masks().items()}
+        masks = self.masks()
+        # The masks' fingerprints are computed again only when a mask was written since (every in-place
+        # write bumps a tensor's version counter); the comparison across ranks runs every time.
+        key = tuple((id(m), m._version) for m in masks.values())
+        if self._fingerprints is None or self._fingerprints[0] != key:
+            device = next(iter(masks.values())).device if masks else None
+            self._fingerprints = (key, {name: contract.fingerprint(m).to(device) for name, m in masks.items()})
+        prints = dict(self._fingerprints[1])
         device = next(iter(prints.values())).device if prints else None
         prints["step"] = torch.tensor([self._step, self._updates], dtype=torch.int64, device=device)
         try:

@@ -224,3 +224,17 @@ def test_remove_without_other_ddp_names_deletes_the_attribute():
     model = _model()
     DynamicSparsifier(model, method="static", sparsity=0.5).remove()
     assert not hasattr(model, "_ddp_params_and_buffers_to_ignore")
+
+
+@pytest.mark.parametrize(("verify_every", "expected"), [(0, []), (1, [1, 2, 3, 4, 5, 6, 7, 8]), (3, [2, 3, 4, 6])])
+def test_ranks_are_checked_after_every_update_and_every_verify_every_steps(monkeypatch, verify_every, expected):
+    model = _model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    sp = DynamicSparsifier(model, method="set", sparsity=0.8, update_every=2, end_fraction=0.6,
+                           verify_every=verify_every, total_steps=8, optimizer=opt)
+    assert sp.schedule.update_steps() == [2, 4]
+    checked = []
+    monkeypatch.setattr(sp, "check_ranks", lambda: checked.append(sp.step_count))
+    for step in range(8):
+        _train_step(model, opt, step)
+    assert checked == expected
