@@ -125,7 +125,7 @@ class DynamicSparsity(Callback):
         }
         self.grad_masking = grad_masking
         with warnings.catch_warnings():  # warned above, once, naming this callback's argument
-            warnings.filterwarnings("ignore", category=FutureWarning, module=DynamicSparsityConfig.__module__)
+            warnings.simplefilter("ignore", FutureWarning)
             self.config = DynamicSparsityConfig(
                 method=method, sparsity=sparsity, distribution=distribution, drop_fraction=drop_fraction,
                 drop_schedule=drop_schedule, begin_fraction=begin_fraction, end_fraction=end_fraction,

@@ -78,9 +78,11 @@ def test_filter_matching_no_module_fails_at_setup():
 
 
 def test_renamed_arguments_keep_working_with_a_future_warning():
-    with pytest.warns(FutureWarning, match="`update_interval` is deprecated: use `update_every`"):
+    with pytest.warns(FutureWarning, match="`update_interval` is deprecated: use `update_every`") as caught:
         cb = DynamicSparsity(update_interval=25)
     assert cb.config.update_every == 25
+    assert len([w for w in caught if w.category is FutureWarning]) == 1  # once, pointing at the caller
+    assert caught[0].filename == __file__
     with pytest.warns(FutureWarning, match="`check_sync` is deprecated: use `verify_every`"):
         cb = DynamicSparsity(check_sync=False)
     assert cb.config.verify_every == 0
