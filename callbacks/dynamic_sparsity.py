@@ -39,7 +39,7 @@ class DynamicSparsity(Callback):
     zero outside the masks (enforced after every ``optimizer.step()``, or only at mask updates and
     loads when the optimizer provably keeps them zero, see ``enforce_interval``), and the masks
     are updated on schedule, identically on every rank (all-reduced dense gradients, shared random generator,
-    cross-rank checksum). Under Lightning's DeepSpeed strategy (ZeRO 1/2) the fp32 master weights
+    cross-rank fingerprint check). Under Lightning's DeepSpeed strategy (ZeRO 1/2) the fp32 master weights
     are masked too (:class:`~sparsetrain.sparsity.deepspeed.DeepSpeedSparsity`).
 
     Logged after each mask update and at the Trainer's logging steps: the sparsifier's
