@@ -4,7 +4,7 @@ The demo GPT (by default the size ``dst_overhead.py`` uses on a GPU: 6 x 768, co
 16) trains with AdamW under ``lightning.Trainer`` on synthetic token batches, three ways:
 
 - ``plain``: no callback (the anchor);
-- ``callback``: ``DynamicSparsity(method="rigl", sparsity=0.9, update_interval=100)`` with its
+- ``callback``: ``DynamicSparsity(method="rigl", sparsity=0.9, update_every=100)`` with its
   defaults, i.e. ``grad_masking="auto"`` (one masking pass before each optimizer step here);
 - ``callback, hooks``: the same with ``grad_masking="hook"`` (a gradient hook per layer).
 
@@ -77,7 +77,7 @@ def fit_once(variant: str, args, cfg: GPTConfig, loader: DataLoader, accelerator
     timer = _BlockTimer(args.warmup)
     callbacks = [timer]
     if VARIANTS[variant] is not None:
-        callbacks.insert(0, DynamicSparsity(method="rigl", sparsity=args.sparsity, update_interval=args.update_interval,
+        callbacks.insert(0, DynamicSparsity(method="rigl", sparsity=args.sparsity, update_every=args.update_interval,
                                             log_stats=False, **VARIANTS[variant]))
     trainer = pl.Trainer(accelerator=accelerator, devices=1, max_steps=args.warmup + args.block, logger=False,
                          enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,

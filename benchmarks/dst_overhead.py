@@ -208,7 +208,7 @@ def main(argv=None) -> int:
         model, opt = runs[label] = _make(args, device)
         sparsifiers[label] = DynamicSparsifier(
             model,
-            DynamicSparsityConfig(method=args.method, sparsity=args.sparsity, update_interval=args.update_interval,
+            DynamicSparsityConfig(method=args.method, sparsity=args.sparsity, update_every=args.update_interval,
                                   end_fraction=1.0, enforce_interval=interval,
                                   grad_masking="step" if label.endswith("step masking") else "hook"),
             total_steps=total + args.block, optimizer=opt,

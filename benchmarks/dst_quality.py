@@ -72,7 +72,7 @@ def run_one(args, method: str, sparsity: float, distribution: str, seed: int, da
         sp = DynamicSparsifier(
             model,
             DynamicSparsityConfig(method=method, sparsity=sparsity, distribution=distribution,
-                                  update_interval=args.update_interval, drop_fraction=args.drop_fraction,
+                                  update_every=args.update_interval, drop_fraction=args.drop_fraction,
                                   end_fraction=args.end_fraction, seed=seed, exclude=tuple(args.exclude)),
             total_steps=args.steps, optimizer=opt,
         )
@@ -92,7 +92,8 @@ def run_one(args, method: str, sparsity: float, distribution: str, seed: int, da
            "val_loss": _val_loss(model, val_batches, device, args.amp), "train_s": elapsed}
     if sp is not None:
         stats = sp.statistics()
-        out.update(achieved_sparsity=stats["sparsity"], itop_rate=stats["itop_rate"], updates=stats["updates"])
+        out.update(achieved_sparsity=stats["sparsity/global"], itop_rate=stats["sparsity/itop_rate"],
+                   updates=int(stats["sparsity/updates"]))
     return out
 
 

@@ -32,8 +32,9 @@ class _MasterCheck(Callback):
         ds = next(c for c in trainer.callbacks if type(c).__name__ == "DynamicSparsity")
         sp = ds.sparsifier
         outside = checked = total = active = 0
-        for name, mask in sp.masks.items():
-            weight = sp._modules[name].weight
+        params = dict(pl_module.named_parameters())
+        for name, mask in sp.masks().items():
+            weight = params[name]
             master = safe_get_full_fp32_param(weight)
             if master is None:
                 continue
@@ -75,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
                         "val_check_interval": args.steps, "limit_val_batches": 5, "deterministic": False},
             "optimizer": {"name": "adamw", "lr": 0.002},
             "callbacks": [{"name": "dynamic_sparsity", "method": "rigl", "sparsity": 0.8,
-                           "update_interval": max(1, args.steps // 6)}],
+                           "update_every": max(1, args.steps // 6)}],
         })
         check = _MasterCheck()
         with tempfile.TemporaryDirectory() as out:

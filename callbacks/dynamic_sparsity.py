@@ -15,6 +15,17 @@ from sparsetrain.sparsity import DynamicSparsifier, DynamicSparsityConfig
 __all__ = ["DynamicSparsity"]
 
 
+def _renamed(old: str, old_value: Any, new: str, new_value: Any, default: Any) -> dict[str, Any]:
+    """A renamed argument as the config keyword to pass: the new name's, else the old one's (with a
+    FutureWarning; the config accepts and checks it under that name), else ``{new: default}``."""
+    if old_value is None:
+        return {new: default if new_value is None else new_value}
+    if new_value is not None:
+        raise ValueError(f"give `{new}` only (`{old}` is its deprecated spelling), got both")
+    warnings.warn(f"`{old}` is deprecated: use `{new}`", FutureWarning, stacklevel=3)
+    return {old: old_value}
+
+
 class DynamicSparsity(Callback):
     """Train the LightningModule sparse from the start (RigL, SET, static) or prune it gradually (GMP).
 
@@ -28,20 +39,24 @@ class DynamicSparsity(Callback):
     zero outside the masks (enforced after every ``optimizer.step()``, or only at mask updates and
     loads when the optimizer provably keeps them zero, see ``enforce_interval``), and the masks
     are updated on schedule, identically on every rank (all-reduced dense gradients, shared random generator,
-    cross-rank checksum). Under Lightning's DeepSpeed strategy (ZeRO 1/2) the fp32 master weights
+    cross-rank fingerprint check). Under Lightning's DeepSpeed strategy (ZeRO 1/2) the fp32 master weights
     are masked too (:class:`~sparsetrain.sparsity.deepspeed.DeepSpeedSparsity`).
 
-    Logged after each mask update and at the Trainer's logging steps: ``sparsity/global``,
-    ``sparsity/target``, ``sparsity/regrown`` (by the latest update), ``sparsity/regrown_total``,
-    ``sparsity/updates``, ``sparsity/itop_rate`` and ``sparsity/drop_fraction`` (and
-    ``sparsity/layer/<name>`` with ``log_per_layer``). The callback's checkpoint state (step, schedule, generator state,
-    ever-active masks) resumes a crashed run bit for bit.
+    Logged after each mask update and at the Trainer's logging steps: the sparsifier's
+    :meth:`~sparsetrain.sparsity.DynamicSparsifier.statistics` (``sparsity/global``,
+    ``sparsity/target``, ``sparsity/regrown`` by the latest update, ``sparsity/regrown_total``,
+    ``sparsity/updates``, ``sparsity/itop_rate``, ``sparsity/drop_fraction``, ...), the
+    ``sparsity/layer/<name>`` keys only with ``log_per_layer``; :meth:`summary` returns them all
+    for the run summary. The callback's checkpoint state (the sparsifier's ``state_dict()``: step,
+    schedule, generator state, ever-active masks) resumes a crashed run bit for bit. Each instance
+    has its own ``state_key`` (over ``method``, ``include`` and ``exclude``), so two callbacks on
+    different layers coexist in one Trainer.
 
     Args:
         method: ``"rigl"``, ``"set"``, ``"gmp"`` or ``"static"``.
         sparsity: final fraction of zero weights over the sparsified layers, in [0, 1).
         distribution: layer-wise densities, ``"erk"``, ``"er"`` or ``"uniform"``.
-        update_interval: optimizer steps between mask updates, >= 1.
+        update_every: optimizer steps between mask updates, >= 1 (default 100).
         drop_fraction: RigL/SET fraction of active weights replaced at the first update, in [0, 1].
         drop_schedule: ``"cosine"`` (decays to 0 at ``end_fraction``) or ``"constant"``.
         begin_fraction: fraction of training before the first update (gmp: start of pruning), in [0, end_fraction).
@@ -51,7 +66,8 @@ class DynamicSparsity(Callback):
         keep_first_dense: keep the first selected layer dense.
         keep_last_dense: keep the last selected layer dense.
         seed: seed of the mask generator (the same on every rank).
-        check_sync: compare a checksum of the masks across ranks after every update.
+        verify_every: compare a fingerprint of the masks across ranks at the start, after every
+            update and every ``verify_every`` optimizer steps (0: never; default 1).
         enforce_interval: ``"auto"`` (default): enforce the masks on weights and optimizer states
             after every step only when the optimizer is not one of
             :data:`~sparsetrain.sparsity.ZERO_PRESERVING_OPTIMIZERS` (or DeepSpeed is used); an int
@@ -66,6 +82,8 @@ class DynamicSparsity(Callback):
             backward pass.
         log_stats: log the statistics after each update.
         log_per_layer: also log each layer's sparsity.
+        update_interval: deprecated spelling of ``update_every`` (a ``FutureWarning``).
+        check_sync: deprecated: ``verify_every=1`` (``True``) or ``0`` (``False``), with a ``FutureWarning``.
 
     Raises:
         ValueError: any argument out of range (named in the message).
@@ -80,7 +98,7 @@ class DynamicSparsity(Callback):
         method: Literal["rigl", "set", "gmp", "static"] = "rigl",
         sparsity: float = 0.8,
         distribution: Literal["erk", "er", "uniform"] = "erk",
-        update_interval: int = 100,
+        update_every: int | None = None,
         drop_fraction: float = 0.3,
         drop_schedule: Literal["cosine", "constant"] = "cosine",
         begin_fraction: float = 0.0,
@@ -90,30 +108,45 @@ class DynamicSparsity(Callback):
         keep_first_dense: bool = False,
         keep_last_dense: bool = False,
         seed: int = 0,
-        check_sync: bool = True,
+        verify_every: int | None = None,
         enforce_interval: int | Literal["auto"] = "auto",
         grad_masking: Literal["auto", "hook", "step"] = "auto",
         log_stats: bool = True,
         log_per_layer: bool = False,
+        update_interval: int | None = None,
+        check_sync: bool | None = None,
     ) -> None:
         super().__init__()
         if grad_masking not in ("auto", "hook", "step"):
             raise ValueError(f"`grad_masking` must be 'auto', 'hook' or 'step', got {grad_masking!r}")
+        renamed = {
+            **_renamed("update_interval", update_interval, "update_every", update_every, 100),
+            **_renamed("check_sync", check_sync, "verify_every", verify_every, 1),
+        }
         self.grad_masking = grad_masking
-        self.config = DynamicSparsityConfig(
-            method=method, sparsity=sparsity, distribution=distribution, update_interval=update_interval,
-            drop_fraction=drop_fraction, drop_schedule=drop_schedule, begin_fraction=begin_fraction,
-            end_fraction=end_fraction, include=include, exclude=exclude or (),
-            keep_first_dense=keep_first_dense, keep_last_dense=keep_last_dense, seed=seed, check_sync=check_sync,
-            enforce_interval=enforce_interval, grad_masking="hook" if grad_masking == "auto" else grad_masking,
-        )
+        with warnings.catch_warnings():  # warned above, once, naming this callback's argument
+            warnings.simplefilter("ignore", FutureWarning)
+            self.config = DynamicSparsityConfig(
+                method=method, sparsity=sparsity, distribution=distribution, drop_fraction=drop_fraction,
+                drop_schedule=drop_schedule, begin_fraction=begin_fraction, end_fraction=end_fraction,
+                include=include, exclude=exclude or (), keep_first_dense=keep_first_dense,
+                keep_last_dense=keep_last_dense, seed=seed, enforce_interval=enforce_interval,
+                grad_masking="hook" if grad_masking == "auto" else grad_masking, **renamed,
+            )
         self.log_stats = log_stats
         self.log_per_layer = log_per_layer
         self.sparsifier: DynamicSparsifier | None = None
         self._deepspeed: Any = None
         self._pending_state: dict[str, Any] | None = None
-        self._logged_step = -1
-        self._initial_stats: dict[str, Any] | None = None
+        self._logged_updates = -1
+
+    @property
+    def state_key(self) -> str:
+        """Distinct per selection of layers, so that two callbacks on different layers coexist."""
+        cfg = self.config
+        return self._generate_state_key(
+            method=cfg.method, include=None if cfg.include is None else list(cfg.include), exclude=list(cfg.exclude)
+        )
 
     # ------------------------------------------------------------------ hooks
 
@@ -159,7 +192,8 @@ class DynamicSparsity(Callback):
                 f"{trainer.global_step}; the mask schedule follows its own count",
                 stacklevel=2,
             )
-        sp.check_masks_in_sync()
+        if self.config.verify_every:
+            sp.check_ranks()
 
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any) -> None:
         if self.sparsifier is not None:
@@ -174,29 +208,21 @@ class DynamicSparsity(Callback):
             self._deepspeed.step()
         if not self.log_stats:
             return
-        stats = sp.last_statistics
-        fresh = stats is not None and stats["step"] != self._logged_step
+        fresh = sp.update_count != self._logged_updates
         # Between updates, log only when the Trainer writes logs (the figures change only at updates).
-        due = bool(getattr(getattr(trainer, "_logger_connector", None), "should_update_logs", False))
+        every = trainer.log_every_n_steps
+        due = every > 0 and (trainer.global_step % every == 0 or trainer.should_stop)
         if not (fresh or due):
             return
-        if stats is None:
-            stats = self._initial_stats = self._initial_stats or {
-                **sp.statistics(), "regrown": 0, "drop_fraction": 0.0,
-                "target_sparsity": sp.schedule.sparsity_at(0) if sp.schedule else self.config.sparsity}
-        self._logged_step = stats["step"]
-        values = {
-            "sparsity/global": stats["sparsity"],
-            "sparsity/target": stats["target_sparsity"],
-            "sparsity/regrown": float(stats["regrown"]),
-            "sparsity/regrown_total": float(stats["regrown_total"]),
-            "sparsity/updates": float(stats["updates"]),
-            "sparsity/itop_rate": stats["itop_rate"],
-            "sparsity/drop_fraction": stats["drop_fraction"],
-        }
-        if self.log_per_layer:
-            values.update({f"sparsity/layer/{n}": s for n, s in stats["layer_sparsity"].items()})
+        self._logged_updates = sp.update_count
+        values = sp.statistics()
+        if not self.log_per_layer:
+            values = {k: v for k, v in values.items() if not k.startswith("sparsity/layer/")}
         pl_module.log_dict(values, on_step=True, on_epoch=False, sync_dist=False)
+
+    def summary(self) -> dict[str, float]:
+        """The sparsifier's :meth:`~sparsetrain.sparsity.DynamicSparsifier.statistics` (for the run summary)."""
+        return self.sparsifier.statistics() if self.sparsifier is not None else {}
 
     # ------------------------------------------------------------------ state
 
@@ -207,6 +233,15 @@ class DynamicSparsity(Callback):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._pending_state = dict(state_dict) if state_dict else None
+
+    def on_load_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
+                           checkpoint: dict[str, Any]) -> None:
+        # Checkpoints of earlier releases keep the state under the class name: take it when this
+        # callback's own key is absent (Lightning then calls `load_state_dict` with it).
+        states = checkpoint.get("callbacks") or {}
+        legacy = type(self).__qualname__
+        if self.state_key not in states and legacy in states:
+            states[self.state_key] = states[legacy]
 
     # ------------------------------------------------------------------ helpers
 
@@ -231,13 +266,17 @@ class DynamicSparsity(Callback):
 
     @staticmethod
     def _attach_optimizers(trainer: pl.Trainer, sp: DynamicSparsifier) -> None:
+        sp.check_layers()  # a layer taken over by another component: say so, naming it
         weights = {id(w) for w, _ in sp._pairs()}
         holding = [
             opt for opt in trainer.optimizers
             if any(id(p) in weights for g in opt.param_groups for p in g["params"])
         ]
         if not holding:
-            raise ValueError("DynamicSparsity: no optimizer of the Trainer holds the sparsified weights")
+            raise ValueError(
+                f"DynamicSparsity: no optimizer of the Trainer holds the sparsified weights ({', '.join(sp.masks())}): "
+                "`configure_optimizers` must return an optimizer over them"
+            )
         if not all(isinstance(opt, torch.optim.Optimizer) for opt in holding):
             names = ", ".join(type(o).__name__ for o in holding)
             raise ValueError(f"DynamicSparsity needs torch.optim optimizers, got {names}")

@@ -31,6 +31,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..contract import mask_
 from .dynamic import DynamicSparsifier
 
 __all__ = ["DeepSpeedSparsity", "mask_master_weights"]
@@ -55,10 +56,10 @@ def mask_master_weights(pairs: list[tuple[nn.Parameter, torch.Tensor]]) -> int:
         address = mapping.lp_fragment_address
         hp = mapping.hp_fragment
         local = mask.flatten().narrow(0, address.start, address.numel).to(hp.device)
-        torch.where(local, hp, hp.new_zeros(()), out=hp)
+        mask_(hp, local)
         for state in (getattr(mapping, "optim_fragment", None) or {}).values():
             if isinstance(state, torch.Tensor) and state.shape == hp.shape:
-                torch.where(local, state, state.new_zeros(()), out=state)
+                mask_(state, local)
         done += 1
     return done
 
@@ -95,18 +96,13 @@ class DeepSpeedSparsity:
     def _applied_steps(self) -> int:
         return int(self.engine.global_steps) - int(getattr(self.engine, "skipped_steps", 0))
 
-    def step(self) -> dict[str, Any] | None:
-        """Call after every ``engine.step()``; advances the sparsifier once per applied optimizer step.
-
-        Returns:
-            The sparsifier's update statistics when masks changed, else ``None``.
-        """
+    def step(self) -> None:
+        """Call after every ``engine.step()``; advances the sparsifier once per applied optimizer step
+        (the figures of the latest update are in ``sparsifier.statistics()``)."""
         applied = self._applied_steps()
-        stats = None
         while self._applied < applied:
             self._applied += 1
-            stats = self.sparsifier.step() or stats
-        return stats
+            self.sparsifier.step()
 
     def state_dict(self) -> dict[str, Any]:
         """The sparsifier's state (the engine step count is re-read on load)."""

@@ -1,10 +1,12 @@
-"""Dynamic sparse training from a plain loop: masks, enforcement, schedule and updates.
+"""Dynamic sparse training from a plain loop: the config and the sparsifier that orchestrates it.
 
-:class:`DynamicSparsifier` owns the stateful side; the algorithms are the pure functions of
-:mod:`.rigl`, :mod:`.set`, :mod:`.gmp` and :mod:`.density`. Usage::
+:class:`DynamicSparsifier` owns the stateful side (masks, hooks, counts, the schedule); the
+algorithms are the pure functions of :mod:`.rigl`, :mod:`.set`, :mod:`.gmp` and :mod:`.density`;
+the grouped mask update is :mod:`.update`, the rule that decides when the masks must be re-applied
+is :mod:`.enforcement`, and the check that lets a gradient be masked in place is
+:mod:`._sole_owner`. Usage::
 
-    sparsifier = DynamicSparsifier(model, DynamicSparsityConfig(method="rigl", sparsity=0.9),
-                                   total_steps=10_000, optimizer=optimizer)
+    sparsifier = DynamicSparsifier(model, method="rigl", sparsity=0.9, total_steps=10_000, optimizer=optimizer)
     for x, y in loader:
         loss_fn(model(x), y).backward()
         optimizer.step()          # the sparsifier's step-post hook updates / enforces the masks
@@ -31,12 +33,13 @@ How the invariants are kept (each is tested):
   float's bits with a cached integer mask of all-ones / all-zeros. The hook masks the gradient
   in place (no new tensor per layer and step) when nothing but the autograd engine refers to it,
   which is the usual case; a gradient shared with anything else (a user's hook that keeps it, an
-  addition that hands it to two inputs, views of one storage) gets a masked copy instead.
+  addition that hands it to two inputs, views of one storage) gets a masked copy instead
+  (:mod:`._sole_owner`).
 - On accelerators, a mask update selects the layers of one shape, dtype, device and active count
   together (a few tensor operations per group of layers instead of per layer: one ``topk`` for
   all the attention projections of a transformer, say); the masks are those of the per-layer
   functions, because selections are exact (:mod:`.masks`). On the CPU, where stacking the layers
-  costs more than it saves, layers are updated one by one.
+  costs more than it saves, layers are updated one by one (:mod:`.update`).
 - Weights and every optimizer state tensor of the weight's shape (SGD momentum, Adam
   ``exp_avg`` / ``exp_avg_sq``, ...) stay exactly zero outside the mask, so momentum and weight
   decay cannot revive pruned weights. A full enforcement pass zeroes them at attach, after every
@@ -45,7 +48,7 @@ How the invariants are kept (each is tested):
   one of the torch optimizers listed in :data:`ZERO_PRESERVING_OPTIMIZERS`: their update is
   elementwise and maps (weight 0, states 0, gradient 0) to (weight 0, states 0) exactly, and the
   gradient hook above makes the gradient 0 outside the mask, so by induction over the steps the
-  zeros stay zeros (the per-optimizer argument is the comment above ``_GROUP_CONDITIONS``; they
+  zeros stay zeros (the per-optimizer argument is in :mod:`.enforcement`; they
   are equal as values: a state may hold -0.0 where the pass would write +0.0). This assumes that
   between ``backward()`` and ``optimizer.step()`` the gradients are only scaled or clipped, and
   that nothing but the optimizer writes the weights; code that does more (adds gradient noise,
@@ -57,15 +60,15 @@ How the invariants are kept (each is tested):
   updates happen at the same point, so gradient accumulation is respected.
 - Under ``torch.distributed`` every rank takes the same decisions: growth by the all-reduced
   dense gradient, random choices from a generator seeded alike on every rank (its state is
-  checkpointed), and after each update a checksum of all masks is compared across ranks;
-  a mismatch raises :class:`MaskDivergenceError`. The masks are excluded from DDP's buffer
-  broadcast (so a divergence cannot be papered over by rank 0's copy, and the masks do not
+  checkpointed), and after each update (and every ``verify_every`` steps) a fingerprint of all
+  masks is compared across ranks; a mismatch raises :class:`MaskDivergenceError`. The masks are
+  excluded from DDP's buffer broadcast (so a divergence cannot be papered over by rank 0's copy, and the masks do not
   travel every step). SET's growth scores for weights on an accelerator are drawn there, from a
   device generator reseeded from that CPU generator before each layer, so the checkpointed CPU
   state still determines them; they differ from the numbers a CPU run draws and, since CUDA's
   random numbers for large tensors depend on the launch grid (the GPU's multiprocessor count),
-  may differ between GPU models: the ranks of one run need GPUs of one model (else the checksum
-  raises).
+  may differ between GPU models: the ranks of one run need GPUs of one model (else the fingerprint
+  check raises).
 """
 
 from __future__ import annotations
@@ -75,7 +78,7 @@ import sys
 import warnings
 import weakref
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import InitVar, dataclass, field, fields
 from typing import Any
 
 import torch
@@ -83,169 +86,32 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.utils import parametrize
 
+from .. import contract
+from ..contract import check_patterns
+from ._sole_owner import sole_owner, sole_refs
 from .density import DISTRIBUTIONS, layer_active_counts
-from .gmp import _prune_rows
-from .masks import DEFAULT_MODULE_TYPES, random_mask, select_modules
-from .rigl import _rigl_rows
+from .enforcement import optimizer_blocker
+from .masks import DEFAULT_MODULE_TYPES, random_mask
 from .schedules import DROP_SCHEDULES, METHODS, MaskSchedule
-from .set import _draw_growth_scores, _set_rows
+from .update import GroupKey, group_layers, growth_scores, host_ints, reduced_dense_grads, update_groups
 
 __all__ = [
     "MASK_NAME",
+    "MATH_FIELDS",
     "DynamicSparsifier",
     "DynamicSparsityConfig",
     "MaskDivergenceError",
-    "ZERO_PRESERVING_OPTIMIZERS",
 ]
 
 MASK_NAME = "weight_mask"
-_STATE_VERSION = 1
-# Integer views used for NaN-safe bitwise masking on CPU (same element size as the float type).
-_BIT_VIEW = {torch.float32: torch.int32, torch.float64: torch.int64, torch.bfloat16: torch.int16,
-             torch.float16: torch.int16}
+_STATE_VERSION = 2
+#: Config fields that change what is computed: a state saved with another value is refused on load.
+MATH_FIELDS = ("method", "sparsity", "distribution", "update_every", "drop_fraction", "drop_schedule",
+               "begin_fraction", "end_fraction", "include", "exclude", "keep_first_dense", "keep_last_dense", "seed")
 
 
-def _eps_positive(group: dict[str, Any]) -> str | None:
-    eps = group.get("eps")
-    if isinstance(eps, (int, float)) and not isinstance(eps, bool) and eps > 0:
-        return None
-    return f"eps={eps!r} (0 / 0 outside the mask)"
-
-
-def _adagrad_ok(group: dict[str, Any]) -> str | None:
-    init = group.get("initial_accumulator_value", 0)
-    if init != 0:
-        return f"initial_accumulator_value={init!r} (its `sum` state starts nonzero outside the mask)"
-    return _eps_positive(group)
-
-
-# Optimizers (these exact classes: a subclass may change `step`) whose update maps (weight 0, every
-# state 0, gradient 0) to (weight 0, every state 0) exactly, with any of their options (weight decay
-# coupled or decoupled, momentum, dampening, nesterov, amsgrad, centered, maximize, foreach, fused,
-# capturable, differentiable), given finite hyperparameters and the condition checked here on every
-# param group. From the step functions of torch/optim (single-tensor, foreach and fused alike), with
-# g = 0 (the gradient hook), w = 0 and the states 0 at a masked position:
-#   SGD       d = g + wd*w = 0; buf = mom*buf + (1 - damp)*d = 0 (first step buf = d); nesterov d + mom*buf = 0;
-#             w -= lr*d = 0.
-#   Adam(W)   g + wd*w = 0, or w *= 1 - lr*wd; m = lerp(m, g, 1 - b1) = 0; v = b2*v + (1 - b2)*g*g = 0;
-#             amsgrad vmax = max(vmax, v) = 0; w -= lr/bc1 * m / (sqrt(v)/sqrt(bc2) + eps) = 0 / eps = 0.
-#   NAdam     m, v as Adam; w -= c1*g/(sqrt(v/bc2) + eps) + c2*m/(sqrt(v/bc2) + eps) = 0.
-#   RAdam     m, v as Adam; w -= lr*m/bc1 * (rect*sqrt(bc2)/(sqrt(v) + eps), or 1) = 0.
-#   RMSprop   v = a*v + (1 - a)*g*g = 0; centered gavg = lerp(gavg, g, 1 - a) = 0; avg = sqrt(v - gavg^2) + eps
-#             = eps; buf = mom*buf + g/avg = 0; w -= lr*buf (or lr*g/avg) = 0.
-#   Adadelta  v = rho*v + (1 - rho)*g*g = 0; delta = sqrt(u + eps)/sqrt(v + eps)*g = 0;
-#             u = rho*u + (1 - rho)*delta^2 = 0; w -= lr*delta = 0.
-#   Adagrad   sum += g*g (stays at initial_accumulator_value, hence 0); w -= clr*g/(sqrt(sum) + eps) = 0.
-#   ASGD      w = w*(1 - lambd*eta) - eta*(g + wd*w) = 0; ax += mu*(w - ax) (or ax = w) = 0.
-# eps = 0 would make the Adam family, RMSprop, Adadelta and Adagrad compute 0 / 0 there. Not listed:
-# Adamax (exp_inf = max(b2*exp_inf, |g| + eps) becomes eps outside the mask), Rprop (its step sizes start
-# at lr), LBFGS, Adafactor, Muon, SparseAdam (not elementwise, or states of another shape) and anything
-# else: those get the enforcement pass after every step.
-_GROUP_CONDITIONS: dict[type[torch.optim.Optimizer], Callable[[dict[str, Any]], str | None] | None] = {
-    torch.optim.SGD: None,
-    torch.optim.Adam: _eps_positive,
-    torch.optim.AdamW: _eps_positive,
-    torch.optim.NAdam: _eps_positive,
-    torch.optim.RAdam: _eps_positive,
-    torch.optim.RMSprop: _eps_positive,
-    torch.optim.Adadelta: _eps_positive,
-    torch.optim.Adagrad: _adagrad_ok,
-    torch.optim.ASGD: None,
-}
-#: The optimizer classes whose steps keep zero weights and states at zero when the gradient is zero
-#: (``enforce_interval="auto"`` skips the per-step enforcement for them; Adagrad needs
-#: ``initial_accumulator_value=0`` and all but SGD and ASGD need ``eps > 0``).
-ZERO_PRESERVING_OPTIMIZERS: tuple[type[torch.optim.Optimizer], ...] = tuple(_GROUP_CONDITIONS)
-
-
-def _host_ints(values: list[torch.Tensor]) -> list[int]:
-    """Integer tensors (0-dim or 1-D) as one flat list of Python ints, in order, with one
-    device-to-host copy per device (not one per tensor)."""
-    out: list[list[int]] = [[] for _ in values]
-    by_device: dict[torch.device, list[int]] = {}
-    for i, v in enumerate(values):
-        by_device.setdefault(v.device, []).append(i)
-    for idx in by_device.values():
-        flat = torch.cat([values[i].reshape(-1) for i in idx]).tolist()
-        start = 0
-        for i in idx:
-            n = values[i].numel()
-            out[i] = [int(x) for x in flat[start:start + n]]
-            start += n
-    return [x for part in out for x in part]
-
-
-# Reference counts (Python object, gradient, its view base, their storage) of a gradient that only
-# the autograd engine and the hook hold, as a tensor hook sees them, for a gradient that is not a
-# view (index 0) and one that is (index 1, e.g. a Linear weight's: the transpose of a product);
-# measured once per process by `_sole_refs`, None where no such gradient could be measured.
-_SoleRefs = tuple[tuple[int, int, int, int] | None, tuple[int, int, int, int] | None]
-_SOLE_REFS: _SoleRefs | None = None
-
-
-def _ref_counts(grad: torch.Tensor, python_refs: int) -> tuple[int, int, int, int]:
-    base = grad._base
-    return (python_refs, grad._use_count(), 0 if base is None else base._use_count(),
-            torch._C._storage_Use_Count(grad.untyped_storage()._cdata))
-
-
-def _sole_refs() -> _SoleRefs:
-    """What :func:`_sole_owner` compares with: measured on gradients known to be unshared.
-
-    Where torch lacks the private counters, nothing is ever masked in place.
-    """
-    global _SOLE_REFS
-    if _SOLE_REFS is None:
-        found: dict[bool, tuple[int, int, int, int]] = {}
-
-        def probe(grad: torch.Tensor) -> None:  # called as the sparsifier's hook is
-            found.setdefault(grad._base is not None, _ref_counts(grad, sys.getrefcount(grad)))
-
-        try:
-            with torch.enable_grad():
-                for forward in (lambda w: w * 2.0, lambda w: nn.functional.linear(torch.ones(3, 2), w)):
-                    w = torch.zeros(2, 2, requires_grad=True)
-                    w.register_hook(probe)
-                    forward(w).sum().backward()
-        except (AttributeError, RuntimeError):
-            found.clear()
-        _SOLE_REFS = (found.get(False), found.get(True))
-    return _SOLE_REFS
-
-
-def _sole_owner(grad: torch.Tensor, python_refs: int, refs: _SoleRefs) -> bool:
-    """Whether a tensor hook may mask ``grad`` in place: nothing but the engine and the hook refers to it.
-
-    ``python_refs`` is ``sys.getrefcount(grad)`` taken in the hook. A gradient can be shared: an
-    addition hands the same tensor to both of its inputs, a user's hook or a custom backward may
-    keep it, a view may share its storage with other gradients. Then the Python object, the
-    tensor, its view base or their storage holds more references than for a gradient known to be
-    unshared (``refs``), and the hook returns a masked copy instead -- the test torch's
-    ``AccumulateGrad`` makes before it takes a gradient over without copying it.
-    """
-    try:
-        if grad.requires_grad:  # part of a graph (double backward): leave it alone
-            return False
-        base = grad._base
-        sole = refs[base is not None]
-        # In order of cost; the same counts as `_ref_counts` (with `base` held here as there).
-        return (sole is not None and python_refs <= sole[0] and grad._use_count() <= sole[1]
-                and (base is None or base._use_count() <= sole[2])
-                and torch._C._storage_Use_Count(grad.untyped_storage()._cdata) <= sole[3])
-    except (AttributeError, RuntimeError):
-        return False
-
-
-def _stack_rows(tensors: list[torch.Tensor]) -> torch.Tensor:
-    """Same-shaped tensors as the rows of one ``[len(tensors), numel]`` tensor (a view for one
-    contiguous tensor, else a new tensor)."""
-    if len(tensors) == 1 and tensors[0].is_contiguous():
-        return tensors[0].view(1, -1)
-    return torch.stack(tensors).view(len(tensors), -1)
-
-
-class MaskDivergenceError(RuntimeError):
-    """Masks differ across ranks (raised on every rank by the cross-rank checksum)."""
+class MaskDivergenceError(contract.RankDivergenceError):
+    """Masks differ across ranks (raised on every rank by :meth:`DynamicSparsifier.check_ranks`)."""
 
 
 @dataclass(kw_only=True)
@@ -258,7 +124,7 @@ class DynamicSparsityConfig:
         sparsity: final fraction of zero weights over the sparsified layers, in [0, 1).
         distribution: how the sparsity is spread over layers: ``"erk"``, ``"er"`` or ``"uniform"``
             (see :func:`sparsetrain.sparsity.layer_densities`).
-        update_interval: optimizer steps between mask updates (``dT``), >= 1.
+        update_every: optimizer steps between mask updates (``dT``), >= 1.
         drop_fraction: RigL/SET fraction of active weights replaced at the first update (``alpha``).
         drop_schedule: ``"cosine"`` decay of the drop fraction to 0 at ``end_fraction`` (paper)
             or ``"constant"``.
@@ -271,7 +137,8 @@ class DynamicSparsityConfig:
         keep_last_dense: leave the last selected module dense.
         module_types: module classes that can be sparsified.
         seed: seed of the generator drawing random masks and SET growth (same on every rank).
-        check_sync: compare a checksum of the masks across ranks after every update.
+        verify_every: compare a fingerprint of the masks across ranks (:meth:`DynamicSparsifier.check_ranks`)
+            after every mask update and every ``verify_every`` optimizer steps; 0: never.
         enforce_interval: when to zero weights and same-shape optimizer states outside the masks
             besides attach, mask updates and loads (where it always happens). ``"auto"``
             (default): never, when every attached optimizer is one of
@@ -290,12 +157,14 @@ class DynamicSparsityConfig:
             must come after :meth:`DynamicSparsifier.mask_gradients` (the Lightning callback calls it
             before clipping); RigL's dense gradient is taken as the optimizer would see it (after
             DDP's averaging) instead of being all-reduced by the sparsifier.
+        update_interval: deprecated spelling of ``update_every`` (a ``FutureWarning``).
+        check_sync: deprecated: ``verify_every=1`` (``True``) or ``0`` (``False``), with a ``FutureWarning``.
     """
 
     method: str = "rigl"
     sparsity: float = 0.8
     distribution: str = "erk"
-    update_interval: int = 100
+    update_every: int = 100
     drop_fraction: float = 0.3
     drop_schedule: str = "cosine"
     begin_fraction: float = 0.0
@@ -306,11 +175,24 @@ class DynamicSparsityConfig:
     keep_last_dense: bool = False
     module_types: tuple[type[nn.Module], ...] = field(default=DEFAULT_MODULE_TYPES)
     seed: int = 0
-    check_sync: bool = True
+    verify_every: int = 1
     enforce_interval: int | str = "auto"
     grad_masking: str = "hook"
+    # deprecated spellings, accepted with a FutureWarning (and still readable as properties)
+    update_interval: InitVar[int | None] = None
+    check_sync: InitVar[bool | None] = None
 
-    def __post_init__(self) -> None:
+    def __post_init__(self, update_interval: int | None, check_sync: bool | None) -> None:
+        every_arg = "update_every"
+        if update_interval is not None:
+            warnings.warn("`update_interval` is deprecated: use `update_every`", FutureWarning, stacklevel=3)
+            self.update_every, every_arg = update_interval, "update_interval"
+        if check_sync is not None:
+            warnings.warn("`check_sync` is deprecated: use `verify_every` (True -> 1, False -> 0)", FutureWarning,
+                          stacklevel=3)
+            if not isinstance(check_sync, bool):
+                raise ValueError(f"`check_sync` must be a bool, got {check_sync!r}")
+            self.verify_every = int(check_sync)
         if self.grad_masking not in ("hook", "step"):
             raise ValueError(f"`grad_masking` must be 'hook' or 'step', got {self.grad_masking!r}")
         if self.method not in METHODS:
@@ -320,9 +202,10 @@ class DynamicSparsityConfig:
             raise ValueError(f"`sparsity` must be in [0, 1), got {self.sparsity!r}")
         if self.distribution not in DISTRIBUTIONS:
             raise ValueError(f"`distribution` must be one of {', '.join(DISTRIBUTIONS)}, got {self.distribution!r}")
-        if isinstance(self.update_interval, bool) or not isinstance(self.update_interval, int) \
-                or self.update_interval < 1:
-            raise ValueError(f"`update_interval` must be an int >= 1, got {self.update_interval!r}")
+        if isinstance(self.update_every, bool) or not isinstance(self.update_every, int) or self.update_every < 1:
+            raise ValueError(f"`{every_arg}` must be an int >= 1, got {self.update_every!r}")
+        if isinstance(self.verify_every, bool) or not isinstance(self.verify_every, int) or self.verify_every < 0:
+            raise ValueError(f"`verify_every` must be an int >= 0, got {self.verify_every!r}")
         if not 0.0 <= self.drop_fraction <= 1.0:
             raise ValueError(f"`drop_fraction` must be in [0, 1], got {self.drop_fraction!r}")
         if self.drop_schedule not in DROP_SCHEDULES:
@@ -335,13 +218,8 @@ class DynamicSparsityConfig:
             raise ValueError(
                 f"`begin_fraction` must be in [0, end_fraction={self.end_fraction}), got {self.begin_fraction!r}"
             )
-        for arg in ("include", "exclude"):
-            value = getattr(self, arg)
-            if value is None:
-                continue
-            if isinstance(value, str) or not all(isinstance(p, str) for p in value):
-                raise ValueError(f"`{arg}` must be a list of glob strings, got {value!r}")
-            setattr(self, arg, tuple(value))
+        self.include = check_patterns(self.include, "include")
+        self.exclude = check_patterns(self.exclude, "exclude") or ()
         if not isinstance(self.seed, int):
             raise ValueError(f"`seed` must be an int, got {self.seed!r}")
         if self.enforce_interval != "auto" and (
@@ -354,59 +232,93 @@ class DynamicSparsityConfig:
         """The schedule of a run of ``total_steps`` optimizer steps."""
         return MaskSchedule.from_fractions(
             method=self.method, sparsity=float(self.sparsity), total_steps=total_steps,
-            update_interval=self.update_interval, begin_fraction=self.begin_fraction,
+            update_interval=self.update_every, begin_fraction=self.begin_fraction,
             end_fraction=self.end_fraction, drop_fraction=self.drop_fraction, drop_schedule=self.drop_schedule,
         )
 
 
-def _checksum(mask: torch.Tensor) -> torch.Tensor:
-    """Two int64 numbers identifying a mask: its count and a hash of its active positions."""
-    flat = mask.flatten()
-    pos = torch.arange(flat.numel(), device=flat.device, dtype=torch.int64)
-    h = (pos * 2654435761 + 97) % 2147483629
-    return torch.stack([flat.sum(dtype=torch.int64), torch.where(flat, h, 0).sum()])
+def _deprecated_alias(old: str, new: str, to_new: Callable[[Any], Any], to_old: Callable[[Any], Any]) -> property:
+    def get(self: Any) -> Any:
+        return to_old(getattr(self, new))
+
+    def set_(self: Any, value: Any) -> None:
+        warnings.warn(f"`{old}` is deprecated: use `{new}`", FutureWarning, stacklevel=2)
+        setattr(self, new, to_new(value))
+
+    return property(get, set_, doc=f"Deprecated alias of ``{new}``.")
+
+
+# The InitVars' defaults are already in the generated __init__; reading the old names goes through these.
+DynamicSparsityConfig.update_interval = _deprecated_alias(  # type: ignore[assignment]
+    "update_interval", "update_every", int, int)
+DynamicSparsityConfig.check_sync = _deprecated_alias(  # type: ignore[assignment]
+    "check_sync", "verify_every", lambda v: int(bool(v)), lambda v: v > 0)
+
+
+def _param_name(module_name: str) -> str:
+    """The parameter name of a layer's weight (``"blocks.0.fc"`` -> ``"blocks.0.fc.weight"``)."""
+    return f"{module_name}.weight" if module_name else "weight"
 
 
 class DynamicSparsifier:
     """Masks, enforces and updates the sparsity of a model's weights during training.
 
+    Follows the component contract of ``docs/architecture.md``: construction attaches it to the
+    model (:func:`sparsetrain.contract.attach`, claiming the weights it masks), :meth:`step` after
+    every optimizer step, :meth:`statistics`, :meth:`masks`, versioned :meth:`state_dict`,
+    :meth:`check_ranks` and :meth:`remove`. It masks gradients (``masks_gradients``): a component
+    keeping gradient state of its own reads :meth:`masks` and :attr:`mask_version` through
+    :func:`sparsetrain.contract.gradient_masks`.
+
     Args:
         model: the model (not yet wrapped in DDP, so that the masks can be excluded from
             DDP's buffer broadcast; wrapping it afterwards is fine).
-        config: what to sparsify and how.
-        total_steps: optimizer steps in the whole run; may be given later with
-            :meth:`set_total_steps` (the Lightning callback does), but before the first step.
+        config: what to sparsify and how; or give its fields as keywords instead (not both).
         optimizer: optional optimizer to attach at once (see :meth:`attach_optimizer`).
-        hook_optimizer: with ``optimizer``, register a step-post hook that calls :meth:`step`;
-            ``False`` means the loop calls :meth:`step` right after ``optimizer.step()``.
         process_group: group for the cross-rank reductions (default: the default group when
             ``torch.distributed`` is initialised with more than one rank).
+        total_steps: optimizer steps in the whole run; may be given later with
+            :meth:`set_total_steps` (the Lightning callback does), but before the first step.
+        hook_optimizer: with ``optimizer``, register a step-post hook that calls :meth:`step`;
+            ``False`` means the loop calls :meth:`step` right after ``optimizer.step()``.
+        **config_fields: the fields of :class:`DynamicSparsityConfig`, when ``config`` is not given.
 
     Raises:
-        ValueError: a filter matching no module, a module that already has a ``weight_mask``.
+        TypeError: ``config`` is not a :class:`DynamicSparsityConfig`.
+        ValueError: both ``config`` and config fields, a filter matching no layer, a layer claimed by
+            another component, a module that already has a ``weight_mask``.
 
     Example::
 
         >>> model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.ReLU(), torch.nn.Linear(32, 4))
         >>> opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-        >>> sp = DynamicSparsifier(model, DynamicSparsityConfig(method="set", sparsity=0.5, update_interval=2),
-        ...                        total_steps=10, optimizer=opt)
-        >>> sorted(k for k in model.state_dict() if k.endswith("_mask"))
-        ['0.weight_mask', '2.weight_mask']
-        >>> round(sp.statistics()["sparsity"], 3)
+        >>> sp = DynamicSparsifier(model, method="set", sparsity=0.5, update_every=2, total_steps=10, optimizer=opt)
+        >>> sorted(sp.masks())
+        ['0.weight', '2.weight']
+        >>> round(sp.statistics()["sparsity/global"], 3)
         0.5
     """
+
+    #: Gradients outside :meth:`masks` are zeroed before anything else reads them (the contract).
+    masks_gradients = True
 
     def __init__(
         self,
         model: nn.Module,
-        config: DynamicSparsityConfig,
+        config: DynamicSparsityConfig | None = None,
         *,
-        total_steps: int | None = None,
         optimizer: torch.optim.Optimizer | None = None,
-        hook_optimizer: bool = True,
         process_group: Any = None,
+        total_steps: int | None = None,
+        hook_optimizer: bool = True,
+        **config_fields: Any,
     ) -> None:
+        if config is None:
+            config = DynamicSparsityConfig(**config_fields)
+        elif config_fields:
+            raise ValueError(
+                f"give either `config` or its fields as keywords, not both (got `config` and {sorted(config_fields)})"
+            )
         if not isinstance(config, DynamicSparsityConfig):
             raise TypeError(f"`config` must be a DynamicSparsityConfig, got {type(config).__name__}")
         # configuration
@@ -424,6 +336,8 @@ class DynamicSparsifier:
         self._step_hook_handle: Any = None
         self._hooked: set[str] = set()  # layers whose gradient hook is in place
         self._coverage: tuple[tuple[tuple[int, int], ...], list[str]] | None = None
+        self._ddp_ignored: list[str] = []  # names this sparsifier added to `_ddp_params_and_buffers_to_ignore`
+        self._removed = False
         self._generator = torch.Generator().manual_seed(config.seed)
         self._step = 0
         self._capture = False
@@ -432,32 +346,34 @@ class DynamicSparsifier:
         self._masked_grads: dict[str, tuple[weakref.ref, int]] = {}
         self._captured = False
         self._dense_grads: dict[str, torch.Tensor] = {}
-        self._zeros: dict[tuple[torch.dtype, torch.device], torch.Tensor] = {}
-        self._bit_masks: dict[tuple[str, torch.dtype], tuple[tuple[int, int, int], torch.Tensor]] = {}
-        self._refs = _sole_refs()
+        self._bits = contract.BitMasks()
+        self._fingerprints: tuple[tuple[tuple[int, int], ...], dict[str, torch.Tensor]] | None = None
+        self._refs = sole_refs()
         self._device_generators: dict[torch.device, torch.Generator | None] = {}
+        #: Incremented at every mask change (an update that changed a mask, a model or sparsifier load).
+        self.mask_version = 0
         # statistics (the counts are kept on the host, so that reading them never waits for the device)
         self._active: dict[str, int] = {}
         self._ever_active: dict[str, torch.Tensor] = {}
         self._ever_counts: dict[str, int] = {}
         self._updates = 0
         self._regrown_total = 0
-        self.last_statistics: dict[str, Any] | None = None
+        self._last_update = {"regrown": 0, "drop_fraction": 0.0, "target": None}
 
-        names = select_modules(
+        layers = contract.select_layers(
             model, include=config.include, exclude=config.exclude, module_types=config.module_types,
             keep_first_dense=config.keep_first_dense, keep_last_dense=config.keep_last_dense,
         )
-        named = dict(model.named_modules())
-        for name in names:
-            module = named[name]
+        for name, module in layers.items():
             if MASK_NAME in module._buffers or hasattr(module, MASK_NAME):
                 raise ValueError(f"module {name!r} already has a `{MASK_NAME}` (sparsified twice, or pruned?)")
             if parametrize.is_parametrized(module, "weight"):
                 raise ValueError(
-                    f"module {name!r} has a parametrized `weight` (another sparsifier?): exclude it with `exclude`"
+                    f"module {name!r} has a parametrized `weight` (masked by another component, e.g. N:M?): one "
+                    "layer can be masked by one component only; leave it out with `include` / `exclude`"
                 )
-            self._modules[name] = module
+        contract.attach(model, self, claimed=[_param_name(name) for name in layers])
+        self._modules = dict(layers)
         self._shapes = {name: tuple(m.weight.shape) for name, m in self._modules.items()}
         if config.method == "gmp" or config.sparsity == 0.0:
             counts = {name: math.prod(s) for name, s in self._shapes.items()}
@@ -487,7 +403,8 @@ class DynamicSparsifier:
         prefix = {m: n for n, m in self.model.named_modules()}
         names = [f"{prefix[m]}.{MASK_NAME}" if prefix[m] else MASK_NAME for m in self._modules.values()]
         existing = list(getattr(self.model, "_ddp_params_and_buffers_to_ignore", []))
-        self.model._ddp_params_and_buffers_to_ignore = existing + [n for n in names if n not in existing]
+        self._ddp_ignored = [n for n in names if n not in existing]
+        self.model._ddp_params_and_buffers_to_ignore = existing + self._ddp_ignored
         if isinstance(self.model, nn.parallel.DistributedDataParallel):
             warnings.warn(
                 "DynamicSparsifier was given a DDP-wrapped model: DDP will broadcast the masks from rank 0 "
@@ -506,14 +423,15 @@ class DynamicSparsifier:
                     self._dense_grads[name] = grad.detach().clone()
                 else:
                     buf.add_(grad.detach())
-            if _sole_owner(grad, sys.getrefcount(grad), refs):  # the usual case: no new tensor
-                self._mask_(grad, buffers[MASK_NAME], name)
+            if sole_owner(grad, sys.getrefcount(grad), refs):  # the usual case: no new tensor
+                contract.mask_(grad, buffers[MASK_NAME], self._bits)
                 return None
-            return self._masked(grad, buffers[MASK_NAME], name)
+            return contract.masked(grad, buffers[MASK_NAME], self._bits)
 
         return hook
 
     def _after_load(self, module: nn.Module, incompatible_keys: Any) -> None:
+        self.mask_version += 1  # the masks may have been replaced
         self._recount()
         self.apply_masks()
 
@@ -523,7 +441,7 @@ class DynamicSparsifier:
         counted = [torch.count_nonzero(self._modules[n]._buffers[MASK_NAME]) for n in names]
         if ever:
             counted += [torch.count_nonzero(self._ever_active[n]) for n in names]
-        values = _host_ints(counted)
+        values = host_ints(counted)
         self._active = dict(zip(names, values[: len(names)]))
         if ever:
             self._ever_counts = dict(zip(names, values[len(names):]))
@@ -546,6 +464,7 @@ class DynamicSparsifier:
         """
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(f"`optimizer` must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
+        self.check_layers()
         held = {id(p) for g in optimizer.param_groups for p in g["params"]}
         if not any(id(m.weight) in held for m in self._modules.values()):
             raise ValueError("`optimizer` holds none of the sparsified weights")
@@ -586,7 +505,7 @@ class DynamicSparsifier:
             seen = self._masked_grads.get(name)
             if seen is not None and seen[0]() is g and seen[1] == g._version:
                 continue  # masked already, and not written since (a second call before the step)
-            self._mask_(g, module._buffers[MASK_NAME], name)
+            contract.mask_(g, module._buffers[MASK_NAME], self._bits)
             self._masked_grads[name] = (weakref.ref(g), g._version)
 
     def _before_optimizer_step(self, optimizer: torch.optim.Optimizer, args: tuple, kwargs: dict) -> Any:
@@ -608,6 +527,24 @@ class DynamicSparsifier:
 
     def _after_optimizer_load(self, optimizer: torch.optim.Optimizer) -> None:
         self.apply_masks()
+
+    def check_layers(self) -> None:
+        """Check that no sparsified layer's ``weight`` was taken over since attach.
+
+        A component that masks through a parametrization (N:M) and was attached to one of these
+        layers after this sparsifier (without claiming it through the contract) replaces the
+        ``weight`` parameter: its gradient hook and the optimizer would then see another tensor.
+
+        Raises:
+            ValueError: naming the layer, and what to do instead.
+        """
+        for name, module in self._modules.items():
+            if parametrize.is_parametrized(module, "weight"):
+                raise ValueError(
+                    f"the `weight` of {name!r} was parametrized after DynamicSparsifier attached to it (by another "
+                    "component masking it, e.g. N:M): one layer can be masked by one component only; give them "
+                    "disjoint layers with `include` / `exclude`"
+                )
 
     def detach_optimizers(self) -> None:
         """Forget every attached optimizer and remove its hooks (e.g. before attaching a new one)."""
@@ -631,7 +568,13 @@ class DynamicSparsifier:
         masker(self._pairs())
 
     def remove(self) -> None:
-        """Remove every hook; the masks stay in the model as buffers."""
+        """Leave a plain model: remove every hook, the ``weight_mask`` buffers and the names added to
+        DDP's ignore list, and detach from the model. The weights keep their current (masked) values.
+
+        The sparsifier cannot be used afterwards (:meth:`masks` is then empty).
+        """
+        if self._removed:
+            return
         for h in self._handles:
             h.remove()
         self._handles.clear()
@@ -639,6 +582,21 @@ class DynamicSparsifier:
         self.detach_optimizers()
         self._capture = False
         self._dense_grads.clear()
+        self._masked_grads.clear()
+        for module in self._modules.values():
+            module._buffers.pop(MASK_NAME, None)
+        ignored = getattr(self.model, "_ddp_params_and_buffers_to_ignore", None)
+        if ignored is not None:
+            kept = [n for n in ignored if n not in set(self._ddp_ignored)]
+            if kept:
+                self.model._ddp_params_and_buffers_to_ignore = kept
+            else:
+                del self.model._ddp_params_and_buffers_to_ignore
+        self._ddp_ignored = []
+        self._bits.clear()
+        contract.detach(self.model, self)
+        self._removed = True
+        self._modules = {}
 
     def set_total_steps(self, total_steps: int) -> None:
         """Fix the run length (and hence the schedule); must happen before the first :meth:`step`."""
@@ -653,7 +611,7 @@ class DynamicSparsifier:
         self.schedule = schedule
         if schedule.method in ("rigl", "set", "gmp") and not schedule.update_steps():
             warnings.warn(
-                f"no mask update fits in {schedule.total_steps} steps (update_interval={schedule.update_interval}, "
+                f"no mask update fits in {schedule.total_steps} steps (update_every={schedule.update_interval}, "
                 f"steps {schedule.begin_step}..{schedule.end_step}): the masks stay as initialised",
                 stacklevel=2,
             )
@@ -671,9 +629,15 @@ class DynamicSparsifier:
         """Names of the sparsified modules."""
         return list(self._modules)
 
-    @property
     def masks(self) -> dict[str, torch.Tensor]:
-        """Module name -> its current mask buffer (live tensors; do not modify)."""
+        """Parameter name (``"<module name>.weight"``) -> its current bool mask, ``True`` = kept.
+
+        Live tensors (the ``weight_mask`` buffers): do not modify them.
+        """
+        return {_param_name(name): m._buffers[MASK_NAME] for name, m in self._modules.items()}
+
+    def _layer_masks(self) -> dict[str, torch.Tensor]:
+        """Module name -> its current mask buffer."""
         return {name: m._buffers[MASK_NAME] for name, m in self._modules.items()}
 
     @property
@@ -705,18 +669,9 @@ class DynamicSparsifier:
         """What makes the per-step pass necessary in auto mode, or ``None`` (cheap: runs every step)."""
         if self._state_maskers:
             return "state maskers are registered (e.g. DeepSpeed master weights)"
-        if not self._optimizers:
-            return "no optimizer is attached"
-        for opt in self._optimizers:
-            cls = type(opt)
-            if cls not in _GROUP_CONDITIONS:
-                return f"{cls.__module__}.{cls.__qualname__} is not in ZERO_PRESERVING_OPTIMIZERS"
-            condition = _GROUP_CONDITIONS[cls]
-            if condition is not None:
-                for group in opt.param_groups:
-                    reason = condition(group)
-                    if reason is not None:
-                        return f"{cls.__name__} has {reason}"
+        blocker = optimizer_blocker(self._optimizers)
+        if blocker is not None:
+            return blocker
         signature = tuple((id(o), len(o.param_groups)) for o in self._optimizers)
         if self._coverage is None or self._coverage[0] != signature:
             held = {id(p) for o in self._optimizers for g in o.param_groups for p in g["params"]}
@@ -742,76 +697,45 @@ class DynamicSparsifier:
 
     # ------------------------------------------------------------------ enforcement
 
-    def _zero(self, like: torch.Tensor) -> torch.Tensor:
-        """A cached 0-dim zero of ``like``'s dtype and device (no allocation or fill kernel per call)."""
-        key = (like.dtype, like.device)
-        z = self._zeros.get(key)
-        if z is None:
-            z = self._zeros[key] = torch.zeros((), dtype=like.dtype, device=like.device)
-        return z
-
-    def _bits(self, name: str, mask: torch.Tensor, int_dtype: torch.dtype) -> torch.Tensor:
-        """The mask as integers with every bit set (kept) or clear (masked), cached until the mask changes."""
-        key = (name, int_dtype)
-        signature = (id(mask), mask.data_ptr(), mask._version)
-        entry = self._bit_masks.get(key)
-        if entry is None or entry[0] != signature:
-            entry = self._bit_masks[key] = (signature, mask.to(int_dtype).neg_())
-        return entry[1]
-
-    def _masked(self, t: torch.Tensor, mask: torch.Tensor, name: str) -> torch.Tensor:
-        """``torch.where(mask, t, 0)`` as a new tensor."""
-        int_dtype = _BIT_VIEW.get(t.dtype) if t.is_cpu else None
-        if int_dtype is None:
-            return torch.where(mask, t, self._zero(t))
-        return torch.bitwise_and(t.view(int_dtype), self._bits(name, mask, int_dtype)).view(t.dtype)
-
-    def _mask_(self, t: torch.Tensor, mask: torch.Tensor, name: str) -> None:
-        """``t = torch.where(mask, t, 0)`` in place."""
-        int_dtype = _BIT_VIEW.get(t.dtype) if t.is_cpu else None
-        if int_dtype is None:
-            torch.where(mask, t, self._zero(t), out=t)
-        else:
-            t.view(int_dtype).bitwise_and_(self._bits(name, mask, int_dtype))
-
     @torch.no_grad()
     def apply_masks(self) -> None:
         """Zero every sparsified weight and its same-shape optimizer states outside the mask."""
-        for name, module in self._modules.items():
+        for module in self._modules.values():
             weight, mask = module.weight, module._buffers[MASK_NAME]
-            self._mask_(weight, mask, name)
+            contract.mask_(weight, mask, self._bits)
             for state in self._iter_state_tensors(weight):
-                self._mask_(state, mask, name)
+                contract.mask_(state, mask, self._bits)
         if self._state_maskers:
             pairs = self._pairs()
             for masker in self._state_maskers:
                 masker(pairs)
 
-    def step(self) -> dict[str, Any] | None:
+    def step(self) -> None:
         """Account for one optimizer step: update the masks if the schedule says so, else enforce them if due.
 
         Call right after ``optimizer.step()`` (the hook installed by :meth:`attach_optimizer` does).
-
-        Returns:
-            The statistics of the mask update made at this step (see :meth:`statistics`), or
-            ``None`` when the masks did not change.
+        The figures of the latest update are in :meth:`statistics`.
 
         Raises:
-            RuntimeError: no schedule yet (:meth:`set_total_steps` was not called).
-            MaskDivergenceError: with ``check_sync``, the masks differ across ranks after an update.
+            RuntimeError: no schedule yet (:meth:`set_total_steps` was not called), or removed.
+            MaskDivergenceError: with ``verify_every``, the masks differ across ranks.
         """
         if self.schedule is None:
             raise RuntimeError("DynamicSparsifier.step() before the run length is known: call set_total_steps()")
+        if self._removed:
+            raise RuntimeError("DynamicSparsifier.step() after remove()")
         self._captured = False
         self._step += 1
         t = self._step
-        stats = None
-        if self.schedule.is_update_step(t):
-            stats = self._update(t)  # ends with a full enforcement
+        updated = self.schedule.is_update_step(t)
+        if updated:
+            self._update(t)  # ends with a full enforcement
         else:
             self._enforce_if_due(t)
         self._capture = self.schedule.needs_gradient(t + 1)
-        return stats
+        k = self.config.verify_every
+        if k and (updated or t % k == 0):
+            self.check_ranks()
 
     def _enforce_if_due(self, t: int) -> None:
         """The per-step part of the enforcement, after optimizer step ``t`` without a mask update."""
@@ -826,87 +750,19 @@ class DynamicSparsifier:
             return 1
         return dist.get_world_size(self.process_group)
 
-    # On the CPU a group's stacked copies cost more than the per-layer operations they save (the
-    # update is bound by memory traffic there, not by launching operations: one RigL update of a
-    # 37-layer GPT took ~25% longer grouped), so CPU layers are updated one by one.
+    #: Group the CPU layers in mask updates too (see :mod:`.update`: on the CPU, where the update is bound
+    #: by memory traffic, a group's stacked copies cost more than the operations they save).
     _group_on_cpu = False
 
-    def _groups(self, counts: dict[str, int]) -> dict[tuple[Any, ...], list[str]]:
-        """Layers that can be updated together, in registration order: one shape, dtype, device
-        (not the CPU, see ``_group_on_cpu``), active count and selection size (``counts``: positions
-        each layer drops or keeps)."""
-        groups: dict[tuple[Any, ...], list[str]] = {}
-        for name, module in self._modules.items():
-            w = module.weight
-            alone = name if w.device.type == "cpu" and not self._group_on_cpu else None
-            key = (tuple(w.shape), w.dtype, w.device, self._active[name], counts[name], alone)
-            groups.setdefault(key, []).append(name)
-        return groups
+    def _weights(self) -> dict[str, torch.Tensor]:
+        return {name: m.weight for name, m in self._modules.items()}
+
+    def _groups(self, counts: dict[str, int]) -> dict[GroupKey, list[str]]:
+        """Layers that can be updated together (:func:`.update.group_layers`)."""
+        return group_layers(self._weights(), self._active, counts, group_on_cpu=self._group_on_cpu)
 
     @torch.no_grad()
-    def _reduced_dense_grads(self, groups: dict[tuple[Any, ...], list[str]]) -> dict[tuple[Any, ...], torch.Tensor]:
-        """Each group's captured dense gradients as ``[layers, positions]``, averaged over the ranks."""
-        grads = {}
-        for key, names in groups.items():
-            rows = []
-            for name in names:
-                g = self._dense_grads.pop(name, None)
-                if g is None:  # the layer took no part in this step's backward
-                    g = torch.zeros_like(self._modules[name].weight)
-                rows.append(g)
-            grads[key] = _stack_rows(rows)
-        self._dense_grads.clear()
-        world = self._world()
-        if world > 1 and self.config.grad_masking == "hook":  # with "step", DDP averaged them already
-            works = [dist.all_reduce(g, group=self.process_group, async_op=True) for g in grads.values()]
-            for w in works:
-                w.wait()
-            for g in grads.values():
-                g.div_(world)
-        return grads
-
-    def _growth_generator(self, device: torch.device) -> torch.Generator | None:
-        """A generator on ``device`` for SET's growth scores, or ``None`` to draw them on the CPU."""
-        if device.type == "cpu":
-            return None
-        if device not in self._device_generators:
-            try:
-                self._device_generators[device] = torch.Generator(device=device)
-            except (RuntimeError, TypeError):  # no generator of this device type: draw on the CPU
-                self._device_generators[device] = None
-        return self._device_generators[device]
-
-    @torch.no_grad()
-    def _growth_scores(self, groups: dict[tuple[Any, ...], list[str]]) -> dict[tuple[Any, ...], torch.Tensor]:
-        """SET's random growth scores of each group that regrows, as ``[layers, positions]``.
-
-        Drawn layer by layer in registration order (so grouping does not change which numbers a
-        layer gets). On the CPU from the sparsifier's generator; on an accelerator, from a generator
-        of that device reseeded before each layer with a number drawn from the CPU generator, so the
-        checkpointed CPU generator state still determines every draw, on every rank alike.
-        """
-        scores: dict[tuple[Any, ...], torch.Tensor] = {}
-        where: dict[str, tuple[torch.Tensor, int]] = {}
-        for key, names in groups.items():
-            if key[4] == 0:  # nothing dropped, nothing drawn
-                continue
-            w = self._modules[names[0]].weight
-            scores[key] = torch.empty(len(names), w.numel(), device=w.device)
-            where.update((name, (scores[key], i)) for i, name in enumerate(names))
-        for name in self._modules:
-            if name not in where:
-                continue
-            out_LN, i = where[name]
-            generator = self._growth_generator(out_LN.device)
-            if generator is None:
-                generator = self._generator
-            else:
-                generator.manual_seed(int(torch.randint(2**62, (), generator=self._generator)))
-            _draw_growth_scores(out_LN[i], generator)
-        return scores
-
-    @torch.no_grad()
-    def _update(self, t: int) -> dict[str, Any]:
+    def _update(self, t: int) -> None:
         cfg, sched = self.config, self.schedule
         assert sched is not None
         method = cfg.method
@@ -922,54 +778,20 @@ class DynamicSparsifier:
         # Layers alike are updated together, a few passes per group rather than per layer (the same
         # masks: selections are exact). The active counts are known on the host, so nothing below
         # waits for the device until the one copy of the per-layer counts at the end.
-        groups = self._groups(counts)
-        grads = self._reduced_dense_grads(groups) if method == "rigl" else {}
-        scores = self._growth_scores(groups) if method == "set" else {}
-        counted: list[torch.Tensor] = []  # per changing group: connections grown, positions active for the first time
-        changed: list[list[str]] = []
-        targets: list[torch.Tensor] = []  # tensors of grouped layers to overwrite, and their new values
-        values: list[torch.Tensor] = []
-        for key, names in groups.items():
-            shape, n_active, k = key[0], key[3], key[4]
-            if method == "gmp":
-                for name in names:
-                    self._active[name] = min(k, n_active)
-            if (k >= n_active) if method == "gmp" else (k == 0):  # nothing pruned or dropped: the mask stays
-                continue
-            masks = [self._modules[n]._buffers[MASK_NAME] for n in names]
-            mask_LN = _stack_rows(masks)
-            weight_LN = _stack_rows([self._modules[n].weight.detach() for n in names])
-            if method == "rigl":
-                new_LN = _rigl_rows(weight_LN, grads[key], mask_LN, k, n_active)
-            elif method == "set":
-                new_LN = _set_rows(weight_LN, mask_LN, scores[key], k, n_active)
-            else:
-                new_LN = _prune_rows(weight_LN, mask_LN, k, n_active)
-            evers = []
-            for name, mask in zip(names, masks):
-                ever = self._ever_active[name]
-                if ever.device != mask.device:
-                    ever = self._ever_active[name] = ever.to(mask.device)
-                evers.append(ever)
-            ever_LN = _stack_rows(evers)
-            grown_LN = new_LN & ~mask_LN
-            first_LN = grown_LN & ~ever_LN
-            if len(names) == 1:  # mask_LN and ever_LN are views of the layer's own tensors
-                counted += [torch.count_nonzero(grown_LN), torch.count_nonzero(first_LN)]
-                mask_LN.copy_(new_LN)
-                ever_LN |= new_LN
-            else:
-                counted += [torch.count_nonzero(grown_LN, dim=1), torch.count_nonzero(first_LN, dim=1)]
-                targets += masks + evers
-                values += [r.view(shape) for r in new_LN.unbind(0)]
-                values += [r.view(shape) for r in (ever_LN | new_LN).unbind(0)]
-            changed.append(names)
-        if targets:
-            torch._foreach_copy_(targets, values)
+        weights = self._weights()
+        groups = group_layers(weights, self._active, counts, group_on_cpu=self._group_on_cpu)
+        grads = scores = {}
+        if method == "rigl":  # with grad_masking="step", DDP averaged them already
+            grads = reduced_dense_grads(groups, weights, self._dense_grads, process_group=self.process_group,
+                                        all_reduce=cfg.grad_masking == "hook")
+        elif method == "set":
+            scores = growth_scores(groups, weights, self._generator, self._device_generators)
+        counted, changed = update_groups(method, groups, weights, self._layer_masks(), self._ever_active,
+                                         self._active, grads, scores)
         # Newly grown connections were inactive, so their weights and optimizer states are already 0.
         self.apply_masks()
         regrown = 0
-        flat = _host_ints(counted)
+        flat = host_ints(counted)
         start = 0
         for names in changed:
             n = len(names)
@@ -979,75 +801,107 @@ class DynamicSparsifier:
             start += 2 * n
         self._updates += 1
         self._regrown_total += regrown
-        if cfg.check_sync:
-            self.check_masks_in_sync()
-        stats = self.statistics()
-        stats.update(step=t, regrown=regrown, drop_fraction=float(drop), target_sparsity=sched.sparsity_at(t))
-        self.last_statistics = stats
-        return stats
+        # A mask changed when a layer was pruned (gmp) or a connection grown (rigl, set: as many dropped).
+        if regrown or (method == "gmp" and changed):
+            self.mask_version += 1
+        self._last_update = {"regrown": regrown, "drop_fraction": float(drop), "target": sched.sparsity_at(t)}
 
-    def check_masks_in_sync(self) -> None:
-        """Compare a checksum of every mask across ranks; raise on every rank if any differ.
+    def check_ranks(self) -> None:
+        """Compare a fingerprint of every mask and of the step count across ranks; raise on every rank
+        if any differ.
 
         Raises:
-            MaskDivergenceError: naming the layers whose masks differ.
+            MaskDivergenceError: (a :class:`~sparsetrain.contract.RankDivergenceError`) naming the
+                layers whose masks differ.
         """
         if self._world() == 1:
             return
-        masks = self.masks
-        local = torch.cat([_checksum(m) for m in masks.values()])
-        lo, hi = local.clone(), local.clone()
-        dist.all_reduce(lo, op=dist.ReduceOp.MIN, group=self.process_group)
-        dist.all_reduce(hi, op=dist.ReduceOp.MAX, group=self.process_group)
-        differ = (lo != hi).view(-1, 2).any(dim=1).tolist()
-        if any(differ):
-            bad = [name for name, d in zip(masks, differ) if d]
-            raise MaskDivergenceError(
-                f"sparsity masks differ across ranks after step {self._step} in {len(bad)} layer(s): "
-                f"{', '.join(bad[:5])}{', ...' if len(bad) > 5 else ''}"
-            )
+        masks = self.masks()
+        # The masks' fingerprints are computed again only when a mask was written since (every in-place
+        # write bumps a tensor's version counter); the comparison across ranks runs every time.
+        key = tuple((id(m), m._version) for m in masks.values())
+        if self._fingerprints is None or self._fingerprints[0] != key:
+            device = next(iter(masks.values())).device if masks else None
+            self._fingerprints = (key, {name: contract.fingerprint(m).to(device) for name, m in masks.items()})
+        prints = dict(self._fingerprints[1])
+        device = next(iter(prints.values())).device if prints else None
+        prints["step"] = torch.tensor([self._step, self._updates], dtype=torch.int64, device=device)
+        try:
+            contract.check_in_sync(prints, self.process_group, what=f"sparsity masks after step {self._step}")
+        except contract.RankDivergenceError as err:
+            raise MaskDivergenceError(str(err)) from None
+
+    def check_masks_in_sync(self) -> None:
+        """Deprecated alias of :meth:`check_ranks`."""
+        self.check_ranks()
 
     # ------------------------------------------------------------------ statistics and state
 
     @torch.no_grad()
-    def statistics(self) -> dict[str, Any]:
-        """Current sparsity figures.
+    def statistics(self) -> dict[str, float]:
+        """Current sparsity figures, flat and namespaced (the keys the Lightning callback logs).
 
         Returns:
-            ``sparsity`` (global, over the sparsified layers), ``layer_sparsity`` (name -> sparsity),
-            ``active`` and ``total`` weight counts, ``itop_rate`` (in-time over-parameterisation:
-            fraction of the sparsified weights that have ever been active, Liu et al. 2021) and
-            ``step``, ``updates`` (mask updates so far) and ``regrown_total`` (connections grown so
-            far). :meth:`step` adds ``regrown`` (connections that were inactive before this update),
-            ``drop_fraction`` and ``target_sparsity`` for an update.
+            Plain floats: ``sparsity/global`` (over the sparsified layers), ``sparsity/target`` (the
+            schedule's target at the latest update, or at the start), ``sparsity/active`` and
+            ``sparsity/total`` (weight counts), ``sparsity/itop_rate`` (in-time over-parameterisation:
+            fraction of the sparsified weights ever active, Liu et al. 2021), ``sparsity/updates``
+            (mask updates so far), ``sparsity/regrown`` (connections grown by the latest update that
+            were inactive before it, 0 before any), ``sparsity/regrown_total``,
+            ``sparsity/drop_fraction`` (of the latest update), ``sparsity/step`` (optimizer steps
+            seen) and ``sparsity/layer/<module name>`` per layer.
         """
         layer, active, total, ever = {}, 0, 0, 0
-        for name, mask in self.masks.items():
-            n = mask.numel()
+        for name, module in self._modules.items():
+            n = module._buffers[MASK_NAME].numel()
             a = self._active[name]
-            layer[name] = 1.0 - a / n
+            layer[f"sparsity/layer/{name}"] = 1.0 - a / n
             active += a
             total += n
             ever += self._ever_counts[name]
+        last = self._last_update
+        target = last["target"]
+        if target is None:
+            target = self.schedule.sparsity_at(0) if self.schedule is not None else self.config.sparsity
         return {
-            "step": self._step,
-            "sparsity": 1.0 - active / total,
-            "layer_sparsity": layer,
-            "active": active,
-            "total": total,
-            "itop_rate": ever / total,
-            "updates": self._updates,
-            "regrown_total": self._regrown_total,
+            "sparsity/global": 1.0 - active / total if total else 0.0,
+            "sparsity/target": float(target),
+            "sparsity/active": float(active),
+            "sparsity/total": float(total),
+            "sparsity/itop_rate": ever / total if total else 0.0,
+            "sparsity/updates": float(self._updates),
+            "sparsity/regrown": float(last["regrown"]),
+            "sparsity/regrown_total": float(self._regrown_total),
+            "sparsity/drop_fraction": float(last["drop_fraction"]),
+            "sparsity/step": float(self._step),
+            **layer,
         }
 
+    @property
+    def update_count(self) -> int:
+        """Mask updates so far."""
+        return self._updates
+
+    def _config_dict(self) -> dict[str, Any]:
+        """The config as plain Python (``module_types`` as class names)."""
+        out = {f.name: getattr(self.config, f.name) for f in fields(self.config) if f.name != "module_types"}
+        out = {k: list(v) if isinstance(v, tuple) else v for k, v in out.items()}
+        out["module_types"] = [f"{t.__module__}.{t.__qualname__}" for t in self.config.module_types]
+        return out
+
     def state_dict(self) -> dict[str, Any]:
-        """Plain state (ints, strings, tensors) for checkpoints; the masks themselves are model buffers."""
+        """Plain state (ints, strings, tensors) for checkpoints; the masks themselves are model buffers.
+
+        Version 2: with the ``config`` (see :meth:`load_state_dict`) and the latest update's figures.
+        """
         return {
             "version": _STATE_VERSION,
+            "config": self._config_dict(),
             "method": self.config.method,
             "step": self._step,
             "updates": self._updates,
             "regrown_total": self._regrown_total,
+            "last_update": dict(self._last_update),
             "layers": list(self._modules),
             "rng_state": self._generator.get_state(),
             "ever_active": {name: t.clone() for name, t in self._ever_active.items()},
@@ -1057,13 +911,18 @@ class DynamicSparsifier:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore what :meth:`state_dict` returned (load the model's state dict too, for the masks).
 
-        The saved schedule replaces the current one, so a resumed run keeps the original run length.
+        Loads versions 1 (without a config) and 2. The saved schedule replaces the current one, so
+        a resumed run keeps the original run length.
 
         Raises:
-            ValueError: a different method, layer set or state version.
+            ValueError: an unknown state version, a saved config differing from this one in a field
+                that changes the math (:data:`MATH_FIELDS`, named in the message), a different method
+                or layer set.
         """
-        if state.get("version") != _STATE_VERSION:
-            raise ValueError(f"`state` version must be {_STATE_VERSION}, got {state.get('version')!r}")
+        version = state.get("version")
+        if version not in (1, _STATE_VERSION):
+            raise ValueError(f"`state` version must be 1 or {_STATE_VERSION}, got {version!r}")
+        contract.check_config(state.get("config"), self.config, MATH_FIELDS, "DynamicSparsifier")
         if state["method"] != self.config.method:
             raise ValueError(f"`state` is for method {state['method']!r}, this sparsifier runs {self.config.method!r}")
         if list(state["layers"]) != list(self._modules):
@@ -1073,6 +932,9 @@ class DynamicSparsifier:
         self._step = int(state["step"])
         self._updates = int(state.get("updates", 0))
         self._regrown_total = int(state.get("regrown_total", 0))
+        last = state.get("last_update")
+        self._last_update = (dict(last) if last is not None
+                             else {"regrown": 0, "drop_fraction": 0.0, "target": None})
         self._generator.set_state(state["rng_state"].clone())
         for name, t in state["ever_active"].items():
             self._ever_active[name] = t.to(self._modules[name]._buffers[MASK_NAME].device).clone()
@@ -1082,4 +944,5 @@ class DynamicSparsifier:
         elif self.schedule is not None:
             self._capture = self.schedule.needs_gradient(self._step + 1)
         self._dense_grads.clear()
+        self.mask_version += 1
         self.apply_masks()

@@ -17,11 +17,12 @@ Shape suffixes: ``L`` layers selected together (rows), ``N`` positions of one fl
 
 from __future__ import annotations
 
-import fnmatch
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import nn
+
+from .. import contract
 
 __all__ = [
     "DEFAULT_MODULE_TYPES",
@@ -32,11 +33,7 @@ __all__ = [
     "select_modules",
 ]
 
-DEFAULT_MODULE_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
-
-
-def _matches(name: str, patterns: Iterable[str]) -> bool:
-    return any(fnmatch.fnmatchcase(name, p) for p in patterns)
+DEFAULT_MODULE_TYPES: tuple[type[nn.Module], ...] = contract.LAYER_TYPES
 
 
 def select_modules(
@@ -50,51 +47,21 @@ def select_modules(
 ) -> list[str]:
     """Names of the modules whose ``weight`` will be sparsified, in registration order.
 
-    A module is a candidate when it is an instance of ``module_types`` with a ``weight``
-    parameter of at least 2 dimensions. ``include`` (if given) keeps the candidates whose
-    name matches one of its globs (``fnmatch``: ``"blocks.*.mlp.*"``); ``exclude`` then
-    removes the matching ones. ``keep_first_dense`` / ``keep_last_dense`` finally drop the
-    first / last remaining module in ``model.named_modules()`` order (registration order,
-    which is usually but not necessarily execution order).
-
-    Args:
-        model: the model.
-        include: globs over module names; ``None`` keeps every candidate.
-        exclude: globs over module names to leave dense.
-        module_types: module classes that can be sparsified.
-        keep_first_dense: leave the first selected module dense.
-        keep_last_dense: leave the last selected module dense.
-
-    Returns:
-        The selected module names.
+    The names of :func:`sparsetrain.contract.select_layers` (one glob rule for every component):
+    a module is a candidate when it is an instance of ``module_types`` with a ``weight`` of at
+    least 2 dimensions; ``include`` (if given) keeps the candidates whose name matches one of its
+    globs (``fnmatch.fnmatchcase``: ``"blocks.*.mlp.*"``), ``exclude`` then removes the matching
+    ones, and ``keep_first_dense`` / ``keep_last_dense`` finally drop the first / last remaining
+    module in registration order (usually, but not necessarily, execution order).
 
     Raises:
         ValueError: an ``include`` or ``exclude`` pattern matches no candidate module, or
             nothing is left to sparsify.
     """
-    candidates = [
-        name
-        for name, m in model.named_modules()
-        if isinstance(m, tuple(module_types))
-        and isinstance(getattr(m, "weight", None), torch.Tensor)
-        and m.weight.dim() >= 2
-    ]
-    for arg, patterns in (("include", include or ()), ("exclude", exclude)):
-        for p in patterns:
-            if not any(fnmatch.fnmatchcase(n, p) for n in candidates):
-                shown = ", ".join(candidates[:8]) + (", ..." if len(candidates) > 8 else "")
-                raise ValueError(f"`{arg}` pattern {p!r} matches no sparsifiable module; candidates: {shown}")
-    selected = [n for n in candidates if (include is None or _matches(n, include)) and not _matches(n, exclude)]
-    if keep_first_dense and selected:
-        selected = selected[1:]
-    if keep_last_dense and selected:
-        selected = selected[:-1]
-    if not selected:
-        raise ValueError(
-            "no module left to sparsify: check `include`, `exclude`, `keep_first_dense`, `keep_last_dense` "
-            f"(candidates: {', '.join(candidates) or 'none'})"
-        )
-    return selected
+    return list(contract.select_layers(
+        model, include=include, exclude=exclude, module_types=module_types,
+        keep_first_dense=keep_first_dense, keep_last_dense=keep_last_dense,
+    ))
 
 
 def random_mask(

@@ -12,6 +12,9 @@ from tests.harness import run_distributed
 pytest.importorskip("deepspeed")
 
 STEPS = 8
+def _layer_masks(sp):
+    """Module name -> mask (``masks()`` is keyed by parameter name)."""
+    return {name.rpartition(".")[0]: mask for name, mask in sp.masks().items()}
 
 
 DATA = make_classification(n=16 * STEPS, in_features=16, n_classes=4, seed=0).tensors
@@ -44,7 +47,7 @@ def _train(rank, world, stage, mask_master):
     }
     engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=config)
     # Attached after the engine copied the dense weights into its fp32 master partitions.
-    sp = DynamicSparsifier(engine.module, DynamicSparsityConfig(method="rigl", sparsity=0.8, update_interval=2,
+    sp = DynamicSparsifier(engine.module, DynamicSparsityConfig(method="rigl", sparsity=0.8, update_every=2,
                                                                 drop_fraction=0.5, seed=3), total_steps=STEPS)
     if mask_master:
         ds = DeepSpeedSparsity(sp, engine)
@@ -67,8 +70,10 @@ def _train(rank, world, stage, mask_master):
             loss = nn.functional.cross_entropy(engine(xb), yb)
             engine.backward(loss)
             engine.step()
-        updates += ds.step() is not None
-        for name, mask in sp.masks.items():
+        before = sp.update_count
+        assert ds.step() is None
+        updates += sp.update_count != before
+        for name, mask in _layer_masks(sp).items():
             w = modules[name].weight
             master = safe_get_full_fp32_param(w)  # collective: every rank calls it
             moments = [safe_get_full_optimizer_state(w, k) for k in ("exp_avg", "exp_avg_sq")]
@@ -78,9 +83,9 @@ def _train(rank, world, stage, mask_master):
         "violations": violations,
         "updates": updates,
         "steps": sp.step_count,
-        "sparsity": sp.statistics()["sparsity"],
+        "sparsity": sp.statistics()["sparsity/global"],
         "losses": (initial_loss, _full_loss(engine)),
-        "masks": {n: m.clone() for n, m in sp.masks.items()},
+        "masks": {n: m.clone() for n, m in _layer_masks(sp).items()},
     }
     dist.barrier()
     return out

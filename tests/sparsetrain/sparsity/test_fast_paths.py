@@ -19,12 +19,16 @@ from sparsetrain.sparsity import (
     magnitude_prune,
     rigl_update,
     set_update,
+    update,
 )
 from sparsetrain.sparsity.gmp import _prune_rows
 from sparsetrain.sparsity.rigl import _rigl_rows
 from sparsetrain.sparsity.set import _draw_growth_scores, _set_rows
 
 DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
+def _layer_masks(sp):
+    """Module name -> mask (``masks()`` is keyed by parameter name)."""
+    return {name.rpartition(".")[0]: mask for name, mask in sp.masks().items()}
 
 
 def _special(shape, dtype, seed=0):
@@ -69,7 +73,7 @@ def test_gradient_masking_equals_torch_where_bit_for_bit_in_place_or_not(dtype, 
     incoming = {}
     layer.weight.register_hook(_record_pointer(incoming, "ptr"))  # runs before the sparsifier's
     sp = DynamicSparsifier(layer, DynamicSparsityConfig(method="static", sparsity=0.6), total_steps=4)
-    mask = sp.masks[""]
+    mask = _layer_masks(sp)[""]
     grad = _special(layer.weight.shape, dtype)
     expected = torch.where(mask, grad, torch.zeros((), dtype=dtype))
     _Inject.apply(layer.weight, grad.clone(), share).sum().backward()
@@ -97,7 +101,7 @@ def test_the_usual_linear_and_conv_gradients_are_masked_in_place(device):
     for name in ("0", "2"):
         w = model.get_submodule(name).weight
         assert w.grad.data_ptr() == incoming[name], name  # no new tensor
-        assert not bool(w.grad[~sp.masks[name]].any())
+        assert not bool(w.grad[~_layer_masks(sp)[name]].any())
 
 
 def _two_layers():
@@ -129,7 +133,7 @@ def test_a_shared_gradient_is_never_modified(case):
     SHARING[case](model, x, leaf).backward()
     assert torch.equal(leaf.grad, ref_leaf.grad)
     for name in ("a", "b"):
-        expected = torch.where(sp.masks[name], ref_model[name].weight.grad, 0)
+        expected = torch.where(_layer_masks(sp)[name], ref_model[name].weight.grad, 0)
         assert torch.equal(model[name].weight.grad, expected), name
 
 
@@ -140,15 +144,15 @@ def test_a_user_hook_that_keeps_the_gradient_keeps_it_unmasked():
     sp = DynamicSparsifier(layer, DynamicSparsityConfig(method="static", sparsity=0.5), total_steps=4)
     x = torch.randn(3, 6)
     layer(x).square().sum().backward()
-    assert bool(kept[0][~sp.masks[""]].ne(0).any())  # still the dense gradient
-    assert torch.equal(layer.weight.grad, torch.where(sp.masks[""], kept[0], 0))
+    assert bool(kept[0][~_layer_masks(sp)[""]].ne(0).any())  # still the dense gradient
+    assert torch.equal(layer.weight.grad, torch.where(_layer_masks(sp)[""], kept[0], 0))
 
 
 def test_double_backward_gradients_are_masked_out_of_place():
     layer = nn.Linear(5, 5)
     sp = DynamicSparsifier(layer, DynamicSparsityConfig(method="static", sparsity=0.5), total_steps=4)
     (g,) = torch.autograd.grad(layer(torch.randn(2, 5)).square().sum(), [layer.weight], create_graph=True)
-    assert torch.equal(g, torch.where(sp.masks[""], g, 0))
+    assert torch.equal(g, torch.where(_layer_masks(sp)[""], g, 0))
 
 
 # ------------------------------------------------------------------ grouped updates
@@ -176,7 +180,7 @@ def test_grouped_updates_equal_the_layer_by_layer_pure_functions(method, grouped
     torch.manual_seed(0)
     model = _Tower()
     opt = torch.optim.SGD(model.parameters(), lr=0.0)  # the weights stay put: the reference sees the same
-    cfg = DynamicSparsityConfig(method=method, sparsity=0.7, update_interval=1, drop_fraction=0.4,
+    cfg = DynamicSparsityConfig(method=method, sparsity=0.7, update_every=1, drop_fraction=0.4,
                                 drop_schedule="constant", end_fraction=1.0, seed=3)
     sp = DynamicSparsifier(model, cfg, total_steps=4, optimizer=opt)
     largest = max(len(g) for g in sp._groups(dict.fromkeys(sp.layer_names, 1)).values())
@@ -184,16 +188,16 @@ def test_grouped_updates_equal_the_layer_by_layer_pure_functions(method, grouped
     with torch.no_grad():  # ties in |W| across and within layers
         for name in sp.layer_names:
             w = model.get_submodule(name).weight
-            w.copy_(torch.where(sp.masks[name], w.mul(8).round().div(8), 0))
-    old = {n: m.clone() for n, m in sp.masks.items()}
+            w.copy_(torch.where(_layer_masks(sp)[name], w.mul(8).round().div(8), 0))
+    old = {n: m.clone() for n, m in _layer_masks(sp).items()}
     generator = torch.Generator()
     generator.set_state(sp._generator.get_state())
     x = torch.randn(16, 24, generator=torch.Generator().manual_seed(5))
     model(x).square().mean().backward()
     dense = {n: g.clone() for n, g in sp._dense_grads.items()}
     opt.step()
-    assert sp.last_statistics["step"] == 1
-    keep = sp.statistics()["active"]
+    assert sp.statistics()["sparsity/updates"] == 1
+    keep = sp.statistics()["sparsity/active"]
     for name in sp.layer_names:
         w, n_active = model.get_submodule(name).weight, int(old[name].sum())
         if method == "rigl":
@@ -201,9 +205,9 @@ def test_grouped_updates_equal_the_layer_by_layer_pure_functions(method, grouped
         elif method == "set":
             expected = set_update(w, old[name], math.floor(0.4 * n_active), generator)  # draws in layer order
         else:
-            expected = magnitude_prune(w, old[name], int(sp.masks[name].sum()))
-        assert torch.equal(sp.masks[name], expected), name
-    assert keep == sum(int(m.sum()) for m in sp.masks.values())
+            expected = magnitude_prune(w, old[name], int(_layer_masks(sp)[name].sum()))
+        assert torch.equal(_layer_masks(sp)[name], expected), name
+    assert keep == sum(int(m.sum()) for m in _layer_masks(sp).values())
     if method == "set":
         assert torch.equal(generator.get_state(), sp._generator.get_state())
 
@@ -243,7 +247,7 @@ def _set_run(steps, device, state=None):
     torch.manual_seed(0)
     model = _Tower().to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    cfg = DynamicSparsityConfig(method="set", sparsity=0.8, update_interval=2, end_fraction=1.0, seed=9)
+    cfg = DynamicSparsityConfig(method="set", sparsity=0.8, update_every=2, end_fraction=1.0, seed=9)
     sp = DynamicSparsifier(model, cfg, total_steps=8, optimizer=opt)
     if state is not None:
         model.load_state_dict(state[0])
@@ -260,11 +264,11 @@ def _set_run(steps, device, state=None):
 def _check_set_device_draws(device):
     ref = _set_run(8, device)[2]
     again = _set_run(8, device)[2]
-    assert all(torch.equal(ref.masks[n], again.masks[n]) for n in ref.layer_names)
+    assert all(torch.equal(_layer_masks(ref)[n], _layer_masks(again)[n]) for n in ref.layer_names)
     model, opt, sp = _set_run(3, device)
     state = ({k: v.clone() for k, v in model.state_dict().items()}, opt.state_dict(), sp.state_dict())
     resumed = _set_run(8, device, state)[2]
-    assert all(torch.equal(ref.masks[n], resumed.masks[n]) for n in ref.layer_names)
+    assert all(torch.equal(_layer_masks(ref)[n], _layer_masks(resumed)[n]) for n in ref.layer_names)
     assert ref.statistics() == resumed.statistics()
     return ref
 
@@ -272,15 +276,15 @@ def _check_set_device_draws(device):
 def test_set_scores_drawn_by_a_device_generator_repeat_and_resume_exactly(monkeypatch):
     # Stand-in for an accelerator: a second CPU generator takes the device generator's place, which
     # runs the reseeding path on this machine.
-    monkeypatch.setattr(DynamicSparsifier, "_growth_generator",
-                        lambda self, device: self._device_generators.setdefault(device, torch.Generator()))
+    monkeypatch.setattr(update, "_device_generator",
+                        lambda device, generators: generators.setdefault(device, torch.Generator()))
     monkeypatch.setattr(DynamicSparsifier, "_group_on_cpu", True)
     ref = _check_set_device_draws("cpu")
-    assert ref._device_generators and ref.statistics()["regrown_total"] > 0
+    assert ref._device_generators and ref.statistics()["sparsity/regrown_total"] > 0
     monkeypatch.undo()
     plain = _set_run(8, "cpu")[2]  # without the stand-in: the CPU generator draws the scores itself
     assert not plain._device_generators
-    assert any(not torch.equal(ref.masks[n], plain.masks[n]) for n in ref.layer_names)
+    assert any(not torch.equal(_layer_masks(ref)[n], _layer_masks(plain)[n]) for n in ref.layer_names)
 
 
 @pytest.mark.gpu

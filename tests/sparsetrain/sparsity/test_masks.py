@@ -33,12 +33,12 @@ def test_include_exclude_globs_and_keep_first_last_dense():
 
 @pytest.mark.parametrize("arg", ["include", "exclude"])
 def test_a_filter_matching_no_module_is_rejected(arg):
-    with pytest.raises(ValueError, match=rf"`{arg}` pattern 'decoder\.\*' matches no sparsifiable module"):
+    with pytest.raises(ValueError, match=rf"`{arg}` pattern 'decoder\.\*' matches no layer that can be sparsified"):
         select_modules(ConvNet(), **{arg: ["decoder.*"]})
 
 
 def test_nothing_left_is_rejected():
-    with pytest.raises(ValueError, match="no module left to sparsify"):
+    with pytest.raises(ValueError, match="no layer left to sparsify"):
         select_modules(nn.Sequential(nn.Linear(2, 2)), keep_first_dense=True)
 
 
