@@ -33,6 +33,9 @@ class ComponentCallback(Callback):
     _state_key_fields: ClassVar[tuple[str, ...]] = ()
     #: Config fields the callback does not take as arguments (set by the callback itself).
     _hidden_fields: ClassVar[tuple[str, ...]] = ()
+    #: Whether the component reads the gradients between the backward pass and the optimizer step
+    #: (so a component that masks gradients must mask them as they are computed).
+    reads_gradients_before_step: ClassVar[bool] = False
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -45,7 +48,7 @@ class ComponentCallback(Callback):
         self._pending: dict[str, Any] | None = None
         defaults = {name: f.default for name, f in self.config_fields().items()
                     if f.default is not dataclasses.MISSING} if self.config_class is not None else {}
-        self._key_values = {k: config_fields.get(k, defaults.get(k)) for k in self._state_key_fields}
+        self._key_values = {k: _plain(config_fields.get(k, defaults.get(k))) for k in self._state_key_fields}
 
     # ------------------------------------------------------------------ config
 
@@ -95,8 +98,8 @@ class ComponentCallback(Callback):
         if self.component is None:
             self._pending = dict(state_dict)
             return
-        self._load_component_state(state_dict)
         self._pending = None
+        self._load_component_state(state_dict)
 
     def _load_component_state(self, state: dict[str, Any]) -> None:
         """Load a checkpoint's state into the built component (subclasses add what follows a load)."""
@@ -131,6 +134,11 @@ class ComponentCallback(Callback):
     def summary(self) -> dict[str, Any]:
         """JSON-ready figures for the run's ``summary.json``: the component's statistics."""
         return dict(self.statistics())
+
+
+def _plain(value: Any) -> Any:
+    """A value as it enters a state key: lists and tuples alike as lists."""
+    return list(value) if isinstance(value, (list, tuple)) else value
 
 
 def _signature(cls: type) -> inspect.Signature:

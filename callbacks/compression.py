@@ -46,6 +46,7 @@ class GradientCompression(ComponentCallback):
     """
 
     config_class = DGCConfig
+    reads_gradients_before_step = True  # the DDP communication hook
 
     def __init__(self, *, log_every_n_steps: int = 1, **config_fields: Any) -> None:
         super().__init__(**self.split_kwargs(config_fields))

@@ -8,25 +8,26 @@ from typing import Any, Literal
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.callbacks import Callback
 
 from sparsetrain.sparsity import DynamicSparsifier, DynamicSparsityConfig
+
+from ._base import ComponentCallback
 
 __all__ = ["DynamicSparsity"]
 
 
-def _renamed(old: str, old_value: Any, new: str, new_value: Any, default: Any) -> dict[str, Any]:
+def _renamed(old: str, old_value: Any, new: str, new_value: Any) -> dict[str, Any]:
     """A renamed argument as the config keyword to pass: the new name's, else the old one's (with a
-    FutureWarning; the config accepts and checks it under that name), else ``{new: default}``."""
+    FutureWarning; the config accepts and checks it under that name), else nothing (the default)."""
     if old_value is None:
-        return {new: default if new_value is None else new_value}
+        return {} if new_value is None else {new: new_value}
     if new_value is not None:
         raise ValueError(f"give `{new}` only (`{old}` is its deprecated spelling), got both")
     warnings.warn(f"`{old}` is deprecated: use `{new}`", FutureWarning, stacklevel=3)
     return {old: old_value}
 
 
-class DynamicSparsity(Callback):
+class DynamicSparsity(ComponentCallback):
     """Train the LightningModule sparse from the start (RigL, SET, static) or prune it gradually (GMP).
 
     At ``setup`` the callback attaches a :class:`~sparsetrain.sparsity.DynamicSparsifier` to the
@@ -93,60 +94,43 @@ class DynamicSparsity(Callback):
         trainer = pl.Trainer(max_steps=10_000, callbacks=[DynamicSparsity(method="rigl", sparsity=0.9)])
     """
 
+    config_class = DynamicSparsityConfig
+    _state_key_fields = ("method", "include", "exclude")
+    # module_types holds classes (not for recipes); grad_masking is the callback's own ("auto" added)
+    _hidden_fields = ("module_types",)
+
     def __init__(
         self,
-        method: Literal["rigl", "set", "gmp", "static"] = "rigl",
-        sparsity: float = 0.8,
-        distribution: Literal["erk", "er", "uniform"] = "erk",
-        update_every: int | None = None,
-        drop_fraction: float = 0.3,
-        drop_schedule: Literal["cosine", "constant"] = "cosine",
-        begin_fraction: float = 0.0,
-        end_fraction: float = 0.75,
-        include: list[str] | None = None,
-        exclude: list[str] | None = None,
-        keep_first_dense: bool = False,
-        keep_last_dense: bool = False,
-        seed: int = 0,
-        verify_every: int | None = None,
-        enforce_interval: int | Literal["auto"] = "auto",
+        *,
         grad_masking: Literal["auto", "hook", "step"] = "auto",
         log_stats: bool = True,
         log_per_layer: bool = False,
         update_interval: int | None = None,
         check_sync: bool | None = None,
+        **config_fields: Any,
     ) -> None:
-        super().__init__()
+        config_fields = self.split_kwargs(config_fields)
         if grad_masking not in ("auto", "hook", "step"):
             raise ValueError(f"`grad_masking` must be 'auto', 'hook' or 'step', got {grad_masking!r}")
-        renamed = {
-            **_renamed("update_interval", update_interval, "update_every", update_every, 100),
-            **_renamed("check_sync", check_sync, "verify_every", verify_every, 1),
-        }
+        config_fields.update(_renamed("update_interval", update_interval, "update_every",
+                                      config_fields.pop("update_every", None)))
+        config_fields.update(_renamed("check_sync", check_sync, "verify_every",
+                                      config_fields.pop("verify_every", None)))
+        super().__init__(**config_fields)
         self.grad_masking = grad_masking
         with warnings.catch_warnings():  # warned above, once, naming this callback's argument
             warnings.simplefilter("ignore", FutureWarning)
             self.config = DynamicSparsityConfig(
-                method=method, sparsity=sparsity, distribution=distribution, drop_fraction=drop_fraction,
-                drop_schedule=drop_schedule, begin_fraction=begin_fraction, end_fraction=end_fraction,
-                include=include, exclude=exclude or (), keep_first_dense=keep_first_dense,
-                keep_last_dense=keep_last_dense, seed=seed, enforce_interval=enforce_interval,
-                grad_masking="hook" if grad_masking == "auto" else grad_masking, **renamed,
-            )
+                **config_fields, grad_masking="hook" if grad_masking == "auto" else grad_masking)
         self.log_stats = log_stats
         self.log_per_layer = log_per_layer
-        self.sparsifier: DynamicSparsifier | None = None
         self._deepspeed: Any = None
-        self._pending_state: dict[str, Any] | None = None
         self._logged_updates = -1
 
     @property
-    def state_key(self) -> str:
-        """Distinct per selection of layers, so that two callbacks on different layers coexist."""
-        cfg = self.config
-        return self._generate_state_key(
-            method=cfg.method, include=None if cfg.include is None else list(cfg.include), exclude=list(cfg.exclude)
-        )
+    def sparsifier(self) -> DynamicSparsifier | None:
+        """The core :class:`~sparsetrain.sparsity.DynamicSparsifier` (None before ``setup``)."""
+        return self.component
 
     # ------------------------------------------------------------------ hooks
 
@@ -157,7 +141,7 @@ class DynamicSparsity(Callback):
             return  # a second fit on the same module keeps its masks
         if self.grad_masking == "auto":
             self.config.grad_masking = "hook" if self._gradients_read_before_step(trainer) else "step"
-        self.sparsifier = DynamicSparsifier(pl_module, self.config)
+        self.component = DynamicSparsifier(pl_module, self.config)
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         sp = self.sparsifier
@@ -173,9 +157,9 @@ class DynamicSparsity(Callback):
         elif all(sp._step_hook_optimizer is not opt for opt in trainer.optimizers):
             sp.detach_optimizers()  # a new fit builds new optimizers
             self._attach_optimizers(trainer, sp)
-        if self._pending_state is not None:
-            sp.load_state_dict(self._pending_state)  # carries the original run's schedule
-            self._pending_state = None
+        pending = self.take_pending()
+        if pending is not None:
+            sp.load_state_dict(pending)  # carries the original run's schedule
             if self._deepspeed is not None:
                 self._deepspeed.load_state_dict(sp.state_dict())
         elif sp.schedule is None:
@@ -215,46 +199,26 @@ class DynamicSparsity(Callback):
         if not (fresh or due):
             return
         self._logged_updates = sp.update_count
-        values = sp.statistics()
-        if not self.log_per_layer:
-            values = {k: v for k, v in values.items() if not k.startswith("sparsity/layer/")}
-        pl_module.log_dict(values, on_step=True, on_epoch=False, sync_dist=False)
-
-    def summary(self) -> dict[str, float]:
-        """The sparsifier's :meth:`~sparsetrain.sparsity.DynamicSparsifier.statistics` (for the run summary)."""
-        return self.sparsifier.statistics() if self.sparsifier is not None else {}
+        self.log_statistics(pl_module, None if self.log_per_layer else lambda k: not k.startswith("sparsity/layer/"))
 
     # ------------------------------------------------------------------ state
 
-    def state_dict(self) -> dict[str, Any]:
-        if self.sparsifier is not None:
-            return self.sparsifier.state_dict()
-        return dict(self._pending_state or {})
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self._pending_state = dict(state_dict) if state_dict else None
-
-    def on_load_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
-                           checkpoint: dict[str, Any]) -> None:
-        # Checkpoints of earlier releases keep the state under the class name: take it when this
-        # callback's own key is absent (Lightning then calls `load_state_dict` with it).
-        states = checkpoint.get("callbacks") or {}
-        legacy = type(self).__qualname__
-        if self.state_key not in states and legacy in states:
-            states[self.state_key] = states[legacy]
+    def _load_component_state(self, state: dict[str, Any]) -> None:
+        # Loaded at on_train_start, once the optimizers are attached (Lightning restores callback
+        # states after setup, before the optimizers of this fit exist).
+        self._pending = dict(state)
 
     # ------------------------------------------------------------------ helpers
 
     @classmethod
     def _gradients_read_before_step(cls, trainer: pl.Trainer) -> bool:
         """Whether something reads the gradients between the backward pass and the optimizer step
-        that must see them masked: DeepSpeed, a DDP communication hook, gradient compression."""
-        from .compression import GradientCompression
-
+        that must see them masked: DeepSpeed, a DDP communication hook, or a callback that says so
+        (``reads_gradients_before_step``, e.g. gradient compression)."""
         if trainer is None:  # setup() called by hand, to attach before fitting
             return False
         return (cls._is_deepspeed(trainer) or getattr(trainer.strategy, "_ddp_comm_hook", None) is not None
-                or any(isinstance(c, GradientCompression) for c in trainer.callbacks))
+                or any(getattr(c, "reads_gradients_before_step", False) for c in trainer.callbacks))
 
     @staticmethod
     def _is_deepspeed(trainer: pl.Trainer) -> bool:
@@ -266,7 +230,6 @@ class DynamicSparsity(Callback):
 
     @staticmethod
     def _attach_optimizers(trainer: pl.Trainer, sp: DynamicSparsifier) -> None:
-        sp.check_layers()  # a layer taken over by another component: say so, naming it
         weights = {id(w) for w, _ in sp._pairs()}
         holding = [
             opt for opt in trainer.optimizers

@@ -138,7 +138,8 @@ class DynamicSparsityConfig:
         module_types: module classes that can be sparsified.
         seed: seed of the generator drawing random masks and SET growth (same on every rank).
         verify_every: compare a fingerprint of the masks across ranks (:meth:`DynamicSparsifier.check_ranks`)
-            after every mask update and every ``verify_every`` optimizer steps; 0: never.
+            after every mask update and every ``verify_every`` optimizer steps (default 100: masks change
+            only at updates, so the periodic check only guards against outside writes); 0: never.
         enforce_interval: when to zero weights and same-shape optimizer states outside the masks
             besides attach, mask updates and loads (where it always happens). ``"auto"``
             (default): never, when every attached optimizer is one of
@@ -158,7 +159,7 @@ class DynamicSparsityConfig:
             before clipping); RigL's dense gradient is taken as the optimizer would see it (after
             DDP's averaging) instead of being all-reduced by the sparsifier.
         update_interval: deprecated spelling of ``update_every`` (a ``FutureWarning``).
-        check_sync: deprecated: ``verify_every=1`` (``True``) or ``0`` (``False``), with a ``FutureWarning``.
+        check_sync: deprecated: ``verify_every=100`` (``True``) or ``0`` (``False``), with a ``FutureWarning``.
     """
 
     method: str = "rigl"
@@ -175,7 +176,7 @@ class DynamicSparsityConfig:
     keep_last_dense: bool = False
     module_types: tuple[type[nn.Module], ...] = field(default=DEFAULT_MODULE_TYPES)
     seed: int = 0
-    verify_every: int = 1
+    verify_every: int = 100
     enforce_interval: int | str = "auto"
     grad_masking: str = "hook"
     # deprecated spellings, accepted with a FutureWarning (and still readable as properties)
@@ -188,11 +189,11 @@ class DynamicSparsityConfig:
             warnings.warn("`update_interval` is deprecated: use `update_every`", FutureWarning, stacklevel=3)
             self.update_every, every_arg = update_interval, "update_interval"
         if check_sync is not None:
-            warnings.warn("`check_sync` is deprecated: use `verify_every` (True -> 1, False -> 0)", FutureWarning,
+            warnings.warn("`check_sync` is deprecated: use `verify_every` (True -> 100, False -> 0)", FutureWarning,
                           stacklevel=3)
             if not isinstance(check_sync, bool):
                 raise ValueError(f"`check_sync` must be a bool, got {check_sync!r}")
-            self.verify_every = int(check_sync)
+            self.verify_every = 100 if check_sync else 0
         if self.grad_masking not in ("hook", "step"):
             raise ValueError(f"`grad_masking` must be 'hook' or 'step', got {self.grad_masking!r}")
         if self.method not in METHODS:
@@ -252,7 +253,7 @@ def _deprecated_alias(old: str, new: str, to_new: Callable[[Any], Any], to_old: 
 DynamicSparsityConfig.update_interval = _deprecated_alias(  # type: ignore[assignment]
     "update_interval", "update_every", int, int)
 DynamicSparsityConfig.check_sync = _deprecated_alias(  # type: ignore[assignment]
-    "check_sync", "verify_every", lambda v: int(bool(v)), lambda v: v > 0)
+    "check_sync", "verify_every", lambda v: 100 if v else 0, lambda v: v > 0)
 
 
 def _param_name(module_name: str) -> str:
@@ -464,7 +465,6 @@ class DynamicSparsifier:
         """
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(f"`optimizer` must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
-        self.check_layers()
         held = {id(p) for g in optimizer.param_groups for p in g["params"]}
         if not any(id(m.weight) in held for m in self._modules.values()):
             raise ValueError("`optimizer` holds none of the sparsified weights")
@@ -527,24 +527,6 @@ class DynamicSparsifier:
 
     def _after_optimizer_load(self, optimizer: torch.optim.Optimizer) -> None:
         self.apply_masks()
-
-    def check_layers(self) -> None:
-        """Check that no sparsified layer's ``weight`` was taken over since attach.
-
-        A component that masks through a parametrization (N:M) and was attached to one of these
-        layers after this sparsifier (without claiming it through the contract) replaces the
-        ``weight`` parameter: its gradient hook and the optimizer would then see another tensor.
-
-        Raises:
-            ValueError: naming the layer, and what to do instead.
-        """
-        for name, module in self._modules.items():
-            if parametrize.is_parametrized(module, "weight"):
-                raise ValueError(
-                    f"the `weight` of {name!r} was parametrized after DynamicSparsifier attached to it (by another "
-                    "component masking it, e.g. N:M): one layer can be masked by one component only; give them "
-                    "disjoint layers with `include` / `exclude`"
-                )
 
     def detach_optimizers(self) -> None:
         """Forget every attached optimizer and remove its hooks (e.g. before attaching a new one)."""

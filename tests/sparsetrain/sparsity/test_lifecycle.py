@@ -47,7 +47,7 @@ def test_deprecated_config_names_warn_and_still_read():
         cfg = DynamicSparsityConfig(check_sync=False)
     assert cfg.verify_every == 0 and cfg.check_sync is False
     with pytest.warns(FutureWarning, match="`check_sync` is deprecated"):
-        assert DynamicSparsityConfig(check_sync=True).verify_every == 1
+        assert DynamicSparsityConfig(check_sync=True).verify_every == 100
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         cfg = DynamicSparsityConfig(update_every=3, verify_every=5)
