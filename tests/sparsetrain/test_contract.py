@@ -1,0 +1,201 @@
+"""Every component through the same generic checks of the contract (docs/architecture.md).
+
+A new component is added to ``COMPONENTS`` and gets every check below: construction from keyword
+arguments, ``step()``, ``statistics()`` keys and types, ``masks()``, the ``state_dict`` round trip and
+an exact resume, a differing config refused naming the field, the rank check, and ``remove()``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+from typing import Any
+
+import pytest
+import torch
+from torch import nn
+
+from sparsetrain import contract
+from sparsetrain.compression import DGCConfig, DGCState
+from sparsetrain.nm import NMConfig, NMSparsifier
+from sparsetrain.sparsity import DynamicSparsifier, DynamicSparsityConfig
+from tests.harness import DistributedRunError, run_distributed
+
+
+class UserNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Linear(16, 32)
+        self.mid = nn.Linear(32, 32)
+        self.head = nn.Linear(32, 4)
+
+    def forward(self, x):
+        return self.head(torch.relu(self.mid(torch.relu(self.body(x)))))
+
+
+@dataclasses.dataclass
+class Spec:
+    cls: type
+    config_cls: type
+    kwargs: dict[str, Any]  # config fields
+    extra: dict[str, Any]  # construction keywords that are not config fields
+    namespace: str  # prefix of every statistics() key
+    math_field: tuple[str, Any]  # a field that changes the math, and another value for it
+    has_masks: bool
+
+
+COMPONENTS = {
+    "dynamic": Spec(DynamicSparsifier, DynamicSparsityConfig,
+                    dict(method="set", sparsity=0.5, update_every=2, include=["body", "mid"], seed=3),
+                    dict(total_steps=12), "sparsity/", ("sparsity", 0.7), True),
+    "nm": Spec(NMSparsifier, NMConfig, dict(n=2, m=4, method="srste", include=["mid"]), {}, "nm/", ("m", 8), True),
+    "dgc": Spec(DGCState, DGCConfig, dict(density=0.1, warmup_steps=2), {}, "compression/", ("density", 0.2), False),
+}
+
+
+def _build(spec: Spec, init_seed: int = 0, **overrides):
+    torch.manual_seed(init_seed)
+    model = UserNet()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    component = spec.cls(model, optimizer=opt, **{**spec.kwargs, **overrides}, **spec.extra)
+    return model, opt, component
+
+
+def _train(model, opt, steps):
+    for step in steps:
+        g = torch.Generator().manual_seed(step)
+        x, y = torch.randn(8, 16, generator=g), torch.randint(0, 4, (8,), generator=g)
+        nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+        opt.zero_grad()
+
+
+def _digest(model: nn.Module) -> str:
+    h = hashlib.sha1()
+    for name, t in sorted(model.state_dict().items()):
+        h.update(name.encode() + t.detach().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+@pytest.fixture(params=sorted(COMPONENTS))
+def spec(request) -> Spec:
+    return COMPONENTS[request.param]
+
+
+def test_construct_from_config_or_fields_not_both(spec):
+    model, _, from_fields = _build(spec)
+    config = spec.config_cls(**spec.kwargs)
+    assert dataclasses.is_dataclass(config)
+    torch.manual_seed(0)
+    other = UserNet()
+    from_config = spec.cls(other, config, **spec.extra)
+    assert from_config.config == from_fields.config
+    with pytest.raises(ValueError, match="not both"):
+        spec.cls(UserNet(), config, **spec.kwargs)
+    assert from_fields in contract.attached(model)
+
+
+def test_bad_config_field_names_the_field(spec):
+    name = spec.math_field[0]
+    with pytest.raises((ValueError, TypeError), match=name):
+        spec.cls(UserNet(), **{**spec.kwargs, name: "not a number"}, **spec.extra)
+
+
+def test_step_and_statistics_are_flat_floats(spec):
+    model, opt, component = _build(spec)
+    _train(model, opt, range(3))
+    assert component.step() is None
+    stats = component.statistics()
+    assert stats, "statistics() is empty"
+    for key, value in stats.items():
+        assert isinstance(key, str) and key.startswith(spec.namespace), key
+        assert type(value) is float, (key, type(value))
+
+
+def test_masks_keyed_by_parameter_name(spec):
+    model, opt, component = _build(spec)
+    _train(model, opt, range(2))
+    masks = component.masks()
+    assert isinstance(masks, dict)
+    assert bool(masks) == spec.has_masks
+    modules = dict(model.named_modules())
+    for name, mask in masks.items():
+        module_name, _, attr = name.rpartition(".")
+        assert attr == "weight" and module_name in modules, name
+        assert mask.dtype == torch.bool and mask.shape == modules[module_name].weight.shape
+    version, gradient_masks = contract.gradient_masks(model)
+    assert set(gradient_masks) == (set(masks) if component.masks_gradients else set())
+
+
+def test_state_dict_round_trip_resumes_exactly(spec):
+    model, opt, component = _build(spec)
+    _train(model, opt, range(8))
+    full = _digest(model)
+
+    model, opt, component = _build(spec)
+    _train(model, opt, range(4))
+    state = component.state_dict()
+    assert isinstance(state.get("version"), int) and isinstance(state.get("config"), dict)
+    stats = component.statistics()
+    saved = {"model": model.state_dict(), "opt": opt.state_dict(), "component": state}
+    model, opt, component = _build(spec, init_seed=1)  # other initial weights: everything comes from the state
+    model.load_state_dict(saved["model"])
+    opt.load_state_dict(saved["opt"])
+    component.load_state_dict(saved["component"])
+    assert component.statistics() == stats
+    _train(model, opt, range(4, 8))
+    assert _digest(model) == full
+
+
+def test_differing_math_field_is_refused(spec):
+    _, _, component = _build(spec)
+    state = component.state_dict()
+    name, value = spec.math_field
+    _, _, other = _build(spec, **{name: value})
+    with pytest.raises(ValueError, match=name):
+        other.load_state_dict(state)
+
+
+def test_remove_leaves_a_plain_model(spec):
+    model, opt, component = _build(spec)
+    _train(model, opt, range(3))
+    plain_keys = set(UserNet().state_dict())
+    component.remove()
+    assert set(model.state_dict()) == plain_keys
+    assert not any(torch.nn.utils.parametrize.is_parametrized(m) for m in model.modules())
+    assert contract.attached(model) == []
+    out = model(torch.randn(2, 16))  # still a working model
+    assert out.shape == (2, 4)
+
+
+def test_a_layer_claimed_twice_is_refused():
+    model = UserNet()
+    DynamicSparsifier(model, method="static", sparsity=0.5, include=["mid"], total_steps=4)
+    with pytest.raises(ValueError, match="mid.weight"):
+        NMSparsifier(model, n=2, m=4, include=["mid"])
+
+
+def _diverging_rank(rank, world, name):
+    spec = COMPONENTS[name]
+    if name == "dgc":  # a rank configured differently
+        _, _, component = _build(spec, density=0.1 * (rank + 1))
+    elif name == "dynamic":  # masks drawn from another seed
+        _, _, component = _build(spec, seed=rank)  # the config's seed
+    else:  # other initial weights, hence other N:M masks
+        torch.manual_seed(rank)
+        component = NMSparsifier(UserNet(), **spec.kwargs, verify_now=False)
+    try:
+        component.check_ranks()
+    except contract.RankDivergenceError as err:
+        return str(err)
+    return None
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", sorted(COMPONENTS))
+def test_rank_check_raises_the_one_exception(name):
+    try:
+        messages = run_distributed(_diverging_rank, 2, name, timeout=120)
+    except DistributedRunError as err:  # pragma: no cover - shows the rank's traceback
+        raise AssertionError(str(err)) from None
+    assert all(m is not None and "differ" in m for m in messages), messages
