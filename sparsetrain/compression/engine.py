@@ -49,6 +49,7 @@ import torch
 from torch import nn
 
 from .. import contract
+from ._loss_scale import current_scale
 from .plan import BucketLayout, DGCConfig, Plan, PlanEntry, plan_bucket
 from .topk import threshold_indices_segments, topk_indices
 from .wire import encode_segments, pack, unpack
@@ -308,9 +309,7 @@ class CompressionEngine:
         scaler = self.grad_scaler
         if scaler is None or not getattr(scaler, "is_enabled", lambda: True)():
             return
-        cur = getattr(scaler, "_scale", None)
-        cur = torch.tensor(float(scaler.get_scale())) if cur is None else cur.detach()
-        cur = cur.to(device=device, dtype=torch.float32).reshape(())
+        cur = current_scale(scaler, device)
         if self.loss_scale is not None:
             self._scale_ratio = cur / self.loss_scale.to(device)
         self._scale_now = cur.clone()
