@@ -159,23 +159,33 @@ def plain_runs():
         return run_distributed(_plain_rank, WORLD, tmp, timeout=600)
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("case", sorted(PLAIN_CASES))
-def test_plain_loop_invariants_after_every_step(plain_runs, case):
-    for rank, result in enumerate(plain_runs):
-        for step, rec in enumerate(result[case]["history"], 1):
+def _check_invariants(runs, case):
+    for rank, result in enumerate(runs):
+        history = result[case]["history"]
+        assert len(history) == STEPS
+        for step, rec in enumerate(history, 1):
             assert rec["weights_outside_mask"] == 0, f"rank {rank} step {step}: {rec}"
             assert rec["state_outside_mask"] == 0, f"rank {rank} step {step}: {rec}"
             assert rec["not_nm"] == 0, f"rank {rank} step {step}: {rec}"
 
 
+def _check_ranks_and_resume(runs, case):
+    first, second = (r[case] for r in runs)
+    assert [h["digest"] for h in first["history"]] == [h["digest"] for h in second["history"]]
+    for result in runs:
+        assert result[case]["resumed"] == result[case]["full"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", sorted(PLAIN_CASES))
+def test_plain_loop_invariants_after_every_step(plain_runs, case):
+    _check_invariants(plain_runs, case)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("case", sorted(PLAIN_CASES))
 def test_plain_loop_ranks_identical_and_resume_exact(plain_runs, case):
-    first, second = (r[case] for r in plain_runs)
-    assert [h["digest"] for h in first["history"]] == [h["digest"] for h in second["history"]]
-    for result in plain_runs:
-        assert result[case]["resumed"] == result[case]["full"]
+    _check_ranks_and_resume(plain_runs, case)
 
 
 # ---------------------------------------------------------------------- through Lightning
@@ -283,19 +293,10 @@ def lightning_runs():
 @pytest.mark.slow
 @pytest.mark.parametrize("case", sorted(LIGHTNING_CASES))
 def test_lightning_invariants_after_every_step(lightning_runs, case):
-    for rank, result in enumerate(lightning_runs):
-        history = result[case]["history"]
-        assert len(history) == STEPS
-        for step, rec in enumerate(history, 1):
-            assert rec["weights_outside_mask"] == 0, f"rank {rank} step {step}: {rec}"
-            assert rec["state_outside_mask"] == 0, f"rank {rank} step {step}: {rec}"
-            assert rec["not_nm"] == 0, f"rank {rank} step {step}: {rec}"
+    _check_invariants(lightning_runs, case)
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("case", sorted(LIGHTNING_CASES))
 def test_lightning_ranks_identical_and_resume_exact(lightning_runs, case):
-    first, second = (r[case] for r in lightning_runs)
-    assert [h["digest"] for h in first["history"]] == [h["digest"] for h in second["history"]]
-    for result in lightning_runs:
-        assert result[case]["resumed"] == result[case]["full"]
+    _check_ranks_and_resume(lightning_runs, case)

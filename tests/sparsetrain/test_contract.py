@@ -19,18 +19,8 @@ from sparsetrain import contract
 from sparsetrain.compression import DGCConfig, DGCState
 from sparsetrain.nm import NMConfig, NMSparsifier
 from sparsetrain.sparsity import DynamicSparsifier, DynamicSparsityConfig
+from tests.data.make_release1_checkpoints import UserNet  # a user's three-Linear model
 from tests.harness import DistributedRunError, run_distributed
-
-
-class UserNet(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.body = nn.Linear(16, 32)
-        self.mid = nn.Linear(32, 32)
-        self.head = nn.Linear(32, 4)
-
-    def forward(self, x):
-        return self.head(torch.relu(self.mid(torch.relu(self.body(x)))))
 
 
 @dataclasses.dataclass
