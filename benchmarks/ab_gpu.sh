@@ -2,11 +2,13 @@
 # The GPU benchmarks of a hot path on two trees, interleaved in one call on one machine, so that a
 # change is compared with the release before it on the same host:
 #
-#   bash benchmarks/ab_gpu.sh PREV_TREE OUTDIR [topk] [dst] [lightning] [nm]
+#   bash benchmarks/ab_gpu.sh PREV_TREE OUTDIR [topk] [dst] [lightning] [nm] [tests]
 #
 # PREV_TREE is a checkout of the previous release (e.g. `git archive <commit> | tar -x -C .prev`).
 # Each tree is installed into its own folder (pip --target, so `sparsetrain.callbacks` resolves) and
 # each benchmark runs A, B, A, B, ... ROUNDS times (default 2); the raw outputs go to OUTDIR/<bench>.txt.
+# A benchmark's arguments can be replaced through TOPK_ARGS, DST_ARGS, LIGHTNING_ARGS, NM_ARGS; `tests` runs
+# this tree's GPU tests (TEST_PATHS) once.
 # Carried wheels in .whl/ (e.g. lightning) are installed first when present.
 set -uo pipefail
 prev=$1
@@ -45,11 +47,17 @@ bench() {  # name, then the script and its arguments (each tree's copy, against 
 
 for w in $what; do
   case $w in
-    topk) bench gpu_topk benchmarks/gpu_topk.py --sizes 100000000 --reps 50 ;;
-    dst) bench dst_overhead benchmarks/dst_overhead.py --device cuda --rounds 3 ;;
-    lightning) bench dst_lightning_overhead benchmarks/dst_lightning_overhead.py --rounds 3 ;;
-    nm) bench gpu_nm_overhead benchmarks/gpu_nm_overhead.py --repeats 3 ;;
-    *) echo "unknown benchmark $w (topk, dst, lightning, nm)"; exit 2 ;;
+    topk) bench gpu_topk benchmarks/gpu_topk.py ${TOPK_ARGS:---sizes 100000000 --reps 50} ;;
+    dst) bench dst_overhead benchmarks/dst_overhead.py --device cuda ${DST_ARGS:---rounds 3} ;;
+    lightning) bench dst_lightning_overhead benchmarks/dst_lightning_overhead.py ${LIGHTNING_ARGS:---rounds 3} ;;
+    nm)  # the dense anchor, the default parametrization and in-place masking (variant names hold spaces)
+      if [ -n "${NM_ARGS:-}" ]; then bench gpu_nm_overhead benchmarks/gpu_nm_overhead.py $NM_ARGS
+      else bench gpu_nm_overhead benchmarks/gpu_nm_overhead.py --repeats 3 --variants dense srste "srste, inplace"; fi ;;
+    tests)  # the GPU tests of this tree (not timed)
+      (cd "$base/cur" && cp -r "$OLDPWD/tests" . && PYTHONPATH="$base/cur:$base/wheels" \
+        python3 -m pytest -m gpu -q -p no:cacheprovider ${TEST_PATHS:-tests}) >"$out/gpu_tests.txt" 2>&1
+      echo "== gpu tests: exit $? ($(tail -n 1 "$out/gpu_tests.txt"))" ;;
+    *) echo "unknown benchmark $w (topk, dst, lightning, nm, tests)"; exit 2 ;;
   esac
 done
 echo done
