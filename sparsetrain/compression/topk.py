@@ -1,10 +1,18 @@
 """Top-k selection of gradient entries by magnitude: exact, and DGC's sampled threshold.
 
 Both selectors take a flat tensor ``x_N`` and return the int64 positions of (at most) ``k``
-entries of largest ``|x|``, in no particular order; :func:`threshold_indices_segments` gives
-the sampled-threshold result for several segments of one flat tensor (a DDP bucket) at once.
-They are pure functions: the same input gives the same positions on every rank and every run,
-which is what the comm hook's bit-identical resume and its cross-rank agreement rely on.
+entries of largest ``|x|``; :func:`threshold_indices_segments` gives the sampled-threshold
+result for several segments of one flat tensor (a DDP bucket) at once. They are pure
+functions: the same input gives the same positions on every rank and every run, which is what
+the comm hook's bit-identical resume and its cross-rank agreement rely on.
+
+Ties and NaN follow the one ranking rule of :mod:`sparsetrain.selection`: among equal
+magnitudes the lower position ranks higher, and NaN ranks below every number. The exact
+selection is that rule's top-k (positions ascending). The sampled threshold takes every entry
+with ``|x| >= t`` (entries tied at ``t`` pass together; NaN never passes) and, when more than
+``k`` pass, keeps the ``k`` of them that rank highest by the rule; so its result is, as a set,
+the rule's top-``C`` for some ``C <= k``. Its order is not specified: ascending on the CPU, on
+CUDA ascending unless it was trimmed to k (then by magnitude, descending).
 
 Legend: N elements of the tensor, S elements of the sample, C candidates above a threshold;
 in the CPU search: R x M the tensor read as rows (tail T), H columns or words holding a
@@ -30,6 +38,7 @@ from collections.abc import Callable
 
 import torch
 
+from ..selection import topk_positions
 from . import compact
 
 __all__ = [
@@ -76,11 +85,15 @@ def sample_stride(numel: int, density: float, sample_ratio: float, min_sample_hi
 
 
 def topk_indices(x_N: torch.Tensor, k: int) -> torch.Tensor:
-    """Positions of the ``k`` entries of largest ``|x_N|`` (exact; ``torch.topk``)."""
+    """Positions of the ``k`` entries of largest ``|x_N|``, ascending (exact).
+
+    Ties and NaN follow the ranking rule of :mod:`sparsetrain.selection`: among equal
+    magnitudes the lower position is taken, and NaN ranks below every number.
+    """
     _check_flat(x_N, k)
     if k >= x_N.numel():
         return torch.arange(x_N.numel(), device=x_N.device)
-    return torch.topk(x_N.abs(), k, sorted=False).indices
+    return topk_positions(x_N.abs(), k)
 
 
 def threshold_indices(
@@ -99,9 +112,11 @@ def threshold_indices(
 
     The sample is ``|x_N[offset::stride]|``; its ``ceil(margin * k * S / N)``-th largest value
     is the first threshold (aiming ``margin`` above k, so that usually at least k entries pass
-    and exactly k are kept). The result is always the top-``C`` set of ``|x_N|`` for some
-    ``C <= k`` (everything selected is at least as large as everything left out), with
-    ``C >= lower_bound * k`` unless ``max_rounds`` ran out. ``stride == 1`` is exact top-k.
+    and exactly k are kept). The result is always, as a set, ``topk_indices(x_N, C)`` for some
+    ``C <= k`` (the rule's top-``C``: everything selected is at least as large as everything
+    left out, ties by position), with ``C >= lower_bound * k`` unless ``max_rounds`` ran out.
+    ``stride == 1`` is exact top-k. A NaN in the sample makes the threshold NaN: then nothing
+    passes and the result is empty.
 
     How the entries at or above a threshold are found depends on the device, never the
     result: on CUDA one fused ``|x| >= t`` pass and ``nonzero`` (or column maxima, see
@@ -199,11 +214,14 @@ def _compact_select(
 
 
 def _largest(values_C: torch.Tensor, k: int) -> torch.Tensor:
-    """Positions of the ``k`` largest of ``values_C``; which of several equal values at the k-th place
-    are kept may differ between the two methods (a stable sort keeps the earliest)."""
-    if values_C.is_cuda and _CUDA_FINAL == "sort":
-        return torch.sort(values_C, descending=True, stable=True).indices[:k]
-    return torch.topk(values_C, k, sorted=False).indices
+    """Positions of the ``k`` largest of ``values_C`` (candidates' magnitudes, no NaN): among equal
+    values the earliest, by the rule of :mod:`sparsetrain.selection` (on CUDA through a stable sort);
+    only the CUDA ``"topk"`` final step may keep other ones of several equal values at the k-th place."""
+    if values_C.is_cuda:
+        if _CUDA_FINAL == "sort":
+            return torch.sort(values_C, descending=True, stable=True).indices[:k]
+        return torch.topk(values_C, k, sorted=False).indices
+    return topk_positions(values_C, k)
 
 
 def select_indices(
