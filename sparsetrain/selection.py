@@ -124,7 +124,7 @@ def select_topk_rows(
     return _select_rows(scores_LN, eligible_LN, k, n, largest=largest)
 
 
-def topk_positions(scores_N: torch.Tensor, k: int, *, largest: bool = True) -> torch.Tensor:
+def topk_positions(scores_N: torch.Tensor, k: int, *, largest: bool = True, ascending: bool = True) -> torch.Tensor:
     """Flat positions of the ``k`` highest- (``largest``) or lowest-ranking entries of ``scores_N``,
     ascending: ``select_topk(scores_N, k, largest=largest).nonzero().view(-1)``.
 
@@ -137,9 +137,12 @@ def topk_positions(scores_N: torch.Tensor, k: int, *, largest: bool = True) -> t
         scores_N: 1-D real tensor.
         k: how many to select, in [0, N].
         largest: as for :func:`select_topk`.
+        ascending: return the positions in ascending order; else in an order that depends only
+            on the scores (saves ordering them, which on the CPU costs about as much as the
+            selection itself when ``N`` is close to ``k``).
 
     Returns:
-        int64 positions, ``k`` of them, ascending.
+        int64 positions, ``k`` of them.
 
     Raises:
         ValueError: ``scores_N`` not 1-D, or ``k`` outside [0, N].
@@ -156,19 +159,41 @@ def topk_positions(scores_N: torch.Tensor, k: int, *, largest: bool = True) -> t
     if not largest or not scores_N.is_floating_point():
         return _select_rows(scores_N.view(1, -1), None, k, n, largest=largest).view(-1).nonzero().view(-1)
     vals_P, idx_P = torch.topk(scores_N, k + 1, sorted=False)  # P = K + 1 picks
-    v_P = _rule_scores(vals_P)
-    kept_P = v_P > v_P.min()
-    nan = torch.isnan(vals_P).any()  # torch.topk ranks NaN highest, the rule lowest
-    if bool((kept_P.sum() == k) & ~nan):  # the k-th and (k+1)-th differ: no choice among ties
-        return torch.sort(torch.where(kept_P, idx_P, n)).values[:k]  # the one dropped sorts last
-    if not bool(nan):
+    low = vals_P.min()
+    kept_P = vals_P > low
+    # Only the lowest pick below the rest (the k-th and (k+1)-th differ): no choice among ties,
+    # unless that pick is NaN (torch.topk ranks NaN highest, the rule lowest; no comparison holds)
+    # or a value that the rule ties with an infinity.
+    info = torch.finfo(vals_P.dtype)
+    if scores_N.is_cuda:  # one wait for the device; then the one dropped sorts last
+        if bool((torch.count_nonzero(kept_P) == k) & (low > info.min) & (low < info.max)):
+            return torch.sort(torch.where(kept_P, idx_P, n)).values[:k]
+    elif info.min < low.item() < info.max and int(torch.count_nonzero(kept_P)) == k:
+        if not ascending:
+            return idx_P[kept_P]
+        if n <= 32 * k:  # ascending through a mask (see _ascending)
+            mask_N = torch.zeros(n, dtype=torch.bool, device=idx_P.device).index_put_((idx_P,), kept_P)
+            return torch.arange(n, device=idx_P.device).masked_select(mask_N)
+        return torch.sort(idx_P[kept_P]).values
+    if not bool(torch.isnan(vals_P).any()):
+        v_P = _rule_scores(vals_P)
         kth = torch.sort(v_P, descending=True).values[k - 1]
         info = torch.finfo(v_P.dtype)
         if info.min < kth < info.max:  # a plain value: tied positions are those equal to it
             strict_K = idx_P[v_P > kth]
             tied_T = _first_equal(scores_N, kth.to(scores_N.dtype), k - strict_K.numel())
-            return torch.sort(torch.cat([strict_K, tied_T])).values
+            return _ascending(torch.cat([strict_K, tied_T]), n)
     return _select_rows(scores_N.view(1, -1), None, k, n, largest=True).view(-1).nonzero().view(-1)
+
+
+def _ascending(idx_K: torch.Tensor, n: int) -> torch.Tensor:
+    """Distinct positions ``idx_K`` in ``[0, n)``, ascending: on the CPU, where ``n`` is at most 32
+    times their count, through a mask of ``n`` bools (on the CPU a sort of 10k positions costs as
+    much as a scan of a few million bools), else through a sort."""
+    if not idx_K.is_cuda and n <= 32 * idx_K.numel():
+        mask_N = torch.zeros(n, dtype=torch.bool, device=idx_K.device).index_fill_(0, idx_K, True)
+        return torch.arange(n, device=idx_K.device).masked_select(mask_N)
+    return torch.sort(idx_K).values
 
 
 def _first_equal(scores_N: torch.Tensor, value: torch.Tensor, count: int) -> torch.Tensor:

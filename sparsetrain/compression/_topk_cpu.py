@@ -210,7 +210,7 @@ def _cpu_segments(
         if c < lower_bound * k and max_rounds > 1:
             found[i] = one(s, n, k, stride)  # lower the threshold: this segment on its own
         elif c > k:
-            found[i] = found[i].index_select(0, topk_positions(mags[i], k))
+            found[i] = found[i].index_select(0, topk_positions(mags[i], k, ascending=False))
     return torch.cat(found), [f.numel() for f in found]
 
 

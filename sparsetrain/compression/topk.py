@@ -11,8 +11,8 @@ magnitudes the lower position ranks higher, and NaN ranks below every number. Th
 selection is that rule's top-k (positions ascending). The sampled threshold takes every entry
 with ``|x| >= t`` (entries tied at ``t`` pass together; NaN never passes) and, when more than
 ``k`` pass, keeps the ``k`` of them that rank highest by the rule; so its result is, as a set,
-the rule's top-``C`` for some ``C <= k``. Its order is not specified: ascending on the CPU, on
-CUDA ascending unless it was trimmed to k (then by magnitude, descending).
+the rule's top-``C`` for some ``C <= k``. Its order is not specified (ascending unless it was
+trimmed to k; trimmed, by magnitude on CUDA, as ``torch.topk`` gives it on the CPU).
 
 How the entries at or above a threshold are found depends on the device, never the result:
 the CPU search is in :mod:`._topk_cpu`, the CUDA search in :mod:`._topk_cuda`; the choices
@@ -237,7 +237,7 @@ def threshold_indices(
         if x_N.is_cuda:
             idx_C = idx_C[_topk_cuda._largest(values_C, k, by_sort=tuning.cuda_final == "sort")]
         else:
-            idx_C = idx_C[topk_positions(values_C, k)]
+            idx_C = idx_C[topk_positions(values_C, k, ascending=False)]
     return idx_C
 
 

@@ -117,6 +117,7 @@ def test_topk_positions_follows_the_rule(kind, dtype):
     x = x.to(dtype)
     for k in (0, 1, 2, 50, 149, 250, 499, 500):
         assert torch.equal(topk_positions(x, k), _ref_positions(x, k)), (kind, k)
+        assert torch.equal(torch.sort(topk_positions(x, k, ascending=False)).values, _ref_positions(x, k))
         assert torch.equal(topk_positions(x, k, largest=False), _ref_mask(x, k, largest=False).nonzero().view(-1))
 
 

@@ -14,6 +14,7 @@ from sparsetrain.compression.topk import (
     threshold_indices_segments,
     topk_indices,
 )
+from sparsetrain.selection import topk_positions
 from tests.harness import run_triton_interpreted
 
 
@@ -150,8 +151,8 @@ def _plain_threshold_indices(x, k, stride, offset, lower_bound=0.8, max_rounds=1
         if idx.numel() >= lower_bound * k or round_ == max_rounds - 1:
             break
         threshold = threshold * lower_bound
-    if idx.numel() > k:  # the k largest candidates, equal ones by position (a stable sort), ascending
-        idx = torch.sort(idx[torch.sort(mag[idx], descending=True, stable=True).indices[:k]]).values
+    if idx.numel() > k:  # the k largest candidates (the rule's selection, tested in test_selection.py)
+        idx = idx[topk_positions(mag[idx], k, ascending=False)]
     return idx
 
 
