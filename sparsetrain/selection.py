@@ -125,8 +125,8 @@ def select_topk_rows(
 
 
 def topk_positions(scores_N: torch.Tensor, k: int, *, largest: bool = True, ascending: bool = True) -> torch.Tensor:
-    """Flat positions of the ``k`` highest- (``largest``) or lowest-ranking entries of ``scores_N``,
-    ascending: ``select_topk(scores_N, k, largest=largest).nonzero().view(-1)``.
+    """Flat positions of the ``k`` highest- (``largest``) or lowest-ranking entries of ``scores_N``:
+    ``select_topk(scores_N, k, largest=largest).nonzero().view(-1)``, ascending (unless told not to).
 
     The common case costs one ``torch.topk`` of ``k + 1`` entries: where the ``k``-th and the
     ``(k+1)``-th largest scores differ, ``torch.topk``'s choice is the only one possible. Only
