@@ -549,3 +549,24 @@ def test_tuning_changes_no_cpu_result_and_is_checked():
         threshold_indices(x, k, stride=stride, tuning={"cuda_search": "mask"})
     with pytest.raises(AttributeError):
         DEFAULT_TUNING.group_rows = 8  # frozen: no module-wide knob to flip
+
+
+@pytest.mark.parametrize("grouped", [False, True])
+@pytest.mark.parametrize("kind", ["plain", "ties", "nan_and_inf", "zeros"])
+def test_cuda_mask_search_pieces_on_the_cpu(grouped, kind):
+    # The "mask" / "grouped" search of the CUDA path, run eagerly on CPU tensors: the plain threshold
+    # and the plain entries at or above it.
+    x = _awkward(kind, 100_003, torch.Generator().manual_seed(8))
+    k = num_selected(x.numel(), 0.001)
+    stride = sample_stride(x.numel(), 0.001, 0.01)
+    o = 3
+    sample = x[o::stride].abs()
+    k_s = min(sample.numel(), max(1, math.ceil(1.3 * k * sample.numel() / x.numel())))
+    threshold, at_least, magnitudes = _topk_cuda._mask_search(
+        x, o, stride, k_s, 1.3 * k / x.numel(), grouped=grouped, by_sort=True, fused=False, rows=16,
+        grouped_below=0.005)
+    torch.testing.assert_close(threshold, torch.topk(sample, k_s).values.min(), rtol=0, atol=0, equal_nan=True)
+    for t in (threshold, torch.tensor(0.5), torch.tensor(0.0)):
+        idx = at_least(t)
+        assert torch.equal(idx, (x.abs() >= t).nonzero().view(-1))
+        assert torch.equal(magnitudes(idx), x[idx].abs())
