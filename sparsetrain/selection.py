@@ -41,6 +41,10 @@ import torch
 
 __all__ = ["select_topk", "select_topk_rows", "topk_positions"]
 
+# Up to this many entries, topk_positions ranks a CUDA tensor by one stable sort (no wait for the
+# device) rather than torch.topk and a check of the ties (one wait).
+_CUDA_SORT_MAX = 1 << 20
+
 
 def select_topk(
     scores: torch.Tensor,
@@ -131,7 +135,8 @@ def topk_positions(scores_N: torch.Tensor, k: int, *, largest: bool = True, asce
     The common case costs one ``torch.topk`` of ``k + 1`` entries: where the ``k``-th and the
     ``(k+1)``-th largest scores differ, ``torch.topk``'s choice is the only one possible. Only
     where they tie (or a NaN is among them) is the whole tensor compared with the ``k``-th
-    score, to take the tied positions in index order. On CUDA the check waits for the device.
+    score, to take the tied positions in index order. On CUDA that check waits for the device;
+    tensors of up to ``2**20`` entries are ranked by one stable sort instead, which does not.
 
     Args:
         scores_N: 1-D real tensor.
@@ -158,6 +163,8 @@ def topk_positions(scores_N: torch.Tensor, k: int, *, largest: bool = True, asce
         return torch.zeros(0, dtype=torch.long, device=scores_N.device)
     if not largest or not scores_N.is_floating_point():
         return _select_rows(scores_N.view(1, -1), None, k, n, largest=largest).view(-1).nonzero().view(-1)
+    if scores_N.is_cuda and n <= _CUDA_SORT_MAX:
+        return _top_by_sort(scores_N, k, ascending)
     vals_P, idx_P = torch.topk(scores_N, k + 1, sorted=False)  # P = K + 1 picks
     low = vals_P.min()
     kept_P = vals_P > low
@@ -184,6 +191,13 @@ def topk_positions(scores_N: torch.Tensor, k: int, *, largest: bool = True, asce
             tied_T = _first_equal(scores_N, kth.to(scores_N.dtype), k - strict_K.numel())
             return _ascending(torch.cat([strict_K, tied_T]), n)
     return _select_rows(scores_N.view(1, -1), None, k, n, largest=True).view(-1).nonzero().view(-1)
+
+
+def _top_by_sort(scores_N: torch.Tensor, k: int, ascending: bool) -> torch.Tensor:
+    """The ``k`` highest-ranking positions through one stable descending sort of the rule's scores
+    (equal scores keep their index order): nothing waits for the device."""
+    top_K = torch.sort(_rule_scores(scores_N), descending=True, stable=True).indices[:k]
+    return torch.sort(top_K).values if ascending else top_K
 
 
 def _ascending(idx_K: torch.Tensor, n: int) -> torch.Tensor:

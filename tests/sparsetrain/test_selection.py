@@ -12,7 +12,7 @@ import torch
 from sparsetrain.compression.topk import sample_stride, threshold_indices, threshold_indices_segments, topk_indices
 from sparsetrain.nm import nm_mask
 from sparsetrain.nm.masks import forward_mask
-from sparsetrain.selection import select_topk, select_topk_rows, topk_positions
+from sparsetrain.selection import _top_by_sort, select_topk, select_topk_rows, topk_positions
 from sparsetrain.sparsity import (
     drop_smallest,
     grow_mask,
@@ -118,6 +118,8 @@ def test_topk_positions_follows_the_rule(kind, dtype):
     for k in (0, 1, 2, 50, 149, 250, 499, 500):
         assert torch.equal(topk_positions(x, k), _ref_positions(x, k)), (kind, k)
         assert torch.equal(torch.sort(topk_positions(x, k, ascending=False)).values, _ref_positions(x, k))
+        if x.is_floating_point():  # the stable-sort ranking CUDA uses for small tensors
+            assert torch.equal(_top_by_sort(x, k, ascending=True), _ref_positions(x, k))
         assert torch.equal(topk_positions(x, k, largest=False), _ref_mask(x, k, largest=False).nonzero().view(-1))
 
 
@@ -132,6 +134,7 @@ def test_topk_positions_with_extreme_values_at_the_boundary():
         x = torch.tensor(values)
         for k in range(len(values) + 1):
             assert torch.equal(topk_positions(x, k), _ref_positions(x, k)), (values, k)
+            assert torch.equal(_top_by_sort(x, k, ascending=True), _ref_positions(x, k)), (values, k)
 
 
 def test_inputs_are_checked():
@@ -229,3 +232,14 @@ def test_topk_positions_takes_the_first_ties_however_far_apart(spacing):
     for k in (3, 2 + ties.numel() // 2, 2 + ties.numel()):
         expected = torch.sort(torch.cat([torch.tensor([7, 400_000]), ties[: k - 2]])).values
         assert torch.equal(topk_positions(x, k), expected), k
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("n", [1000, 100_000, 3_000_000])
+@pytest.mark.parametrize("kind", _KINDS + ["distinct"])
+def test_cuda_selection_equals_the_cpu_one(n, kind):
+    x = torch.randn(n, generator=torch.Generator().manual_seed(n)) if kind == "distinct" else _tied(kind, n, seed=n)
+    for k in (1, n // 1000 + 1, n // 3):
+        assert torch.equal(topk_positions(x.cuda(), k).cpu(), topk_positions(x, k)), (kind, k)
+        assert torch.equal(select_topk(x.cuda(), k).cpu(), select_topk(x, k)), (kind, k)
