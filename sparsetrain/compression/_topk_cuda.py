@@ -49,8 +49,8 @@ def _mask_search(
 ) -> tuple[torch.Tensor, Callable[[torch.Tensor], torch.Tensor], Callable[[torch.Tensor], torch.Tensor]]:
     """The ``"mask"`` and ``"grouped"`` searches: the first threshold (the ``k_s``-th largest of
     ``|x_N[o::stride]|``), a function ``t -> (x_N.abs() >= t).nonzero()`` (flat, ascending) and a
-    function ``idx -> x_N[idx].abs()``. The column maxima are used (``grouped``) only where
-    ``fraction`` of the entries are expected to pass is at most ``grouped_below``."""
+    function ``idx -> x_N[idx].abs()``. The column maxima are used (``grouped``) only where the
+    fraction of the entries expected to pass (``fraction``) is at most ``grouped_below``."""
     threshold = _kth_largest(x_N[o::stride].abs(), k_s, by_sort=by_sort)
     at_least = None
     if grouped and fraction <= grouped_below:
