@@ -42,8 +42,9 @@ import torch
 __all__ = ["select_topk", "select_topk_rows", "topk_positions"]
 
 # Up to this many entries, topk_positions ranks a CUDA tensor by one stable sort (no wait for the
-# device) rather than torch.topk and a check of the ties (one wait).
-_CUDA_SORT_MAX = 1 << 20
+# device) rather than torch.topk and a check of the ties (one wait); the crossover was measured
+# with the timings recorded in benchmarks/results/compression.md (section 2).
+_CUDA_SORT_MAX = 1 << 22
 
 
 def select_topk(
@@ -136,7 +137,8 @@ def topk_positions(scores_N: torch.Tensor, k: int, *, largest: bool = True, asce
     ``(k+1)``-th largest scores differ, ``torch.topk``'s choice is the only one possible. Only
     where they tie (or a NaN is among them) is the whole tensor compared with the ``k``-th
     score, to take the tied positions in index order. On CUDA that check waits for the device;
-    tensors of up to ``2**20`` entries are ranked by one stable sort instead, which does not.
+    tensors of up to ``2**22`` entries are ranked by one stable sort instead, which does not (and
+    at that size costs less than the wait).
 
     Args:
         scores_N: 1-D real tensor.
