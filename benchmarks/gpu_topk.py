@@ -30,6 +30,7 @@ Goal (issue 3): ours <= 3x the copy floor at 100M (torch.topk is ~10x there), co
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 import statistics
 import sys
@@ -40,8 +41,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from sparsetrain.compression import topk as topk_mod  # noqa: E402
-from sparsetrain.compression.topk import num_selected, sample_stride, threshold_indices  # noqa: E402
+from sparsetrain.compression import _topk_cpu, _topk_cuda, compact  # noqa: E402
+from sparsetrain.compression.topk import (  # noqa: E402
+    DEFAULT_TUNING,
+    num_selected,
+    sample_stride,
+    threshold_indices,
+)
 
 
 def _timer(device: torch.device):
@@ -80,31 +86,31 @@ def _breakdown(run, x, k, stride, args, floor) -> None:
     sample = x[::stride].abs()
     k_s = min(sample.numel(), max(1, math.ceil(1.3 * k * sample.numel() / n)))
     t = torch.topk(sample, k_s, sorted=False).values.min()
-    mask = topk_mod._at_least(x, t)
+    mask = _topk_cuda._at_least(x, t)
     idx = mask.nonzero().view(-1)
-    grouped = topk_mod._grouped_at_least(x, 16)
-    hits = topk_mod.compact.at_least(x, t) if topk_mod.compact.available(x) else None
+    grouped = _topk_cpu._grouped_at_least(x, 16)
+    hits = compact.at_least(x, t) if compact.available(x) else None
     stages = {
         "sample abs(x[::stride])": lambda r: _discard(x[r % stride :: stride].abs()),
         f"topk of the sample (k_s={k_s})": lambda r: _discard(torch.topk(sample, k_s, sorted=False).values.min()),
-        "abs(x) >= t (fused)": lambda r: _discard(topk_mod._at_least(x, t)),
+        "abs(x) >= t (fused)": lambda r: _discard(_topk_cuda._at_least(x, t)),
         "nonzero of the mask": lambda r: _discard(mask.nonzero()),
         f"exact top-k of the {idx.numel()} candidates": lambda r: _discard(
             idx[torch.topk(x[idx].abs(), min(k, idx.numel()), sorted=False).indices]),
         f"stable sort of the {idx.numel()} candidates": lambda r: _discard(
             idx[torch.sort(x[idx].abs(), descending=True, stable=True).indices[:k]]),
-        "column maxima over 16 rows (grouped search)": lambda r: _discard(topk_mod._grouped_at_least(x, 16)),
+        "column maxima over 16 rows (grouped search)": lambda r: _discard(_topk_cpu._grouped_at_least(x, 16)),
         "grouped search at t, given the maxima": lambda r: _discard(grouped(t)),
     }
     stages["sort of the sample (alternative to its topk)"] = lambda r: _discard(
         torch.sort(sample, descending=True).values[k_s - 1])
     if hits is not None:
-        c, starts = topk_mod.compact.count_at_least(x, t)
+        c, starts = compact.count_at_least(x, t)
         stages["compaction pass 1 (Triton): count per block, cumsum"] = lambda r: _discard(
-            topk_mod.compact.count_at_least(x, t))
+            compact.count_at_least(x, t))
         stages["compaction pass 2 (Triton): write the hits"] = lambda r: _discard(
-            topk_mod.compact.write_hits(x, t, starts, int(c)))
-        pos, bits = topk_mod.compact.split(hits)
+            compact.write_hits(x, t, starts, int(c)))
+        pos, bits = compact.split(hits)
         stages[f"stable sort of the {hits.numel()} written magnitudes"] = lambda r: _discard(
             pos[torch.sort(bits, descending=True, stable=True).indices[:k]])
     for name, fn in stages.items():
@@ -113,29 +119,24 @@ def _breakdown(run, x, k, stride, args, floor) -> None:
 
 
 def _tune(run, x, k, stride, args, floor) -> None:
-    """Time the two compaction passes for each block size and warp count (the module's defaults are
+    """Time the two compaction passes for each block size and warp count (the defaults are
     ``compact.BLOCK``, ``COUNT_WARPS``, ``WRITE_WARPS``)."""
-    compact = topk_mod.compact
     if not compact.available(x):
         return
     n = x.numel()
     sample = x[::stride].abs()
     k_s = min(sample.numel(), max(1, math.ceil(1.3 * k * sample.numel() / n)))
     t = torch.topk(sample, k_s, sorted=False).values.min()
-    saved = compact.BLOCK, compact.COUNT_WARPS, compact.WRITE_WARPS
-    try:
-        for block in (1024, 2048, 4096, 8192, 16384):
-            for warps in (4, 8, 16):
-                compact.BLOCK, compact.COUNT_WARPS, compact.WRITE_WARPS = block, warps, warps
-                c, starts = compact.count_at_least(x, t)
-                ms1 = statistics.median(run(lambda r: _discard(compact.count_at_least(x, t)), args.reps,
-                                            args.warmup)[0])
-                ms2 = statistics.median(run(lambda r, s=starts, c=int(c): _discard(compact.write_hits(x, t, s, c)),
-                                            args.reps, args.warmup)[0])
-                print(f"|   | tune | BLOCK {block}, {warps} warps: pass 1 {ms1:.3f} ms, pass 2 {ms2:.3f} ms "
-                      f"| {ms1 + ms2:.3f} | {(ms1 + ms2) / floor:.2f} | | |")
-    finally:
-        compact.BLOCK, compact.COUNT_WARPS, compact.WRITE_WARPS = saved
+    for block in (1024, 2048, 4096, 8192, 16384):
+        for warps in (4, 8, 16):
+            kw = {"block": block, "warps": warps}
+            c, starts = compact.count_at_least(x, t, **kw)
+            ms1 = statistics.median(run(lambda r, kw=kw: _discard(compact.count_at_least(x, t, **kw)), args.reps,
+                                        args.warmup)[0])
+            ms2 = statistics.median(run(lambda r, s=starts, c=int(c), kw=kw: _discard(
+                compact.write_hits(x, t, s, c, **kw)), args.reps, args.warmup)[0])
+            print(f"|   | tune | BLOCK {block}, {warps} warps: pass 1 {ms1:.3f} ms, pass 2 {ms2:.3f} ms "
+                  f"| {ms1 + ms2:.3f} | {(ms1 + ms2) / floor:.2f} | | |")
 
 
 def _discard(_result) -> None:
@@ -182,16 +183,11 @@ def main(argv: list[str] | None = None) -> None:
             def ours(r, x=x, k=k, stride=stride):
                 return threshold_indices(x, k, stride=stride, offset=r)
 
-            def variant(x, k, stride, **flags):
+            def variant(x, k, stride, **fields):
+                tuning = dataclasses.replace(DEFAULT_TUNING, **fields)
+
                 def fn(r):
-                    saved = {name: getattr(topk_mod, name) for name in flags}
-                    for name, value in flags.items():
-                        setattr(topk_mod, name, value)
-                    try:
-                        return threshold_indices(x, k, stride=stride, offset=r)
-                    finally:
-                        for name, value in saved.items():
-                            setattr(topk_mod, name, value)
+                    return threshold_indices(x, k, stride=stride, offset=r, tuning=tuning)
                 return fn
 
             # The floor copies into a preallocated buffer: a fresh clone per repetition would time
@@ -203,12 +199,13 @@ def main(argv: list[str] | None = None) -> None:
                                      args.reps, args.warmup)
             rows["ours"] = run(ours, args.reps, args.warmup)
             if device.type == "cuda":
-                for label, flags in (("ours, topk of the sample", {"_CUDA_SAMPLE_KTH": "topk"}),
-                                     ("ours, mask search", {"_CUDA_SEARCH": "mask"}),
-                                     ("ours, mask search, topk of candidates",
-                                      {"_CUDA_SEARCH": "mask", "_CUDA_FINAL": "topk"}),
-                                     ("ours, mask search, eager", {"_CUDA_SEARCH": "mask", "_fused_at_least": False})):
-                    rows[label] = run(variant(x, k, stride, **flags), args.reps, args.warmup)
+                for label, fields in (("ours, topk of the sample", {"cuda_sample_kth": "topk"}),
+                                      ("ours, mask search", {"cuda_search": "mask"}),
+                                      ("ours, mask search, topk of candidates",
+                                       {"cuda_search": "mask", "cuda_final": "topk"}),
+                                      ("ours, mask search, eager",
+                                       {"cuda_search": "mask", "cuda_fused_compare": False})):
+                    rows[label] = run(variant(x, k, stride, **fields), args.reps, args.warmup)
             floor = statistics.median(rows["copy"][0])
             ref = statistics.median(rows["torch.topk"][0])
             for method, (times, outs) in rows.items():

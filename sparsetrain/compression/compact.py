@@ -8,8 +8,8 @@ hits of each block of ``BLOCK`` entries, an exclusive cumulative sum of the coun
 its offset, and the second pass writes each block's hits there, in position order, as int64 keys
 holding the magnitude's fp32 bits above the position (so that keeping the k largest needs no
 gather from the tensor). A block with a single hit, the most common case at low density, needs
-no scan. One pass that reserves room with an atomic add per block was slower on an H100: the
-blocks' atomics on one counter serialise. NaN never passes ``>=``; ``-0.0`` passes as ``0.0``.
+no scan. One pass that reserves room with an atomic add per block measured slower (the blocks'
+atomics on one counter serialise; ``benchmarks/RESULTS.md``). NaN never passes ``>=``; ``-0.0`` passes as ``0.0``.
 
 Legend: N elements of the tensor, B blocks, C hits (entries at or above the threshold).
 """
@@ -27,8 +27,9 @@ __all__ = [
 
 _LOW = (1 << 32) - 1
 
-#: Entries per Triton program, and warps per program of the counting and the writing pass
-#: (``benchmarks/gpu_topk.py --tune`` times the choices; these were the fastest on an H200).
+#: Entries per Triton program, and warps per program of the counting and the writing pass: the
+#: defaults (constants; the single-tensor passes take others as arguments, which
+#: ``benchmarks/gpu_topk.py --tune`` times; the measurements are in ``benchmarks/RESULTS.md``).
 BLOCK = 1024
 COUNT_WARPS = 4
 WRITE_WARPS = 4
@@ -53,7 +54,9 @@ def available(x_N: torch.Tensor) -> bool:
     return _kernel is not False
 
 
-def count_at_least(x_N: torch.Tensor, threshold: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def count_at_least(
+    x_N: torch.Tensor, threshold: torch.Tensor, *, block: int = BLOCK, warps: int = COUNT_WARPS
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Pass 1: how many entries have ``|x_N| >= threshold``, and where each block's hits start.
 
     Nothing here waits for the device.
@@ -61,19 +64,24 @@ def count_at_least(x_N: torch.Tensor, threshold: torch.Tensor) -> tuple[torch.Te
     Args:
         x_N: flat contiguous CUDA tensor (check :func:`available` first).
         threshold: 0-d tensor on the same device.
+        block: entries per Triton program (a power of 2).
+        warps: warps per program.
 
     Returns:
         ``(C, starts_B)``: the count as a 0-d device tensor, and the exclusive cumulative sum of
         the blocks' counts.
     """
     n = x_N.numel()
-    counts_B = torch.empty(_cdiv(n, BLOCK), dtype=torch.int64, device=x_N.device)
-    _kernel[0][(counts_B.numel(),)](x_N, threshold.reshape(1), counts_B, n, BLOCK=BLOCK, num_warps=COUNT_WARPS)
+    counts_B = torch.empty(_cdiv(n, block), dtype=torch.int64, device=x_N.device)
+    _kernel[0][(counts_B.numel(),)](x_N, threshold.reshape(1), counts_B, n, BLOCK=block, num_warps=warps)
     ends_B = torch.cumsum(counts_B, 0)
     return ends_B[-1].clone(), ends_B.sub_(counts_B)  # a copy: the view would see the subtraction
 
 
-def write_hits(x_N: torch.Tensor, threshold: torch.Tensor, starts_B: torch.Tensor, cap: int) -> torch.Tensor:
+def write_hits(
+    x_N: torch.Tensor, threshold: torch.Tensor, starts_B: torch.Tensor, cap: int, *, block: int = BLOCK,
+    warps: int = WRITE_WARPS,
+) -> torch.Tensor:
     """Pass 2: the first ``cap`` hits, in position order, as keys (see :func:`split`) in a new
     int64 tensor of ``cap`` entries (entries past the count are left unset). Nothing here waits
     for the device.
@@ -82,10 +90,12 @@ def write_hits(x_N: torch.Tensor, threshold: torch.Tensor, starts_B: torch.Tenso
         x_N, threshold: as for :func:`count_at_least`.
         starts_B: what :func:`count_at_least` returned for the same arguments.
         cap: room for this many hits.
+        block: the ``block`` that :func:`count_at_least` was given.
+        warps: warps per program.
     """
     keys = torch.empty(max(cap, 1), dtype=torch.int64, device=x_N.device)
     _kernel[1][(starts_B.numel(),)](x_N, threshold.reshape(1), starts_B, keys, x_N.numel(), cap,
-                                    BLOCK=BLOCK, num_warps=WRITE_WARPS)
+                                    BLOCK=block, num_warps=warps)
     return keys
 
 

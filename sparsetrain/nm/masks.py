@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from .. import contract
+from ..selection import select_topk_rows
 from . import grouped
 
 __all__ = [
@@ -83,14 +84,6 @@ def _pairwise_keep(a_GM: torch.Tensor, n: int) -> torch.Tensor:
         rank_GM[:, : j + 1] += a_j > a_GM[:, : j + 1]
         rank_GM[:, j + 1 :] += a_j >= a_GM[:, j + 1 :]
     return rank_GM < n
-
-
-def _sort_keep(a_GM: torch.Tensor, n: int) -> torch.Tensor:
-    """:func:`_pairwise_keep` by one stable descending sort (same ranks, same ties): for large ``m``."""
-    order_GM = torch.sort(a_GM, dim=-1, descending=True, stable=True).indices
-    keep_GM = torch.zeros(a_GM.shape, dtype=torch.bool, device=a_GM.device)
-    keep_GM.scatter_(-1, order_GM[:, :n], True)
-    return keep_GM
 
 
 def _broadcast_keep(w_GM: torch.Tensor, n: int) -> torch.Tensor:
@@ -227,14 +220,15 @@ def forward_mask(weight: torch.Tensor, n: int, m: int) -> torch.Tensor:
 def nm_mask(weight: torch.Tensor, n: int, m: int, *, compiled: bool = False) -> torch.Tensor:
     """Boolean mask keeping the ``n`` largest-magnitude weights of every ``m`` along the reduction dim.
 
-    Exactly ``n`` entries per group are True. Ties are broken towards the lower index (the
-    order a stable descending sort gives), so the mask is a deterministic function of the
-    weight: ranks holding identical weights compute identical masks. NaN counts as the
-    largest magnitude.
+    Exactly ``n`` entries per group are True, chosen by the ranking rule of
+    :mod:`sparsetrain.selection` applied to ``|weight|`` with NaN counted as the largest
+    magnitude: ties are broken towards the lower index, so the mask is a deterministic function
+    of the weight and ranks holding identical weights compute identical masks.
 
     For ``m <= 16`` the rank of each entry within its group is counted with ``m`` vectorised
     comparison passes (elementwise, no per-group kernel launch; ``torch.topk`` launches a thread
-    block per group); larger groups use one stable sort. Both give the same mask.
+    block per group); larger groups go through :func:`sparsetrain.selection.select_topk_rows`,
+    one row per group. Both give the same mask.
 
     Args:
         weight: a Linear ``[out, in]`` or Conv ``[out, in/groups, *kernel]`` weight (any float dtype).
@@ -258,7 +252,7 @@ def nm_mask(weight: torch.Tensor, n: int, m: int, *, compiled: bool = False) -> 
     if compiled and m <= _PAIRWISE_MAX_M:
         return nm_masks([weight], n, m, compiled=True)[0][0]
     a_GM = _groups(weight, m)
-    keep_GM = _pairwise_keep(a_GM, n) if m <= _PAIRWISE_MAX_M else _sort_keep(a_GM, n)
+    keep_GM = _pairwise_keep(a_GM, n) if m <= _PAIRWISE_MAX_M else select_topk_rows(a_GM, n)
     return keep_GM.reshape(weight.shape)
 
 

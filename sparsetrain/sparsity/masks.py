@@ -4,8 +4,9 @@ Everything here is a pure function: it reads tensors or a module tree and return
 tensors or names; nothing registers buffers or hooks (that is :mod:`.dynamic`).
 
 Masks are ``torch.bool`` tensors of the weight's shape; ``True`` marks an active weight.
-Selections are exact and fully determined by the scores: positions are ranked by score,
-and among equal scores the lower flat (row-major) index ranks higher; a selection of ``k``
+Selections are exact and fully determined by the scores, by the one ranking rule of
+:mod:`sparsetrain.selection` (which does them): positions are ranked by score, and among equal
+scores the lower flat (row-major) index ranks higher; NaN ranks lowest. A selection of ``k``
 takes exactly the ``k`` highest- (or lowest-) ranking eligible positions, whatever the ties,
 and gives the same mask on every device. Only ``k`` scores go through ``torch.topk``: to keep
 90% of the active weights, the 10% to drop are selected (:func:`drop_smallest`) and the rest is
@@ -23,6 +24,7 @@ import torch
 from torch import nn
 
 from .. import contract
+from ..selection import _select_rows  # RigL, SET and GMP select rows of layers through it
 
 __all__ = [
     "DEFAULT_MODULE_TYPES",
@@ -83,60 +85,6 @@ def random_mask(
     flat = torch.zeros(numel, dtype=torch.bool)
     flat[torch.randperm(numel, generator=generator)[:n_active]] = True
     return flat.view(*shape).to(device) if device is not None else flat.view(*shape)
-
-
-def _rank_select(scores_LN: torch.Tensor, eligible_LN: torch.Tensor, k: int, *, largest: bool) -> torch.Tensor:
-    """Per row, the ``k`` eligible positions ranking highest (``largest``) or lowest, as ``[L, N]`` bools.
-
-    Rows are independent layers (``L``) of ``N`` flattened positions each, selected alike in one
-    pass (one ``torch.topk`` over all rows). Ranks follow the order of the module docstring. ``k``
-    must be in [1, eligible count] in every row (not checked: nothing here waits for the device).
-    One ``torch.topk`` of size ``k`` finds each row's threshold score; every eligible score strictly
-    beyond it is taken, and the places left go to the positions tied at the threshold in index order
-    (a cumulative count).
-    """
-    s = scores_LN.detach()
-    if s.dtype not in (torch.float32, torch.float64):
-        s = s.float()
-    # Eligible scores are made finite (NaN and -inf lowest), the others -inf (largest) or +inf:
-    # with k <= the eligible count the threshold is finite, so only eligible positions can reach it.
-    # (The fill is a Python scalar: a tensor built on the device would be a synchronising copy.)
-    info = torch.finfo(s.dtype)
-    s = torch.nan_to_num(s, nan=info.min, neginf=info.min, posinf=info.max)
-    s = torch.where(eligible_LN, s, float("-inf") if largest else float("inf"))
-    picked_LK = torch.topk(s, k, dim=1, largest=largest, sorted=False).values
-    one = s.shape[0] == 1  # one row: whole-tensor reductions (on the CPU twice as fast as per-row ones)
-    if one:
-        kth_L1 = picked_LK.min() if largest else picked_LK.max()
-    else:
-        kth_L1 = picked_LK.amin(dim=1, keepdim=True) if largest else picked_LK.amax(dim=1, keepdim=True)
-    chosen = s > kth_L1 if largest else s < kth_L1
-    tie = s == kth_L1
-    # >= 1 places left in each row for the tied positions
-    need_L1 = k - (torch.count_nonzero(chosen) if one else torch.count_nonzero(chosen, dim=1).unsqueeze(1))
-    count = tie.cumsum(1, dtype=torch.int32 if tie.shape[1] < 2**31 else torch.int64)
-    # Among ties the lower index ranks higher: taking the highest picks the first `need` of them,
-    # taking the lowest picks the last `need`.
-    take = count <= need_L1 if largest else count > count[:, -1:] - need_L1
-    return chosen | (tie & take)
-
-
-def _select_rows(
-    scores_LN: torch.Tensor, eligible_LN: torch.Tensor, k: int, n_eligible: int, *, largest: bool
-) -> torch.Tensor:
-    """Per row, the ``k`` highest- (or lowest-) ranking eligible positions, found from the smaller side.
-
-    Every row must hold exactly ``n_eligible`` eligible positions (not checked). Selecting rows
-    together gives, row for row, what selecting each alone gives: the selection is exact.
-    """
-    if k == 0:
-        return torch.zeros_like(eligible_LN)
-    if k == n_eligible:
-        return eligible_LN.clone()
-    if k <= n_eligible - k:
-        return _rank_select(scores_LN, eligible_LN, k, largest=largest)
-    # the complement of the (n_eligible - k) ranking at the other end
-    return eligible_LN & ~_rank_select(scores_LN, eligible_LN, n_eligible - k, largest=not largest)
 
 
 def _select(scores: torch.Tensor, eligible: torch.Tensor, k: int, n_eligible: int, *, largest: bool) -> torch.Tensor:

@@ -3,8 +3,10 @@ import math
 import pytest
 import torch
 
-from sparsetrain.compression import topk as topk_mod
+from sparsetrain.compression import _topk_cpu, _topk_cuda
 from sparsetrain.compression.topk import (
+    DEFAULT_TUNING,
+    TopkTuning,
     num_selected,
     sample_stride,
     select_indices,
@@ -12,6 +14,7 @@ from sparsetrain.compression.topk import (
     threshold_indices_segments,
     topk_indices,
 )
+from sparsetrain.selection import topk_positions
 from tests.harness import run_triton_interpreted
 
 
@@ -43,13 +46,15 @@ def test_sample_stride_small_tensors_are_sampled_densely():
     assert 1_000_000 // s * 0.01 >= 32
 
 
-@pytest.mark.parametrize("k", [1, 7, 100, 1000])
-def test_topk_indices_is_the_exact_top_set(k):
-    x = torch.randn(1000, generator=torch.Generator().manual_seed(k))
+@pytest.mark.parametrize("k", [1, 7, 100, 999, 1000])
+@pytest.mark.parametrize("kind", ["plain", "ties", "nan_and_inf", "zeros"])
+def test_topk_indices_is_the_exact_top_set(k, kind):
+    # ascending positions of the k largest |x|: equal magnitudes by position, NaN last
+    x = _awkward(kind, 1000, torch.Generator().manual_seed(k))
     idx = topk_indices(x, k)
-    assert idx.numel() == k and idx.unique().numel() == k
-    expected = set(torch.sort(x.abs(), descending=True).indices[:k].tolist())
-    assert set(idx.tolist()) == expected
+    mag = torch.nan_to_num(x.abs(), nan=-1.0)
+    expected = torch.sort(torch.sort(mag, descending=True, stable=True).indices[:k]).values
+    assert torch.equal(idx, expected)
 
 
 @pytest.mark.parametrize("seed", range(5))
@@ -146,8 +151,8 @@ def _plain_threshold_indices(x, k, stride, offset, lower_bound=0.8, max_rounds=1
         if idx.numel() >= lower_bound * k or round_ == max_rounds - 1:
             break
         threshold = threshold * lower_bound
-    if idx.numel() > k:
-        idx = idx[torch.topk(mag[idx], k, sorted=False).indices]
+    if idx.numel() > k:  # the k largest candidates (the rule's selection, tested in test_selection.py)
+        idx = idx[topk_positions(mag[idx], k, ascending=False)]
     return idx
 
 
@@ -197,11 +202,9 @@ def test_cpu_search_gives_exactly_the_plain_result(kind, numel, density):
 @pytest.mark.parametrize("fraction", [0.0, 0.001, 0.02, 0.2, 0.7, 1.0])
 @pytest.mark.parametrize("numel", [8, 64, 4096, 65_536])
 def test_true_positions_is_nonzero(fraction, numel):
-    from sparsetrain.compression.topk import _true_positions
-
     mask = torch.rand(numel + 8, generator=torch.Generator().manual_seed(numel)) < fraction
     for m in (mask[:numel], mask[8 : numel + 8], mask[3 : numel + 3]):  # the last one is not word-aligned
-        assert torch.equal(_true_positions(m), m.nonzero().view(-1))
+        assert torch.equal(_topk_cpu._true_positions(m), m.nonzero().view(-1))
 
 
 @pytest.mark.parametrize("kind", ["plain", "ties", "mostly_zero", "nan_and_inf", "nan_in_tail", "zeros"])
@@ -209,7 +212,7 @@ def test_true_positions_is_nonzero(fraction, numel):
 def test_grouped_search_equals_the_plain_mask(kind, numel):
     g = torch.Generator().manual_seed(numel)
     x = _awkward(kind, numel, g)
-    search = topk_mod._grouped_at_least(x, 16)
+    search = _topk_cpu._grouped_at_least(x, 16)
     for t in (0.0, 0.3, 1.0, float("inf")):
         t = torch.tensor(t)
         assert torch.equal(search(t), (x.abs() >= t).nonzero().view(-1)), (kind, t)
@@ -226,20 +229,20 @@ def _sorted_magnitudes(x, idx):
                                               ("compact", "sort", "sort"), ("compact", "sort", "topk")])
 @pytest.mark.parametrize("kind", ["plain", "ties", "mostly_zero", "nan_and_inf", "nan_in_tail"])
 @pytest.mark.parametrize("numel,density", [(262_151, 0.001), (2_000_003, 0.001), (262_151, 0.01)])
-def test_cuda_selection_keeps_the_plain_result(search, final, kth, kind, numel, density, monkeypatch):
+def test_cuda_selection_keeps_the_plain_result(search, final, kth, kind, numel, density):
     # Same count and the same magnitudes as the plain CPU computation (which of several equal
-    # magnitudes at the k-th place are kept may differ).
-    monkeypatch.setattr(topk_mod, "_CUDA_SEARCH", search)
-    monkeypatch.setattr(topk_mod, "_CUDA_FINAL", final)
-    monkeypatch.setattr(topk_mod, "_CUDA_SAMPLE_KTH", kth)
+    # magnitudes at the k-th place are kept may differ with the "topk" final step).
+    tuning = TopkTuning(cuda_search=search, cuda_final=final, cuda_sample_kth=kth)
     g = torch.Generator().manual_seed(numel)
     x = _awkward(kind, numel, g)
     k = num_selected(numel, density)
     stride = sample_stride(numel, density, 0.01)
     for offset in (0, 5):
         expected = _plain_threshold_indices(x, k, stride, offset)
-        got = threshold_indices(x.cuda(), k, stride=stride, offset=offset).cpu()
+        got = threshold_indices(x.cuda(), k, stride=stride, offset=offset, tuning=tuning).cpu()
         assert got.numel() == expected.numel() and got.unique().numel() == got.numel()
+        if final == "sort":  # the rule: the same positions
+            assert torch.equal(torch.sort(got).values, torch.sort(expected).values)
         torch.testing.assert_close(_sorted_magnitudes(x, got), _sorted_magnitudes(x, expected),
                                    rtol=0, atol=0, equal_nan=True)
 
@@ -248,7 +251,7 @@ def test_cuda_selection_keeps_the_plain_result(search, final, kth, kind, numel, 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("kind", ["plain", "ties", "mostly_zero", "signed_zeros", "nan_and_inf", "zeros"])
-def test_cuda_compact_search_equals_mask_and_sort_in_order(dtype, kind, monkeypatch):
+def test_cuda_compact_search_equals_mask_and_sort_in_order(dtype, kind):
     # The Triton compaction returns the very tensor (same positions, same order) that the
     # mask search with the stable-sort final step returns.
     from sparsetrain.compression import compact
@@ -260,11 +263,9 @@ def test_cuda_compact_search_equals_mask_and_sort_in_order(dtype, kind, monkeypa
     k = num_selected(numel, density)
     stride = sample_stride(numel, density, 0.01)
     for offset in (0, 5, 11):
-        monkeypatch.setattr(topk_mod, "_CUDA_SEARCH", "mask")
-        monkeypatch.setattr(topk_mod, "_CUDA_FINAL", "sort")
-        expected = threshold_indices(x, k, stride=stride, offset=offset)
-        monkeypatch.setattr(topk_mod, "_CUDA_SEARCH", "compact")
-        got = threshold_indices(x, k, stride=stride, offset=offset)
+        expected = threshold_indices(x, k, stride=stride, offset=offset,
+                                     tuning=TopkTuning(cuda_search="mask", cuda_final="sort"))
+        got = threshold_indices(x, k, stride=stride, offset=offset, tuning=TopkTuning(cuda_search="compact"))
         assert torch.equal(got, expected), (kind, dtype, offset)
     for tv in (0.0, 0.5, float("inf"), float("nan")):  # 0: everything but NaN passes
         t = torch.tensor(tv, dtype=dtype, device="cuda")
@@ -294,7 +295,7 @@ for n in (1, 4096 * 2 + 17):
         assert torch.equal(pos, hits), (n, tv)
         assert torch.equal(bits.view(torch.float32), x[hits].abs()), (n, tv)
 # The CUDA selection around the kernels: rounds, more hits than the reserved room, the final sort.
-from sparsetrain.compression.topk import _compact_select
+from sparsetrain.compression._topk_cuda import _compact_select
 x = _awkward("ties", 8209, torch.Generator().manual_seed(1))
 x[7] = float("nan")
 for k, t0 in ((10, 0.0), (10, 0.9), (50, 5.0), (3000, 0.5), (8000, 0.0)):
@@ -310,7 +311,8 @@ for k, t0 in ((10, 0.0), (10, 0.9), (50, 5.0), (3000, 0.5), (8000, 0.0)):
     assert torch.equal(got, hits), (k, t0)
 # Several segments at once (the CUDA search of threshold_indices_segments): against the plain
 # per-segment search. Segments of zeros, NaN in a sample (rounds, done alone), stride 1 and k = n.
-from sparsetrain.compression.topk import _compact_segments, threshold_indices
+from sparsetrain.compression._topk_cuda import _compact_segments
+from sparsetrain.compression.topk import threshold_indices
 
 
 def plain(x, s, n, k, stride, offset):
@@ -345,6 +347,14 @@ for offset in (0, 5, 12):
     expected = [plain(x, *seg, offset) for seg in segments]
     assert counts == [e.numel() for e in expected], (offset, counts)
     assert torch.equal(got, torch.cat(expected)), offset
+# Other block sizes and warps, given as arguments (what benchmarks/gpu_topk.py --tune times).
+x = torch.randn(50_000, generator=torch.Generator().manual_seed(3))
+t = torch.tensor(2.0)
+hits = (x.abs() >= t).nonzero().view(-1)
+for block in (1024, 4096):
+    c, starts = compact.count_at_least(x, t, block=block, warps=8)
+    pos, _ = compact.split(compact.write_hits(x, t, starts, int(c), block=block, warps=8)[: int(c)])
+    assert int(c) == hits.numel() and torch.equal(pos, hits), block
 print("interpreted ok")
 """
 
@@ -375,17 +385,15 @@ def test_compact_kernel_in_the_triton_interpreter():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_cuda_kth_largest_by_sort_equals_topk(monkeypatch):
+def test_cuda_kth_largest_by_sort_equals_topk():
     g = torch.Generator().manual_seed(3)
     for n, k in ((1, 1), (1000, 1), (1000, 37), (100_003, 1300)):
         for nans in (0, 1, 5):
             v = torch.round(torch.rand(n, generator=g) * 64) / 64  # ties
             v[torch.randperm(n, generator=g)[:nans]] = float("nan")
             v = v.cuda()
-            monkeypatch.setattr(topk_mod, "_CUDA_SAMPLE_KTH", "topk")
-            ref = topk_mod._kth_largest(v, k)
-            monkeypatch.setattr(topk_mod, "_CUDA_SAMPLE_KTH", "sort")
-            got = topk_mod._kth_largest(v, k)
+            ref = _topk_cuda._kth_largest(v, k, by_sort=False)
+            got = _topk_cuda._kth_largest(v, k, by_sort=True)
             torch.testing.assert_close(got, ref, rtol=0, atol=0, equal_nan=True)
 
 
@@ -506,10 +514,8 @@ def test_segments_are_checked(segments, match):
 
 
 def test_blocks_cover_the_starts_with_strided_views():
-    from sparsetrain.compression.topk import _blocks
-
     starts = [0, 10, 20, 100, 110, 120, 200, 210, 220, 500, 600, 601]
-    blocks = _blocks(starts)
+    blocks = _topk_cpu._blocks(starts)
     assert blocks[0] == (0, (3, 3), (100, 10))
     covered = []
     for first, lengths, spacings in blocks:
@@ -518,3 +524,49 @@ def test_blocks_cover_the_starts_with_strided_views():
             grid = grid + (torch.arange(length) * spacing).view([-1 if i == d else 1 for i in range(len(lengths))])
         covered += (grid.view(-1) + starts[first]).tolist()
     assert covered == starts
+
+
+def test_tuning_changes_no_cpu_result_and_is_checked():
+    x = _awkward("ties", 262_151, torch.Generator().manual_seed(5))
+    k = num_selected(x.numel(), 0.002)
+    stride = sample_stride(x.numel(), 0.002, 0.01)
+    expected = threshold_indices(x, k, stride=stride, offset=3)
+    assert torch.equal(expected, threshold_indices(x, k, stride=stride, offset=3, tuning=DEFAULT_TUNING))
+    for tuning in (TopkTuning(grouped_below=0.0), TopkTuning(grouped_below=1.0), TopkTuning(group_rows=7)):
+        assert torch.equal(threshold_indices(x, k, stride=stride, offset=3, tuning=tuning), expected), tuning
+    segments, n = _layout("mixed", 0.002)
+    y = _awkward("ties", n, torch.Generator().manual_seed(6))
+    expected = threshold_indices_segments(y, segments, offset=2)[0]
+    got = threshold_indices_segments(y, segments, offset=2, tuning=TopkTuning(grouped_below=0.0, group_rows=5))[0]
+    assert torch.equal(got, expected)
+    with pytest.raises(ValueError, match="`cuda_search` must be one of"):
+        TopkTuning(cuda_search="fast")
+    with pytest.raises(ValueError, match="`group_rows` must be an integer >= 1"):
+        TopkTuning(group_rows=0)
+    with pytest.raises(ValueError, match="`grouped_below` must be in"):
+        TopkTuning(grouped_below=2.0)
+    with pytest.raises(TypeError, match="`tuning` must be a TopkTuning"):
+        threshold_indices(x, k, stride=stride, tuning={"cuda_search": "mask"})
+    with pytest.raises(AttributeError):
+        DEFAULT_TUNING.group_rows = 8  # frozen: no module-wide knob to flip
+
+
+@pytest.mark.parametrize("grouped", [False, True])
+@pytest.mark.parametrize("kind", ["plain", "ties", "nan_and_inf", "zeros"])
+def test_cuda_mask_search_pieces_on_the_cpu(grouped, kind):
+    # The "mask" / "grouped" search of the CUDA path, run eagerly on CPU tensors: the plain threshold
+    # and the plain entries at or above it.
+    x = _awkward(kind, 100_003, torch.Generator().manual_seed(8))
+    k = num_selected(x.numel(), 0.001)
+    stride = sample_stride(x.numel(), 0.001, 0.01)
+    o = 3
+    sample = x[o::stride].abs()
+    k_s = min(sample.numel(), max(1, math.ceil(1.3 * k * sample.numel() / x.numel())))
+    threshold, at_least, magnitudes = _topk_cuda._mask_search(
+        x, o, stride, k_s, 1.3 * k / x.numel(), grouped=grouped, by_sort=True, fused=False, rows=16,
+        grouped_below=0.005)
+    torch.testing.assert_close(threshold, torch.topk(sample, k_s).values.min(), rtol=0, atol=0, equal_nan=True)
+    for t in (threshold, torch.tensor(0.5), torch.tensor(0.0)):
+        idx = at_least(t)
+        assert torch.equal(idx, (x.abs() >= t).nonzero().view(-1))
+        assert torch.equal(magnitudes(idx), x[idx].abs())

@@ -7,6 +7,7 @@ from torch import nn
 
 from sparsetrain.nm import check_nm, is_nm, kept_magnitude, nm_mask, nm_masks, pack_mask, select_nm_layers, unpack_mask
 from sparsetrain.nm import masks as masks_mod
+from sparsetrain.selection import select_topk_rows
 from tests.harness import run_triton_interpreted
 
 PATTERNS = [(1, 2), (1, 4), (2, 4), (3, 4), (1, 8), (2, 8), (4, 8), (7, 8), (5, 32)]
@@ -47,7 +48,7 @@ def test_matches_topk_on_distinct_values(n, m):
 def test_pairwise_and_sort_paths_agree_with_ties(n, m):
     w = torch.randint(-2, 3, (32, 64)).float()  # many ties, including zeros and +-equal magnitudes
     pairwise = nm_mask(w, n, m)
-    by_sort = masks_mod._sort_keep(masks_mod._groups(w, m), n).reshape(w.shape)
+    by_sort = select_topk_rows(masks_mod._groups(w, m), n).reshape(w.shape)
     assert torch.equal(pairwise, by_sort)
     assert (_groups(pairwise, m).sum(-1) == n).all()
 
