@@ -109,6 +109,16 @@ def capacity(num_tokens: int, num_experts: int, k: int, capacity_factor: float, 
     return max(min_capacity, math.ceil(capacity_factor * k * num_tokens / num_experts))
 
 
+def _counts(ids_sorted_N: torch.Tensor, num_bins: int) -> torch.Tensor:
+    """How many of the sorted ids equal each of ``0 .. num_bins-1`` (int64).
+
+    Binary search over the sorted ids: unlike ``torch.bincount`` on CUDA (which reads the maximum on
+    the host to size its output), no host sync, and unlike an atomic scatter-add, deterministic.
+    """
+    bounds = torch.searchsorted(ids_sorted_N, torch.arange(num_bins + 1, device=ids_sorted_N.device))
+    return bounds[1:] - bounds[:-1]
+
+
 def load_balancing_loss(probs_TE: torch.Tensor, indices_TK: torch.Tensor) -> torch.Tensor:
     """Switch's ``E * sum_i f_i * P_i`` (without alpha), f from the pre-capacity assignments.
 
@@ -117,7 +127,7 @@ def load_balancing_loss(probs_TE: torch.Tensor, indices_TK: torch.Tensor) -> tor
         indices_TK: the chosen experts (before any capacity dropping).
     """
     T, E = probs_TE.shape
-    counts_E = torch.bincount(indices_TK.reshape(-1), minlength=E).to(probs_TE.dtype)
+    counts_E = _counts(torch.sort(indices_TK.reshape(-1)).values, E).to(probs_TE.dtype)
     f_E = counts_E / indices_TK.numel()
     P_E = probs_TE.mean(dim=0)
     return E * (f_E * P_E).sum()
@@ -136,7 +146,7 @@ def _positions_in_expert(indices_TK: torch.Tensor, num_experts: int) -> torch.Te
     T, K = indices_TK.shape
     flat_N = indices_TK.t().reshape(-1)  # slot-major: all first choices first
     order_N = torch.argsort(flat_N, stable=True)
-    counts_E = torch.bincount(flat_N, minlength=num_experts)
+    counts_E = _counts(flat_N[order_N], num_experts)
     starts_E = torch.cumsum(counts_E, 0) - counts_E
     pos_sorted_N = torch.arange(flat_N.numel(), device=flat_N.device) - starts_E[flat_N[order_N]]
     pos_N = torch.empty_like(pos_sorted_N)
@@ -203,7 +213,7 @@ class TopKRouter(nn.Module):
             gates_TK = picked_TK / picked_TK.sum(dim=-1, keepdim=True)
         else:
             gates_TK = picked_TK
-        counts_E = torch.bincount(indices_TK.reshape(-1), minlength=E)
+        counts_E = _counts(torch.sort(indices_TK.reshape(-1)).values, E)
         if cfg.dropless:
             kept_TK = torch.ones_like(indices_TK, dtype=torch.bool)
         else:
