@@ -116,9 +116,11 @@ class MoE(nn.Module):
         order_N = torch.argsort(expert_N, stable=True)
         inv_N = torch.empty_like(order_N)
         inv_N[order_N] = torch.arange(order_N.numel(), device=order_N.device)
-        offs_E = torch.cumsum(torch.bincount(expert_N, minlength=E + 1)[:E], 0).to(torch.int32)
+        expert_S = expert_N[order_N]
+        # group ends by binary search over the sorted ids: no host sync (torch.bincount reads its max on the host)
+        offs_E = torch.searchsorted(expert_S, torch.arange(1, E + 1, device=expert_S.device)).to(torch.int32)
         x_SD = _Dispatch.apply(x_TD, order_N, inv_N, K)
-        y_SD = self.experts(x_SD, offs_E, expert_N[order_N])
+        y_SD = self.experts(x_SD, offs_E, expert_S)
         y_TKD = _Permute.apply(y_SD, inv_N, order_N).view(T, K, -1)
         y_TKD = torch.where(r.kept_TK.unsqueeze(-1), y_TKD, y_TKD.new_zeros(()))  # rows of no expert
         acc = torch.promote_types(x.dtype, torch.float32)  # combine in fp32 (fp64 for fp64 inputs)
