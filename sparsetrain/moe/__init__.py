@@ -3,6 +3,7 @@
 from .balance import MoEBalancer, MoEBalancerConfig
 from .experts import GroupedExperts
 from .layer import MoE, moe_layers, moe_losses
+from .parallel import expert_state_dict, full_expert_state_dict, load_expert_state_dict
 from .router import RouterConfig, RouterOutput, TopKRouter, capacity, load_balancing_loss, z_loss
 from .upcycle import dense_mlps, upcycle
 
@@ -16,6 +17,9 @@ __all__ = [
     "TopKRouter",
     "capacity",
     "dense_mlps",
+    "expert_state_dict",
+    "full_expert_state_dict",
+    "load_expert_state_dict",
     "load_balancing_loss",
     "moe_layers",
     "moe_losses",

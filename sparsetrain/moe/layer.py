@@ -16,42 +16,15 @@ from __future__ import annotations
 from typing import Any, Literal
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
+from . import parallel
+from ._permute import _Dispatch, _Permute
 from .experts import GroupedExperts
 from .router import RouterConfig, TopKRouter
 
 __all__ = ["MoE", "moe_layers", "moe_losses"]
-
-
-class _Dispatch(torch.autograd.Function):
-    """``x_TD[order_N // K]`` whose backward gathers (``g[inv].view(T, K, D).sum(1)``) instead of scatter-adding."""
-
-    @staticmethod
-    def forward(ctx: Any, x_TD: torch.Tensor, order_N: torch.Tensor, inv_N: torch.Tensor, k: int) -> torch.Tensor:
-        ctx.save_for_backward(inv_N)
-        ctx.k = k
-        return x_TD[order_N // k]
-
-    @staticmethod
-    def backward(ctx: Any, g_SD: torch.Tensor) -> tuple[torch.Tensor, None, None, None]:
-        (inv_N,) = ctx.saved_tensors
-        g_ND = g_SD[inv_N]
-        return g_ND.view(-1, ctx.k, g_ND.shape[-1]).sum(dim=1), None, None, None
-
-
-class _Permute(torch.autograd.Function):
-    """``x[perm]`` for a permutation ``perm`` whose inverse is ``inv``; backward ``g[inv]``."""
-
-    @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, perm: torch.Tensor, inv: torch.Tensor) -> torch.Tensor:
-        ctx.save_for_backward(inv)
-        return x[perm]
-
-    @staticmethod
-    def backward(ctx: Any, g: torch.Tensor) -> tuple[torch.Tensor, None, None]:
-        (inv,) = ctx.saved_tensors
-        return g[inv], None, None
 
 
 class MoE(nn.Module):
@@ -69,10 +42,15 @@ class MoE(nn.Module):
         activation: ``"swiglu"`` (default) or ``"gelu"``.
         bias: experts with biases.
         router: a :class:`RouterConfig` (its ``num_experts`` and ``k`` must match), or None.
+        ep_group: the expert-parallel process group (None: no expert parallelism). Each of its P ranks
+            holds ``num_experts / P`` experts (global ids ``rank * E/P ...``); every rank routes its own
+            tokens, exchanges them with ``all_to_all_single`` and gets their outputs back. Every rank of
+            the group must call forward (and backward) together.
         **router_fields: fields of :class:`RouterConfig` (``capacity_factor=``, ``dropless=`` ...).
 
     Raises:
-        ValueError: ``k`` > ``num_experts``, a capacity factor <= 0, any other bad field, naming it.
+        ValueError: ``k`` > ``num_experts``, a capacity factor <= 0, ``num_experts`` not divisible by the
+            expert-parallel size, any other bad field, naming it.
 
     Example::
 
@@ -83,7 +61,7 @@ class MoE(nn.Module):
 
     def __init__(self, d_model: int, d_hidden: int, num_experts: int, k: int = 2, *,
                  activation: Literal["swiglu", "gelu"] = "swiglu", bias: bool = False,
-                 router: RouterConfig | None = None, **router_fields: Any) -> None:
+                 router: RouterConfig | None = None, ep_group: Any = None, **router_fields: Any) -> None:
         super().__init__()
         if router is not None:
             if router_fields:
@@ -93,8 +71,18 @@ class MoE(nn.Module):
                                  f"num_experts={num_experts}, k={k}")
         else:
             router = RouterConfig(num_experts=num_experts, k=k, **router_fields)
+        self.ep_group = ep_group
+        self.ep_size, self.ep_rank = 1, 0
+        if ep_group is not None:
+            if not (dist.is_available() and dist.is_initialized()):
+                raise ValueError("`ep_group` needs torch.distributed to be initialised")
+            self.ep_size, self.ep_rank = dist.get_world_size(ep_group), dist.get_rank(ep_group)
+        if isinstance(num_experts, int) and num_experts % self.ep_size:
+            raise ValueError(f"`num_experts`={num_experts} must be divisible by the expert-parallel size "
+                             f"{self.ep_size} (the size of `ep_group`)")
         self.router = TopKRouter(d_model, router)
-        self.experts = GroupedExperts(num_experts, d_model, d_hidden, activation, bias)
+        self.num_local_experts = num_experts // self.ep_size
+        self.experts = GroupedExperts(self.num_local_experts, d_model, d_hidden, activation, bias)
         self.d_model, self.num_experts, self.k = d_model, num_experts, k
         self.aux_loss: torch.Tensor | None = None
         self.z_loss: torch.Tensor | None = None
@@ -120,8 +108,11 @@ class MoE(nn.Module):
         # group ends by binary search over the sorted ids: no host sync (torch.bincount reads its max on the host)
         offs_E = torch.searchsorted(expert_S, torch.arange(1, E + 1, device=expert_S.device)).to(torch.int32)
         x_SD = _Dispatch.apply(x_TD, order_N, inv_N, K)
-        y_SD = self.experts(x_SD, offs_E, expert_S)
-        y_TKD = _Permute.apply(y_SD, inv_N, order_N).view(T, K, -1)
+        if self.ep_size > 1:
+            y_SD = parallel.expert_parallel_forward(self.experts, x_SD, offs_E, self.ep_group, self.ep_size)
+        else:
+            y_SD = self.experts(x_SD, offs_E, expert_S)
+        y_TKD = _Permute.apply(y_SD, inv_N, order_N).view(T, K, y_SD.shape[-1])
         y_TKD = torch.where(r.kept_TK.unsqueeze(-1), y_TKD, y_TKD.new_zeros(()))  # rows of no expert
         acc = torch.promote_types(x.dtype, torch.float32)  # combine in fp32 (fp64 for fp64 inputs)
         y_TD = (y_TKD.to(acc) * r.gates_TK.to(acc).unsqueeze(-1)).sum(dim=1).to(x.dtype)
@@ -159,8 +150,14 @@ class MoE(nn.Module):
             out[f"{prefix}/{key}"] = float(s[key])
         return out
 
+    def local_expert_ids(self) -> range:
+        """The global ids of the experts this rank holds (all of them without expert parallelism)."""
+        n = self.num_local_experts
+        return range(self.ep_rank * n, (self.ep_rank + 1) * n)
+
     def extra_repr(self) -> str:
-        return f"d_model={self.d_model}, num_experts={self.num_experts}, k={self.k}"
+        ep = f", ep_size={self.ep_size}" if self.ep_size > 1 else ""
+        return f"d_model={self.d_model}, num_experts={self.num_experts}, k={self.k}{ep}"
 
 
 def moe_layers(model: nn.Module) -> dict[str, MoE]:
