@@ -114,12 +114,14 @@ def main(argv=None):
     ap.add_argument("--byte-budget", type=int, default=2_000_000)
     ap.add_argument("--configs", nargs="+", default=["dense", "4x1", "4x2", "8x1", "8x2"],
                     help="'dense' or EXPERTSxK")
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     ap.add_argument("--smoke", action="store_true", help="a few steps of a tiny model, one seed")
     args = ap.parse_args(argv)
     if args.smoke:
         args.steps, args.seeds, args.val_batches, args.byte_budget = 5, [0], 2, 200_000
         args.configs = ["dense", "4x2"]
-    torch.set_num_threads(max(1, torch.get_num_threads()))
+    if args.threads:
+        torch.set_num_threads(args.threads)
     train, val = make_datasets(CorpusConfig(block_size=args.block_size, byte_budget=args.byte_budget))
     rows = {}
     for name in args.configs:
