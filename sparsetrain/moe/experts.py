@@ -93,6 +93,8 @@ class GroupedExperts(nn.Module):
 
     def forward(self, x_ND: torch.Tensor, offs_E: torch.Tensor, expert_N: torch.Tensor | None = None) -> torch.Tensor:
         """Apply expert e to its row group. ``expert_N`` (each row's expert) is needed only with biases."""
+        if torch.is_autocast_enabled(x_ND.device.type):  # compute in autocast's dtype (bf16: the grouped kernel)
+            x_ND = x_ND.to(torch.get_autocast_dtype(x_ND.device.type))
         dtype = x_ND.dtype
         w1 = self.w1_EFD.to(dtype).transpose(-2, -1)
         h_NF = _grouped_mm(x_ND, w1, offs_E)

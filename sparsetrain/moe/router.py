@@ -194,7 +194,8 @@ class TopKRouter(nn.Module):
         if self.training and self.config.jitter_eps > 0:
             eps = self.config.jitter_eps
             x_TD = x_TD * torch.empty_like(x_TD).uniform_(1.0 - eps, 1.0 + eps)
-        return F.linear(x_TD, self.weight_ED.to(dtype))
+        with torch.autocast(x_TD.device.type, enabled=False):  # autocast would run the gate in bf16
+            return F.linear(x_TD, self.weight_ED.to(dtype))
 
     def forward(self, x_TD: torch.Tensor) -> RouterOutput:
         cfg = self.config

@@ -116,6 +116,19 @@ def test_router_logits_are_fp32():
     assert out.probs_TE.dtype == torch.float32 and out.gates_TK.dtype == torch.float32
 
 
+def test_under_autocast_router_stays_fp32_and_output_keeps_input_dtype():
+    torch.manual_seed(0)
+    layer = MoE(16, 24, 4, 2, dropless=True)
+    x = torch.randn(10, 16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        r = layer.router(x)
+        y = layer(x)
+    assert r.probs_TE.dtype == torch.float32
+    torch.testing.assert_close(r.probs_TE, layer.router(x).probs_TE)  # same fp32 result as without autocast
+    assert y.dtype == torch.float32
+    torch.testing.assert_close(y, layer(x), atol=5e-2, rtol=5e-2)
+
+
 def test_eval_routing_is_deterministic_and_jitter_only_in_training():
     layer = _layer(E=4, k=2, jitter_eps=0.2, dropless=True)
     x = torch.randn(64, 16, dtype=torch.float64)
