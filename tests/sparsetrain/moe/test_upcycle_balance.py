@@ -120,3 +120,36 @@ def test_selection_bias_identical_on_ranks_and_checked():
     results = run_distributed(_rank_check, world_size=2)
     assert torch.equal(results[0]["bias"], results[1]["bias"])
     assert results[0]["raised"] and results[1]["raised"]
+
+
+def _train_steps(model, opt, steps):
+    for step in steps:
+        g = torch.Generator().manual_seed(step)
+        x = torch.randn(2, 6, 8, generator=g, dtype=torch.float64)
+        for micro in x.chunk(2):
+            (model(micro).square().mean() + moe_losses(model)).backward()
+        opt.step()
+        opt.zero_grad()
+
+
+def test_resume_is_exact():
+    def build():
+        torch.manual_seed(0)
+        model = nn.Sequential(MoE(8, 16, 4, 2, bias_update_rate=0.01, capacity_factor=1.0), nn.Linear(8, 8)).double()
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+        return model, opt, MoEBalancer(model, optimizer=opt)
+
+    model, opt, bal = build()
+    _train_steps(model, opt, range(6))
+    model2, opt2, bal2 = build()
+    _train_steps(model2, opt2, range(3))
+    saved = (model2.state_dict(), opt2.state_dict(), bal2.state_dict())
+    model3, opt3, bal3 = build()
+    model3.load_state_dict(saved[0])
+    opt3.load_state_dict(saved[1])
+    bal3.load_state_dict(saved[2])
+    _train_steps(model3, opt3, range(3, 6))
+    assert bal3.num_steps == bal.num_steps == 6
+    for (n, a), b in zip(model.state_dict().items(), model3.state_dict().values()):
+        assert torch.equal(a, b), n
+    assert model[0].router.selection_bias_E.abs().sum() > 0
