@@ -129,3 +129,61 @@ def test_load_expert_state_refusals():
         load_expert_state_dict(layer, {k: v for k, v in state.items() if k != "experts.w1_EFD.3"})
     with pytest.raises(ValueError, match="shape"):
         load_expert_state_dict(layer, {**state, "experts.w2_EDF.0": torch.zeros(3)})
+
+
+def _ddp_net(ep_group):
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(D, D), MoE(D, FH, E, 2, ep_group=ep_group, dropless=True,
+                                                          bias_update_rate=1e-2)).double()
+
+
+def _ddp_tokens(rank):
+    return torch.randn(6, D, generator=torch.Generator().manual_seed(50 + rank), dtype=torch.float64)
+
+
+def _ddp_worker(rank, world, full_state):
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    from sparsetrain.moe import MoEBalancer
+
+    net = _ddp_net(dist.group.WORLD)
+    load_expert_state_dict(net, full_state)
+    # the recipe of docs/moe.md: experts and the per-rank load counters are not DDP's
+    ignore = [n for n, _ in net.named_parameters() if ".experts." in f".{n}"]
+    ignore += [n for n, _ in net.named_buffers() if n.endswith("pending_load_E")]
+    DDP._set_params_and_buffers_to_ignore_for_model(net, ignore)
+    ddp = DDP(net)
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    bal = MoEBalancer(net, optimizer=opt)
+    out = ddp(_ddp_tokens(rank))
+    (out.square().mean() + moe_losses(net)).backward()
+    for n, p in net.named_parameters():
+        if n in ignore:
+            p.grad /= world  # expert-data-parallel group of size 1 here: only the scaling
+    opt.step()
+    bal.check_ranks()
+    return {"dense": {n: p.detach().clone() for n, p in net.named_parameters() if n not in ignore},
+            "experts": expert_state_dict(net), "bias": net[1].router.selection_bias_E.clone()}
+
+
+@pytest.mark.slow
+def test_ddp_recipe_with_expert_parallel_experts_matches_one_process():
+    ref = _ddp_net(None)
+    full_state = expert_state_dict(ref)
+    world = 2
+    results = run_distributed(_ddp_worker, world, full_state)
+    # reference: one process, all experts, the mean over ranks of each rank's loss
+    opt = torch.optim.SGD(ref.parameters(), lr=0.1)
+    loss = 0
+    for rank in range(world):
+        loss = loss + (ref(_ddp_tokens(rank)).square().mean() + moe_losses(ref)) / world
+    loss.backward()
+    opt.step()
+    want = {n: p.detach() for n, p in ref.named_parameters()}
+    for rank in range(world):
+        for n, t in results[rank]["dense"].items():
+            torch.testing.assert_close(t, want[n], msg=lambda m, n=n: f"{n}: {m}")
+        for key, t in results[rank]["experts"].items():
+            pname, gid = key.rsplit(".", 1)
+            torch.testing.assert_close(t, want[pname][int(gid)], msg=lambda m, k=key: f"{k}: {m}")
+    assert torch.equal(results[0]["bias"], results[1]["bias"]) and results[0]["bias"].abs().sum() > 0
