@@ -43,7 +43,9 @@ class RouterConfig:
             gates to sum to 1 when ``renormalize``) or ``"topk_softmax"`` (top k of the logits, softmax over
             those k only: gates always sum to 1).
         renormalize: with ``softmax_topk``, divide the kept gates by their sum (needed for upcycling to
-            preserve the dense function at init with k > 1).
+            preserve the dense function at init). None (default): True for k > 1, False for k = 1, where
+            renormalising makes every gate 1 and the router would learn from the auxiliary losses only
+            (Switch's top-1 gate is the router probability itself).
         jitter_eps: multiplicative input jitter ``x * U(1-eps, 1+eps)`` in training only (0 disables).
         aux_loss_coef: alpha of the Switch load-balancing loss (0 disables).
         z_loss_coef: c_z of the router z-loss (0 disables).
@@ -57,7 +59,7 @@ class RouterConfig:
     num_experts: int
     k: int = 2
     score_order: Literal["softmax_topk", "topk_softmax"] = "softmax_topk"
-    renormalize: bool = True
+    renormalize: bool | None = None
     jitter_eps: float = 0.0
     aux_loss_coef: float = 1e-2
     z_loss_coef: float = 1e-3
@@ -78,6 +80,10 @@ class RouterConfig:
             raise ValueError(f"`k` must be in [1, num_experts={self.num_experts}], got {self.k}")
         if self.score_order not in ("softmax_topk", "topk_softmax"):
             raise ValueError(f"`score_order` must be 'softmax_topk' or 'topk_softmax', got {self.score_order!r}")
+        if self.renormalize is None:
+            self.renormalize = self.k > 1
+        elif not isinstance(self.renormalize, bool):
+            raise ValueError(f"`renormalize` must be a bool or None, got {self.renormalize!r}")
         if not 0.0 <= self.jitter_eps < 1.0:
             raise ValueError(f"`jitter_eps` must be in [0, 1), got {self.jitter_eps}")
         for name in ("aux_loss_coef", "z_loss_coef", "bias_update_rate"):

@@ -4,8 +4,8 @@ A dense MLP here is any module whose direct children hold exactly two ``nn.Linea
 ``D -> F`` and the second ``F -> D``, and that computes ``fc_out(act(fc_in(x)))`` with ``act`` GELU
 (the demo GPT's ``MLP``, ``nn.Sequential(Linear, GELU, Linear)``, ...). Every expert of the new layer
 starts as a copy of that MLP and the router is freshly initialised, so with gates that sum to one
-(renormalised top-k, or top-k-then-softmax, or k = 1) and no dropped token, the layer computes
-exactly the dense function at init. The replacement is checked on a random input before it is made.
+(renormalised top-k, the default here for every k, or top-k-then-softmax) and no dropped token, the
+layer computes exactly the dense function at init. The replacement is checked on a random input before it is made.
 """
 
 from __future__ import annotations
@@ -84,9 +84,10 @@ def upcycle(model: nn.Module, *, num_experts: int, k: int = 2, include: Sequence
         >>> list(upcycle(gpt, num_experts=4, k=2))
         ['blocks.0.mlp']
     """
+    router_fields.setdefault("renormalize", True)  # k = 1 too: gate 1, the dense function at init
     router = RouterConfig(num_experts=num_experts, k=k, **router_fields)
-    if k > 1 and router.score_order == "softmax_topk" and not router.renormalize:
-        warnings.warn("upcycle with renormalize=False and k > 1: the gates do not sum to one, so the upcycled "
+    if router.score_order == "softmax_topk" and not router.renormalize:
+        warnings.warn("upcycle with renormalize=False: the gates do not sum to one, so the upcycled "
                       "layers do not compute the dense function at init", stacklevel=2)
     targets = dense_mlps(model, include)
     if not targets:
@@ -137,7 +138,7 @@ def _check_same_function(name: str, mlp: nn.Module, layer: MoE) -> None:
         layer._stats = {}
     tol = 1e-5 if p.dtype in (torch.float32, torch.float64) else 2e-2
     if not torch.allclose(got.float(), want.float(), atol=tol, rtol=tol):
-        gates_sum_to_one = cfg.k == 1 or cfg.renormalize or cfg.score_order == "topk_softmax"
+        gates_sum_to_one = cfg.renormalize or cfg.score_order == "topk_softmax"
         why = "does not compute fc_out(gelu(fc_in(x)))" if gates_sum_to_one else "gates do not sum to one"
         raise ValueError(f"upcycling {name!r}: the MoE layer differs from the dense module at init ({why}); "
                          "exclude it with `include`, or pass check=False")

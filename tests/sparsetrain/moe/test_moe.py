@@ -109,6 +109,16 @@ def test_softmax_topk_without_renormalize_keeps_probabilities():
     torch.testing.assert_close(out.gates_TK, probs.gather(1, out.indices_TK))
 
 
+def test_top1_gate_is_the_probability_by_default_so_the_router_learns():
+    layer = _layer(E=4, k=1, dropless=True)
+    assert layer.config.renormalize is False and _layer(E=4, k=2).config.renormalize is True
+    x = torch.randn(12, 16, dtype=torch.float64)
+    layer(x).sum().backward()  # no auxiliary loss in this gradient
+    assert layer.router.weight_ED.grad.abs().sum() > 0
+    r = layer.router(x)
+    torch.testing.assert_close(r.gates_TK, r.probs_TE.gather(1, r.indices_TK))
+
+
 def test_router_logits_are_fp32():
     router = TopKRouter(8, num_experts=4, k=2).to(torch.bfloat16)
     assert router.selection_bias_E.dtype == torch.float32  # kept fp32 under .to(bfloat16)
@@ -225,7 +235,7 @@ def test_dropless_never_drops(k):
 
 
 def test_selection_bias_changes_selection_not_gates():
-    router = TopKRouter(4, num_experts=3, k=1, bias_update_rate=1e-3, dropless=True).double()
+    router = TopKRouter(4, num_experts=3, k=1, bias_update_rate=1e-3, dropless=True, renormalize=True).double()
     x = torch.randn(30, 4, dtype=torch.float64)
     before = router(x)
     with torch.no_grad():
