@@ -9,7 +9,7 @@ integers), (3) reads the per-rank row totals on the host (the layer's one host s
 sizes; every rank then knows exactly what it sends and receives, so no exchange can hang on
 disagreeing sizes), (4) sends its rows, (5) regroups the received rows by local expert, runs its
 experts, restores the received order and (6) sends the outputs back with the reverse exchange.
-The backward runs the same two exchanges in reverse (``torch.distributed.nn``).
+The backward runs the same two exchanges in reverse (:class:`_AllToAll`).
 """
 
 from __future__ import annotations
@@ -18,7 +18,6 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-import torch.distributed.nn.functional as dist_fn
 from torch import nn
 
 from ._permute import _Permute
@@ -26,11 +25,29 @@ from ._permute import _Permute
 __all__ = ["expert_parallel_forward", "expert_state_dict", "full_expert_state_dict", "load_expert_state_dict"]
 
 
+class _AllToAll(torch.autograd.Function):
+    """``all_to_all_single`` with split sizes; the backward is the exchange with the sizes swapped."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, recv_sizes: list[int], send_sizes: list[int], group: Any) -> torch.Tensor:
+        ctx.sizes, ctx.group = (recv_sizes, send_sizes), group
+        out = x.new_empty(sum(recv_sizes), *x.shape[1:])
+        dist.all_to_all_single(out, x.contiguous(), recv_sizes, send_sizes, group=group)
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, g: torch.Tensor) -> tuple[torch.Tensor, None, None, None]:
+        recv_sizes, send_sizes = ctx.sizes
+        out = g.new_empty(sum(send_sizes), *g.shape[1:])
+        dist.all_to_all_single(out, g.contiguous(), send_sizes, recv_sizes, group=ctx.group)
+        return out, None, None, None
+
+
 def expert_parallel_forward(experts: nn.Module, x_SD: torch.Tensor, offs_E: torch.Tensor, group: Any,
                             ep_size: int) -> torch.Tensor:
     """The experts' output for the local rows ``x_SD`` (sorted by global expert; rows past ``offs_E[-1]``
     are dropped assignments and come back as zeros), computed on the ranks that own the experts."""
-    P, D = ep_size, x_SD.shape[-1]
+    P = ep_size
     L = offs_E.numel() // P
     dev = x_SD.device
     ends_E = offs_E.to(torch.int64)
@@ -41,8 +58,7 @@ def expert_parallel_forward(experts: nn.Module, x_SD: torch.Tensor, offs_E: torc
     sizes = torch.stack([send_PL.sum(1), recv_PL.sum(1)]).tolist()  # the one host sync: the split sizes
     send_sizes, recv_sizes = sizes[0], sizes[1]
     n_send, n_recv = sum(send_sizes), sum(recv_sizes)
-    x_recv_RD = dist_fn.all_to_all_single(x_SD.new_empty(n_recv, D), x_SD[:n_send], recv_sizes, send_sizes,
-                                          group=group)
+    x_recv_RD = _AllToAll.apply(x_SD[:n_send], recv_sizes, send_sizes, group)
     # received rows are ordered (source rank, local expert): regroup them by local expert
     ids_PL = torch.arange(L, device=dev).repeat(P)
     local_R = torch.repeat_interleave(ids_PL, recv_PL.reshape(-1), output_size=n_recv)
@@ -53,8 +69,7 @@ def expert_parallel_forward(experts: nn.Module, x_SD: torch.Tensor, offs_E: torc
     offs_L = torch.searchsorted(local_sorted_R, torch.arange(1, L + 1, device=dev)).to(torch.int32)
     y_sorted_RD = experts(_Permute.apply(x_recv_RD, order_R, inv_R), offs_L, local_sorted_R)
     y_recv_RD = _Permute.apply(y_sorted_RD, inv_R, order_R)
-    y_back_SD = dist_fn.all_to_all_single(y_recv_RD.new_empty(n_send, y_recv_RD.shape[-1]), y_recv_RD.contiguous(),
-                                          send_sizes, recv_sizes, group=group)
+    y_back_SD = _AllToAll.apply(y_recv_RD, send_sizes, recv_sizes, group)
     tail = x_SD.shape[0] - n_send
     if tail:
         y_back_SD = torch.cat([y_back_SD, y_back_SD.new_zeros(tail, y_back_SD.shape[-1])])
