@@ -7,8 +7,10 @@ Dispatch sorts the N assignments by expert (a stable argsort: no one-hot tensor,
 gathers the token rows in that order, runs the experts as grouped GEMMs, gathers the outputs back to
 token-major order and sums each token's K outputs weighted by their gates. Both gathers are
 permutations whose backward is the inverse gather, so forward and backward are deterministic (no
-scatter-add). Dropped assignments (capacity) get no expert and contribute zero: the block's residual
-carries their token through unchanged.
+scatter-add). Dropped assignments (capacity) contribute zero: the block's residual carries their token
+through unchanged. Without expert parallelism their rows still run through the last expert (at most
+the dropped count of extra rows) and are then masked out, so no sync is needed to cut them off and no
+grouped kernel sees rows outside its groups; with expert parallelism they are not sent.
 """
 
 from __future__ import annotations
@@ -111,9 +113,13 @@ class MoE(nn.Module):
         if self.ep_size > 1:
             y_SD = parallel.expert_parallel_forward(self.experts, x_SD, offs_E, self.ep_group, self.ep_size)
         else:
-            y_SD = self.experts(x_SD, offs_E, expert_S)
+            # the dropped rows (sorted last) join the last expert's group and are masked out below: every
+            # row lies in a group, so no grouped kernel leaves an output or input-gradient row unwritten
+            offs_all_E = offs_E.clone()
+            offs_all_E[-1] = expert_N.numel()
+            y_SD = self.experts(x_SD, offs_all_E, expert_S)
         y_TKD = _Permute.apply(y_SD, inv_N, order_N).view(T, K, y_SD.shape[-1])
-        y_TKD = torch.where(r.kept_TK.unsqueeze(-1), y_TKD, y_TKD.new_zeros(()))  # rows of no expert
+        y_TKD = torch.where(r.kept_TK.unsqueeze(-1), y_TKD, y_TKD.new_zeros(()))  # dropped: zero, no gradient
         acc = torch.promote_types(x.dtype, torch.float32)  # combine in fp32 (fp64 for fp64 inputs)
         y_TD = (y_TKD.to(acc) * r.gates_TK.to(acc).unsqueeze(-1)).sum(dim=1).to(x.dtype)
         self.aux_loss, self.z_loss = r.aux_loss, r.z_loss
