@@ -279,24 +279,36 @@ def test_loop_and_grouped_mm_agree_on_cpu():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_grouped_kernel_matches_loop_in_bf16_on_gpu_without_host_sync():
+@pytest.mark.parametrize("kw", [{"dropless": True}, {"capacity_factor": 0.5}])
+def test_grouped_kernel_matches_loop_in_bf16_on_gpu_without_host_sync(monkeypatch, kw):
+    from sparsetrain.moe import experts as experts_mod
+
     torch.manual_seed(0)
-    layer = MoE(64, 128, 8, 2, dropless=True).cuda()
-    x = torch.randn(256, 64, device="cuda")
+    layer = MoE(64, 128, 8, 2, **kw).cuda().to(torch.bfloat16)
     with torch.no_grad():
         layer.router.weight_ED[5:] = -10.0  # experts 5-7 get no token: empty groups in the grouped GEMM
-    ref = layer(x).detach()
-    layer = layer.to(torch.bfloat16)
-    xb = x.to(torch.bfloat16).requires_grad_()
+    x = torch.randn(256, 64, device="cuda", dtype=torch.bfloat16)
+    assert experts_mod._use_grouped_kernel(x, layer.experts.w1_EFD.transpose(-2, -1))
+
+    def run():
+        xg = x.clone().requires_grad_()
+        layer.zero_grad(set_to_none=True)
+        y = layer(xg)
+        y.float().square().sum().backward()
+        return y.float(), xg.grad.float(), layer.experts.w1_EFD.grad.float()
+
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")  # any host sync in forward or backward raises
     try:
-        y = layer(xb)
-        y.float().square().sum().backward()
+        got = run()
     finally:
         torch.cuda.set_sync_debug_mode("default")
-    torch.testing.assert_close(y.float(), ref, atol=5e-2, rtol=5e-2)
-    assert layer.experts.w1_EFD.grad[5:].abs().sum() == 0 and torch.isfinite(layer.experts.w1_EFD.grad).all()
+    monkeypatch.setattr(experts_mod, "_use_grouped_kernel", lambda *a: False)  # the loop, same routing
+    want = run()
+    for a, b in zip(got, want):
+        assert torch.isfinite(a).all()
+        torch.testing.assert_close(a, b, atol=5e-2, rtol=5e-2)
+    assert got[2][5:].abs().sum() == 0
 
 
 def test_losses_collected_and_differentiable():
