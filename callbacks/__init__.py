@@ -2,6 +2,7 @@
 
 from .compression import GradientCompression
 from .dynamic_sparsity import DynamicSparsity
+from .masked_exchange import MaskedExchange
 from .nm_sparsity import NMSparsity
 
-__all__: list[str] = ["DynamicSparsity", "GradientCompression", "NMSparsity"]
+__all__: list[str] = ["DynamicSparsity", "GradientCompression", "MaskedExchange", "NMSparsity"]
