@@ -28,6 +28,17 @@ the result is bit-identical to the dense all-reduce; on 3 or more ranks the coll
 the W terms of an element in another order for the shorter packed vector (gloo's ring splits
 the vector into other chunks), which can change the last bits.
 
+With ``compression=DGCConfig(...)`` the packed vector goes through DGC
+(:class:`~sparsetrain.compression.engine.CompressionEngine`: top-k with error feedback and
+momentum correction) instead of the plain all-reduce. The engine's residuals and momenta then
+live in packed coordinates: a masked weight is the engine's tensor ``name`` of shape ``(P, 1)``
+(its ``P`` active entries in flat order; two dimensions, so the engine's rule "compress tensors
+of 2 or more dimensions" still applies), a dense parameter keeps its shape. When the masks change,
+the state is carried into the new packing (:func:`carry_packed`): a position that stays active
+keeps what it held, a dropped one loses it (rule 3 of ``docs/architecture.md``), a grown one
+starts at 0. A step that needs dense gradients cannot be served in this mode (DynamicSparsity's
+``grad_masking="hook"`` never needs one).
+
 Usage::
 
     >>> # xdoctest: +SKIP("needs an initialised process group")
@@ -40,6 +51,7 @@ Legend: N elements of a bucket, P packed elements of a bucket, W ranks.
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 from typing import Any
 
@@ -49,23 +61,44 @@ from torch import nn
 from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 
 from .. import contract
+from .engine import CompressionEngine
+from .plan import MATH_FIELDS, BucketLayout, DGCConfig
 
-__all__ = ["MaskedExchange", "masked_hook"]
+__all__ = ["MaskedExchange", "carry_packed", "masked_hook"]
 
 _STATE_VERSION = 1
 _TOTALS = ("payload_bytes", "dense_payload_bytes", "steps", "dense_steps")
 
 
+def carry_packed(values_P: torch.Tensor, old_P: torch.Tensor, new_Q: torch.Tensor, numel: int) -> torch.Tensor:
+    """State in packed coordinates carried from one packing of a tensor to another.
+
+    Args:
+        values_P: the state at the old packing's positions (any shape with ``P`` elements).
+        old_P: the old packing's positions in the flat tensor (int64, ascending).
+        new_Q: the new packing's positions (int64, ascending).
+        numel: the tensor's number of elements.
+
+    Returns:
+        ``Q`` values: a position in both keeps its value, a new one gets 0 (a dropped one is lost).
+    """
+    flat = values_P.new_zeros(numel)
+    flat.index_copy_(0, old_P.to(flat.device), values_P.reshape(-1))
+    return flat.index_select(0, new_Q.to(flat.device))
+
+
 class _Packing:
-    """One bucket's packing: positions into the flat buffer, for one mask version."""
+    """One bucket's packing: positions into the flat buffer, for one mask version, and the engine's layout."""
 
-    __slots__ = ("version", "idx_P", "numel", "packed")
+    __slots__ = ("version", "idx_P", "numel", "packed", "layout")
 
-    def __init__(self, version: tuple[int, ...], idx_P: torch.Tensor | None, numel: int) -> None:
+    def __init__(self, version: tuple[int, ...], idx_P: torch.Tensor | None, numel: int,
+                 layout: BucketLayout) -> None:
         self.version = version
         self.idx_P = idx_P  # None: nothing masked in the bucket (sent whole, in place)
         self.numel = numel
         self.packed = numel if idx_P is None else int(idx_P.numel())
+        self.layout = layout  # the packed tensors: (P, 1) for a masked weight, the shape for a dense one
 
 
 class MaskedExchange:
@@ -74,17 +107,20 @@ class MaskedExchange:
     Args:
         model: the model (unwrapped or DDP) whose gradient masks (``contract.gradient_masks``)
             decide what travels; the exchange is attached to it (it claims no weight).
+        compression: DGC on the packed vector (a :class:`~sparsetrain.compression.DGCConfig`, or
+            its fields as a dict); None (default): the lossless plain all-reduce.
         optimizer: its step hook then calls :meth:`step`.
         process_group: the group the hook communicates over; None for the default group.
         verify_every: every this many optimizer steps (:meth:`step`), :meth:`check_ranks`; 0: never.
 
     Attributes:
+        engine: the :class:`~sparsetrain.compression.engine.CompressionEngine` of ``compression``, or None.
         rebuilds: packings built so far (one per bucket and mask version).
         last_stats: the last synced step's figures (see :meth:`statistics`); ``totals``: their sums.
 
     Raises:
         TypeError: ``model`` is not a module.
-        ValueError: ``verify_every`` is not an int >= 0.
+        ValueError: ``verify_every`` is not an int >= 0; a bad ``compression`` option.
     """
 
     #: The exchange masks nothing itself: it follows the masks of the components that do.
@@ -93,7 +129,9 @@ class MaskedExchange:
     __slots__ = (
         "process_group",
         "verify_every",
+        "engine",
         # internal state
+        "_positions",
         "_model",
         "_names",
         "_packings",
@@ -112,16 +150,24 @@ class MaskedExchange:
         "__weakref__",
     )
 
-    def __init__(self, model: nn.Module, *, optimizer: torch.optim.Optimizer | None = None,
-                 process_group: dist.ProcessGroup | None = None, verify_every: int = 0) -> None:
+    def __init__(self, model: nn.Module, *, compression: DGCConfig | dict[str, Any] | None = None,
+                 optimizer: torch.optim.Optimizer | None = None, process_group: dist.ProcessGroup | None = None,
+                 verify_every: int = 0) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"`model` must be a torch.nn.Module, got {type(model).__name__}")
         if isinstance(verify_every, bool) or not isinstance(verify_every, int) or verify_every < 0:
             raise ValueError(f"`verify_every` must be an int >= 0, got {verify_every!r}")
         if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(f"`optimizer` must be a torch.optim.Optimizer or None, got {type(optimizer).__name__}")
+        if isinstance(compression, dict):
+            compression = DGCConfig(**compression)
+        if compression is not None and not isinstance(compression, DGCConfig):
+            raise TypeError(f"`compression` must be a DGCConfig, a dict of its fields or None, "
+                            f"got {type(compression).__name__}")
         if isinstance(model, nn.parallel.DistributedDataParallel):
             model = model.module
+        self.engine = None if compression is None else CompressionEngine(compression)
+        self._positions: dict[str, torch.Tensor] = {}  # masked name -> flat positions the engine's state is at
         self.process_group = process_group
         self.verify_every = verify_every
         self._model = model
@@ -174,6 +220,36 @@ class MaskedExchange:
         self._step_dense = any(
             bool(getattr(c, "needs_dense_gradient", lambda: False)()) for c in contract.attached(self._model)
         )
+        if self.engine is not None:
+            if self._step_dense:
+                raise ValueError(
+                    "MaskedExchange(compression=...) cannot deliver the dense gradient a component needs this "
+                    "step (DynamicSparsity with grad_masking='step' before a RigL update): use grad_masking='hook'"
+                )
+            self._carry_state()
+
+    def _carry_state(self) -> None:
+        """Move the engine's residuals and momenta to the current packing of every masked weight."""
+        moved = {}
+        for name, mask in self._step_masks.items():
+            new = mask.reshape(-1).nonzero().squeeze(1)
+            old = self._positions.get(name)
+            if old is None or not torch.equal(old.to(new.device), new):
+                moved[name] = (old, new, mask.numel())
+            self._positions[name] = new
+        if not moved:
+            return
+        state = self.engine.state_dict()
+        for table in (state["residuals"], state["momenta"]):
+            for name, (old, new, numel) in moved.items():
+                t = table.get(name)
+                if t is None:
+                    continue
+                if old is None:  # no record of its packing (a state from elsewhere): nothing can be kept
+                    table[name] = t.new_zeros(new.numel())
+                else:
+                    table[name] = carry_packed(t, old, new, numel)
+        self.engine.load_state_dict(state)
 
     def packing(self, params: list[torch.Tensor], device: torch.device) -> _Packing:
         """The packing of a bucket holding ``params`` (in order) for the current masks.
@@ -185,25 +261,29 @@ class MaskedExchange:
         found = self._packings.get(key)
         if found is not None and found.version == self._step_version:
             return found
-        parts, offset, masked_any = [], 0, False
+        parts, offset, masked_any, names, shapes = [], 0, False, [], []
         for p in params:
             name = self._names.get(id(p))
             if name is None:
                 raise ValueError(f"a parameter of shape {tuple(p.shape)} reached the hook but is not in the model")
             mask = self._step_masks.get(name)
             n = p.numel()
+            names.append(name)
             if mask is None:
                 parts.append(torch.arange(offset, offset + n, device=device))
+                shapes.append(tuple(p.shape))
             else:
                 if mask.numel() != n:
                     raise ValueError(f"the gradient mask of {name!r} has {mask.numel()} elements, the parameter {n}")
                 masked_any = True
                 parts.append(mask.reshape(-1).to(device).nonzero().squeeze(1).add_(offset))
+                shapes.append((parts[-1].numel(), 1))
             offset += n
         idx_P = torch.cat(parts) if (masked_any and parts) else None
         if len(self._packings) > 256:
             self._packings.clear()
-        packing = self._packings[key] = _Packing(self._step_version, idx_P, offset)
+        packing = self._packings[key] = _Packing(self._step_version, idx_P, offset,
+                                                 BucketLayout(tuple(names), tuple(shapes)))
         self.rebuilds += 1
         return packing
 
@@ -212,6 +292,8 @@ class MaskedExchange:
             self._acc[k] = self._acc.get(k, 0.0) + v
 
     def _end_step(self) -> None:
+        if self.engine is not None:
+            self.engine.end_step()
         acc = self._acc
         dense = acc.get("dense_payload_bytes", 0.0)
         versions = self._step_version[1::2]
@@ -253,6 +335,10 @@ class MaskedExchange:
         if not self.last_stats:
             out["exchange/packed_fraction"] = 1.0
         out["exchange/rebuilds"] = float(self.rebuilds)
+        if self.engine is not None:
+            last = self.engine.last_stats
+            out["exchange/topk_payload_bytes"] = float(last.get("payload_bytes", 0.0))
+            out["exchange/topk_sent_fraction"] = float(last.get("sent_fraction", 0.0))
         for k in _TOTALS:
             out[f"exchange/total_{k}"] = float(self.totals.get(k, 0.0))
         return out
@@ -284,8 +370,14 @@ class MaskedExchange:
         self._removed = True
 
     def state_dict(self) -> dict[str, Any]:
-        """Version, optimizer steps and totals (the packing is rebuilt from the masks, not saved)."""
-        return {"version": _STATE_VERSION, "optimizer_steps": self._optimizer_steps, "totals": dict(self.totals)}
+        """Version, optimizer steps and totals (the packing is rebuilt from the masks, not saved); with
+        ``compression``, this rank's engine state (rank-local) and the packings its tensors are at."""
+        out: dict[str, Any] = {"version": _STATE_VERSION, "optimizer_steps": self._optimizer_steps,
+                               "totals": dict(self.totals)}
+        if self.engine is not None:
+            out["compression"] = {**self.engine.state_dict(), "config": dataclasses.asdict(self.engine.config),
+                                  "positions": {k: v.clone() for k, v in self._positions.items()}}
+        return out
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore :meth:`state_dict`.
@@ -301,18 +393,41 @@ class MaskedExchange:
             raise ValueError(f"`state['optimizer_steps']` must be an int >= 0, got {steps!r}")
         if not isinstance(totals, dict) or not all(isinstance(v, (int, float)) for v in totals.values()):
             raise ValueError(f"`state['totals']` must be a dict of numbers, got {totals!r}")
+        comp = state.get("compression")
+        if (comp is None) != (self.engine is None):
+            raise ValueError("`state` was saved " + ("with" if comp is not None else "without") + " `compression`, "
+                             "this MaskedExchange runs " + ("without" if self.engine is None else "with") + " it")
+        if comp is not None:
+            contract.check_config(comp.get("config"), self.engine.config, MATH_FIELDS, "MaskedExchange")
+            positions = comp.get("positions")
+            if not isinstance(positions, dict) or not all(
+                isinstance(v, torch.Tensor) and v.dtype == torch.int64 and v.dim() == 1 for v in positions.values()
+            ):
+                raise ValueError("`state['compression']['positions']` must map names to 1-D int64 tensors")
+            for part in ("residuals", "momenta"):
+                table = comp.get(part)
+                if not isinstance(table, dict) or not all(isinstance(v, torch.Tensor) and v.is_floating_point()
+                                                          for v in table.values()):
+                    raise ValueError(f"`state['compression'][{part!r}]` must map names to float tensors")
+                for name, t in table.items():
+                    if name in positions and t.numel() != positions[name].numel():
+                        raise ValueError(f"`state['compression'][{part!r}][{name!r}]` has {t.numel()} elements, "
+                                         f"its packing {positions[name].numel()}")
+            self.engine.load_state_dict(comp)
+            self._positions = {k: v.clone() for k, v in positions.items()}
         self._optimizer_steps = steps
         self.totals = {str(k): float(v) for k, v in totals.items()}
         self._packings.clear()
 
     def __getstate__(self) -> dict[str, Any]:
-        """The state dict only: not the process group, the model or the packings (torch's PowerSGDState)."""
-        return self.state_dict()
+        """The state dict only (without ``compression``): not the process group, the model or the packings."""
+        return {k: v for k, v in self.state_dict().items() if k != "compression"}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         warnings.warn("MaskedExchange unpickled: it is bound to no model; build a new one and load_state_dict",
                       stacklevel=2)
         self.process_group, self.verify_every, self._model, self._names = None, 0, None, {}
+        self.engine, self._positions = None, {}
         self._packings, self._step_open, self._step_version, self._step_masks = {}, False, (), {}
         self._step_dense, self._acc, self._removed, self.rebuilds = False, {}, True, 0
         self.last_stats, self.totals, self._optimizer_steps, self._handles = {}, {}, 0, []
@@ -343,6 +458,8 @@ def masked_hook(state: MaskedExchange, bucket: dist.GradBucket) -> torch.futures
     nbytes = buffer_N.element_size()
     packing = None if state._step_dense else state.packing(list(bucket.parameters()), buffer_N.device)
     state._add(dense_payload_bytes=float(nbytes * buffer_N.numel()))
+    if packing is not None and state.engine is not None:
+        return _compressed(state, bucket, buffer_N, packing, world)
     if packing is None or packing.idx_P is None:
         state._add(payload_bytes=float(nbytes * buffer_N.numel()))
         if bucket.is_last():
@@ -360,6 +477,38 @@ def masked_hook(state: MaskedExchange, bucket: dist.GradBucket) -> torch.futures
     def finish(_: torch.futures.Future) -> torch.Tensor:
         buffer_N.zero_()
         buffer_N.index_copy_(0, idx_P, packed_P)
+        return buffer_N
+
+    return fut.then(finish)
+
+
+def _compressed(state: MaskedExchange, bucket: dist.GradBucket, buffer_N: torch.Tensor, packing: _Packing,
+                world: int) -> torch.futures.Future[torch.Tensor]:
+    """The packed vector (the whole bucket when nothing in it is masked) through the DGC engine, as
+    :func:`~sparsetrain.compression.dgc_hook` sends a bucket."""
+    engine, group, idx_P = state.engine, state.process_group, packing.idx_P
+    packed_P = buffer_N if idx_P is None else buffer_N.index_select(0, idx_P).float()
+    message = engine.compress(packed_P, packing.layout, world)
+    send = message.send
+    state._add(payload_bytes=float(send.numel() * send.element_size()))
+    if message.collective == "all_gather":
+        out = torch.empty(world * send.numel(), dtype=torch.uint8, device=send.device)
+        gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+        fut = gather(out, send, group=group, async_op=True).get_future()
+    else:
+        out = send
+        fut = dist.all_reduce(send, group=group, async_op=True).get_future()
+    if bucket.is_last():
+        state._end_step()
+
+    def finish(_: torch.futures.Future) -> torch.Tensor:
+        result_P = engine.decompress(message, out)
+        if idx_P is None:
+            if result_P is not buffer_N:
+                buffer_N.copy_(result_P)
+            return buffer_N
+        buffer_N.zero_()
+        buffer_N.index_copy_(0, idx_P, result_P.to(buffer_N.dtype))
         return buffer_N
 
     return fut.then(finish)

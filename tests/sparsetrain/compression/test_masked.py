@@ -19,12 +19,15 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from sparsetrain import contract
-from sparsetrain.compression.masked import MaskedExchange, masked_hook
+from sparsetrain.compression.masked import MaskedExchange, carry_packed, masked_hook
+from sparsetrain.compression.topk import num_selected
 from sparsetrain.sparsity import DynamicSparsifier
 from tests.harness import run_distributed
 
 STEPS = 13
 UPDATE_EVERY = 3
+TOPK = dict(density=0.1, warmup_steps=2, ramp_steps=0, momentum=0.9, selection="topk", min_numel=64,
+            cost_rule=False, value_dtype="fp32")
 
 
 def _model() -> nn.Module:
@@ -39,13 +42,16 @@ def _batch(rank: int, t: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 def _build(mode: str, grad_masking: str = "hook"):
     model = _model()
-    opt = torch.optim.Adam(model.parameters(), lr=0.01)
+    if mode == "topk":  # the compression owns momentum: plain SGD
+        opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    else:
+        opt = torch.optim.Adam(model.parameters(), lr=0.01)
     sp = DynamicSparsifier(model, method="rigl", sparsity=0.8, update_every=UPDATE_EVERY, end_fraction=1.0,
                            total_steps=STEPS, optimizer=opt, grad_masking=grad_masking, verify_every=0)
     ddp = DDP(model, bucket_cap_mb=0.005)  # a few buckets
     ex = None
-    if mode == "masked":
-        ex = MaskedExchange(model, optimizer=opt)
+    if mode in ("masked", "topk"):
+        ex = MaskedExchange(model, optimizer=opt, compression=TOPK if mode == "topk" else None)
         ex.register(ddp)
     return model, opt, sp, ddp, ex
 
@@ -123,9 +129,10 @@ def test_two_ranks_bit_identical_to_dense_allreduce(grad_masking: str) -> None:
             assert stats["exchange/total_dense_steps"] == masked[rank]["updates"]
 
 
-def test_resume_mid_run_is_exact() -> None:
-    whole = run_distributed(_run, 2, "masked", "hook", timeout=240)
-    resumed = run_distributed(_run, 2, "masked", "hook", 7, timeout=240)
+@pytest.mark.parametrize("mode", ["masked", "topk"])
+def test_resume_mid_run_is_exact(mode: str) -> None:
+    whole = run_distributed(_run, 2, mode, "hook", timeout=240)
+    resumed = run_distributed(_run, 2, mode, "hook", 7, timeout=240)
     for rank in range(2):
         for t in range(STEPS):
             _assert_equal(whole[rank]["snaps"][t], resumed[rank]["snaps"][t])
@@ -199,6 +206,16 @@ def test_arguments_are_checked() -> None:
         ex.load_state_dict({"version": 9})
     with pytest.raises(ValueError, match="optimizer_steps"):
         ex.load_state_dict({"version": 1, "optimizer_steps": -1, "totals": {}})
+    with pytest.raises(TypeError, match="`compression` must be a DGCConfig"):
+        MaskedExchange(_model(), compression="dgc")
+    with pytest.raises(ValueError, match=r"`density` must be in \(0, 1\], got 2"):
+        MaskedExchange(_model(), compression={"density": 2})
+    with_topk = MaskedExchange(_model(), compression=TOPK).state_dict()
+    with pytest.raises(ValueError, match="saved with `compression`"):
+        ex.load_state_dict(with_topk)
+    other = MaskedExchange(_model(), compression={**TOPK, "density": 0.2})
+    with pytest.raises(ValueError, match="density=0.1"):
+        other.load_state_dict(with_topk)
 
 
 def test_packing_is_the_masks_in_order() -> None:
@@ -218,3 +235,110 @@ def test_packing_is_the_masks_in_order() -> None:
     assert torch.equal(packing.idx_P, torch.cat(expected))
     assert ex.packing(params, torch.device("cpu")) is packing  # same version: cached
     assert ex.rebuilds == 1
+
+
+# ---------------------------------------------------------------------- masked + top-k (DGC on the packed vector)
+
+
+def _run_topk_recorded(rank: int, world: int) -> dict:
+    model, opt, sp, ddp, _ = _build("dense")
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    sp.detach_optimizers()
+    sp.attach_optimizer(opt)
+    ex = MaskedExchange(model, optimizer=opt, compression=TOPK)
+    names = {id(p): n for n, p in model.named_parameters()}
+    steps: list = []
+
+    def hook(state, bucket):
+        local = bucket.buffer().clone()
+        bucket_names = [names[id(p)] for p in bucket.parameters()]
+        fut = masked_hook(state, bucket)
+
+        def keep(f):
+            out = f.value()
+            steps[-1]["buckets"].append((bucket_names, local, out.clone()))
+            return out
+
+        return fut.then(keep)
+
+    ddp.register_comm_hook(ex, hook)
+    for t in range(STEPS):
+        steps.append({"masks": {n: m.clone() for n, m in sp.masks().items()}, "buckets": []})
+        x, y = _batch(rank, t)
+        nn.functional.mse_loss(ddp(x), y).backward()
+        opt.step()
+        opt.zero_grad()
+    shapes = {n: tuple(p.shape) for n, p in model.named_parameters()}
+    return {"steps": steps, "shapes": shapes, "updates": sp.update_count, "stats": ex.statistics()}
+
+
+def _dgc_reference(records: list, world: int) -> list[dict[str, torch.Tensor]]:
+    """DGC (Lin et al. 2018, Sec. 3: momentum correction, error feedback, momentum factor masking) per rank
+    on the entries inside the masks, kept in natural coordinates and zeroed outside the masks when they
+    change; returns each step's averaged gradient per parameter name."""
+    m, density = TOPK["momentum"], TOPK["density"]
+    shapes = records[0]["shapes"]
+    u = [{n: torch.zeros(shapes[n]).reshape(-1) for n in shapes} for _ in range(world)]
+    v = [{n: torch.zeros(shapes[n]).reshape(-1) for n in shapes} for _ in range(world)]
+    out = []
+    for t in range(STEPS):
+        masks = records[0]["steps"][t]["masks"]
+        local = [{} for _ in range(world)]
+        for r in range(world):
+            for names, flat, _ in records[r]["steps"][t]["buckets"]:
+                offset = 0
+                for n in names:
+                    k = torch.Size(shapes[n]).numel()
+                    local[r][n] = flat[offset:offset + k]
+                    offset += k
+        averaged = {}
+        for n in shapes:
+            mask = masks[n].reshape(-1) if n in masks else torch.ones(torch.Size(shapes[n]).numel(), dtype=torch.bool)
+            pos = mask.nonzero().squeeze(1)
+            compressible = (n in masks or len(shapes[n]) >= 2) and pos.numel() >= TOPK["min_numel"]
+            sent = []
+            for r in range(world):
+                u[r][n] = torch.where(mask, u[r][n], 0.0)  # a mask change clears the state outside the masks
+                v[r][n] = torch.where(mask, v[r][n], 0.0)
+                u[r][n] = m * u[r][n] + local[r][n]
+                total = u[r][n] + v[r][n] if compressible else u[r][n]
+                if not compressible or t < TOPK["warmup_steps"]:
+                    sent.append(total.clone())
+                    if compressible:
+                        v[r][n] = torch.zeros_like(total)
+                    continue
+                top = pos[torch.topk(total[pos].abs(), num_selected(pos.numel(), density)).indices]
+                send = torch.zeros_like(total)
+                send[top] = total[top]
+                sent.append(send)
+                v[r][n] = total.clone()
+                v[r][n][top] = 0.0
+                u[r][n][top] = 0.0
+            averaged[n] = sum(s / world for s in sent)
+        out.append(averaged)
+    return out
+
+
+def test_masked_topk_follows_the_dgc_equations_across_mask_changes() -> None:
+    records = run_distributed(_run_topk_recorded, 2, timeout=240)
+    assert records[0]["updates"] >= 3
+    expected = _dgc_reference(records, 2)
+    changes = 0
+    for t in range(STEPS):
+        changes += t > 0 and any(not torch.equal(records[0]["steps"][t]["masks"][n],
+                                                 records[0]["steps"][t - 1]["masks"][n])
+                                 for n in records[0]["steps"][t]["masks"])
+        for r in range(2):
+            for names, _, got in records[r]["steps"][t]["buckets"]:
+                want = torch.cat([expected[t][n] for n in names])
+                torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7, msg=f"step {t} rank {r} {names}")
+    assert changes >= 3  # the state was carried across several mask changes
+    stats = records[0]["stats"]
+    assert 0 < stats["exchange/topk_sent_fraction"] < 0.5
+
+
+def test_carry_packed_keeps_the_positions_that_stay() -> None:
+    old = torch.tensor([1, 4, 6, 9])
+    new = torch.tensor([0, 4, 7, 9])
+    values = torch.tensor([10.0, 40.0, 60.0, 90.0])
+    assert torch.equal(carry_packed(values, old, new, 12), torch.tensor([0.0, 40.0, 0.0, 90.0]))
