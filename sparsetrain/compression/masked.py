@@ -26,7 +26,9 @@ averages gradients that are zero already (or, with ``grad_masking="step"``, that
 sparsifier zeroes right after). On 2 ranks a sum of two terms does not depend on the order, so
 the result is bit-identical to the dense all-reduce; on 3 or more ranks the collective may add
 the W terms of an element in another order for the shorter packed vector (gloo's ring splits
-the vector into other chunks), which can change the last bits.
+the vector into other chunks), which can change the last bits; DDP's built-in reducer also scales
+by multiplying with ``1/W`` where this hook divides (as ``allreduce_hook`` does), the same value
+for W = 2.
 
 With ``compression=DGCConfig(...)`` the packed vector goes through DGC
 (:class:`~sparsetrain.compression.engine.CompressionEngine`: top-k with error feedback and
