@@ -2,7 +2,8 @@
 
 from .compression import GradientCompression
 from .dynamic_sparsity import DynamicSparsity
+from .masked_exchange import MaskedExchange
 from .moe import MoEMonitor
 from .nm_sparsity import NMSparsity
 
-__all__: list[str] = ["DynamicSparsity", "GradientCompression", "MoEMonitor", "NMSparsity"]
+__all__: list[str] = ["DynamicSparsity", "GradientCompression", "MaskedExchange", "MoEMonitor", "NMSparsity"]

@@ -7,6 +7,8 @@
   (compress a flat buffer -> :class:`Message`; decompress; commit), in :mod:`.engine`;
 - :class:`DGCConfig`, :class:`BucketLayout`, :func:`plan_bucket`: the options, the density
   schedule and the cost rule, in :mod:`.plan`;
+- :class:`MaskedExchange` / :func:`masked_hook`: the sparsity-aware exchange (only the entries inside
+  the gradient masks travel; optionally DGC top-k on them), in :mod:`.masked`;
 - :mod:`.topk`: exact and sampled-threshold selection, :mod:`.wire`: the packed message;
 - :func:`sparsetrain.compression.horovod.DistributedOptimizer`: the same over ``hvd.allgather``
   (imported on demand, so Horovod stays optional).
@@ -14,6 +16,7 @@
 
 from .dgc import DGCState, check_optimizer, dgc_hook
 from .engine import CompressionEngine, Message
+from .masked import MaskedExchange, masked_hook
 from .plan import DENSITY_RAMP, MATH_FIELDS, BucketLayout, DGCConfig, plan_bucket
 from .topk import (
     num_selected,
@@ -31,9 +34,11 @@ __all__ = [
     "CompressionEngine",
     "DGCConfig",
     "DGCState",
+    "MaskedExchange",
     "Message",
     "check_optimizer",
     "dgc_hook",
+    "masked_hook",
     "num_selected",
     "plan_bucket",
     "sample_stride",

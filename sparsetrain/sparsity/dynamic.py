@@ -611,6 +611,16 @@ class DynamicSparsifier:
         """Names of the sparsified modules."""
         return list(self._modules)
 
+    def needs_dense_gradient(self) -> bool:
+        """Whether the gradient exchange of the coming step must deliver dense gradients (outside the masks too).
+
+        True before a RigL update step (``schedule.needs_gradient``) with ``grad_masking="step"``,
+        where the dense gradient is taken after DDP's averaging. With ``"hook"`` the gradient hooks
+        keep the local dense gradient before masking and the update all-reduces it itself, so a
+        sparsity-aware exchange may stay packed (False).
+        """
+        return self._capture and self.config.grad_masking == "step"
+
     def masks(self) -> dict[str, torch.Tensor]:
         """Parameter name (``"<module name>.weight"``) -> its current bool mask, ``True`` = kept.
 
