@@ -1,16 +1,18 @@
 """``sparsetrain`` command line: ``train``, ``check`` and ``report``.
 
     sparsetrain train RECIPE [--devices N] [--max-steps N] [--out DIR] [--no-resume] [--set KEY=VALUE ...]
-    sparsetrain check RECIPE [--set KEY=VALUE ...]
+    sparsetrain check RECIPE [--devices N] [--set KEY=VALUE ...]
     sparsetrain report RUN_DIR
+
+``check`` reads the recipe, then builds what it can without training: the model (on the
+meta device where possible) and every component's layer selection, and compares the
+processes asked for with this machine. Exit status: 0, or 2 with one line naming the key.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
-from pathlib import Path
 
 __all__ = ["main"]
 
@@ -27,8 +29,9 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--no-report", action="store_true", help="skip the PNG report")
     t.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a recipe value, e.g. --set trainer.seed=1 --set callbacks[0].density=0.01")
-    c = sub.add_parser("check", help="validate a recipe without training")
+    c = sub.add_parser("check", help="validate a recipe and build its model and layer selections, without training")
     c.add_argument("recipe")
+    c.add_argument("--devices", type=int, help="processes (CPU) or GPUs per node; overrides trainer.devices")
     c.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     r = sub.add_parser("report", help="(re)draw report.png of a finished run")
     r.add_argument("run_dir")
@@ -40,20 +43,21 @@ def main(argv: list[str] | None = None) -> int:
     from .recipe import load_recipe
 
     if args.command == "report":
-        from .report import summary_table, write_report
-
-        path = write_report(args.run_dir)
-        summary_file = Path(args.run_dir) / "summary.json"
-        if summary_file.is_file():
-            print(summary_table(json.loads(summary_file.read_text())))
-        print(f"report: {path}")
-        return 0
+        return _report(args.run_dir)
     try:
         recipe = load_recipe(args.recipe, args.overrides)
+        if args.command == "check":
+            from .train import check_recipe
+
+            if args.devices is not None and args.devices < 1:
+                raise ValueError(f"--devices: must be >= 1, got {args.devices}")
+            lines = check_recipe(recipe, devices=args.devices)
     except ValueError as err:
         print(f"sparsetrain: invalid recipe: {err}", file=sys.stderr)
         return 2
     if args.command == "check":
+        for line in lines:
+            print(f"  {line}")
         print(f"{args.recipe}: ok")
         return 0
     from .train import train
@@ -73,6 +77,21 @@ def main(argv: list[str] | None = None) -> int:
 
         print(summary_table(summary))
         print(f"outputs: {out}/checkpoints/last.ckpt, {out}/metrics.csv, {out}/report.png, {out}/summary.json")
+    return 0
+
+
+def _report(run_dir: str) -> int:
+    from .report import load_summary, summary_table, write_report
+
+    try:
+        summary = load_summary(run_dir)
+        path = write_report(run_dir)
+    except ValueError as err:
+        print(f"sparsetrain report: {err}", file=sys.stderr)
+        return 2
+    if summary:
+        print(summary_table(summary))
+    print(f"report: {path}")
     return 0
 
 

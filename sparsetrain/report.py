@@ -13,7 +13,7 @@ import math
 from collections import defaultdict
 from pathlib import Path
 
-__all__ = ["read_metrics", "summary_table", "write_report"]
+__all__ = ["load_summary", "read_metrics", "summary_table", "write_report"]
 
 _SKIP = {"step", "epoch", "train_loss", "val_loss"}
 
@@ -49,6 +49,27 @@ def _panels(series: dict[str, list[tuple[int, float]]], limit: int) -> list[str]
     return sorted(keys, key=lambda k: (rank[k], k))[:limit]
 
 
+def load_summary(run_dir: str | Path) -> dict:
+    """The run's ``summary.json`` as a dict ({} when the run has none).
+
+    Raises:
+        ValueError: ``run_dir`` is not a directory, or its ``summary.json`` is not a JSON object.
+    """
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise ValueError(f"`run_dir` must be an existing run directory, got {str(run_dir)!r}")
+    path = run_dir / "summary.json"
+    if not path.is_file():
+        return {}
+    try:
+        summary = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{path}: not valid JSON ({err})") from None
+    if not isinstance(summary, dict):
+        raise ValueError(f"{path}: expected a JSON object, got {type(summary).__name__}")
+    return summary
+
+
 def write_report(run_dir: str | Path, out: str | Path | None = None, max_panels: int = 6) -> Path:
     """Draw ``report.png`` (or ``out``) for the run in ``run_dir``; return its path.
 
@@ -57,7 +78,7 @@ def write_report(run_dir: str | Path, out: str | Path | None = None, max_panels:
     compression ratio or mask flips), at most ``max_panels``.
 
     Raises:
-        ValueError: ``run_dir`` has no ``metrics.csv``.
+        ValueError: ``run_dir`` is not a directory, has no ``metrics.csv``, or a bad ``summary.json``.
     """
     import matplotlib
 
@@ -65,13 +86,11 @@ def write_report(run_dir: str | Path, out: str | Path | None = None, max_panels:
     import matplotlib.pyplot as plt
 
     run_dir = Path(run_dir)
+    summary = load_summary(run_dir)
     metrics_path = run_dir / "metrics.csv"
     if not metrics_path.is_file():
         raise ValueError(f"`run_dir` must contain metrics.csv, got {str(run_dir)!r}")
     series = read_metrics(metrics_path)
-    summary = {}
-    if (run_dir / "summary.json").is_file():
-        summary = json.loads((run_dir / "summary.json").read_text())
     keys = _panels(series, max_panels)
     rows = 1 + math.ceil(len(keys) / 3)
     fig = plt.figure(figsize=(13, 3.4 * rows + 0.6))

@@ -36,9 +36,10 @@ from .demo.lightning import DemoLM, MLPTask
 from .demo.loader import ResumableLoader
 from .demo.mlp import make_classification
 from .demo.model import GPTConfig
-from .recipe import Recipe, build_callbacks
+from .recipe import LOSSES, Recipe, RecipeError, build_callbacks, import_class
 
-__all__ = ["AtomicCheckpointIO", "PeriodicCheckpoint", "build_module", "train"]
+__all__ = ["AtomicCheckpointIO", "ModelTask", "PeriodicCheckpoint", "build_data", "build_module", "check_recipe",
+           "train"]
 
 LAST = "last.ckpt"
 
@@ -119,15 +120,197 @@ class _CountConsumed(Callback):
         trainer.datamodule.train_loader.mark_consumed()
 
 
+class ModelTask(pl.LightningModule):
+    """A plain ``nn.Module`` trained with a named loss on batches ``(inputs, targets)``.
+
+    Logs ``train_loss`` and ``val_loss`` (and ``val_acc`` for ``cross_entropy``). Logits of shape
+    ``(..., classes)`` are flattened against targets of shape ``(...)`` for ``cross_entropy``.
+
+    Args:
+        model: the network.
+        loss: ``cross_entropy``, ``mse`` or ``l1``.
+        optimizer, lr, weight_decay, momentum, warmup_steps: as in a recipe's ``optimizer``.
+
+    Raises:
+        TypeError: ``model`` is not an ``nn.Module``.
+        ValueError: an unknown ``loss`` or an invalid optimizer setting.
+    """
+
+    def __init__(self, model: torch.nn.Module, loss: str = "cross_entropy", optimizer: str = "adamw",
+                 lr: float = 3e-3, weight_decay: float = 0.0, momentum: float = 0.0, warmup_steps: int = 0) -> None:
+        super().__init__()
+        if not isinstance(model, torch.nn.Module):
+            raise TypeError(f"`model` must be a torch.nn.Module, got {type(model).__name__}")
+        if loss not in LOSSES:
+            raise ValueError(f"`loss` must be one of {', '.join(LOSSES)}, got {loss!r}")
+        from .demo.lightning import _check_optim_args
+
+        _check_optim_args(optimizer, lr, weight_decay, momentum)
+        if warmup_steps < 0:
+            raise ValueError(f"`warmup_steps` must be >= 0, got {warmup_steps}")
+        self.model = model
+        self.loss_name, self.optimizer_name, self.lr = loss, optimizer, lr
+        self.weight_decay, self.momentum, self.warmup_steps = weight_decay, momentum, warmup_steps
+
+    def forward(self, x):
+        return self.model(x)
+
+    def _loss(self, batch):
+        x, y = batch
+        out = self.model(x)
+        if self.loss_name == "cross_entropy":
+            return torch.nn.functional.cross_entropy(out.reshape(-1, out.shape[-1]), y.reshape(-1)), out
+        fn = torch.nn.functional.mse_loss if self.loss_name == "mse" else torch.nn.functional.l1_loss
+        return fn(out, y), out
+
+    def training_step(self, batch, batch_idx):
+        loss, _ = self._loss(batch)
+        self.log("train_loss", loss)
+        return loss
+
+    def validation_step(self, batch, batch_idx):
+        loss, out = self._loss(batch)
+        self.log("val_loss", loss, sync_dist=True)
+        if self.loss_name == "cross_entropy":
+            acc = (out.argmax(-1) == batch[1]).float().mean()
+            self.log("val_acc", acc, sync_dist=True)
+
+    def configure_optimizers(self):
+        from .demo.lightning import _make_optimizer
+
+        opt = _make_optimizer(self.parameters(), self.optimizer_name, self.lr, self.weight_decay, self.momentum)
+        if not self.warmup_steps:
+            return opt
+        w = self.warmup_steps
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / w))
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+
+def build_network(recipe: Recipe) -> torch.nn.Module:
+    """The recipe's model as it is named: the user's class constructed, or the demo module."""
+    m = recipe.model
+    if m.class_path is not None:
+        cls = import_class(m.class_path, "model.class_path")
+        try:
+            return cls(**m.init_args)
+        except Exception as err:  # the user's constructor: anything it raises is about its arguments
+            raise RecipeError(f"model.init_args: {cls.__qualname__} refused them: "
+                              f"{type(err).__name__}: {err}") from err
+    return build_module(recipe)
+
+
 def build_module(recipe: Recipe) -> pl.LightningModule:
     """The LightningModule for the recipe's model and optimizer."""
     o = recipe.optimizer
+    if recipe.model.class_path is not None:
+        net = build_network(recipe)
+        if isinstance(net, pl.LightningModule):
+            return net
+        return ModelTask(net, loss=recipe.model.loss, optimizer=o.name, lr=o.lr, weight_decay=o.weight_decay,
+                         momentum=o.momentum, warmup_steps=o.warmup_steps)
     if recipe.model.name == "gpt":
         return DemoLM(model=GPTConfig(**recipe.model.gpt_kwargs()), optimizer=o.name, lr=o.lr,
                       weight_decay=o.weight_decay, momentum=o.momentum, warmup_steps=o.warmup_steps)
     m = recipe.model
     return MLPTask(in_features=m.in_features, hidden=m.hidden, n_classes=m.n_classes, optimizer=o.name,
                    lr=o.lr, weight_decay=o.weight_decay, momentum=o.momentum)
+
+
+def build_data(recipe: Recipe) -> pl.LightningDataModule:
+    """The recipe's data module: the user's ``class_path`` constructed, or the demo data."""
+    d = recipe.data
+    if d.class_path is None:
+        return _DataModule(recipe)
+    cls = import_class(d.class_path, "data.class_path")
+    try:
+        return cls(**d.init_args)
+    except Exception as err:  # the user's constructor
+        raise RecipeError(f"data.init_args: {cls.__qualname__} refused them: {type(err).__name__}: {err}") from err
+
+
+def _available_devices(accelerator: str) -> tuple[int, str]:
+    if accelerator == "cpu":
+        try:
+            return len(os.sched_getaffinity(0)), "CPU cores"
+        except AttributeError:  # not on Linux
+            return os.cpu_count() or 1, "CPU cores"
+    return torch.cuda.device_count(), "GPUs"
+
+
+def _build_for_check(recipe: Recipe) -> tuple[torch.nn.Module, str]:
+    """The LightningModule, on the meta device where its constructor allows it (no memory, no init)."""
+    try:
+        with torch.device("meta"):
+            return build_module(recipe), "meta"
+    except Exception:  # noqa: BLE001  a constructor that computes on its tensors: build it for real
+        return build_module(recipe), "cpu"
+
+
+def check_recipe(recipe: Recipe, *, devices: int | None = None) -> list[str]:
+    """Build what can be built without training; return one line per thing built.
+
+    Builds the model (on the meta device where possible) and runs every component's layer
+    selection on it, so an ``include`` that matches no layer, an ``m`` that divides no selected
+    layer or two components claiming the same layers fail here instead of in every rank; the
+    number of processes (or GPUs) is checked against this machine unless a launcher started us.
+
+    Raises:
+        RecipeError: naming the key path.
+    """
+    from .components import component_class
+    from .contract import select_layers
+    from .nm import select_nm_layers
+
+    t = recipe.trainer
+    lines = []
+    if _launched_externally() is None and (t.accelerator != "auto"):
+        wanted = devices or t.devices
+        have, what = _available_devices(t.accelerator)
+        if wanted > have:
+            key = "--devices" if devices else "trainer.devices"
+            raise RecipeError(f"{key}: {wanted} processes asked for, this machine has {have} {what}")
+    module, where = _build_for_check(recipe)
+    n_params = sum(p.numel() for p in module.parameters())
+    lines.append(f"model: {type(module).__name__} built on {where}, {n_params:,} parameters")
+    claimed: dict[str, str] = {}
+    import warnings
+
+    for i, spec in enumerate(recipe.callbacks):
+        path = f"callbacks[{i}]"
+        cls = component_class(spec["name"])
+        fields = cls.config_fields() if hasattr(cls, "config_fields") else {}
+        if "include" not in fields:
+            lines.append(f"{path} {spec['name']}: built")
+            continue
+        import dataclasses
+
+        kw = {k: f.default for k, f in fields.items() if f.default is not dataclasses.MISSING}
+        kw.update({k: v for k, v in spec.items() if k != "name"})
+        try:
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                if "m" in fields:
+                    ms = [m for _, m in kw["stages"]] if kw.get("stages") else [kw["m"]]
+                    layers = select_nm_layers(module, ms, kw.get("include"), kw.get("exclude"))
+                else:
+                    opts = {k: kw[k] for k in ("keep_first_dense", "keep_last_dense") if k in kw}
+                    layers = select_layers(module, include=kw.get("include"), exclude=kw.get("exclude") or (),
+                                           **opts)
+        except ValueError as err:
+            msg = str(err)
+            key = next((k for k in ("include", "exclude", "m") if f"`{k}`" in msg), None)
+            raise RecipeError(f"{path}.{key}: {msg}" if key else f"{path}: {msg}") from err
+        for w in caught:
+            lines.append(f"{path} {spec['name']}: warning: {w.message}")
+        both = sorted(set(layers) & set(claimed))
+        if both and spec["name"] != "gradient_compression":
+            raise RecipeError(f"{path}.include: layers also sparsified by {claimed[both[0]]}: {', '.join(both)}; "
+                              "give each layer to one sparsifying component (include / exclude)")
+        claimed.update({name: path for name in layers})
+        names = list(layers)
+        shown = ", ".join(names[:6]) + (f", ... ({len(names) - 6} more)" if len(names) > 6 else "")
+        lines.append(f"{path} {spec['name']}: {len(names)} layer(s): {shown}")
+    return lines
 
 
 def _launched_externally() -> tuple[int, int] | None:
@@ -189,9 +372,10 @@ def train(recipe: Recipe, out: str | Path, *, devices: int | None = None, max_st
 
     pl.seed_everything(t.seed, workers=True, verbose=False)
     module = build_module(recipe)
-    data = _DataModule(recipe)
+    data = build_data(recipe)
+    ours = isinstance(data, _DataModule)
     components = build_callbacks(recipe)
-    callbacks = [*components, *(extra_callbacks or []), _CountConsumed(),
+    callbacks = [*components, *(extra_callbacks or []), *([_CountConsumed()] if ours else []),
                  PeriodicCheckpoint(ckpt_dir, t.checkpoint_every_n_steps)]
     logger = CSVLogger(save_dir=str(out), name="", version="")
     trainer = pl.Trainer(
@@ -215,7 +399,7 @@ def train(recipe: Recipe, out: str | Path, *, devices: int | None = None, max_st
         enable_model_summary=False,
         num_sanity_val_steps=0,
         default_root_dir=str(out),
-        use_distributed_sampler=False,
+        use_distributed_sampler=not ours,
         deterministic=t.deterministic,
     )
     start = time.perf_counter()
