@@ -14,7 +14,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-__all__ = ["main"]
+__all__ = ["check_train_args", "main"]
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -78,6 +78,32 @@ def main(argv: list[str] | None = None) -> int:
         print(summary_table(summary))
         print(f"outputs: {out}/checkpoints/last.ckpt, {out}/metrics.csv, {out}/report.png, {out}/summary.json")
     return 0
+
+
+def check_train_args(argv: list[str], *, check_devices: bool = False) -> str | None:
+    """Check ``sparsetrain train ARGV`` as :func:`main` would run it, without training.
+
+    Reads the recipe with its ``--set`` overrides and runs ``check`` on it (the model and
+    layer selections built; the devices against this machine only with ``check_devices``, since
+    the launcher's processes may run elsewhere). Returns None when it passes, else the one-line reason.
+    """
+    try:
+        args = _parser().parse_args(["train", *argv])
+    except SystemExit:  # argparse printed its usage line and the error
+        return f"`sparsetrain train {' '.join(argv)}` has invalid arguments"
+    from .recipe import load_recipe
+    from .train import check_recipe
+
+    try:
+        for name in ("devices", "max_steps"):
+            value = getattr(args, name)
+            if value is not None and value < 1:
+                raise ValueError(f"--{name.replace('_', '-')}: must be >= 1, got {value}")
+        recipe = load_recipe(args.recipe, args.overrides)
+        check_recipe(recipe, devices=args.devices, check_devices=check_devices)
+    except ValueError as err:
+        return f"invalid recipe {args.recipe}: {err}"
+    return None
 
 
 def _report(run_dir: str) -> int:

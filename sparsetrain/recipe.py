@@ -507,7 +507,7 @@ def apply_overrides(data: dict[str, Any], overrides: typing.Sequence[str]) -> di
                 break
             child = node[part] if isinstance(part, int) else node.get(part)
             if child is None:
-                child = {}
+                child = [] if isinstance(parts[i + 1], int) else {}
             elif isinstance(child, (dict, list)):
                 child = type(child)(child)
             node[part] = child

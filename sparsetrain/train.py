@@ -246,13 +246,14 @@ def _build_for_check(recipe: Recipe) -> tuple[torch.nn.Module, str]:
         return build_module(recipe), "cpu"
 
 
-def check_recipe(recipe: Recipe, *, devices: int | None = None) -> list[str]:
+def check_recipe(recipe: Recipe, *, devices: int | None = None, check_devices: bool = True) -> list[str]:
     """Build what can be built without training; return one line per thing built.
 
     Builds the model (on the meta device where possible) and runs every component's layer
     selection on it, so an ``include`` that matches no layer, an ``m`` that divides no selected
     layer or two components claiming the same layers fail here instead of in every rank; the
-    number of processes (or GPUs) is checked against this machine unless a launcher started us.
+    number of processes (or GPUs) is checked against this machine unless a launcher started us
+    or ``check_devices`` is False (the launcher's own check: the run may be on other machines).
 
     Raises:
         RecipeError: naming the key path.
@@ -263,7 +264,7 @@ def check_recipe(recipe: Recipe, *, devices: int | None = None) -> list[str]:
 
     t = recipe.trainer
     lines = []
-    if _launched_externally() is None and (t.accelerator != "auto"):
+    if check_devices and _launched_externally() is None and t.accelerator != "auto":
         wanted = devices or t.devices
         have, what = _available_devices(t.accelerator)
         if wanted > have:
