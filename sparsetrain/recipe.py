@@ -210,6 +210,8 @@ class TrainerConfig:
         val_check_interval: validate every this many steps (and at the end).
         limit_val_batches: validation batches per check.
         log_every_n_steps: how often training metrics are logged.
+        progress_every_n_steps: print one progress line (step, loss, throughput, achieved
+            sparsity and compression) on rank 0 this often; 0: never.
         accumulate_grad_batches: micro-batches per optimizer step.
         gradient_clip_val: global norm clipping, or null.
         checkpoint_every_n_steps: write ``checkpoints/last.ckpt`` this often (0: only at the end).
@@ -228,6 +230,7 @@ class TrainerConfig:
     val_check_interval: int = 100
     limit_val_batches: int = 20
     log_every_n_steps: int = 10
+    progress_every_n_steps: int = 50
     accumulate_grad_batches: int = 1
     gradient_clip_val: float | None = None
     checkpoint_every_n_steps: int = 0
@@ -238,6 +241,8 @@ class TrainerConfig:
     def __post_init__(self) -> None:
         _positive(self, "devices", "num_nodes", "max_steps", "val_check_interval", "limit_val_batches",
                   "log_every_n_steps", "accumulate_grad_batches")
+        if self.progress_every_n_steps < 0:
+            raise ValueError(f"`progress_every_n_steps` must be >= 0, got {self.progress_every_n_steps}")
         if self.checkpoint_every_n_steps < 0:
             raise ValueError(f"`checkpoint_every_n_steps` must be >= 0, got {self.checkpoint_every_n_steps}")
         if self.gradient_clip_val is not None and self.gradient_clip_val <= 0:

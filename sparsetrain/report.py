@@ -75,7 +75,9 @@ def write_report(run_dir: str | Path, out: str | Path | None = None, max_panels:
 
     The top row holds the loss curves and the summary table; below it, one small panel per
     logged metric that changed during the run (component metrics such as sparsity,
-    compression ratio or mask flips), at most ``max_panels``.
+    compression ratio or mask flips), at most ``max_panels``; for runs with masks (dynamic
+    sparsity, N:M), a last row with each layer's achieved sparsity (``summary.json``'s
+    ``layer_sparsity``).
 
     Raises:
         ValueError: ``run_dir`` is not a directory, has no ``metrics.csv``, or a bad ``summary.json``.
@@ -92,7 +94,9 @@ def write_report(run_dir: str | Path, out: str | Path | None = None, max_panels:
         raise ValueError(f"`run_dir` must contain metrics.csv, got {str(run_dir)!r}")
     series = read_metrics(metrics_path)
     keys = _panels(series, max_panels)
-    rows = 1 + math.ceil(len(keys) / 3)
+    layers = {f"{comp}: {name}": v for comp, per in (summary.get("layer_sparsity") or {}).items()
+              for name, v in per.items() if isinstance(v, (int, float))}
+    rows = 1 + math.ceil(len(keys) / 3) + (1 if layers else 0)
     fig = plt.figure(figsize=(13, 3.4 * rows + 0.6))
     grid = fig.add_gridspec(rows, 3)
 
@@ -119,6 +123,16 @@ def write_report(run_dir: str | Path, out: str | Path | None = None, max_panels:
         ax.grid(alpha=0.3)
         if min(values) > 0 and max(values) / min(values) > 100:
             ax.set_yscale("log")
+    if layers:
+        ax = fig.add_subplot(grid[rows - 1, :])
+        names = list(layers)
+        ax.barh(range(len(names)), [layers[n] for n in names])
+        ax.set_yticks(range(len(names)), names, fontsize=max(4, 9 - len(names) // 8))
+        ax.invert_yaxis()
+        ax.set_xlim(0, 1)
+        ax.set_xlabel("achieved sparsity (share of zeros in the mask)")
+        ax.set_title("per-layer sparsity at the end", fontsize=9)
+        ax.grid(alpha=0.3, axis="x")
     fig.suptitle(f"sparsetrain run: {summary.get('recipe', run_dir.name)}")
     fig.tight_layout()
     out = Path(out) if out else run_dir / "report.png"
@@ -140,9 +154,14 @@ def summary_table(summary: dict) -> str:
         ("final val loss", f"{summary.get('final_val_loss', float('nan')):.4f}"),
         ("components", ", ".join(summary.get("components") or []) or "none"),
     ]
+    configs = summary.get("component_configs") or {}
     for comp, stats in (summary.get("component_summaries") or {}).items():
-        for key, value in stats.items():
-            if isinstance(value, (dict, list, tuple)):
+        target = ", ".join(f"{k}={v}" for k, v in (configs.get(comp) or {}).items()
+                           if k in ("method", "sparsity", "density", "n", "m"))
+        if target:
+            rows.append((f"{comp} (configured)", target[:40]))
+        for key, value in (stats or {}).items():
+            if isinstance(value, (dict, list, tuple)) or "/layer" in key:
                 continue
             rows.append((f"{comp}.{key}", f"{value:.4g}" if isinstance(value, float) else str(value)[:24]))
     width = max(len(k) for k, _ in rows)

@@ -102,12 +102,18 @@ def test_user_model_trains_with_each_component(tmp_path, component):
         for name in ("model.left.weight", "model.right.0.weight"):
             assert (weights[name] == 0).float().mean().item() == pytest.approx(0.5, abs=0.02), name
         assert (weights["model.head.weight"] == 0).float().mean().item() < 0.1  # not included
+        layers = written["layer_sparsity"]["DynamicSparsity"]
+        assert set(layers) == {"model.left.weight", "model.right.0.weight"}
+        assert all(v == pytest.approx(0.5, abs=0.02) for v in layers.values()), layers
+        achieved = written["component_summaries"]["DynamicSparsity"]
+        assert achieved["sparsity/global"] == pytest.approx(0.5, abs=0.02)
     if component == "nm_sparsity":
         for name in ("model.left.weight", "model.right.0.weight", "model.head.weight"):
             groups = (weights[name] != 0).reshape(-1, 4).sum(1)
             assert int(groups.max()) == 2, name
     if component == "gradient_compression":
         stats = written["component_summaries"]["GradientCompression"]
+        assert written["component_configs"]["GradientCompression"]["density"] == 0.1
         assert any("ratio" in k or "wire_bytes" in k for k in stats), stats  # achieved, not configured
 
 
