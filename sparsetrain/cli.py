@@ -46,12 +46,15 @@ def main(argv: list[str] | None = None) -> int:
         return _report(args.run_dir)
     try:
         recipe = load_recipe(args.recipe, args.overrides)
-        if args.command == "check":
-            from .train import check_recipe
+        from .train import check_recipe
 
-            if args.devices is not None and args.devices < 1:
-                raise ValueError(f"--devices: must be >= 1, got {args.devices}")
-            lines = check_recipe(recipe, devices=args.devices)
+        for name in ("devices", "max_steps"):
+            value = getattr(args, name, None)
+            if value is not None and value < 1:
+                raise ValueError(f"--{name.replace('_', '-')}: must be >= 1, got {value}")
+        # `train` builds the model and layer selections first too, so that they fail here, in
+        # one line, before any process is started or anything is written.
+        lines = check_recipe(recipe, devices=args.devices, check_devices=args.command == "check")
     except ValueError as err:
         print(f"sparsetrain: invalid recipe: {err}", file=sys.stderr)
         return 2

@@ -492,7 +492,7 @@ def apply_overrides(data: dict[str, Any], overrides: typing.Sequence[str]) -> di
             value = _safe_load(raw) if raw else None
         except (yaml.YAMLError, RecipeError) as err:
             if raw.lstrip()[:1] in ("[", "{"):
-                reason = str(err).splitlines()[0]
+                reason = _yaml_reason(err) if isinstance(err, yaml.YAMLError) else str(err)
                 raise RecipeError(f"{where}: --set value {raw!r} is not valid YAML ({reason})") from None
             value = raw  # e.g. `*.mlp.*`: a glob, not a YAML alias
         node: Any = data
@@ -520,6 +520,15 @@ def apply_overrides(data: dict[str, Any], overrides: typing.Sequence[str]) -> di
     return data
 
 
+def _yaml_reason(err: yaml.YAMLError) -> str:
+    """One line: what YAML found wrong and where."""
+    mark = getattr(err, "problem_mark", None)
+    problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+    where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
+    context = getattr(err, "context", None)
+    return f"{context + ': ' if context else ''}{problem}{where}"
+
+
 def _read_text(path: Path) -> str:
     raw = path.read_bytes()
     if b"\x00" in raw:
@@ -544,7 +553,7 @@ def load_recipe(path: str | Path, overrides: typing.Sequence[str] = (), *, check
     try:
         data = _safe_load(text)
     except yaml.YAMLError as err:
-        raise RecipeError(f"{path}: not valid YAML: {err}") from err
+        raise RecipeError(f"{path}: not valid YAML: {_yaml_reason(err)}") from err
     if overrides:
         if not isinstance(data, dict):
             raise RecipeError(f"recipe: expected a mapping at the top level, got {type(data).__name__}")
