@@ -161,14 +161,6 @@ class ModelConfig:
         return dict(block_size=self.block_size, n_layer=self.n_layer, n_head=self.n_head, d_model=self.d_model,
                     mlp_ratio=self.mlp_ratio, dropout=self.dropout)
 
-    @property
-    def is_lightning_module(self) -> bool:
-        """The ``class_path`` names a ``LightningModule`` (used as it is)."""
-        import lightning.pytorch as pl
-
-        return self.class_path is not None and issubclass(import_class(self.class_path, "model.class_path"),
-                                                          pl.LightningModule)
-
 
 @dataclass(kw_only=True)
 class DataConfig:

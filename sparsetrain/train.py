@@ -27,9 +27,11 @@ otherwise Lightning starts ``trainer.devices`` processes itself.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import time
+import warnings
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -63,6 +65,7 @@ __all__ = [
     "read_checkpoint_step",
     "resume_checkpoint",
     "train",
+    "warnings_on_rank_zero_only",
 ]
 
 LAST = "last.ckpt"
@@ -118,7 +121,6 @@ def resume_checkpoint(ckpt_dir: str | Path) -> tuple[Path, int] | None:
     Raises:
         ValueError: there are checkpoints and none loads (one line naming them).
     """
-    import warnings
 
     ckpt_dir = Path(ckpt_dir)
     problems = []
@@ -195,12 +197,12 @@ class PeriodicCheckpoint(Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         step = trainer.global_step
         if self.every_n_steps and step and step % self.every_n_steps == 0 and step != self._saved_at:
-            trainer.save_checkpoint(self.path)
+            trainer.save_checkpoint(self.path, weights_only=False)  # the full state, said so
             self._saved_at = step
 
     def on_train_end(self, trainer, pl_module) -> None:
         if trainer.global_step != self._saved_at:
-            trainer.save_checkpoint(self.path)
+            trainer.save_checkpoint(self.path, weights_only=False)  # the full state, said so
             self._saved_at = trainer.global_step
 
 
@@ -538,7 +540,6 @@ def check_recipe(recipe: Recipe, *, devices: int | None = None, check_devices: b
     n_params = sum(p.numel() for p in module.parameters())
     lines.append(f"model: {type(module).__name__} built on {where}, {n_params:,} parameters")
     claimed: dict[str, str] = {}
-    import warnings
 
     for i, spec in enumerate(recipe.callbacks):
         path = f"callbacks[{i}]"
@@ -576,6 +577,21 @@ def check_recipe(recipe: Recipe, *, devices: int | None = None, check_devices: b
         shown = ", ".join(names[:6]) + (f", ... ({len(names) - 6} more)" if len(names) > 6 else "")
         lines.append(f"{path} {spec['name']}: {len(names)} layer(s): {shown}")
     return lines
+
+
+@contextlib.contextmanager
+def warnings_on_rank_zero_only(rank: int):
+    """Within the block, Python warnings are shown by rank 0 only.
+
+    Every rank runs the same code on the same recipe, so a warning (a skipped layer, a schedule
+    that never fires) would otherwise be printed once per process. Errors are not affected.
+    """
+    if rank == 0:
+        yield
+        return
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        yield
 
 
 def _launched_externally() -> tuple[int, int] | None:
@@ -670,9 +686,10 @@ def train(recipe: Recipe, out: str | Path, *, devices: int | None = None, max_st
         deterministic=t.deterministic,
     )
     start = time.perf_counter()
-    trainer.fit(module, datamodule=data, ckpt_path=ckpt_path, weights_only=True)
-    fit_seconds = time.perf_counter() - start
-    final = trainer.validate(module, datamodule=data, verbose=False, weights_only=True)[0]
+    with warnings_on_rank_zero_only(trainer.global_rank):
+        trainer.fit(module, datamodule=data, ckpt_path=ckpt_path, weights_only=True)
+        fit_seconds = time.perf_counter() - start
+        final = trainer.validate(module, datamodule=data, verbose=False, weights_only=True)[0]
     achieved, configured = _summaries(recipe, components)
     summary = {
         "recipe": recipe.name,
