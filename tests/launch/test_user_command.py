@@ -83,3 +83,50 @@ def test_user_script_through_the_two_host_test_bed(tmp_path):
         assert r.returncode == 0, f"host {r.host}:\n{r.stdout[-2000:]}\n{r.stderr[-5000:]}"
     ranks = _check(tmp_path, 2)
     assert ranks[0]["env"]["MASTER_ADDR"] == ranks[1]["env"]["MASTER_ADDR"] == bed.addresses[0]
+
+
+NODE_LOCAL_RECIPE = """\
+version: 1
+name: node-local
+model: {name: mlp, hidden: 32}
+data: {name: synthetic_classification, n: 512, batch_size: 16}
+trainer: {devices: 1, max_steps: 4, val_check_interval: 4, limit_val_batches: 1, checkpoint_every_n_steps: 2}
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.netns
+def test_node_local_run_directories_fail_fast_on_two_hosts(tmp_path):
+    """Each host launched with --out on its own disk: only host 0 holds the checkpoint rank 0 wrote.
+    The second launch must stop at once on both hosts with one message, not hang in a collective."""
+    reason = unavailable_reason()
+    if reason:
+        pytest.skip(reason)
+    import time
+
+    from sparsetrain.launch import TwoHostTestbed
+
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(NODE_LOCAL_RECIPE)
+    outs = [tmp_path / "host0-disk" / "run", tmp_path / "host1-disk" / "run"]
+
+    def launch(bed, max_steps):
+        argvs = [[sys.executable, "-m", "sparsetrain.launch.cli", "--backend", "torchrun", "--nnodes", "2",
+                  "--node-rank", str(h), "--master-addr", bed.addresses[0], "--master-port", "29512", str(recipe),
+                  "--out", str(outs[h]), "--no-report", "--max-steps", str(max_steps)] for h in (0, 1)]
+        return bed.run(argvs, env={"PATH": _env()["PATH"], "OMP_NUM_THREADS": "1"}, cwd=str(tmp_path),
+                       timeout=TIMEOUT)
+
+    with TwoHostTestbed() as bed:
+        first = launch(bed, 4)
+        assert all(r.returncode == 0 for r in first), [r.stderr[-3000:] for r in first]
+        assert (outs[0] / "checkpoints" / "last.ckpt").is_file()
+        assert not (outs[1] / "checkpoints" / "last.ckpt").exists()
+        start = time.monotonic()
+        second = launch(bed, 8)
+        seconds = time.monotonic() - start
+    assert all(r.returncode != 0 for r in second)
+    message = ("node 1 (rank 1) cannot resume from checkpoints/last.ckpt at step 4 like rank 0 (cannot read it): "
+               "the run directory must be on storage every node shares, or pass --no-resume")
+    assert message in second[1].stderr, second[1].stderr[-4000:]
+    assert seconds < 120, seconds  # not gloo's 30-minute collective timeout
