@@ -21,7 +21,7 @@ $(PY):
 $(STAMP): pyproject.toml | $(PY)
 	$(PIP) install -q torch==2.13.0
 	$(PIP) install -q "lightning==2.6.6" numpy pyyaml safetensors \
-		pytest pytest-timeout ruff matplotlib "compressed-tensors==0.12.2"
+		pytest pytest-timeout ruff matplotlib "compressed-tensors==0.12.2" "jsonargparse[signatures]==4.53.0"
 	$(PIP) install -q --no-build-isolation "deepspeed==0.19.8"
 	$(PIP) install -q --no-build-isolation --no-deps -e .
 	touch $@

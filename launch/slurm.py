@@ -6,7 +6,11 @@ the first host of the allocation (``scontrol show hostnames``) and the rendezvou
 job id, so the nodes find each other without knowing their names in advance, and
 torchrun's ``--max-restarts`` works across nodes (static rendezvous cannot re-form a
 group). Every value that comes from the user is shell-quoted; only ``$head_node`` and
-``$SLURM_JOB_ID`` are expanded by the shell.
+``$SLURM_JOB_ID`` are expanded by the shell. The first host is taken from the whole output
+of ``scontrol`` held in a variable, not through ``| head -n 1``: under ``set -o pipefail`` a
+pipe that ``head`` closes early can kill ``scontrol`` with SIGPIPE on a large allocation and
+fail the job at start. ``--env KEY=VALUE`` assignments are exported by the script itself, so
+the job gets them whatever sbatch's ``--export`` setting is.
 
 Example::
 
@@ -42,6 +46,7 @@ class SlurmOptions:
         account: ``--account``.
         output: ``--output`` log file pattern (``%j`` is the job id).
         extra: further sbatch options, each one ``--name=value`` or ``--flag``.
+        env: variables the script exports before ``srun`` (the launcher's ``--env``).
 
     Raises:
         ValueError: naming the option, its value and what is allowed.
@@ -55,8 +60,15 @@ class SlurmOptions:
     account: str | None = None
     output: str = "sparsetrain-%j.out"
     extra: list[str] = field(default_factory=list)
+    env: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        if not isinstance(self.env, dict):
+            raise ValueError(f"`env` must be a dict of variable names to strings, got {self.env!r}")
+        for key, value in self.env.items():
+            if not isinstance(key, str) or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", key) \
+                    or not isinstance(value, str):
+                raise ValueError(f"`env` entries must be NAME: str with NAME a variable name, got {key!r}: {value!r}")
         for name in ("job_name", "partition", "account", "output"):
             value = getattr(self, name)
             if value is None and name in ("partition", "account"):
@@ -109,7 +121,8 @@ def sbatch_script(cfg: LaunchConfig, opts: SlurmOptions | None = None) -> str:
     if cfg.rdzv_endpoint is not None:
         endpoint = shlex.quote(cfg.rdzv_endpoint)
     else:
-        lines.append('head_node=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)')
+        lines.append('hosts=$(scontrol show hostnames "$SLURM_JOB_NODELIST")')
+        lines.append("head_node=${hosts%%$'\\n'*}")
         endpoint = f'"$head_node:{cfg.master_port}"'
     torchrun = (
         f"torchrun --nnodes {cfg.nnodes} --nproc-per-node {cfg.nproc_per_node} --rdzv-backend c10d "
@@ -118,7 +131,9 @@ def sbatch_script(cfg: LaunchConfig, opts: SlurmOptions | None = None) -> str:
     if cfg.max_restarts:
         torchrun += f" --max-restarts {cfg.max_restarts}"
     for key, value in launcher_env(cfg).items():
-        lines.append(f'export {key}="${{{key}:-{value}}}"')  # unless the job's environment sets it
+        if key not in opts.env:
+            lines.append(f'export {key}="${{{key}:-{value}}}"')  # unless the job's environment sets it
+    lines += [f"export {key}={shlex.quote(value)}" for key, value in opts.env.items()]
     lines.append(f"srun --kill-on-bad-exit=1 {torchrun} --no-python {shlex.join(worker_argv(cfg))}")
     return "\n".join(lines) + "\n"
 

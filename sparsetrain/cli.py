@@ -1,18 +1,20 @@
 """``sparsetrain`` command line: ``train``, ``check`` and ``report``.
 
     sparsetrain train RECIPE [--devices N] [--max-steps N] [--out DIR] [--no-resume] [--set KEY=VALUE ...]
-    sparsetrain check RECIPE [--set KEY=VALUE ...]
+    sparsetrain check RECIPE [--devices N] [--set KEY=VALUE ...]
     sparsetrain report RUN_DIR
+
+``check`` reads the recipe, then builds what it can without training: the model (on the
+meta device where possible) and every component's layer selection, and compares the
+processes asked for with this machine. Exit status: 0, or 2 with one line naming the key.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
-from pathlib import Path
 
-__all__ = ["main"]
+__all__ = ["check_train_args", "main"]
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -27,8 +29,9 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--no-report", action="store_true", help="skip the PNG report")
     t.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a recipe value, e.g. --set trainer.seed=1 --set callbacks[0].density=0.01")
-    c = sub.add_parser("check", help="validate a recipe without training")
+    c = sub.add_parser("check", help="validate a recipe and build its model and layer selections, without training")
     c.add_argument("recipe")
+    c.add_argument("--devices", type=int, help="processes (CPU) or GPUs per node; overrides trainer.devices")
     c.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     r = sub.add_parser("report", help="(re)draw report.png of a finished run")
     r.add_argument("run_dir")
@@ -40,20 +43,24 @@ def main(argv: list[str] | None = None) -> int:
     from .recipe import load_recipe
 
     if args.command == "report":
-        from .report import summary_table, write_report
-
-        path = write_report(args.run_dir)
-        summary_file = Path(args.run_dir) / "summary.json"
-        if summary_file.is_file():
-            print(summary_table(json.loads(summary_file.read_text())))
-        print(f"report: {path}")
-        return 0
+        return _report(args.run_dir)
     try:
         recipe = load_recipe(args.recipe, args.overrides)
+        from .train import check_recipe
+
+        for name in ("devices", "max_steps"):
+            value = getattr(args, name, None)
+            if value is not None and value < 1:
+                raise ValueError(f"--{name.replace('_', '-')}: must be >= 1, got {value}")
+        # `train` builds the model and layer selections first too, so that they fail here, in
+        # one line, before any process is started or anything is written.
+        lines = check_recipe(recipe, devices=args.devices, check_devices=args.command == "check")
     except ValueError as err:
         print(f"sparsetrain: invalid recipe: {err}", file=sys.stderr)
         return 2
     if args.command == "check":
+        for line in lines:
+            print(f"  {line}")
         print(f"{args.recipe}: ok")
         return 0
     from .train import train
@@ -73,6 +80,47 @@ def main(argv: list[str] | None = None) -> int:
 
         print(summary_table(summary))
         print(f"outputs: {out}/checkpoints/last.ckpt, {out}/metrics.csv, {out}/report.png, {out}/summary.json")
+    return 0
+
+
+def check_train_args(argv: list[str], *, check_devices: bool = False) -> str | None:
+    """Check ``sparsetrain train ARGV`` as :func:`main` would run it, without training.
+
+    Reads the recipe with its ``--set`` overrides and runs ``check`` on it (the model and
+    layer selections built; the devices against this machine only with ``check_devices``, since
+    the launcher's processes may run elsewhere). Returns None when it passes, else the one-line reason.
+    """
+    try:
+        args = _parser().parse_args(["train", *argv])
+    except SystemExit:  # argparse printed its usage line and the error
+        return f"`sparsetrain train {' '.join(argv)}` has invalid arguments"
+    from .recipe import load_recipe
+    from .train import check_recipe
+
+    try:
+        for name in ("devices", "max_steps"):
+            value = getattr(args, name)
+            if value is not None and value < 1:
+                raise ValueError(f"--{name.replace('_', '-')}: must be >= 1, got {value}")
+        recipe = load_recipe(args.recipe, args.overrides)
+        check_recipe(recipe, devices=args.devices, check_devices=check_devices)
+    except ValueError as err:
+        return f"invalid recipe {args.recipe}: {err}"
+    return None
+
+
+def _report(run_dir: str) -> int:
+    from .report import load_summary, summary_table, write_report
+
+    try:
+        summary = load_summary(run_dir)
+        path = write_report(run_dir)
+    except ValueError as err:
+        print(f"sparsetrain report: {err}", file=sys.stderr)
+        return 2
+    if summary:
+        print(summary_table(summary))
+    print(f"report: {path}")
     return 0
 
 

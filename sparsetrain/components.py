@@ -25,7 +25,8 @@ import typing
 from collections.abc import Callable
 from typing import Any, Literal, Union
 
-__all__ = ["RecipeError", "available_components", "build_component", "check_value", "register_component"]
+__all__ = ["RecipeError", "available_components", "build_component", "check_value", "component_class",
+           "register_component"]
 
 
 class RecipeError(ValueError):
@@ -66,6 +67,18 @@ def register_component(name: str, target: str | Callable[..., Any]) -> None:
 def available_components() -> list[str]:
     """Names accepted under ``callbacks:``, sorted."""
     return sorted(_REGISTRY)
+
+
+def component_class(name: str) -> Callable[..., Any]:
+    """The callable registered as ``name`` (imported now).
+
+    Raises:
+        RecipeError: ``name`` is not registered.
+    """
+    if name not in _REGISTRY:
+        known = ", ".join(available_components()) or "(none registered)"
+        raise RecipeError(f"unknown component {name!r}; available: {known}")
+    return _resolve(name)
 
 
 def _resolve(name: str) -> Callable[..., Any]:

@@ -12,15 +12,38 @@ the optimizer and a list of sparsetrain components::
       - name: dynamic_sparsity
         sparsity: 0.8
 
-Files are read with ``yaml.safe_load``. Every value is checked before any training
-starts; an unknown key, a value of the wrong type or out of range fails with a
-:class:`RecipeError` whose message starts with the key path (``trainer.max_steps``,
-``callbacks[1].sparsity``).
+Your own model and data are named the way LightningCLI names them, by ``class_path`` and
+``init_args``::
+
+    model:
+      class_path: mypkg.models.MyNet      # an nn.Module (wrapped) or a LightningModule
+      init_args: {hidden: 256}
+      loss: cross_entropy                  # for an nn.Module: cross_entropy, mse or l1
+    data:
+      class_path: mypkg.data.MyDataModule  # a LightningDataModule
+      init_args: {batch_size: 32}
+
+An ``nn.Module`` is trained by :class:`sparsetrain.train.ModelTask` with the recipe's
+``optimizer`` and the named loss on batches ``(inputs, targets)``; a ``LightningModule``
+is used as it is (its own ``configure_optimizers``; the recipe may then not set
+``optimizer`` or ``model.loss``). The demo names (``gpt``, ``mlp``, ``stdlib_chars``,
+``synthetic_classification``) stay as short aliases.
+
+Files are read with ``yaml.safe_load`` (no YAML tags, no Python objects) and no value is
+ever evaluated: importing the module named by a ``class_path`` is the only code a recipe
+can cause to run. Every value is checked before any training starts; an unknown key, a
+duplicate key, a value of the wrong type or out of range fails with a :class:`RecipeError`
+whose message starts with the key path (``trainer.max_steps``, ``callbacks[1].sparsity``,
+``model.init_args.hidden``).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import importlib
+import inspect
+import math
+import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,6 +55,7 @@ from .components import RecipeError, build_component, check_value
 
 __all__ = [
     "RECIPE_VERSION",
+    "LOSSES",
     "DataConfig",
     "ModelConfig",
     "OptimizerConfig",
@@ -40,6 +64,7 @@ __all__ = [
     "TrainerConfig",
     "apply_overrides",
     "build_callbacks",
+    "import_class",
     "load_recipe",
     "parse_recipe",
 ]
@@ -54,15 +79,64 @@ def _positive(obj: Any, *names: str) -> None:
             raise ValueError(f"`{name}` must be >= 1, got {value}")
 
 
+LOSSES = ("cross_entropy", "mse", "l1")
+
+
+def import_class(path: str, key: str) -> type:
+    """Import ``package.module.Class`` (or ``package.module:Class``); the only code a recipe runs.
+
+    Raises:
+        RecipeError: ``path`` is malformed, its module cannot be imported or has no such class.
+    """
+    module, sep, attr = path.partition(":") if ":" in path else path.rpartition(".")
+    pattern = r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*"
+    if not sep or not re.fullmatch(pattern, module) or not attr.isidentifier():
+        raise RecipeError(f"{key}: must look like 'package.module.Class', got {path!r}")
+    try:
+        mod = importlib.import_module(module)
+    except ImportError as err:
+        raise RecipeError(f"{key}: cannot import module {module!r}: {err}") from err
+    cls = getattr(mod, attr, None)
+    if not inspect.isclass(cls):
+        raise RecipeError(f"{key}: module {module!r} has no class {attr!r}")
+    return cls
+
+
+def _check_init_args(cls: type, init_args: dict[str, Any], key: str) -> None:
+    """Unknown or missing constructor arguments, found without constructing anything."""
+    try:
+        sig = inspect.signature(cls)
+    except (TypeError, ValueError):
+        return
+    params = sig.parameters
+    takes_kwargs = any(p.kind is p.VAR_KEYWORD for p in params.values())
+    named = [n for n, p in params.items() if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+    for name in init_args:
+        if name not in named and not takes_kwargs:
+            raise RecipeError(f"{key}.init_args.{name}: unknown argument of {cls.__qualname__}; "
+                              f"allowed: {', '.join(named) or '(none)'}")
+    for name in named:
+        if params[name].default is inspect.Parameter.empty and name not in init_args:
+            raise RecipeError(f"{key}.init_args.{name}: required by {cls.__qualname__}")
+
+
 @dataclass(kw_only=True)
 class ModelConfig:
-    """The model: ``gpt`` (the demo language model) or ``mlp`` (the small classifier).
+    """The model: ``gpt`` (the demo language model), ``mlp`` (the small classifier), or your own.
 
     GPT fields: ``block_size``, ``n_layer``, ``n_head``, ``d_model`` (multiple of 64),
     ``mlp_ratio``, ``dropout``. MLP fields: ``in_features``, ``hidden``, ``n_classes``.
+
+    Your own: ``class_path`` (an ``nn.Module`` or ``LightningModule`` class), ``init_args``
+    (its keyword arguments) and, for an ``nn.Module``, ``loss`` (``cross_entropy``, ``mse``
+    or ``l1``). The demo fields do not apply to it. With the demo data, ``synthetic_classification``
+    yields 64 features and 8 classes, ``stdlib_chars`` 128-byte blocks (vocabulary 256).
     """
 
     name: Literal["gpt", "mlp"] = "gpt"
+    class_path: str | None = None
+    init_args: dict[str, Any] = field(default_factory=dict)
+    loss: Literal["cross_entropy", "mse", "l1"] = "cross_entropy"
     block_size: int = 128
     n_layer: int = 2
     n_head: int = 2
@@ -76,6 +150,8 @@ class ModelConfig:
     def __post_init__(self) -> None:
         _positive(self, "block_size", "n_layer", "n_head", "d_model", "mlp_ratio", "in_features", "hidden",
                   "n_classes")
+        if self.class_path is not None:
+            return
         if self.name == "gpt":
             from .demo.model import GPTConfig
 
@@ -88,10 +164,15 @@ class ModelConfig:
 
 @dataclass(kw_only=True)
 class DataConfig:
-    """The data: ``stdlib_chars`` (byte corpus of the standard library, for ``gpt``) or
-    ``synthetic_classification`` (Gaussian blobs, for ``mlp``)."""
+    """The data: ``stdlib_chars`` (byte corpus of the standard library, for ``gpt``),
+    ``synthetic_classification`` (Gaussian blobs, for ``mlp``), or your own
+    ``LightningDataModule`` named by ``class_path`` with ``init_args`` (the demo fields then
+    do not apply; Lightning shards its loaders with a ``DistributedSampler``, so a resume
+    mid-epoch is exact only with the demo data's resumable loader)."""
 
     name: Literal["stdlib_chars", "synthetic_classification"] = "stdlib_chars"
+    class_path: str | None = None
+    init_args: dict[str, Any] = field(default_factory=dict)
     batch_size: int = 16
     byte_budget: int = 2_000_000
     val_fraction: float = 0.1
@@ -121,6 +202,8 @@ class TrainerConfig:
         val_check_interval: validate every this many steps (and at the end).
         limit_val_batches: validation batches per check.
         log_every_n_steps: how often training metrics are logged.
+        progress_every_n_steps: print one progress line (step, loss, throughput, achieved
+            sparsity and compression) on rank 0 this often; 0: never.
         accumulate_grad_batches: micro-batches per optimizer step.
         gradient_clip_val: global norm clipping, or null.
         checkpoint_every_n_steps: write ``checkpoints/last.ckpt`` this often (0: only at the end).
@@ -139,6 +222,7 @@ class TrainerConfig:
     val_check_interval: int = 100
     limit_val_batches: int = 20
     log_every_n_steps: int = 10
+    progress_every_n_steps: int = 50
     accumulate_grad_batches: int = 1
     gradient_clip_val: float | None = None
     checkpoint_every_n_steps: int = 0
@@ -149,6 +233,8 @@ class TrainerConfig:
     def __post_init__(self) -> None:
         _positive(self, "devices", "num_nodes", "max_steps", "val_check_interval", "limit_val_batches",
                   "log_every_n_steps", "accumulate_grad_batches")
+        if self.progress_every_n_steps < 0:
+            raise ValueError(f"`progress_every_n_steps` must be >= 0, got {self.progress_every_n_steps}")
         if self.checkpoint_every_n_steps < 0:
             raise ValueError(f"`checkpoint_every_n_steps` must be >= 0, got {self.checkpoint_every_n_steps}")
         if self.gradient_clip_val is not None and self.gradient_clip_val <= 0:
@@ -168,8 +254,12 @@ class OptimizerConfig:
     def __post_init__(self) -> None:
         if not self.lr > 0:
             raise ValueError(f"`lr` must be > 0, got {self.lr}")
-        if self.weight_decay < 0:
+        if not math.isfinite(self.lr):
+            raise ValueError(f"`lr` must be finite, got {self.lr}")
+        if not self.weight_decay >= 0:  # NaN fails here too
             raise ValueError(f"`weight_decay` must be >= 0, got {self.weight_decay}")
+        if not math.isfinite(self.weight_decay):
+            raise ValueError(f"`weight_decay` must be finite, got {self.weight_decay}")
         if not 0.0 <= self.momentum < 1.0:
             raise ValueError(f"`momentum` must be in [0, 1), got {self.momentum}")
         if self.warmup_steps < 0:
@@ -191,6 +281,8 @@ class Recipe:
     def __post_init__(self) -> None:
         if self.version != RECIPE_VERSION:
             raise ValueError(f"`version` must be {RECIPE_VERSION}, got {self.version}")
+        if self.model.class_path is not None or self.data.class_path is not None:
+            return
         pairs = {("gpt", "stdlib_chars"), ("mlp", "synthetic_classification")}
         if (self.model.name, self.data.name) not in pairs:
             raise ValueError(
@@ -228,6 +320,41 @@ def _build_dataclass(cls: type, mapping: Any, path: str) -> Any:
         raise RecipeError(f"{path}.{key}: {err}" if key else f"{path}: {err}") from err
 
 
+_NAME = re.compile(r"[A-Za-z0-9_.-]{1,128}")
+
+_USER_KEYS = {"model": ("class_path", "init_args", "loss"), "data": ("class_path", "init_args")}
+
+
+def _check_user_classes(raw: dict[str, Any], sections: dict[str, Any]) -> None:
+    """``class_path`` entries: importable, of the right kind, constructor arguments that fit."""
+    import lightning.pytorch as pl
+    import torch
+
+    for key, base in (("model", torch.nn.Module), ("data", pl.LightningDataModule)):
+        config = sections[key]
+        given = raw.get(key) or {}
+        if config.class_path is None:
+            for field_name in _USER_KEYS[key]:
+                if field_name in given:
+                    raise RecipeError(f"{key}.{field_name}: only applies with `{key}.class_path`")
+            continue
+        demo = [k for k in given if k not in _USER_KEYS[key]]
+        if demo:
+            raise RecipeError(f"{key}.{demo[0]}: a demo field, not used with `{key}.class_path`; "
+                              f"give your class's arguments under `{key}.init_args`")
+        cls = import_class(config.class_path, f"{key}.class_path")
+        if not issubclass(cls, base):
+            raise RecipeError(f"{key}.class_path: {config.class_path!r} is a {type(cls).__name__} that is not "
+                              f"a subclass of {base.__module__}.{base.__qualname__}")
+        _check_init_args(cls, config.init_args, key)
+        if key == "model" and issubclass(cls, pl.LightningModule):
+            for section in ("optimizer", "model.loss"):
+                top, _, sub = section.partition(".")
+                if (sub in given) if sub else (raw.get(top) is not None):
+                    raise RecipeError(f"{section}: {config.class_path!r} is a LightningModule, which brings its "
+                                      "own loss and configure_optimizers(); remove this key")
+
+
 def parse_recipe(data: Any, *, check_components: bool = True) -> Recipe:
     """Validate a recipe given as a mapping (what ``yaml.safe_load`` returns).
 
@@ -251,7 +378,11 @@ def parse_recipe(data: Any, *, check_components: bool = True) -> Recipe:
     if version != RECIPE_VERSION:
         raise RecipeError(f"version: must be {RECIPE_VERSION}, got {version}")
     name = check_value(data.get("name", "run"), str, "name")
+    if not _NAME.fullmatch(name) or name in (".", ".."):
+        raise RecipeError(f"name: must be a plain run name (letters, digits, '.', '_', '-'; no '/'), got {name!r}; "
+                          "the run is written to runs/<name>")
     sections = {key: _build_dataclass(cls, data.get(key), key) for key, cls in _SECTIONS.items()}
+    _check_user_classes(data, sections)
     callbacks = data.get("callbacks") or []
     if not isinstance(callbacks, list):
         raise RecipeError(f"callbacks: expected a list, got {type(callbacks).__name__}")
@@ -269,59 +400,154 @@ def build_callbacks(recipe: Recipe) -> list[Any]:
     return [build_component(spec, f"callbacks[{i}]") for i, spec in enumerate(recipe.callbacks)]
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that refuses a key given twice in one mapping (YAML would keep the last)."""
+
+
+def _construct_unique_mapping(loader: _UniqueKeyLoader, node: yaml.MappingNode, deep: bool = False):
+    seen: dict[Any, int] = {}
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=True)
+        try:
+            hash(key)
+        except TypeError:
+            continue  # SafeLoader raises its own, clearer error below
+        if key in seen:
+            raise RecipeError(f"{key}: duplicate key (line {seen[key] + 1} and line {key_node.start_mark.line + 1}); "
+                              "YAML would silently keep the last one")
+        seen[key] = key_node.start_mark.line
+    return loader.construct_mapping(node, deep=deep)
+
+
+_UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_unique_mapping)
+
+
+def _safe_load(text: str) -> Any:
+    return yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 (a SafeLoader subclass)
+
+
+_PART = re.compile(r"([^.\[\]]+)|\[([^\]]*)\]")
+
+
+def _split_key(key: str, item: str) -> list[str | int]:
+    """``callbacks[0].include`` -> ``["callbacks", 0, "include"]``."""
+    parts: list[str | int] = []
+    pos = 0
+    while pos < len(key):
+        if parts and key[pos] == "." and pos + 1 < len(key) and key[pos + 1] != "[":
+            pos += 1
+        m = _PART.match(key, pos)
+        if m is None:
+            raise RecipeError(f"--set {item!r}: cannot read the key path {key!r} at position {pos}")
+        if m.group(1) is not None:
+            parts.append(m.group(1))
+        else:
+            try:
+                idx = int(m.group(2))
+            except ValueError:
+                raise RecipeError(f"--set {item!r}: list index [{m.group(2)}] must be an integer") from None
+            if idx < 0:
+                raise RecipeError(f"--set {item!r}: list index [{idx}] must be >= 0")
+            parts.append(idx)
+        pos = m.end()
+    if not parts:
+        raise RecipeError(f"--set {item!r}: empty key path")
+    return parts
+
+
+def _path_str(parts: list[str | int]) -> str:
+    out = ""
+    for p in parts:
+        out += f"[{p}]" if isinstance(p, int) else (f".{p}" if out else p)
+    return out
+
+
 def apply_overrides(data: dict[str, Any], overrides: typing.Sequence[str]) -> dict[str, Any]:
     """Apply ``key.path=value`` overrides (values parsed as YAML scalars) to a raw recipe mapping.
 
-    ``callbacks[0].density=0.01`` addresses a list entry.
+    ``callbacks[0].density=0.01`` addresses a list entry. A value YAML cannot read (``*.mlp.*``
+    starts with a YAML alias) is kept as the string it is, except that a value which looks
+    like a YAML list or mapping and does not parse is refused.
 
     Raises:
-        RecipeError: an override without ``=`` or addressing a missing list entry.
+        RecipeError: one line starting with the key path: an override without ``=``, a bad or
+            missing list index, a path through a value that is not a mapping or list.
     """
     data = dict(data)
     for item in overrides:
-        if "=" not in item:
-            raise RecipeError(f"override {item!r}: expected KEY.PATH=VALUE")
+        if not isinstance(item, str) or "=" not in item:
+            raise RecipeError(f"--set {item!r}: expected KEY.PATH=VALUE")
         key, _, raw = item.partition("=")
-        value = yaml.safe_load(raw) if raw else None
+        parts = _split_key(key.strip(), item)
+        where = _path_str(parts)
+        try:
+            value = _safe_load(raw) if raw else None
+        except (yaml.YAMLError, RecipeError) as err:
+            if raw.lstrip()[:1] in ("[", "{"):
+                reason = _yaml_reason(err) if isinstance(err, yaml.YAMLError) else str(err)
+                raise RecipeError(f"{where}: --set value {raw!r} is not valid YAML ({reason})") from None
+            value = raw  # e.g. `*.mlp.*`: a glob, not a YAML alias
         node: Any = data
-        parts = key.replace("[", ".[").split(".")
         for i, part in enumerate(parts):
             last = i == len(parts) - 1
-            if part.startswith("["):
-                idx = int(part.strip("[]"))
-                if not isinstance(node, list) or idx >= len(node):
-                    raise RecipeError(f"override {key}: no list entry {idx}")
-                if last:
-                    node[idx] = value
-                else:
-                    node[idx] = dict(node[idx]) if isinstance(node[idx], dict) else node[idx]
-                    node = node[idx]
-            else:
-                if not isinstance(node, dict):
-                    raise RecipeError(f"override {key}: {part!r} is not inside a mapping")
-                if last:
-                    node[part] = value
-                else:
-                    child = node.get(part)
-                    node[part] = list(child) if isinstance(child, list) else dict(child or {})
-                    node = node[part]
+            here = _path_str(parts[: i + 1])
+            if isinstance(part, int):
+                if not isinstance(node, list):
+                    raise RecipeError(f"{here}: --set indexes [{part}] into a {type(node).__name__}, not a list")
+                if part >= len(node):
+                    raise RecipeError(f"{here}: --set: no list entry {part} (the list has {len(node)})")
+            elif not isinstance(node, dict):
+                raise RecipeError(f"{here}: --set goes into {_path_str(parts[:i]) or 'the recipe'}, "
+                                  f"which is a {type(node).__name__} ({node!r}), not a mapping")
+            if last:
+                node[part] = value
+                break
+            child = node[part] if isinstance(part, int) else node.get(part)
+            if child is None:
+                child = [] if isinstance(parts[i + 1], int) else {}
+            elif isinstance(child, (dict, list)):
+                child = type(child)(child)
+            node[part] = child
+            node = child
     return data
 
 
+def _yaml_reason(err: yaml.YAMLError) -> str:
+    """One line: what YAML found wrong and where."""
+    mark = getattr(err, "problem_mark", None)
+    problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+    where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
+    context = getattr(err, "context", None)
+    return f"{context + ': ' if context else ''}{problem}{where}"
+
+
+def _read_text(path: Path) -> str:
+    raw = path.read_bytes()
+    if b"\x00" in raw:
+        raise RecipeError(f"{path}: a binary file, not a YAML recipe")
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise RecipeError(f"{path}: not UTF-8 text (byte {err.start}), not a YAML recipe") from None
+
+
 def load_recipe(path: str | Path, overrides: typing.Sequence[str] = (), *, check_components: bool = True) -> Recipe:
-    """Read a YAML recipe with ``yaml.safe_load``, apply overrides, and validate it.
+    """Read a YAML recipe with a ``yaml.SafeLoader`` that refuses duplicate keys, apply overrides, validate it.
 
     Raises:
         ValueError: ``path`` does not exist.
-        RecipeError: invalid YAML or an invalid recipe.
+        RecipeError: a binary file, invalid YAML, a duplicate key, a bad override or an invalid recipe.
     """
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"`recipe` must be an existing YAML file, got {str(path)!r}")
+    text = _read_text(path)
     try:
-        data = yaml.safe_load(path.read_text())
+        data = _safe_load(text)
     except yaml.YAMLError as err:
-        raise RecipeError(f"{path}: not valid YAML: {err}") from err
-    if overrides and isinstance(data, dict):
+        raise RecipeError(f"{path}: not valid YAML: {_yaml_reason(err)}") from err
+    if overrides:
+        if not isinstance(data, dict):
+            raise RecipeError(f"recipe: expected a mapping at the top level, got {type(data).__name__}")
         data = apply_overrides(data, overrides)
     return parse_recipe(data, check_components=check_components)

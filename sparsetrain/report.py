@@ -13,7 +13,7 @@ import math
 from collections import defaultdict
 from pathlib import Path
 
-__all__ = ["read_metrics", "summary_table", "write_report"]
+__all__ = ["load_summary", "read_metrics", "summary_table", "write_report"]
 
 _SKIP = {"step", "epoch", "train_loss", "val_loss"}
 
@@ -49,15 +49,38 @@ def _panels(series: dict[str, list[tuple[int, float]]], limit: int) -> list[str]
     return sorted(keys, key=lambda k: (rank[k], k))[:limit]
 
 
+def load_summary(run_dir: str | Path) -> dict:
+    """The run's ``summary.json`` as a dict ({} when the run has none).
+
+    Raises:
+        ValueError: ``run_dir`` is not a directory, or its ``summary.json`` is not a JSON object.
+    """
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise ValueError(f"`run_dir` must be an existing run directory, got {str(run_dir)!r}")
+    path = run_dir / "summary.json"
+    if not path.is_file():
+        return {}
+    try:
+        summary = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{path}: not valid JSON ({err})") from None
+    if not isinstance(summary, dict):
+        raise ValueError(f"{path}: expected a JSON object, got {type(summary).__name__}")
+    return summary
+
+
 def write_report(run_dir: str | Path, out: str | Path | None = None, max_panels: int = 6) -> Path:
     """Draw ``report.png`` (or ``out``) for the run in ``run_dir``; return its path.
 
     The top row holds the loss curves and the summary table; below it, one small panel per
     logged metric that changed during the run (component metrics such as sparsity,
-    compression ratio or mask flips), at most ``max_panels``.
+    compression ratio or mask flips), at most ``max_panels``; for runs with masks (dynamic
+    sparsity, N:M), a last row with each layer's achieved sparsity (``summary.json``'s
+    ``layer_sparsity``).
 
     Raises:
-        ValueError: ``run_dir`` has no ``metrics.csv``.
+        ValueError: ``run_dir`` is not a directory, has no ``metrics.csv``, or a bad ``summary.json``.
     """
     import matplotlib
 
@@ -65,15 +88,15 @@ def write_report(run_dir: str | Path, out: str | Path | None = None, max_panels:
     import matplotlib.pyplot as plt
 
     run_dir = Path(run_dir)
+    summary = load_summary(run_dir)
     metrics_path = run_dir / "metrics.csv"
     if not metrics_path.is_file():
         raise ValueError(f"`run_dir` must contain metrics.csv, got {str(run_dir)!r}")
     series = read_metrics(metrics_path)
-    summary = {}
-    if (run_dir / "summary.json").is_file():
-        summary = json.loads((run_dir / "summary.json").read_text())
     keys = _panels(series, max_panels)
-    rows = 1 + math.ceil(len(keys) / 3)
+    layers = {f"{comp}: {name}": v for comp, per in (summary.get("layer_sparsity") or {}).items()
+              for name, v in per.items() if isinstance(v, (int, float))}
+    rows = 1 + math.ceil(len(keys) / 3) + (1 if layers else 0)
     fig = plt.figure(figsize=(13, 3.4 * rows + 0.6))
     grid = fig.add_gridspec(rows, 3)
 
@@ -100,6 +123,16 @@ def write_report(run_dir: str | Path, out: str | Path | None = None, max_panels:
         ax.grid(alpha=0.3)
         if min(values) > 0 and max(values) / min(values) > 100:
             ax.set_yscale("log")
+    if layers:
+        ax = fig.add_subplot(grid[rows - 1, :])
+        names = list(layers)
+        ax.barh(range(len(names)), [layers[n] for n in names])
+        ax.set_yticks(range(len(names)), names, fontsize=max(4, 9 - len(names) // 8))
+        ax.invert_yaxis()
+        ax.set_xlim(0, 1)
+        ax.set_xlabel("achieved sparsity (share of zeros in the mask)")
+        ax.set_title("per-layer sparsity at the end", fontsize=9)
+        ax.grid(alpha=0.3, axis="x")
     fig.suptitle(f"sparsetrain run: {summary.get('recipe', run_dir.name)}")
     fig.tight_layout()
     out = Path(out) if out else run_dir / "report.png"
@@ -121,9 +154,14 @@ def summary_table(summary: dict) -> str:
         ("final val loss", f"{summary.get('final_val_loss', float('nan')):.4f}"),
         ("components", ", ".join(summary.get("components") or []) or "none"),
     ]
+    configs = summary.get("component_configs") or {}
     for comp, stats in (summary.get("component_summaries") or {}).items():
-        for key, value in stats.items():
-            if isinstance(value, (dict, list, tuple)):
+        target = ", ".join(f"{k}={v}" for k, v in (configs.get(comp) or {}).items()
+                           if k in ("method", "sparsity", "density", "n", "m"))
+        if target:
+            rows.append((f"{comp} (configured)", target[:40]))
+        for key, value in (stats or {}).items():
+            if isinstance(value, (dict, list, tuple)) or "/layer" in key:
                 continue
             rows.append((f"{comp}.{key}", f"{value:.4g}" if isinstance(value, float) else str(value)[:24]))
     width = max(len(k) for k, _ in rows)

@@ -25,3 +25,17 @@ def no_testbed_left_behind():
     yield
     left = _ours_or_orphaned() - before
     assert not left, f"test bed namespaces left behind: {sorted(left)}"
+
+
+VALID_RECIPE = ("version: 1\nmodel: {name: mlp}\ndata: {name: synthetic_classification}\n"
+                "trainer: {devices: 1, max_steps: 3}\n")
+
+
+@pytest.fixture
+def recipe_in_cwd(tmp_path, monkeypatch):
+    """Run in ``tmp_path`` holding a valid ``r.yaml`` (and ``my r.yaml``): the launcher checks a recipe
+    before it launches anything."""
+    for name in ("r.yaml", "my r.yaml"):
+        (tmp_path / name).write_text(VALID_RECIPE)
+    monkeypatch.chdir(tmp_path)
+    return tmp_path

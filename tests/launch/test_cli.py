@@ -16,6 +16,8 @@ import time
 import pytest
 from sparsetrain.launch import cli
 
+pytestmark = pytest.mark.usefixtures("recipe_in_cwd")
+
 VENV_BIN = os.path.dirname(sys.executable)
 
 
@@ -95,7 +97,10 @@ def test_dry_run_deepspeed_multi_node_shows_hostfile(capsys, monkeypatch, tmp_pa
         (["--backend", "torchrun", "--env", "NOEQUALS", "r.yaml"], "`--env` must be KEY=VALUE"),
         (["--backend", "slurm", "--time", "soon", "r.yaml"], "`time` must be a SLURM time"),
         (["--backend", "torchrun", "--nnodes", "two", "r.yaml"], "argument --nnodes: invalid int value: 'two'"),
-        (["--backend", "torchrun"], "the following arguments are required: RECIPE"),
+        (["--backend", "torchrun"], "give a RECIPE, or a command to run after `--`"),
+        (["--backend", "torchrun", "--"], "`--` must be followed by the command to run"),
+        (["--backend", "slurm", "--script", "/no/such/dir/j.sbatch", "r.yaml"],
+         "--script: the directory of '/no/such/dir/j.sbatch' does not exist"),
     ],
 )
 def test_bad_arguments_exit_2_with_message(capsys, monkeypatch, args, message):
@@ -257,3 +262,57 @@ def test_signals_are_forwarded(fake_launchers, monkeypatch, sig):
     start, got = records()
     assert got == {"signal": int(sig)}
     assert start["pgid"] == start["pid"] != os.getpgid(0)  # own session: the terminal's Ctrl-C reaches it once
+
+
+def test_bad_recipe_is_refused_before_anything_is_launched(fake_launchers, capsys):
+    _, _, records = fake_launchers
+    with open("bad.yaml", "w") as f:
+        f.write("version: 1\ntrainer: {max_steps: 0}\n")
+    assert cli.main(["--backend", "torchrun", "--nproc-per-node", "2", "bad.yaml"]) == 2
+    err = capsys.readouterr().err
+    assert err == ("sparsetrain-launch: error: invalid recipe bad.yaml: trainer.max_steps: `max_steps` must be >= 1, "
+                   "got 0 (nothing was launched)\n")
+    assert records() == []
+
+
+def test_bad_set_in_overrides_is_refused_before_launch(fake_launchers, capsys):
+    _, _, records = fake_launchers
+    assert cli.main(["--backend", "torchrun", "r.yaml", "--set", "callbacks[0].sparsity=0.5"]) == 2
+    assert "invalid recipe r.yaml: callbacks[0]: --set: no list entry 0 (the list has 0)" in capsys.readouterr().err
+    assert records() == []
+
+
+def test_no_check_launches_an_unreadable_recipe(fake_launchers):
+    _, _, records = fake_launchers
+    assert cli.main(["--backend", "torchrun", "--no-check", "only-on-the-nodes.yaml"]) == 0
+    assert records()[0]["argv"][-3:] == ["sparsetrain", "train", "only-on-the-nodes.yaml"]
+
+
+def test_command_after_double_dash_is_run_as_given(fake_launchers):
+    bindir, _, records = fake_launchers
+    assert cli.main(["--backend", "torchrun", "--nproc-per-node", "2", "--", "python", "my_train.py", "--lr",
+                     "0.1", "--", "x"]) == 0
+    assert records()[0]["argv"] == [str(bindir / "torchrun"), "--standalone", "--nnodes", "1", "--nproc-per-node",
+                                    "2", "--no-python", "python", "my_train.py", "--lr", "0.1", "--", "x"]
+
+
+@pytest.mark.parametrize(
+    "args, expected",
+    [
+        (["--backend", "deepspeed", "--nproc-per-node", "2", "--", "python", "t.py"],
+         "deepspeed --num_nodes 1 --num_gpus 2 --no_ssh --node_rank 0 --master_addr 127.0.0.1 --master_port 29500 "
+         "--no_local_rank --module sparsetrain.launch.worker --from deepspeed -- python t.py\n"),
+        (["--backend", "horovod", "--nproc-per-node", "2", "--", "python", "t.py", "--a"],
+         "horovodrun --gloo -np 2 -H localhost:2 python -m sparsetrain.launch.worker --from horovod --master-addr "
+         "localhost --master-port 29500 -- python t.py --a\n"),
+    ],
+)
+def test_dry_run_of_a_command(capsys, monkeypatch, args, expected):
+    for var in ("MASTER_ADDR", "MASTER_PORT", "NODE_RANK"):
+        monkeypatch.delenv(var, raising=False)
+    assert dry(capsys, *args).out == expected
+
+
+def test_slurm_script_runs_the_command(capsys):
+    out = dry(capsys, "--backend", "slurm", "--nnodes", "2", "--", "python", "my train.py", "--x").out
+    assert out.endswith("--no-python python 'my train.py' --x\n")

@@ -10,6 +10,8 @@ import textwrap
 import pytest
 from sparsetrain.launch import LaunchConfig, SlurmOptions, cli, sbatch_script, write_sbatch_script
 
+pytestmark = pytest.mark.usefixtures("recipe_in_cwd")
+
 EXPECTED = """\
 #!/bin/bash
 # sparsetrain-launch: 2 node(s) x 4 process(es), torchrun under srun, c10d rendezvous on the first node.
@@ -25,7 +27,8 @@ EXPECTED = """\
 #SBATCH --exclusive
 
 set -euo pipefail
-head_node=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
+hosts=$(scontrol show hostnames "$SLURM_JOB_NODELIST")
+head_node=${hosts%%$'\\n'*}
 export TORCH_DISABLE_SHARE_RDZV_TCP_STORE="${TORCH_DISABLE_SHARE_RDZV_TCP_STORE:-1}"
 srun --kill-on-bad-exit=1 torchrun --nnodes 2 --nproc-per-node 4 --rdzv-backend c10d \
 --rdzv-endpoint "$head_node:29600" --rdzv-id "$SLURM_JOB_ID" --max-restarts 3 --no-python sparsetrain train \
@@ -75,6 +78,9 @@ FAKE = textwrap.dedent("""\
         assert sys.argv[1:] == ["show", "hostnames", os.environ["SLURM_JOB_NODELIST"]], sys.argv
         print("gpu-node-07")
         print("gpu-node-08")
+        # A large allocation: far more than a pipe holds, so a reader that stops after the
+        # first line (`| head -n 1`) kills this writer with SIGPIPE every time, not by chance.
+        sys.stdout.write("".join(f"gpu-node-{{i:06d}}\\n" for i in range(200_000)))
     else:
         with open(os.environ["FAKE_LOG"], "a") as f:
             f.write(json.dumps({{"prog": name, "argv": sys.argv[1:]}}) + "\\n")
@@ -104,6 +110,28 @@ def test_srun_gets_expanded_endpoint_and_intact_user_arguments(tmp_path, fake_sl
         "--kill-on-bad-exit=1", "torchrun", "--nnodes", "2", "--nproc-per-node", "4", "--rdzv-backend", "c10d",
         "--rdzv-endpoint", "gpu-node-07:29600", "--rdzv-id", "4242", "--max-restarts", "3", "--no-python",
         "sparsetrain", "train", "my recipe.yaml", "--out", "runs/$USER", "--max-steps", "100"]}
+
+
+def test_first_host_is_taken_without_a_pipe():
+    text = sbatch_script(full_config(), full_options())
+    assert "| head" not in text and "|" not in text.split("set -euo pipefail")[1].split("srun")[0]
+
+
+def test_env_is_carried_into_the_script(tmp_path, fake_slurm):
+    script = tmp_path / "j.sbatch"
+    assert cli.main(["--backend", "slurm", "--env", "FOO=1", "--env", "BAR=a b", "--env",
+                     "TORCH_DISABLE_SHARE_RDZV_TCP_STORE=0", "--max-restarts", "1", "--script", str(script),
+                     "r.yaml"]) == 0
+    lines = script.read_text().splitlines()
+    assert "export FOO=1" in lines and "export BAR='a b'" in lines
+    assert "export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=0" in lines  # the user's value, not the default
+    assert not any(line.startswith('export TORCH_DISABLE_SHARE_RDZV_TCP_STORE="') for line in lines)
+    assert lines.index("export FOO=1") < next(i for i, line in enumerate(lines) if line.startswith("srun "))
+
+
+def test_bad_env_in_options():
+    with pytest.raises(ValueError, match=r"`env` entries must be NAME: str"):
+        SlurmOptions(env={"1X": "a"})
 
 
 def test_cli_writes_and_submits(tmp_path, fake_slurm, capsys):

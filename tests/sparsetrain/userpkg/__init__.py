@@ -1,0 +1,1 @@
+"""A user's own package, as a recipe names it: classes sparsetrain knows nothing about."""
