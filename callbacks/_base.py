@@ -66,8 +66,11 @@ class ComponentCallback(Callback):
         Raises:
             TypeError: an argument that is neither the callback's nor a config field (naming it and the allowed ones).
         """
-        fields = cls.config_fields()
-        unknown = sorted(set(kwargs) - set(fields))
+        # Hidden fields are left out of the signature only: LightningCLI (jsonargparse follows
+        # ``**config_fields`` into the config class) may still pass them, with their defaults.
+        assert cls.config_class is not None
+        fields = {f.name for f in dataclasses.fields(cls.config_class) if f.init}
+        unknown = sorted(set(kwargs) - fields)
         if unknown:
             allowed = ", ".join(sorted(inspect.signature(cls).parameters))
             raise TypeError(f"{cls.__name__} got an unexpected argument `{unknown[0]}`; allowed: {allowed}")

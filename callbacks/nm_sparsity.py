@@ -22,11 +22,6 @@ def _parse_stage(s: Any) -> tuple[int, int]:
     raise ValueError(f"`stages` entries must look like 'n:m' (e.g. '4:8'), got {s!r}")
 
 
-def _as_list(patterns: Any) -> Any:
-    """A list of patterns as a list (for the state key); a single string as given, for NMConfig to refuse."""
-    return list(patterns) if patterns is not None and not isinstance(patterns, str) else patterns
-
-
 class NMSparsity(ComponentCallback):
     """Train the LightningModule's Linear/Conv layers in an N:M pattern (SR-STE, STE, MDGF, SDGF).
 
@@ -94,18 +89,16 @@ class NMSparsity(ComponentCallback):
         **config_fields: Any,
     ) -> None:
         config_fields = self.split_kwargs(config_fields)
-        for key in ("include", "exclude"):
-            if key in config_fields:
-                config_fields[key] = _as_list(config_fields[key])
-        super().__init__(**config_fields)
         if not (isinstance(decay_fraction, (int, float)) and 0 < decay_fraction <= 1):
             raise ValueError(f"`decay_fraction` must be in (0, 1], got {decay_fraction!r}")
         parsed_stages = None if stages is None else [_parse_stage(s) for s in stages]
-        self._kwargs = {**config_fields, "stages": parsed_stages}
         method = config_fields.get("method", NMConfig.method)
         # Validate everything now; decay_steps gets its real value in setup() when left to the run length.
         probe = decay_steps if decay_steps is not None or method not in ("mdgf", "sdgf") else 1
-        NMConfig(**self._kwargs, decay_steps=probe)
+        NMConfig(**config_fields, stages=parsed_stages, decay_steps=probe)
+        super().__init__(**config_fields)
+        # grad_accumulation is the Trainer's, set at setup
+        self._kwargs = {k: v for k, v in config_fields.items() if k != "grad_accumulation"} | {"stages": parsed_stages}
         self.decay_steps = decay_steps
         self.decay_fraction = float(decay_fraction)
         self.finalize = finalize

@@ -36,17 +36,13 @@ data:
 """
 
 
-@pytest.mark.xfail(strict=True, raises=ValueError,
-                   reason="jsonargparse resolves DynamicSparsity's **config_fields from the DynamicSparsityConfig(...) "
-                   "call in __init__, so it also finds `module_types`, a field the callback hides; it then passes "
-                   "every default, and the callback refuses `module_types` (to be fixed in callbacks/)")
 def test_dynamic_sparsity_trains_from_a_lightning_cli_config(tmp_path):
     path = tmp_path / "config.yaml"
     path.write_text(CONFIG)
     cli = LightningCLI(args=["fit", "--config", str(path)], save_config_callback=None)
     (callback,) = [c for c in cli.trainer.callbacks if type(c).__name__ == "DynamicSparsity"]
     assert cli.trainer.global_step == 6
-    assert callback.config.sparsity == 0.5 and callback.config.include == ["net.left", "net.right.*"]
+    assert callback.config.sparsity == 0.5 and callback.config.include == ("net.left", "net.right.*")
     net = cli.model.net
     for layer in (net.left, net.right[0]):
         assert (layer.weight == 0).float().mean().item() == pytest.approx(0.5, abs=0.02)
@@ -97,16 +93,16 @@ def test_gradient_compression_arguments_from_a_lightning_cli_config(tmp_path):
     assert callback.config.density == 0.05 and callback.config.warmup_steps == 3
 
 
-@pytest.mark.xfail(strict=True, raises=SystemExit,
-                   reason="jsonargparse ignores the synthesized __signature__ and follows **config_fields "
-                   "through the source of __init__; NMSparsity passes them on only as self._kwargs, so n, m, include "
-                   "are not seen (to be fixed in callbacks/nm_sparsity.py)")
-def test_nm_sparsity_from_a_lightning_cli_config(tmp_path):
+def test_nm_sparsity_trains_from_a_lightning_cli_config(tmp_path):
+    from sparsetrain.nm import is_nm
+
     path = tmp_path / "config.yaml"
     path.write_text(CONFIG.replace(
         "class_path: sparsetrain.callbacks.DynamicSparsity\n      init_args:\n        method: rigl\n"
         "        sparsity: 0.5\n        update_every: 2\n        include: [\"net.left\", \"net.right.*\"]",
-        "class_path: sparsetrain.callbacks.NMSparsity\n      init_args: {n: 2, m: 4, include: [\"net.head\"]}"))
-    cli = LightningCLI(args=["--config", str(path)], run=False, save_config_callback=None)
+        "class_path: sparsetrain.callbacks.NMSparsity\n      init_args: {n: 2, m: 4, include: [\"net.left\"]}"))
+    cli = LightningCLI(args=["fit", "--config", str(path)], save_config_callback=None)
     (callback,) = [c for c in cli.trainer.callbacks if type(c).__name__ == "NMSparsity"]
-    assert (callback.n, callback.m) == (2, 4) if hasattr(callback, "n") else callback is not None
+    assert cli.trainer.global_step == 6 and callback.statistics()["nm/step"] == 6.0
+    assert is_nm(cli.model.net.left.weight, 2, 4)  # finalized: plain weights, exactly 2:4
+    assert not is_nm(cli.model.net.head.weight, 2, 4)
