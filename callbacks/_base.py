@@ -130,6 +130,26 @@ class ComponentCallback(Callback):
             "fresh_state_ok=True) to start a fresh component state on purpose"
         )
 
+    def on_save_checkpoint(self, trainer: Any, pl_module: Any, checkpoint: dict[str, Any]) -> None:
+        """Refuse to write a checkpoint of a fit that ran in other processes (``strategy="ddp_spawn"``).
+
+        Those processes held the component (masks, schedule, residuals) and have ended; the main
+        process got the weights back but not that state, so the checkpoint would resume without it.
+
+        Raises:
+            RuntimeError: the Trainer finished fitting, but never in this process.
+        """
+        state = getattr(trainer, "state", None)
+        if self.component is not None or self._pending or state is None:
+            return
+        if getattr(state, "fn", None) == "fit" and getattr(state, "status", None) == "finished":
+            raise RuntimeError(
+                f"{type(self).__name__}: this Trainer's fit ran in processes that have ended (strategy "
+                f"{type(trainer.strategy).__name__}, e.g. 'ddp_spawn'), which held the {type(self).__name__} state; "
+                "a checkpoint written now would hold neither it nor the masks. Save checkpoints during fit "
+                "(ModelCheckpoint, or trainer.save_checkpoint in a callback), or use strategy='ddp'"
+            )
+
     def _load_component_state(self, state: dict[str, Any]) -> None:
         """Load a checkpoint's state into the built component (subclasses add what follows a load)."""
         self.component.load_state_dict(state)

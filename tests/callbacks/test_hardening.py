@@ -86,3 +86,24 @@ def test_fresh_state_ok_is_in_the_signature():
 
     for cls in (DynamicSparsity, NMSparsity, GradientCompression):
         assert inspect.signature(cls).parameters["fresh_state_ok"].default is False
+
+
+def _spawn_fit_and_save(tmp_path):
+    cb = DynamicSparsity(method="rigl", sparsity=0.5, update_every=2)
+    trainer = _trainer(max_steps=2, callbacks=[cb], strategy="ddp_spawn", devices=2, default_root_dir=tmp_path)
+    trainer.fit(_task(), datamodule=_Data())
+    assert cb.sparsifier is None  # the state lived in the spawned processes
+    trainer.save_checkpoint(tmp_path / "after.ckpt")
+
+
+@pytest.mark.slow
+def test_a_checkpoint_after_a_ddp_spawn_fit_is_refused(tmp_path):
+    with pytest.raises(RuntimeError, match="fit ran in processes that have ended.*use strategy='ddp'"):
+        _spawn_fit_and_save(tmp_path)
+    assert not (tmp_path / "after.ckpt").exists()
+
+
+def test_a_checkpoint_of_a_finished_fit_in_this_process_is_written(tmp_path):
+    cb = DynamicSparsity(method="rigl", sparsity=0.5, update_every=2)
+    _, _, path = _fit(tmp_path, [cb], max_steps=2)
+    assert any("weight_mask" in k for k in torch.load(path, weights_only=False)["state_dict"])
