@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import warnings
 from typing import Any
 
 import lightning.pytorch as pl
+from lightning.pytorch.utilities import rank_zero_warn
 from torch.nn.parallel import DistributedDataParallel
 
 from sparsetrain.compression import DGCConfig, DGCState, check_optimizer, dgc_hook
@@ -84,7 +84,7 @@ class GradientCompression(ComponentCallback):
                     f"the DDP strategy already registers ddp_comm_hook={getattr(user_hook, '__name__', user_hook)}; "
                     "DDP takes one communication hook: remove it or remove GradientCompression"
                 )
-            warnings.warn(
+            rank_zero_warn(  # the same on every rank: once
                 f"Lightning ignores DDPStrategy(ddp_comm_hook={getattr(user_hook, '__name__', user_hook)}) on "
                 f"{strategy.root_device.type}; GradientCompression registers its own hook instead",
                 stacklevel=2,

@@ -8,6 +8,7 @@ from typing import Any, Literal
 
 import lightning.pytorch as pl
 import torch
+from lightning.pytorch.utilities import rank_zero_warn
 
 from sparsetrain.sparsity import DynamicSparsifier, DynamicSparsityConfig
 
@@ -181,7 +182,7 @@ class DynamicSparsity(ComponentCallback):
                 )
             sp.set_total_steps(int(total))
         if sp.step_count != trainer.global_step:
-            warnings.warn(
+            rank_zero_warn(  # the same on every rank: once
                 f"DynamicSparsity has seen {sp.step_count} optimizer steps but the Trainer is at global_step "
                 f"{trainer.global_step}; the mask schedule follows its own count",
                 stacklevel=2,
