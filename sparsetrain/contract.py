@@ -324,7 +324,6 @@ def check_in_sync(fingerprints: dict[str, torch.Tensor], process_group: Any = No
     lo, hi = local.clone(), local.clone()
     dist.all_reduce(lo, op=dist.ReduceOp.MIN, group=process_group)
     dist.all_reduce(hi, op=dist.ReduceOp.MAX, group=process_group)
-    hold_for_gloo("check_in_sync", lo, hi)
     differ = (lo != hi).any(dim=1).tolist()
     if any(differ):
         bad = [name for name, d in zip(fingerprints, differ) if d]
@@ -332,21 +331,6 @@ def check_in_sync(fingerprints: dict[str, torch.Tensor], process_group: Any = No
             f"{what} differ across ranks in {len(bad)} of {len(differ)}: "
             f"{', '.join(bad[:5])}{', ...' if len(bad) > 5 else ''}"
         )
-
-
-# ---------------------------------------------------------------------- tensors given to gloo
-
-# A tensor given to a gloo collective is also held by gloo's worker thread, which lets it go just
-# after the collective completes. If Python dropped it first, its Python object is freed there,
-# taking the GIL: at interpreter shutdown that aborts the process ("terminate called without an
-# active exception"). So the tensors of the latest collective of each site are held here until the
-# next one replaces them (on the calling thread), and at exit, when gloo has long let them go.
-_HELD: dict[Any, tuple[torch.Tensor, ...]] = {}
-
-
-def hold_for_gloo(site: Any, *tensors: torch.Tensor) -> None:
-    """Keep the tensors of the latest collective at ``site`` alive until the next one replaces them."""
-    _HELD[site] = tensors
 
 
 # ---------------------------------------------------------------------- NaN-safe masking

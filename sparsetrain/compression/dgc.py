@@ -588,8 +588,7 @@ def dgc_hook(state: DGCState, bucket: dist.GradBucket) -> torch.futures.Future[t
     to carry); sparse steps all-gather one packed message per rank
     (:mod:`sparsetrain.compression.wire`) and decode it with ``index_add_`` in rank order,
     so every rank computes bit-identical gradients. After :meth:`DGCState.remove` it is
-    torch's ``allreduce_hook``. On gloo each bucket is decompressed on the calling thread once its
-    collective is done (the returned future is complete), never on gloo's worker threads.
+    torch's ``allreduce_hook``.
 
     Args:
         state: the :class:`DGCState`.
@@ -621,16 +620,6 @@ def dgc_hook(state: DGCState, bucket: dist.GradBucket) -> torch.futures.Future[t
             buffer.copy_(result)
         return buffer
 
-    if dist.get_backend(group) == "gloo":
-        # Gloo completes futures on its worker threads, which would run `finish` there and then
-        # release it, taking the GIL, after DDP already saw the result: a process whose main thread
-        # reaches interpreter shutdown in that window aborts ("terminate called without an active
-        # exception"). So the bucket is finished here, on the calling thread.
-        fut.wait()
-        contract.hold_for_gloo((id(state), bucket.index()), send, out)
-        done: torch.futures.Future[torch.Tensor] = torch.futures.Future()
-        done.set_result(finish(fut))
-        return done
     return fut.then(finish)
 
 

@@ -23,7 +23,6 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from .. import contract
 from .gmp import _prune_rows
 from .rigl import _rigl_rows
 from .set import _draw_growth_scores, _set_rows
@@ -107,7 +106,6 @@ def reduced_dense_grads(groups: dict[GroupKey, list[str]], weights: dict[str, to
         works = [dist.all_reduce(g, group=process_group, async_op=True) for g in grads.values()]
         for w in works:
             w.wait()
-        contract.hold_for_gloo("sparsity.reduced_dense_grads", *grads.values())
         for g in grads.values():
             g.div_(world)
     return grads
