@@ -9,7 +9,9 @@ A callback is a thin adapter over a core component (docs/architecture.md). This 
   exists (Lightning restores callback states before ``setup``) is kept and loaded once it does;
 - a distinct ``state_key`` per instance (from ``_state_key_fields``), so two callbacks of one class on
   different layers can share a Trainer;
-- logging the component's ``statistics()`` under their own keys, and ``summary()`` for ``summary.json``.
+- logging the component's ``statistics()`` under their own keys, and ``summary()`` for ``summary.json``;
+- ``fresh_state_ok`` (every callback's argument, default False): resuming from a checkpoint that has
+  no state for the callback is an error unless it is True (then a fresh component state, with a warning).
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from typing import Any, ClassVar
 
 from lightning.pytorch.callbacks import Callback
 
-__all__ = ["ComponentCallback"]
+__all__ = ["ComponentCallback", "check_bool"]
 
 
 class ComponentCallback(Callback):
@@ -42,8 +44,9 @@ class ComponentCallback(Callback):
         if cls.config_class is not None and "__init__" in cls.__dict__:
             cls.__signature__ = _signature(cls)  # type: ignore[attr-defined]
 
-    def __init__(self, **config_fields: Any) -> None:
+    def __init__(self, *, fresh_state_ok: bool = False, **config_fields: Any) -> None:
         super().__init__()
+        self.fresh_state_ok = check_bool("fresh_state_ok", fresh_state_ok)
         self.component: Any = None
         self._pending: dict[str, Any] | None = None
         defaults = {name: f.default for name, f in self.config_fields().items()
@@ -104,6 +107,52 @@ class ComponentCallback(Callback):
         self._pending = None
         self._load_component_state(state_dict)
 
+    def on_load_checkpoint(self, trainer: Any, pl_module: Any, checkpoint: dict[str, Any]) -> None:
+        """Refuse a checkpoint without this callback's state unless ``fresh_state_ok``.
+
+        A checkpoint written without the callback (or by another configuration of it, whose
+        ``state_key`` differs) would otherwise resume the weights with a fresh component state: a
+        DGC warm-up from step 0, masks drawn again, a new schedule.
+
+        Raises:
+            ValueError: the checkpoint has no state under :attr:`state_key`, naming the keys it has.
+        """
+        states = checkpoint.get("callbacks") or {}
+        if self.state_key in states or self._legacy_state_key in states:
+            return
+        what = (f"the checkpoint has no state for {type(self).__name__} (state key {self.state_key!r}; "
+                f"it holds {sorted(states) or 'no callback state'})")
+        if self.fresh_state_ok:
+            from lightning.pytorch.utilities import rank_zero_warn
+
+            rank_zero_warn(f"{what}: starting a fresh {type(self).__name__} state (fresh_state_ok=True)")
+            return
+        raise ValueError(
+            f"{what}. Resuming would restart the component from scratch on trained weights. Resume from a "
+            f"checkpoint written with the same callback arguments, or pass {type(self).__name__}(..., "
+            "fresh_state_ok=True) to start a fresh component state on purpose"
+        )
+
+    def on_save_checkpoint(self, trainer: Any, pl_module: Any, checkpoint: dict[str, Any]) -> None:
+        """Refuse to write a checkpoint of a fit that ran in other processes (``strategy="ddp_spawn"``).
+
+        Those processes held the component (masks, schedule, residuals) and have ended; the main
+        process got the weights back but not that state, so the checkpoint would resume without it.
+
+        Raises:
+            RuntimeError: the Trainer finished fitting, but never in this process.
+        """
+        state = getattr(trainer, "state", None)
+        if self.component is not None or self._pending or state is None:
+            return
+        if getattr(state, "fn", None) == "fit" and getattr(state, "status", None) == "finished":
+            raise RuntimeError(
+                f"{type(self).__name__}: this Trainer's fit ran in processes that have ended (strategy "
+                f"{type(trainer.strategy).__name__}, e.g. 'ddp_spawn'), which held the {type(self).__name__} state; "
+                "a checkpoint written now would hold neither it nor the masks. Save checkpoints during fit "
+                "(ModelCheckpoint, or trainer.save_checkpoint in a callback), or use strategy='ddp'"
+            )
+
     def _load_component_state(self, state: dict[str, Any]) -> None:
         """Load a checkpoint's state into the built component (subclasses add what follows a load)."""
         self.component.load_state_dict(state)
@@ -137,6 +186,17 @@ class ComponentCallback(Callback):
     def summary(self) -> dict[str, Any]:
         """JSON-ready figures for the run's ``summary.json``: the component's statistics."""
         return dict(self.statistics())
+
+
+def check_bool(name: str, value: Any) -> bool:
+    """``value`` if it is a bool; a string such as ``'no'`` would otherwise read as True.
+
+    Raises:
+        TypeError: naming the argument and the value.
+    """
+    if not isinstance(value, bool):
+        raise TypeError(f"`{name}` must be True or False, got {value!r} ({type(value).__name__})")
+    return value
 
 
 def _plain(value: Any) -> Any:

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import warnings
 from typing import Any
 
 import lightning.pytorch as pl
+from lightning.pytorch.utilities import rank_zero_warn
 from torch.nn.parallel import DistributedDataParallel
 
 from sparsetrain.compression import DGCConfig, DGCState, check_optimizer, dgc_hook
@@ -38,6 +38,8 @@ class GradientCompression(ComponentCallback):
     Args are those of :class:`~sparsetrain.compression.DGCConfig`, plus:
         log_every_n_steps: log :meth:`~sparsetrain.compression.DGCState.statistics` every this
             many synced steps (0: never).
+        fresh_state_ok: resuming from a checkpoint without this callback's state starts a fresh
+            DGC state (warm-up from step 0, no residuals) with a warning; False (default): an error.
 
     Raises:
         ValueError: an option outside its range (at construction); a strategy other than DDP,
@@ -48,8 +50,8 @@ class GradientCompression(ComponentCallback):
     config_class = DGCConfig
     reads_gradients_before_step = True  # the DDP communication hook
 
-    def __init__(self, *, log_every_n_steps: int = 1, **config_fields: Any) -> None:
-        super().__init__(**self.split_kwargs(config_fields))
+    def __init__(self, *, log_every_n_steps: int = 1, fresh_state_ok: bool = False, **config_fields: Any) -> None:
+        super().__init__(fresh_state_ok=fresh_state_ok, **self.split_kwargs(config_fields))
         self.config = DGCConfig(**config_fields)
         if not isinstance(log_every_n_steps, int) or isinstance(log_every_n_steps, bool) or log_every_n_steps < 0:
             raise ValueError(f"`log_every_n_steps` must be an int >= 0, got {log_every_n_steps!r}")
@@ -82,7 +84,7 @@ class GradientCompression(ComponentCallback):
                     f"the DDP strategy already registers ddp_comm_hook={getattr(user_hook, '__name__', user_hook)}; "
                     "DDP takes one communication hook: remove it or remove GradientCompression"
                 )
-            warnings.warn(
+            rank_zero_warn(  # the same on every rank: once
                 f"Lightning ignores DDPStrategy(ddp_comm_hook={getattr(user_hook, '__name__', user_hook)}) on "
                 f"{strategy.root_device.type}; GradientCompression registers its own hook instead",
                 stacklevel=2,

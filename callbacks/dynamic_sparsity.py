@@ -8,10 +8,11 @@ from typing import Any, Literal
 
 import lightning.pytorch as pl
 import torch
+from lightning.pytorch.utilities import rank_zero_warn
 
 from sparsetrain.sparsity import DynamicSparsifier, DynamicSparsityConfig
 
-from ._base import ComponentCallback
+from ._base import ComponentCallback, check_bool
 
 __all__ = ["DynamicSparsity"]
 
@@ -85,6 +86,12 @@ class DynamicSparsity(ComponentCallback):
         log_per_layer: also log each layer's sparsity.
         update_interval: deprecated spelling of ``update_every`` (a ``FutureWarning``).
         check_sync: deprecated: ``verify_every=1`` (``True``) or ``0`` (``False``), with a ``FutureWarning``.
+        fresh_state_ok: resuming from a checkpoint without this callback's state draws fresh masks
+            and a new schedule with a warning; False (default): an error.
+
+    Resuming with a longer run (``Trainer(max_steps=...)`` larger than the checkpoint's run): the
+    schedule is recomputed from the saved config for the new length, keeping the steps already
+    taken, and a warning says so (``docs/dynamic_sparsity.md``).
 
     Raises:
         ValueError: any argument out of range (named in the message).
@@ -107,6 +114,7 @@ class DynamicSparsity(ComponentCallback):
         log_per_layer: bool = False,
         update_interval: int | None = None,
         check_sync: bool | None = None,
+        fresh_state_ok: bool = False,
         **config_fields: Any,
     ) -> None:
         config_fields = self.split_kwargs(config_fields)
@@ -116,8 +124,10 @@ class DynamicSparsity(ComponentCallback):
                                       config_fields.pop("update_every", None)))
         config_fields.update(_renamed("check_sync", check_sync, "verify_every",
                                       config_fields.pop("verify_every", None)))
-        super().__init__(**config_fields)
+        super().__init__(fresh_state_ok=fresh_state_ok, **config_fields)
         self.grad_masking = grad_masking
+        check_bool("log_stats", log_stats)
+        check_bool("log_per_layer", log_per_layer)
         with warnings.catch_warnings():  # warned above, once, naming this callback's argument
             warnings.simplefilter("ignore", FutureWarning)
             self.config = DynamicSparsityConfig(
@@ -160,6 +170,7 @@ class DynamicSparsity(ComponentCallback):
         pending = self.take_pending()
         if pending is not None:
             sp.load_state_dict(pending)  # carries the original run's schedule
+            self._follow_run_length(trainer, sp)
             if self._deepspeed is not None:
                 self._deepspeed.load_state_dict(sp.state_dict())
         elif sp.schedule is None:
@@ -171,7 +182,7 @@ class DynamicSparsity(ComponentCallback):
                 )
             sp.set_total_steps(int(total))
         if sp.step_count != trainer.global_step:
-            warnings.warn(
+            rank_zero_warn(  # the same on every rank: once
                 f"DynamicSparsity has seen {sp.step_count} optimizer steps but the Trainer is at global_step "
                 f"{trainer.global_step}; the mask schedule follows its own count",
                 stacklevel=2,
@@ -209,6 +220,29 @@ class DynamicSparsity(ComponentCallback):
         self._pending = dict(state)
 
     # ------------------------------------------------------------------ helpers
+
+    @staticmethod
+    def _follow_run_length(trainer: pl.Trainer, sp: DynamicSparsifier) -> None:
+        """A resumed run whose length differs from the checkpoint's: the schedule is recomputed from the
+        saved config for the new length (the steps taken are kept), with a warning saying so."""
+        total = trainer.estimated_stepping_batches
+        old = sp.schedule
+        if old is None or not math.isfinite(total) or int(total) == old.total_steps:
+            return
+        if int(total) <= sp.step_count:
+            raise ValueError(
+                f"DynamicSparsity: the checkpoint is at optimizer step {sp.step_count}, but this run ends at step "
+                f"{int(total)}: raise the Trainer's max_steps / max_epochs to continue training"
+            )
+        sp.set_total_steps(int(total))
+        from lightning.pytorch.utilities import rank_zero_warn
+
+        rank_zero_warn(
+            f"DynamicSparsity: the checkpoint's run had {old.total_steps} optimizer steps, this one has {int(total)}: "
+            f"the mask schedule is recomputed for {int(total)} steps from the saved config (updates every "
+            f"{sp.schedule.update_interval} steps until step {sp.schedule.end_step}, was {old.end_step}); the "
+            f"{sp.step_count} steps taken are kept"
+        )
 
     @classmethod
     def _gradients_read_before_step(cls, trainer: pl.Trainer) -> bool:

@@ -9,7 +9,7 @@ import lightning.pytorch as pl
 
 from sparsetrain.nm import NMConfig, NMSparsifier
 
-from ._base import ComponentCallback
+from ._base import ComponentCallback, check_bool
 
 __all__ = ["NMSparsity"]
 
@@ -63,6 +63,8 @@ class NMSparsity(ComponentCallback):
         finalize: at the end of training make the weights exactly N:M and remove the
             parametrizations (plain ``weight`` parameters again).
         log_stats: log :meth:`~sparsetrain.nm.NMSparsifier.statistics` after each optimizer step.
+        fresh_state_ok: resuming from a checkpoint without this callback's state computes fresh
+            masks and restarts the schedule with a warning; False (default): an error.
 
     Raises:
         ValueError: any argument out of range (named in the message).
@@ -86,9 +88,12 @@ class NMSparsity(ComponentCallback):
         stages: list[str] | None = None,
         finalize: bool = True,
         log_stats: bool = True,
+        fresh_state_ok: bool = False,
         **config_fields: Any,
     ) -> None:
         config_fields = self.split_kwargs(config_fields)
+        check_bool("finalize", finalize)
+        check_bool("log_stats", log_stats)
         if not (isinstance(decay_fraction, (int, float)) and 0 < decay_fraction <= 1):
             raise ValueError(f"`decay_fraction` must be in (0, 1], got {decay_fraction!r}")
         parsed_stages = None if stages is None else [_parse_stage(s) for s in stages]
@@ -96,7 +101,7 @@ class NMSparsity(ComponentCallback):
         # Validate everything now; decay_steps gets its real value in setup() when left to the run length.
         probe = decay_steps if decay_steps is not None or method not in ("mdgf", "sdgf") else 1
         NMConfig(**config_fields, stages=parsed_stages, decay_steps=probe)
-        super().__init__(**config_fields)
+        super().__init__(fresh_state_ok=fresh_state_ok, **config_fields)
         # grad_accumulation is the Trainer's, set at setup
         self._kwargs = {k: v for k, v in config_fields.items() if k != "grad_accumulation"} | {"stages": parsed_stages}
         self.decay_steps = decay_steps

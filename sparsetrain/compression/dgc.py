@@ -179,6 +179,11 @@ class DGCState:
         unknown = sorted(set(config_fields) - known)
         if unknown:
             raise ValueError(f"unknown option `{unknown[0]}`; allowed: {', '.join(sorted(known))}")
+        if process_group is not None and not (dist.is_available() and isinstance(process_group, dist.ProcessGroup)):
+            raise TypeError(
+                f"`process_group` must be a torch.distributed.ProcessGroup or None (the default group), got "
+                f"{process_group!r}; the backend is chosen by init_process_group, not here"
+            )
         self.process_group = process_group
         self.engine = CompressionEngine(config if config is not None else DGCConfig(**config_fields),
                                         grad_scaler=grad_scaler)
@@ -273,6 +278,14 @@ class DGCState:
                 raise ValueError("`module`: every (name, parameter) pair must hold a tensor")
             if len({n for n, _ in named}) != len(named):
                 raise ValueError("`module`: parameter names must be unique")
+        if model is not None:
+            sparse = [n for n, m in model.named_modules()
+                      if isinstance(m, (nn.Embedding, nn.EmbeddingBag)) and m.sparse]
+            if sparse:
+                raise ValueError(
+                    f"`model` has embeddings with sparse=True ({', '.join(sparse)}): their sparse gradients cannot "
+                    "be compressed (DDP's communication hooks take dense buckets); build them with sparse=False"
+                )
         if not self._bound and any(k.startswith("#") for k in (*self.residuals, *self.momenta)):
             raise ValueError("`module`: bind before the first step; this state is already keyed by position")
         if self._model is not None and self._model is not model:
@@ -474,7 +487,8 @@ class DGCState:
             raise ValueError("`full` must come from DGCState.full_state_dict() (on rank 0)")
         ranks = full["ranks"]
         if not isinstance(ranks, list) or not ranks:
-            raise ValueError("`full` holds no rank's state: load the dict that rank 0 got from full_state_dict()")
+            raise ValueError(f"`full['ranks']` holds no rank's state (it must be a non-empty list of rank states, "
+                             f"got {ranks!r}): load the dict that rank 0 got from full_state_dict()")
         world = _group_size(self.process_group)
         rank = _group_rank(self.process_group)
         if len(ranks) == world:
@@ -485,6 +499,19 @@ class DGCState:
             "the mean of the saved residuals and momenta",
             stacklevel=2,
         )
+        for part in ("residuals", "momenta"):
+            first: dict[str, Any] | None = None
+            for i, r in enumerate(ranks):
+                table = r.get(part) if isinstance(r, dict) else None
+                if not isinstance(table, dict) or (first is not None and table.keys() != first.keys()):
+                    raise ValueError(f"`full['ranks'][{i}][{part!r}]` must be a dict of tensors with the same names "
+                                     f"as rank 0's, got {type(table).__name__}")
+                first = table if first is None else first
+                for name, t in table.items():
+                    _check_saved_tensor(part, name, t, None)
+                    if t.shape != first[name].shape:
+                        raise ValueError(f"`full['ranks'][{i}][{part!r}]` entry {name!r} has shape "
+                                         f"{tuple(t.shape)}, rank 0's has {tuple(first[name].shape)}")
         merged = dict(ranks[0])
         for part in ("residuals", "momenta"):
             keys = ranks[0][part].keys()

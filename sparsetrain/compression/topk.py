@@ -26,7 +26,7 @@ implementation ``synxlin/deep-gradient-compression``, ``dgc/compression.py``): e
 k-th largest magnitude from a strided sample, take every entry at or above it, lower the
 threshold by ``lower_bound`` while fewer than ``lower_bound * k`` pass (at most
 ``max_rounds`` rounds), and when more than ``k`` pass keep the exact top-k of the
-candidates. Unlike the reference (which keeps up to 1.3k) the result never exceeds ``k``,
+candidates. Like the reference, never more than ``k`` (it keeps the first k candidates by position, we the largest),
 so every rank's message has the same fixed size and no sizes need exchanging; and the
 sampled threshold aims 30% above k (DGC's upper bound, ``margin``), so that usually exactly k are kept.
 """

@@ -284,10 +284,23 @@ def pack_mask(mask: torch.Tensor) -> torch.Tensor:
 
 
 def unpack_mask(packed: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
-    """Inverse of :func:`pack_mask` for a mask of ``shape``."""
+    """Inverse of :func:`pack_mask` for a mask of ``shape``.
+
+    Raises:
+        ValueError: ``packed`` is not a uint8 tensor of ``ceil(numel / 8)`` bytes (a truncated or
+            padded mask), or ``shape`` holds a negative size.
+    """
     numel = 1
     for s in shape:
+        if int(s) < 0:
+            raise ValueError(f"`shape` must hold sizes >= 0, got {tuple(shape)}")
         numel *= int(s)
+    if not isinstance(packed, torch.Tensor) or packed.dtype != torch.uint8:
+        got = packed.dtype if isinstance(packed, torch.Tensor) else type(packed).__name__
+        raise ValueError(f"`packed` must be a uint8 tensor from pack_mask, got {got}")
+    if packed.numel() != (numel + 7) // 8:
+        raise ValueError(f"`packed` holds {packed.numel()} bytes, a mask of shape {tuple(shape)} packs into "
+                         f"{(numel + 7) // 8}: the packed mask is truncated or belongs to another shape")
     shifts = torch.arange(8, dtype=torch.uint8, device=packed.device)
     bits = (packed.reshape(-1, 1) >> shifts) & 1
     return bits.reshape(-1)[:numel].bool().reshape(tuple(shape))

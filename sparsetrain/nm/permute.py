@@ -420,6 +420,10 @@ def permute_for_nm(
         >>> all(s.info["kept_after"] >= s.info["kept_before"] for s in done)
         True
     """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"`model` must be a torch.nn.Module, got {type(model).__name__}")
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise TypeError(f"`seed` must be an int, got {seed!r} ({type(seed).__name__})")
     check_nm(n, m)
     sites = list(find_permutation_sites(model, residual=residual) if sites is None else sites)
     try:
@@ -430,6 +434,11 @@ def permute_for_nm(
         if include is not None or exclude is not None:
             raise
         eligible = set()
+    bad = sorted({name for site in sites for name in site.consumers
+                  if name in eligible and not bool(torch.isfinite(_weight(_linear(model, name))).all())})
+    if bad:
+        raise ValueError(f"the weights of layer(s) {', '.join(bad)} hold NaN or inf: no channel permutation can be "
+                         "searched on them (nothing was permuted)")
     done, perms, names = [], [], []
     for i, site in enumerate(sites):
         consumers = [_linear(model, c) for c in site.consumers]
@@ -439,6 +448,7 @@ def permute_for_nm(
         if not scored:
             continue
         stacked = torch.cat([_weight(c).detach() for c in scored])
+
         block = site.block_size or stacked.shape[1]
         if block % m or stacked.shape[1] % block:
             continue

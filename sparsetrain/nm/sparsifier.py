@@ -244,13 +244,23 @@ class NMSparsifier:
                 only checks them and, with ``inplace``, masks the weights.
 
         Raises:
-            ValueError: ``recompute`` is not a bool.
+            ValueError: ``recompute`` is not a bool; with ``recompute``, a layer's weight holds NaN or
+                inf (naming the layers).
         """
         if not isinstance(recompute, bool):
             raise ValueError(f"`recompute` must be True or False, got {recompute!r}")
         self._check_live()
         self.strategy.unmask(decay=False)
         if recompute:
+            weights = self.strategy.dense_weights()
+            finite = torch.stack([torch.isfinite(w).all().cpu() for w in weights]).tolist() if weights else []
+            bad = [name for name, ok in zip(self.params, finite) if not ok]
+            if bad:
+                self.strategy.mask()
+                raise ValueError(
+                    f"the weights of layer(s) {', '.join(bad)} hold NaN or inf: N:M masks computed from them would "
+                    "keep the NaNs (NaN ranks as the largest magnitude). Fix or reload the weights first"
+                )
             self.recompute_masks(count_flips=False)
         self.check_ranks()
         self.strategy.mask()
@@ -489,7 +499,9 @@ class NMSparsifier:
         Raises:
             ValueError: an unknown version, a config that differs from this one in a field that
                 changes the math (naming it: n, m, method, lambda_w, update_every, decay,
-                decay_steps, stages, include, exclude), or another set of layers.
+                decay_steps, stages, include, exclude), another set of layers, a missing entry
+                (naming it), or a packed mask that is truncated or of another shape. Nothing is
+                changed then.
         """
         self._check_live()
         if not isinstance(state, Mapping):
@@ -497,6 +509,15 @@ class NMSparsifier:
         version = state.get("version")
         if version not in (1, _STATE_VERSION):
             raise ValueError(f"`state` has version {version!r}; this sparsetrain reads versions 1 and {_STATE_VERSION}")
+        needed = ["layers", "masks", "mask_shapes", "step", "updates", "pattern"]
+        needed += ["config"] if version >= 2 else ["n", "m", "method"]
+        missing = [k for k in needed if k not in state]
+        if missing:
+            raise ValueError(f"`state` is truncated: it has no {', '.join(repr(k) for k in missing)} "
+                             "(not a complete NMSparsifier.state_dict())")
+        for key in ("step", "updates"):
+            if isinstance(state[key], bool) or not isinstance(state[key], int) or state[key] < 0:
+                raise ValueError(f"`state[{key!r}]` must be an int >= 0, got {state[key]!r}")
         saved = dict(state["config"]) if version >= 2 else {k: state[k] for k in ("n", "m", "method")}
         if saved.get("stages") is not None:
             saved["stages"] = [tuple(st) for st in saved["stages"]]
@@ -504,6 +525,21 @@ class NMSparsifier:
         if list(state["layers"]) != list(self.layers):
             missing = sorted(set(state["layers"]) ^ set(self.layers))
             raise ValueError(f"`state` covers other layers than this sparsifier (differing: {', '.join(missing)})")
+        loaded: dict[str, torch.Tensor] = {}
+        if not state.get("finalized"):
+            if not isinstance(state["masks"], Mapping) or not isinstance(state["mask_shapes"], Mapping):
+                raise ValueError("`state['masks']` and `state['mask_shapes']` must be dicts keyed by layer name")
+            for name, w in zip(self.layers, self.strategy.dense_weights()):
+                if name not in state["masks"]:
+                    continue
+                shape = state["mask_shapes"].get(name)
+                if shape is None or tuple(shape) != tuple(w.shape):
+                    raise ValueError(f"`state['mask_shapes'][{name!r}]` is {shape!r}, the layer's weight has shape "
+                                     f"{tuple(w.shape)}")
+                try:
+                    loaded[name] = unpack_mask(state["masks"][name], shape)
+                except ValueError as err:
+                    raise ValueError(f"`state['masks'][{name!r}]`: {err}") from None
         self.strategy.unmask(decay=False)
         self.schedule.load_state_dict(state)
         pattern = self.schedule.pattern
@@ -512,8 +548,8 @@ class NMSparsifier:
             if state.get("finalized"):
                 # Training continues after a finished run: its weights are already exactly N:M.
                 p.set_mask(nm_mask(w, *pattern) if pattern else None)
-            elif name in state["masks"]:
-                p.set_mask(unpack_mask(state["masks"][name].to(w.device), state["mask_shapes"][name]))
+            elif name in loaded:
+                p.set_mask(loaded[name].to(w.device))
             else:
                 p.set_mask(None)
         self.strategy.after_load()

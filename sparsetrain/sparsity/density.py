@@ -22,9 +22,19 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 
-__all__ = ["DISTRIBUTIONS", "layer_active_counts", "layer_densities"]
+__all__ = ["DISTRIBUTIONS", "floor_count", "layer_active_counts", "layer_densities"]
 
 DISTRIBUTIONS = ("erk", "er", "uniform")
+
+
+def floor_count(value: float) -> int:
+    """The one rounding rule for weight counts computed from a fraction: ``floor(value + 1e-9)``.
+
+    A count such as ``drop_fraction * n_active`` (RigL/SET's drop count) or ``density * numel`` is
+    floored, with a ``1e-9`` guard so that a product meant to be an integer but computed just below
+    it in floating point (``0.29 * 100 = 28.999999999999996``) is not floored one short.
+    """
+    return math.floor(value + 1e-9)
 
 
 def _raw_score(shape: Sequence[int], distribution: str) -> float:
@@ -114,7 +124,7 @@ def layer_active_counts(
     densities = layer_densities(shapes, sparsity, distribution)
     numel = {name: math.prod(int(d) for d in shape) for name, shape in shapes.items()}
     ideal = {n: densities[n] * numel[n] for n in shapes}
-    counts = {n: min(numel[n], max(1, math.floor(ideal[n] + 1e-9))) for n in shapes}
+    counts = {n: min(numel[n], max(1, floor_count(ideal[n]))) for n in shapes}
     target = round((1.0 - sparsity) * sum(numel.values()))
     short = target - sum(counts.values())
     # Hand the remaining units to the layers with the largest fractional parts (ties: order given).

@@ -89,7 +89,7 @@ from torch.nn.utils import parametrize
 from .. import contract
 from ..contract import check_patterns
 from ._sole_owner import sole_owner, sole_refs
-from .density import DISTRIBUTIONS, layer_active_counts
+from .density import DISTRIBUTIONS, floor_count, layer_active_counts
 from .enforcement import optimizer_blocker
 from .masks import DEFAULT_MODULE_TYPES, random_mask
 from .schedules import DROP_SCHEDULES, METHODS, MaskSchedule
@@ -207,6 +207,10 @@ class DynamicSparsityConfig:
             raise ValueError(f"`{every_arg}` must be an int >= 1, got {self.update_every!r}")
         if isinstance(self.verify_every, bool) or not isinstance(self.verify_every, int) or self.verify_every < 0:
             raise ValueError(f"`verify_every` must be an int >= 0, got {self.verify_every!r}")
+        for name in ("drop_fraction", "begin_fraction", "end_fraction"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise TypeError(f"`{name}` must be a finite number, got {value!r} ({type(value).__name__})")
         if not 0.0 <= self.drop_fraction <= 1.0:
             raise ValueError(f"`drop_fraction` must be in [0, 1], got {self.drop_fraction!r}")
         if self.drop_schedule not in DROP_SCHEDULES:
@@ -221,8 +225,11 @@ class DynamicSparsityConfig:
             )
         self.include = check_patterns(self.include, "include")
         self.exclude = check_patterns(self.exclude, "exclude") or ()
-        if not isinstance(self.seed, int):
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise ValueError(f"`seed` must be an int, got {self.seed!r}")
+        for name in ("keep_first_dense", "keep_last_dense"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"`{name}` must be a bool (True or False), got {getattr(self, name)!r}")
         if self.enforce_interval != "auto" and (
             isinstance(self.enforce_interval, bool) or not isinstance(self.enforce_interval, int)
             or self.enforce_interval < 1
@@ -254,6 +261,30 @@ DynamicSparsityConfig.update_interval = _deprecated_alias(  # type: ignore[assig
     "update_interval", "update_every", int, int)
 DynamicSparsityConfig.check_sync = _deprecated_alias(  # type: ignore[assignment]
     "check_sync", "verify_every", lambda v: 100 if v else 0, lambda v: v > 0)
+
+
+def _check_total_steps(total_steps: Any) -> None:
+    if isinstance(total_steps, bool) or not isinstance(total_steps, (int, float)) \
+            or not math.isfinite(total_steps) or total_steps != int(total_steps) or total_steps < 1:
+        raise ValueError(f"`total_steps` must be an int >= 1, got {total_steps!r}")
+
+
+def _warn_unreachable(shapes: dict[str, tuple[int, ...]], counts: dict[str, int], sparsity: float) -> None:
+    """Warn when layers too small for ``sparsity`` (each keeps at least one weight) leave it unreached."""
+    total = sum(math.prod(s) for s in shapes.values())
+    achieved = 1.0 - sum(counts.values()) / total
+    if sparsity - achieved <= 1.0 / total + 1e-9:
+        return
+    worst = sorted(shapes, key=lambda n: counts[n] / math.prod(shapes[n]), reverse=True)
+    short = [f"{n} ({1.0 - counts[n] / math.prod(shapes[n]):.3g})" for n in worst
+             if 1.0 - counts[n] / math.prod(shapes[n]) < sparsity - 1e-9]
+    warnings.warn(
+        f"sparsity={sparsity} cannot be reached: every layer keeps at least one weight, and the sparsity reached "
+        f"over the sparsified layers is {achieved:.4g}; layers below the target (achieved sparsity): "
+        f"{', '.join(short[:8])}{', ...' if len(short) > 8 else ''}. statistics()['sparsity/global'] reports the "
+        "achieved value",
+        stacklevel=4,
+    )
 
 
 def _param_name(module_name: str) -> str:
@@ -322,6 +353,10 @@ class DynamicSparsifier:
             )
         if not isinstance(config, DynamicSparsityConfig):
             raise TypeError(f"`config` must be a DynamicSparsityConfig, got {type(config).__name__}")
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"`model` must be a torch.nn.Module, got {type(model).__name__}")
+        if total_steps is not None:
+            _check_total_steps(total_steps)
         # configuration
         self.model = model
         self.config = config
@@ -380,6 +415,9 @@ class DynamicSparsifier:
             counts = {name: math.prod(s) for name, s in self._shapes.items()}
         else:
             counts = layer_active_counts(self._shapes, float(config.sparsity), config.distribution)
+        self._expected_counts = dict(counts)
+        if config.method != "gmp":
+            _warn_unreachable(self._shapes, counts, float(config.sparsity))
         for name, module in self._modules.items():
             w = module.weight
             mask = random_mask(w.shape, counts[name], self._generator, w.device)
@@ -390,6 +428,8 @@ class DynamicSparsifier:
                 if config.grad_masking == "hook":
                     self._handles.append(w.register_hook(self._make_grad_hook(name)))
                 self._hooked.add(name)  # with "step": masked by the attached optimizers' pre-hooks
+        root = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+        self._handles.append(root.register_load_state_dict_pre_hook(self._before_load))
         self._handles.append(model.register_load_state_dict_post_hook(self._after_load))
         self._exclude_masks_from_ddp()
         if total_steps is not None:
@@ -430,6 +470,47 @@ class DynamicSparsifier:
             return contract.masked(grad, buffers[MASK_NAME], self._bits)
 
         return hook
+
+    def _before_load(self, module: nn.Module, state_dict: Any, prefix: str, *args: Any) -> None:
+        """Refuse a model state whose masks are not masks this sparsifier could hold (before anything loads)."""
+        for name in self._modules:
+            key = f"{prefix}{name}.{MASK_NAME}" if name else f"{prefix}{MASK_NAME}"
+            if key in state_dict:
+                self.check_mask(name, state_dict[key], what=f"`state_dict[{key!r}]`")
+
+    def check_mask(self, layer: str, mask: Any, *, what: str | None = None) -> None:
+        """Check that ``mask`` can be layer ``layer``'s mask: a bool tensor of the weight's shape whose
+        number of kept weights fits the configured sparsity (RigL, SET and static keep a fixed count
+        per layer; GMP at least its final count).
+
+        Raises:
+            ValueError: naming the mask and what is wrong with it.
+        """
+        what = what or f"the `{MASK_NAME}` of layer {layer!r}"
+        shape = self._shapes[layer]
+        if not isinstance(mask, torch.Tensor):
+            raise ValueError(f"{what} must be a bool tensor, got {type(mask).__name__}")
+        if mask.dtype != torch.bool:
+            raise ValueError(f"{what} must be a bool tensor (True = kept), got {mask.dtype}: a float mask would be "
+                             "read as dense wherever it is nonzero")
+        if tuple(mask.shape) != shape:
+            raise ValueError(f"{what} has shape {tuple(mask.shape)}, the weight of layer {layer!r} has {shape}")
+        kept, numel = int(mask.sum()), mask.numel()
+        expected = self._expected_counts[layer]
+        if kept == 0:
+            raise ValueError(f"{what} keeps no weight (all False): the layer would be dead; expected {expected} of "
+                             f"{numel} kept for sparsity={self.config.sparsity}")
+        if self.config.method == "gmp":
+            final = (numel if self.config.sparsity == 0.0
+                     else layer_active_counts(self._shapes, float(self.config.sparsity),
+                                              self.config.distribution)[layer])
+            if kept < final:
+                raise ValueError(f"{what} keeps {kept} of {numel} weights, fewer than the {final} that GMP keeps at "
+                                 f"its final sparsity={self.config.sparsity}")
+        elif kept != expected:
+            raise ValueError(f"{what} keeps {kept} of {numel} weights (density {kept / numel:.4g}), but "
+                             f"method={self.config.method!r} at sparsity={self.config.sparsity} keeps exactly "
+                             f"{expected} in this layer: was it saved with another sparsity or distribution?")
 
     def _after_load(self, module: nn.Module, incompatible_keys: Any) -> None:
         self.mask_version += 1  # the masks may have been replaced
@@ -581,7 +662,12 @@ class DynamicSparsifier:
         self._modules = {}
 
     def set_total_steps(self, total_steps: int) -> None:
-        """Fix the run length (and hence the schedule); must happen before the first :meth:`step`."""
+        """Fix the run length (and hence the schedule); must happen before the first :meth:`step`.
+
+        Raises:
+            ValueError: ``total_steps`` is not a whole number >= 1.
+        """
+        _check_total_steps(total_steps)
         self.set_schedule(self.config.schedule(int(total_steps)))
 
     def set_schedule(self, schedule: MaskSchedule) -> None:
@@ -766,11 +852,20 @@ class DynamicSparsifier:
             else:
                 counts = layer_active_counts(self._shapes, target, cfg.distribution)
         else:  # positions each layer drops (and grows)
-            counts = {name: math.floor(drop * self._active[name]) for name in self._modules}
+            counts = {name: floor_count(drop * self._active[name]) for name in self._modules}
         # Layers alike are updated together, a few passes per group rather than per layer (the same
         # masks: selections are exact). The active counts are known on the host, so nothing below
         # waits for the device until the one copy of the per-layer counts at the end.
         weights = self._weights()
+        device = next(iter(weights.values())).device
+        finite = torch.stack([torch.isfinite(w).all().to(device) for w in weights.values()]).tolist()
+        if not all(finite):
+            bad = [name for name, ok in zip(weights, finite) if not ok]
+            raise ValueError(
+                f"mask update at step {t}: the weights of layer(s) {', '.join(bad)} hold NaN or inf; a {method} "
+                "update would rank them arbitrarily. Fix the divergence (learning rate, loss scaling) or resume from "
+                "an earlier checkpoint"
+            )
         groups = group_layers(weights, self._active, counts, group_on_cpu=self._group_on_cpu)
         grads = scores = {}
         if method == "rigl":  # with grad_masking="step", DDP averaged them already
@@ -909,18 +1004,53 @@ class DynamicSparsifier:
         Raises:
             ValueError: an unknown state version, a saved config differing from this one in a field
                 that changes the math (:data:`MATH_FIELDS`, named in the message), a different method
-                or layer set.
+                or layer set, a missing or malformed entry (named), or a model mask that this
+                sparsifier could not hold (:meth:`check_mask`). Nothing is changed then.
         """
+        if not isinstance(state, dict):
+            raise ValueError(f"`state` must be a dict from DynamicSparsifier.state_dict(), got {type(state).__name__}")
         version = state.get("version")
         if version not in (1, _STATE_VERSION):
             raise ValueError(f"`state` version must be 1 or {_STATE_VERSION}, got {version!r}")
+        missing = [k for k in ("method", "step", "layers", "rng_state", "ever_active") if k not in state]
+        if missing:
+            raise ValueError(f"`state` is truncated: it has no {', '.join(repr(k) for k in missing)} "
+                             "(not a complete DynamicSparsifier.state_dict())")
         contract.check_config(state.get("config"), self.config, MATH_FIELDS, "DynamicSparsifier")
         if state["method"] != self.config.method:
             raise ValueError(f"`state` is for method {state['method']!r}, this sparsifier runs {self.config.method!r}")
-        if list(state["layers"]) != list(self._modules):
+        if not isinstance(state["layers"], (list, tuple)) or list(state["layers"]) != list(self._modules):
             raise ValueError(
-                f"`state` covers layers {list(state['layers'])}, this sparsifier covers {list(self._modules)}"
+                f"`state` covers layers {state['layers']!r}, this sparsifier covers {list(self._modules)}"
             )
+        for key in ("step", "updates", "regrown_total"):
+            value = state.get(key, 0)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"`state[{key!r}]` must be an int >= 0, got {value!r}")
+        rng = state["rng_state"]
+        if not isinstance(rng, torch.Tensor) or rng.dtype != torch.uint8:
+            raise ValueError(f"`state['rng_state']` must be a uint8 tensor (a torch.Generator state), got "
+                             f"{type(rng).__name__ if not isinstance(rng, torch.Tensor) else rng.dtype}")
+        ever = state["ever_active"]
+        if not isinstance(ever, dict) or set(ever) != set(self._modules):
+            raise ValueError(f"`state['ever_active']` must map every sparsified layer ({list(self._modules)}) to a "
+                             f"mask, got {sorted(ever) if isinstance(ever, dict) else type(ever).__name__}")
+        for name, t in ever.items():
+            if not isinstance(t, torch.Tensor) or t.dtype != torch.bool or tuple(t.shape) != self._shapes[name]:
+                got = f"{t.dtype} {tuple(t.shape)}" if isinstance(t, torch.Tensor) else type(t).__name__
+                raise ValueError(f"`state['ever_active'][{name!r}]` must be a bool tensor of shape "
+                                 f"{self._shapes[name]}, got {got}")
+        schedule = state.get("schedule")
+        if schedule is not None:
+            try:
+                schedule = MaskSchedule(**schedule)
+            except (TypeError, ValueError) as err:
+                raise ValueError(f"`state['schedule']` is not a valid schedule: {err}") from None
+            if schedule.method != self.config.method:
+                raise ValueError(f"`state['schedule']` is for method {schedule.method!r}, this sparsifier runs "
+                                 f"{self.config.method!r}")
+        for name, module in self._modules.items():  # the model's masks (loaded before this state)
+            self.check_mask(name, module._buffers[MASK_NAME])
         self._step = int(state["step"])
         self._updates = int(state.get("updates", 0))
         self._regrown_total = int(state.get("regrown_total", 0))
@@ -931,8 +1061,8 @@ class DynamicSparsifier:
         for name, t in state["ever_active"].items():
             self._ever_active[name] = t.to(self._modules[name]._buffers[MASK_NAME].device).clone()
         self._recount(ever=True)
-        if state.get("schedule") is not None:
-            self.set_schedule(MaskSchedule(**state["schedule"]))
+        if schedule is not None:
+            self.set_schedule(schedule)
         elif self.schedule is not None:
             self._capture = self.schedule.needs_gradient(self._step + 1)
         self._dense_grads.clear()

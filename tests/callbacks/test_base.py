@@ -11,8 +11,8 @@ from sparsetrain.nm import NMConfig
 
 
 @pytest.mark.parametrize("cls, config, own", [
-    (GradientCompression, DGCConfig, {"log_every_n_steps"}),
-    (NMSparsity, NMConfig, {"decay_steps", "decay_fraction", "stages", "finalize", "log_stats"}),
+    (GradientCompression, DGCConfig, {"log_every_n_steps", "fresh_state_ok"}),
+    (NMSparsity, NMConfig, {"decay_steps", "decay_fraction", "stages", "finalize", "log_stats", "fresh_state_ok"}),
 ])
 def test_signature_is_the_config_fields_plus_own_arguments(cls, config, own):
     params = inspect.signature(cls).parameters

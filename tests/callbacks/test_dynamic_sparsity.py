@@ -347,9 +347,11 @@ def test_a_checkpoint_keyed_by_the_class_name_still_resumes(tmp_path):
     old = tmp_path / "old.ckpt"
     torch.save(ckpt, old)
     again = DynamicSparsity(method="rigl", sparsity=0.8, update_every=2, end_fraction=1.0)
-    _trainer(max_steps=5, callbacks=[again]).fit(_task(seed=3), _Data(), ckpt_path=old)
-    assert again.sparsifier.step_count == 5 and again.sparsifier.update_count == 1
-    assert again.sparsifier.schedule == cb.sparsifier.schedule  # the saved run length, 3 steps
+    with pytest.warns(UserWarning, match="had 3 optimizer steps, this one has 5: the mask schedule is recomputed"):
+        _trainer(max_steps=5, callbacks=[again]).fit(_task(seed=3), _Data(), ckpt_path=old)
+    # a longer run: the schedule is recomputed for 5 steps (docs/dynamic_sparsity.md), one more update at step 4
+    assert again.sparsifier.step_count == 5 and again.sparsifier.update_count == 2
+    assert again.sparsifier.schedule == again.config.schedule(5) != cb.sparsifier.schedule
 
 
 def test_dynamic_sparsity_and_nm_on_disjoint_layers_train_together():
