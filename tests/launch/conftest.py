@@ -39,3 +39,12 @@ def recipe_in_cwd(tmp_path, monkeypatch):
         (tmp_path / name).write_text(VALID_RECIPE)
     monkeypatch.chdir(tmp_path)
     return tmp_path
+
+
+@pytest.fixture(autouse=True)
+def no_rendezvous_environment(monkeypatch):
+    """The launcher reads MASTER_ADDR / MASTER_PORT / NODE_RANK from the environment; in-process Lightning runs
+    of other test modules leave them set (Lightning picks a free port and exports it). Each launch test
+    starts without them and sets what it needs."""
+    for var in ("MASTER_ADDR", "MASTER_PORT", "NODE_RANK"):
+        monkeypatch.delenv(var, raising=False)
