@@ -116,7 +116,7 @@ class MoE(nn.Module):
             # the dropped rows (sorted last) join the last expert's group and are masked out below: every
             # row lies in a group, so no grouped kernel leaves an output or input-gradient row unwritten
             offs_all_E = offs_E.clone()
-            offs_all_E[-1] = expert_N.numel()
+            offs_all_E[-1:].fill_(expert_N.numel())  # a fill kernel: an indexed assignment would copy from the host
             y_SD = self.experts(x_SD, offs_all_E, expert_S)
         y_TKD = _Permute.apply(y_SD, inv_N, order_N).view(T, K, y_SD.shape[-1])
         y_TKD = torch.where(r.kept_TK.unsqueeze(-1), y_TKD, y_TKD.new_zeros(()))  # dropped: zero, no gradient

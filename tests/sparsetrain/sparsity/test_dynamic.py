@@ -552,9 +552,10 @@ def test_a_mask_update_waits_for_the_device_once_whatever_the_layer_count(method
                 torch.cuda.set_sync_debug_mode("default")
         assert sp.update_count == 2 and sp.step_count == 2  # an update happened
         syncs[n_layers] = sum("synchroniz" in str(w.message) for w in caught)
-    # A constant number of waits, not one per layer: the copy of all the layers' counts (an H200
-    # measured {2: 2, 6: 1} for RigL, {2: 1, 6: 1} for SET and GMP).
-    assert syncs[6] <= syncs[2] <= 2, syncs
+    # A constant number of waits, not one per layer: one for the check that every weight is finite before
+    # the update, one for the copy of all the layers' counts (an H200 measured {2: 3, 6: 2} for RigL; {2: 2,
+    # 6: 1} before the finite check, {2: 1, 6: 1} for SET and GMP).
+    assert syncs[6] <= syncs[2] <= 3, syncs
 
 
 # ----------------------------------------------------------------------------- grad_masking="step"
