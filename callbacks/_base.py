@@ -23,7 +23,7 @@ from typing import Any, ClassVar
 
 from lightning.pytorch.callbacks import Callback
 
-__all__ = ["ComponentCallback", "check_bool"]
+__all__ = ["ComponentCallback", "DDPHookCallback", "check_bool"]
 
 
 class ComponentCallback(Callback):
@@ -197,6 +197,75 @@ def check_bool(name: str, value: Any) -> bool:
     if not isinstance(value, bool):
         raise TypeError(f"`{name}` must be True or False, got {value!r} ({type(value).__name__})")
     return value
+
+
+class DDPHookCallback(ComponentCallback):
+    """Base of the callbacks whose component is a DDP communication hook (compression, masked exchange).
+
+    Lightning ignores ``DDPStrategy(ddp_comm_hook=...)`` on the CPU, so these callbacks register their hook
+    themselves at the start of fitting, once per DDP model.
+    """
+
+    #: What the hook does to DDP's all-reduce, for the messages.
+    _hook_purpose: ClassVar[str] = "replaces DistributedDataParallel's gradient all-reduce"
+    reads_gradients_before_step = True  # the communication hook
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self._registered_on: int | None = None
+
+    def check_strategy(self, trainer: Any) -> None:
+        """At ``setup``: the DDP strategy, and no other communication hook where Lightning would register it.
+
+        Raises:
+            ValueError: another strategy, or a strategy carrying a communication hook on CUDA.
+        """
+        from lightning.pytorch.strategies import DDPStrategy
+        from lightning.pytorch.utilities import rank_zero_warn
+
+        name = type(self).__name__
+        strategy = trainer.strategy
+        if not isinstance(strategy, DDPStrategy) or "DeepSpeed" in type(strategy).__name__:
+            raise ValueError(f"{name} needs the DDP strategy (strategy='ddp'), got {type(strategy).__name__}; "
+                             f"it {self._hook_purpose}")
+        user_hook = getattr(strategy, "_ddp_comm_hook", None)
+        if user_hook is not None:
+            hook = getattr(user_hook, "__name__", user_hook)
+            if strategy.root_device.type == "cuda":
+                raise ValueError(f"the DDP strategy already registers ddp_comm_hook={hook}; DDP takes one "
+                                 f"communication hook: remove it or remove {name}")
+            rank_zero_warn(  # the same on every rank: once
+                f"Lightning ignores DDPStrategy(ddp_comm_hook={hook}) on {strategy.root_device.type}; {name} "
+                "registers its own hook instead", stacklevel=2)
+
+    def ddp_model(self, trainer: Any) -> Any:
+        """The Trainer's DDP model.
+
+        Raises:
+            ValueError: the strategy's model is not ``DistributedDataParallel``.
+        """
+        from torch.nn.parallel import DistributedDataParallel
+
+        model = trainer.strategy.model
+        if not isinstance(model, DistributedDataParallel):
+            raise ValueError(f"{type(self).__name__} needs trainer.strategy.model to be DistributedDataParallel, "
+                             f"got {type(model).__name__}")
+        return model
+
+    def register_hook(self, model: Any, hook: Any) -> None:
+        """Register ``hook`` with the component as its state on ``model``, once per model.
+
+        Raises:
+            ValueError: DDP refused it (another hook is registered).
+        """
+        if self._registered_on == id(model):
+            return
+        try:
+            model.register_comm_hook(self.component, hook)
+        except RuntimeError as err:
+            raise ValueError(f"{type(self).__name__} could not register its hook (another one is registered?): "
+                             f"{err}") from err
+        self._registered_on = id(model)
 
 
 def _plain(value: Any) -> Any:

@@ -5,17 +5,15 @@ from __future__ import annotations
 from typing import Any
 
 import lightning.pytorch as pl
-from lightning.pytorch.utilities import rank_zero_warn
-from torch.nn.parallel import DistributedDataParallel
 
 from sparsetrain.compression import DGCConfig, DGCState, check_optimizer, dgc_hook
 
-from ._base import ComponentCallback
+from ._base import DDPHookCallback
 
 __all__ = ["GradientCompression"]
 
 
-class GradientCompression(ComponentCallback):
+class GradientCompression(DDPHookCallback):
     """Compress DDP's gradient exchange with top-k sparsification, error feedback and DGC momentum correction.
 
     The callback builds a :class:`~sparsetrain.compression.DGCState`, registers
@@ -48,7 +46,7 @@ class GradientCompression(ComponentCallback):
     """
 
     config_class = DGCConfig
-    reads_gradients_before_step = True  # the DDP communication hook
+    _hook_purpose = "compresses DistributedDataParallel's gradient all-reduce"
 
     def __init__(self, *, log_every_n_steps: int = 1, fresh_state_ok: bool = False, **config_fields: Any) -> None:
         super().__init__(fresh_state_ok=fresh_state_ok, **self.split_kwargs(config_fields))
@@ -56,7 +54,6 @@ class GradientCompression(ComponentCallback):
         if not isinstance(log_every_n_steps, int) or isinstance(log_every_n_steps, bool) or log_every_n_steps < 0:
             raise ValueError(f"`log_every_n_steps` must be an int >= 0, got {log_every_n_steps!r}")
         self.log_every_n_steps = log_every_n_steps
-        self._registered_on: int | None = None
         self._logged_step = -1
         self._global_step = 0
 
@@ -67,38 +64,13 @@ class GradientCompression(ComponentCallback):
 
     # ------------------------------------------------------------------ hooks
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if stage != "fit":
-            return
-        from lightning.pytorch.strategies import DDPStrategy
-
-        strategy = trainer.strategy
-        if not isinstance(strategy, DDPStrategy) or "DeepSpeed" in type(strategy).__name__:
-            raise ValueError(
-                f"GradientCompression needs the DDP strategy (strategy='ddp'), got {type(strategy).__name__}; "
-                "it compresses DistributedDataParallel's gradient all-reduce"
-            )
-        user_hook = getattr(strategy, "_ddp_comm_hook", None)
-        if user_hook is not None:
-            if strategy.root_device.type == "cuda":
-                raise ValueError(
-                    f"the DDP strategy already registers ddp_comm_hook={getattr(user_hook, '__name__', user_hook)}; "
-                    "DDP takes one communication hook: remove it or remove GradientCompression"
-                )
-            rank_zero_warn(  # the same on every rank: once
-                f"Lightning ignores DDPStrategy(ddp_comm_hook={getattr(user_hook, '__name__', user_hook)}) on "
-                f"{strategy.root_device.type}; GradientCompression registers its own hook instead",
-                stacklevel=2,
-            )
+        if stage == "fit":
+            self.check_strategy(trainer)
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         for optimizer in trainer.optimizers:
             check_optimizer(self.config, optimizer)
-        model = trainer.strategy.model
-        if not isinstance(model, DistributedDataParallel):
-            raise ValueError(
-                f"GradientCompression needs trainer.strategy.model to be DistributedDataParallel, got "
-                f"{type(model).__name__}"
-            )
+        model = self.ddp_model(trainer)
         if self.state is None:
             scaler = getattr(trainer.precision_plugin, "scaler", None)
             group = getattr(trainer.strategy, "process_group", None)
@@ -107,13 +79,7 @@ class GradientCompression(ComponentCallback):
             if pending is not None:
                 self._load_component_state(pending)
         self._global_step = trainer.global_step
-        if self._registered_on == id(model):
-            return
-        try:
-            model.register_comm_hook(self.state, dgc_hook)
-        except RuntimeError as err:
-            raise ValueError(f"GradientCompression could not register its hook: {err}") from err
-        self._registered_on = id(model)
+        self.register_hook(model, dgc_hook)
 
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int

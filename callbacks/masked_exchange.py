@@ -2,21 +2,19 @@
 
 from __future__ import annotations
 
-import warnings
 from typing import Any
 
 import lightning.pytorch as pl
-from torch.nn.parallel import DistributedDataParallel
 
 from sparsetrain.compression.masked import MaskedExchange as _Exchange
 from sparsetrain.compression.masked import masked_hook
 
-from ._base import ComponentCallback
+from ._base import DDPHookCallback
 
 __all__ = ["MaskedExchange"]
 
 
-class MaskedExchange(ComponentCallback):
+class MaskedExchange(DDPHookCallback):
     """All-reduce only the gradient entries inside the masks of the sparsity on the same Trainer.
 
     Put it next to :class:`~sparsetrain.callbacks.DynamicSparsity`: the callback builds a
@@ -42,14 +40,11 @@ class MaskedExchange(ComponentCallback):
             another communication hook on the DDP model (at the start of fitting).
     """
 
-    reads_gradients_before_step = True  # the DDP communication hook: the sparsity masks them in backward
-
     def __init__(self, *, verify_every: int = 0) -> None:
         super().__init__()
         if isinstance(verify_every, bool) or not isinstance(verify_every, int) or verify_every < 0:
             raise ValueError(f"`verify_every` must be an int >= 0, got {verify_every!r}")
         self.verify_every = verify_every
-        self._registered_on: int | None = None
         self._global_step = 0
 
     @property
@@ -58,30 +53,11 @@ class MaskedExchange(ComponentCallback):
         return self.component
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if stage != "fit":
-            return
-        from lightning.pytorch.strategies import DDPStrategy
-
-        strategy = trainer.strategy
-        if not isinstance(strategy, DDPStrategy) or "DeepSpeed" in type(strategy).__name__:
-            raise ValueError(
-                f"MaskedExchange needs the DDP strategy (strategy='ddp'), got {type(strategy).__name__}; "
-                "it replaces DistributedDataParallel's gradient all-reduce"
-            )
-        user_hook = getattr(strategy, "_ddp_comm_hook", None)
-        if user_hook is not None:
-            name = getattr(user_hook, "__name__", user_hook)
-            if strategy.root_device.type == "cuda":
-                raise ValueError(f"the DDP strategy already registers ddp_comm_hook={name}; DDP takes one "
-                                 "communication hook: remove it or remove MaskedExchange")
-            warnings.warn(f"Lightning ignores DDPStrategy(ddp_comm_hook={name}) on {strategy.root_device.type}; "
-                          "MaskedExchange registers its own hook instead", stacklevel=2)
+        if stage == "fit":
+            self.check_strategy(trainer)
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        model = trainer.strategy.model
-        if not isinstance(model, DistributedDataParallel):
-            raise ValueError(f"MaskedExchange needs trainer.strategy.model to be DistributedDataParallel, got "
-                             f"{type(model).__name__}")
+        model = self.ddp_model(trainer)
         if self.component is None:
             group = getattr(trainer.strategy, "process_group", None)
             self.component = _Exchange(pl_module, process_group=group, verify_every=self.verify_every)
@@ -89,14 +65,7 @@ class MaskedExchange(ComponentCallback):
             if pending is not None:
                 self.component.load_state_dict(pending)
         self._global_step = trainer.global_step
-        if self._registered_on == id(model):
-            return
-        try:
-            model.register_comm_hook(self.component, masked_hook)
-        except RuntimeError as err:
-            raise ValueError(f"MaskedExchange could not register its hook (another one is registered?): {err}") \
-                from err
-        self._registered_on = id(model)
+        self.register_hook(model, masked_hook)
 
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
