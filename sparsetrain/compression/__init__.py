@@ -16,7 +16,7 @@
 
 from .dgc import DGCState, check_optimizer, dgc_hook
 from .engine import CompressionEngine, Message
-from .masked import MaskedExchange, masked_hook
+from .masked import MaskedExchange, MaskedExchangeConfig, masked_hook
 from .plan import DENSITY_RAMP, MATH_FIELDS, BucketLayout, DGCConfig, plan_bucket
 from .topk import (
     num_selected,
@@ -35,6 +35,7 @@ __all__ = [
     "DGCConfig",
     "DGCState",
     "MaskedExchange",
+    "MaskedExchangeConfig",
     "Message",
     "check_optimizer",
     "dgc_hook",

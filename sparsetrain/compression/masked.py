@@ -66,7 +66,7 @@ from .. import contract
 from .engine import CompressionEngine
 from .plan import MATH_FIELDS, BucketLayout, DGCConfig
 
-__all__ = ["MaskedExchange", "carry_packed", "masked_hook"]
+__all__ = ["MaskedExchange", "MaskedExchangeConfig", "carry_packed", "masked_hook"]
 
 _STATE_VERSION = 1
 _TOTALS = ("payload_bytes", "dense_payload_bytes", "steps", "dense_steps")
@@ -103,17 +103,44 @@ class _Packing:
         self.layout = layout  # the packed tensors: (P, 1) for a masked weight, the shape for a dense one
 
 
+@dataclasses.dataclass(kw_only=True)
+class MaskedExchangeConfig:
+    """Options of :class:`MaskedExchange`.
+
+    Args:
+        compression: DGC on the packed vector (a :class:`~sparsetrain.compression.DGCConfig`, or its
+            fields as a dict); None (default): the lossless plain all-reduce.
+        verify_every: every this many optimizer steps (:meth:`MaskedExchange.step`),
+            :meth:`MaskedExchange.check_ranks`; 0: never.
+
+    Raises:
+        TypeError: ``compression`` is not a DGCConfig, a dict of its fields or None.
+        ValueError: ``verify_every`` is not an int >= 0; a bad ``compression`` option.
+    """
+
+    compression: DGCConfig | None = None
+    verify_every: int = 0
+
+    def __post_init__(self) -> None:
+        if isinstance(self.verify_every, bool) or not isinstance(self.verify_every, int) or self.verify_every < 0:
+            raise ValueError(f"`verify_every` must be an int >= 0, got {self.verify_every!r}")
+        if isinstance(self.compression, dict):
+            self.compression = DGCConfig(**self.compression)
+        if self.compression is not None and not isinstance(self.compression, DGCConfig):
+            raise TypeError(f"`compression` must be a DGCConfig, a dict of its fields or None, "
+                            f"got {type(self.compression).__name__}")
+
+
 class MaskedExchange:
     """The sparsity-aware exchange as a component: the state of :func:`masked_hook`.
 
     Args:
         model: the model (unwrapped or DDP) whose gradient masks (``contract.gradient_masks``)
             decide what travels; the exchange is attached to it (it claims no weight).
-        compression: DGC on the packed vector (a :class:`~sparsetrain.compression.DGCConfig`, or
-            its fields as a dict); None (default): the lossless plain all-reduce.
+        config: a :class:`MaskedExchangeConfig`; or give its fields (``compression``,
+            ``verify_every``) as keyword arguments instead (not both).
         optimizer: its step hook then calls :meth:`step`.
         process_group: the group the hook communicates over; None for the default group.
-        verify_every: every this many optimizer steps (:meth:`step`), :meth:`check_ranks`; 0: never.
 
     Attributes:
         engine: the :class:`~sparsetrain.compression.engine.CompressionEngine` of ``compression``, or None.
@@ -121,8 +148,9 @@ class MaskedExchange:
         last_stats: the last synced step's figures (see :meth:`statistics`); ``totals``: their sums.
 
     Raises:
-        TypeError: ``model`` is not a module.
-        ValueError: ``verify_every`` is not an int >= 0; a bad ``compression`` option.
+        TypeError: ``model`` is not a module; a bad ``compression``.
+        ValueError: both ``config`` and keyword options; ``verify_every`` is not an int >= 0; a bad
+            ``compression`` option.
     """
 
     #: The exchange masks nothing itself: it follows the masks of the components that do.
@@ -130,6 +158,7 @@ class MaskedExchange:
 
     __slots__ = (
         "process_group",
+        "config",
         "verify_every",
         "engine",
         # internal state
@@ -152,20 +181,20 @@ class MaskedExchange:
         "__weakref__",
     )
 
-    def __init__(self, model: nn.Module, *, compression: DGCConfig | dict[str, Any] | None = None,
+    def __init__(self, model: nn.Module, config: MaskedExchangeConfig | None = None, *,
                  optimizer: torch.optim.Optimizer | None = None, process_group: dist.ProcessGroup | None = None,
-                 verify_every: int = 0) -> None:
+                 **config_fields: Any) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"`model` must be a torch.nn.Module, got {type(model).__name__}")
-        if isinstance(verify_every, bool) or not isinstance(verify_every, int) or verify_every < 0:
-            raise ValueError(f"`verify_every` must be an int >= 0, got {verify_every!r}")
+        if config is not None and config_fields:
+            raise ValueError(f"give either `config` or keyword options, not both (got {sorted(config_fields)})")
+        if config is not None and not isinstance(config, MaskedExchangeConfig):
+            raise TypeError(f"`config` must be a MaskedExchangeConfig, got {type(config).__name__}")
+        config = config if config is not None else MaskedExchangeConfig(**config_fields)
         if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(f"`optimizer` must be a torch.optim.Optimizer or None, got {type(optimizer).__name__}")
-        if isinstance(compression, dict):
-            compression = DGCConfig(**compression)
-        if compression is not None and not isinstance(compression, DGCConfig):
-            raise TypeError(f"`compression` must be a DGCConfig, a dict of its fields or None, "
-                            f"got {type(compression).__name__}")
+        compression, verify_every = config.compression, config.verify_every
+        self.config = config
         if isinstance(model, nn.parallel.DistributedDataParallel):
             model = model.module
         self.engine = None if compression is None else CompressionEngine(compression)
@@ -375,7 +404,7 @@ class MaskedExchange:
         """Version, optimizer steps and totals (the packing is rebuilt from the masks, not saved); with
         ``compression``, this rank's engine state (rank-local) and the packings its tensors are at."""
         out: dict[str, Any] = {"version": _STATE_VERSION, "optimizer_steps": self._optimizer_steps,
-                               "totals": dict(self.totals)}
+                               "totals": dict(self.totals), "config": dataclasses.asdict(self.config)}
         if self.engine is not None:
             out["compression"] = {**self.engine.state_dict(), "config": dataclasses.asdict(self.engine.config),
                                   "positions": {k: v.clone() for k, v in self._positions.items()}}
@@ -429,7 +458,7 @@ class MaskedExchange:
         warnings.warn("MaskedExchange unpickled: it is bound to no model; build a new one and load_state_dict",
                       stacklevel=2)
         self.process_group, self.verify_every, self._model, self._names = None, 0, None, {}
-        self.engine, self._positions = None, {}
+        self.config, self.engine, self._positions = MaskedExchangeConfig(), None, {}
         self._packings, self._step_open, self._step_version, self._step_masks = {}, False, (), {}
         self._step_dense, self._acc, self._removed, self.rebuilds = False, {}, True, 0
         self.last_stats, self.totals, self._optimizer_steps, self._handles = {}, {}, 0, []

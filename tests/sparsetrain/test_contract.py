@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from sparsetrain import contract
-from sparsetrain.compression import DGCConfig, DGCState
+from sparsetrain.compression import DGCConfig, DGCState, MaskedExchange, MaskedExchangeConfig
 from sparsetrain.nm import NMConfig, NMSparsifier
 from sparsetrain.sparsity import DynamicSparsifier, DynamicSparsityConfig
 from tests.data.make_release1_checkpoints import UserNet  # a user's three-Linear model
@@ -40,6 +40,8 @@ COMPONENTS = {
                     dict(total_steps=12), "sparsity/", ("sparsity", 0.7), True),
     "nm": Spec(NMSparsifier, NMConfig, dict(n=2, m=4, method="srste", include=["mid"]), {}, "nm/", ("m", 8), True),
     "dgc": Spec(DGCState, DGCConfig, dict(density=0.1, warmup_steps=2), {}, "compression/", ("density", 0.2), False),
+    "exchange": Spec(MaskedExchange, MaskedExchangeConfig, dict(verify_every=0), {}, "exchange/",
+                     ("compression", dict(density=0.1, warmup_steps=2)), False),
 }
 
 
@@ -169,6 +171,10 @@ def _diverging_rank(rank, world, name):
     spec = COMPONENTS[name]
     if name == "dgc":  # a rank configured differently
         _, _, component = _build(spec, density=0.1 * (rank + 1))
+    elif name == "exchange":  # a rank that counted another optimizer step
+        _, _, component = _build(spec)
+        for _ in range(rank):
+            component.step()
     elif name == "dynamic":  # masks drawn from another seed
         _, _, component = _build(spec, seed=rank)  # the config's seed
     else:  # other initial weights, hence other N:M masks
