@@ -442,14 +442,9 @@ class ModelTask(pl.LightningModule):
             self.log("val_acc", acc, sync_dist=True)
 
     def configure_optimizers(self):
-        from .demo.lightning import _make_optimizer
+        from .demo.lightning import _optimizer_with_warmup
 
-        opt = _make_optimizer(self.parameters(), self.optimizer_name, self.lr, self.weight_decay, self.momentum)
-        if not self.warmup_steps:
-            return opt
-        w = self.warmup_steps
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / w))
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+        return _optimizer_with_warmup(self)
 
 
 def build_network(recipe: Recipe) -> torch.nn.Module:

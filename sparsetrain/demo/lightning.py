@@ -23,6 +23,17 @@ def _make_optimizer(params, name: str, lr: float, weight_decay: float, momentum:
     raise ValueError(f"`optimizer` must be 'adamw' or 'sgd', got {name!r}")
 
 
+def _optimizer_with_warmup(task: pl.LightningModule):
+    """``configure_optimizers`` of a task holding ``optimizer_name``, ``lr``, ``weight_decay``, ``momentum``
+    and ``warmup_steps``: the optimizer, and a linear warm-up of the learning rate per step if asked."""
+    opt = _make_optimizer(task.parameters(), task.optimizer_name, task.lr, task.weight_decay, task.momentum)
+    if not task.warmup_steps:
+        return opt
+    w = task.warmup_steps
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / w))
+    return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+
 def _check_optim_args(optimizer: str, lr: float, weight_decay: float, momentum: float) -> None:
     if optimizer not in ("adamw", "sgd"):
         raise ValueError(f"`optimizer` must be 'adamw' or 'sgd', got {optimizer!r}")
@@ -67,12 +78,7 @@ class DemoLM(pl.LightningModule):
         self.log("val_loss", loss, prog_bar=True, sync_dist=True)
 
     def configure_optimizers(self):
-        opt = _make_optimizer(self.parameters(), self.optimizer_name, self.lr, self.weight_decay, self.momentum)
-        if not self.warmup_steps:
-            return opt
-        w = self.warmup_steps
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / w))
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+        return _optimizer_with_warmup(self)
 
 
 class MLPTask(pl.LightningModule):
