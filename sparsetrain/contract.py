@@ -175,7 +175,9 @@ def gradient_masks(model: nn.Module) -> tuple[tuple[int, ...], dict[str, torch.T
 
     Returns:
         ``(version, masks)``: ``masks`` maps parameter names to bool masks (live tensors: do not
-        modify) of every attached component with ``masks_gradients``; ``version`` is a tuple
+        modify) of every attached component with ``masks_gradients``: its ``gradient_masks()``
+        where it has one (Top-KAST: the backward set, larger than its ``masks()``), else its
+        ``masks()``; ``version`` is a tuple
         that changes whenever any of them changes (compare it with the last one seen).
     """
     version: list[int] = []
@@ -183,7 +185,7 @@ def gradient_masks(model: nn.Module) -> tuple[tuple[int, ...], dict[str, torch.T
     for component in attached(model):
         if getattr(component, "masks_gradients", False):
             version += [id(component), int(component.mask_version)]
-            out.update(component.masks())
+            out.update(getattr(component, "gradient_masks", component.masks)())
     return tuple(version), out
 
 

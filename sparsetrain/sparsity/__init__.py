@@ -1,11 +1,11 @@
-"""Dynamic sparse training: RigL, SET, gradual magnitude pruning and static masks.
+"""Dynamic sparse training: RigL, SET, gradual magnitude pruning, static masks and Top-KAST.
 
 Pure functions (densities, schedules, mask updates) and :class:`DynamicSparsifier`, the
 stateful object that keeps masks, keeps weights and optimizer states zero outside them and
 updates them on schedule, from a plain PyTorch loop. Modules: :mod:`.dynamic` (config and
 sparsifier), :mod:`.update` (the grouped mask update), :mod:`.enforcement` (when masks must be
 re-applied), :mod:`.masks`, :mod:`.rigl`, :mod:`.set`, :mod:`.gmp`, :mod:`.density`,
-:mod:`.schedules`. The Lightning adapter is
+:mod:`.schedules`, :mod:`.topkast` (Top-KAST's sets, penalty and sparsifier). The Lightning adapter is
 :class:`sparsetrain.callbacks.DynamicSparsity`; DeepSpeed ZeRO-1/2 support is in
 :mod:`sparsetrain.sparsity.deepspeed` (imported on demand).
 """
@@ -18,6 +18,7 @@ from .masks import DEFAULT_MODULE_TYPES, drop_smallest, grow_mask, keep_largest,
 from .rigl import rigl_update
 from .schedules import DROP_SCHEDULES, METHODS, MaskSchedule, cosine_drop_fraction, gmp_sparsity
 from .set import set_update
+from .topkast import TopKastSparsifier, exploration_penalty, exploration_penalty_grad, topkast_sets
 
 __all__ = [
     "DEFAULT_MODULE_TYPES",
@@ -30,8 +31,11 @@ __all__ = [
     "DynamicSparsityConfig",
     "MaskDivergenceError",
     "MaskSchedule",
+    "TopKastSparsifier",
     "cosine_drop_fraction",
     "drop_smallest",
+    "exploration_penalty",
+    "exploration_penalty_grad",
     "gmp_sparsity",
     "grow_mask",
     "keep_largest",
@@ -42,4 +46,5 @@ __all__ = [
     "rigl_update",
     "select_modules",
     "set_update",
+    "topkast_sets",
 ]

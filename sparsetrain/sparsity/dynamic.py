@@ -107,7 +107,8 @@ MASK_NAME = "weight_mask"
 _STATE_VERSION = 2
 #: Config fields that change what is computed: a state saved with another value is refused on load.
 MATH_FIELDS = ("method", "sparsity", "distribution", "update_every", "drop_fraction", "drop_schedule",
-               "begin_fraction", "end_fraction", "include", "exclude", "keep_first_dense", "keep_last_dense", "seed")
+               "begin_fraction", "end_fraction", "include", "exclude", "keep_first_dense", "keep_last_dense", "seed",
+               "backward_extra", "exploration_penalty")
 
 
 class MaskDivergenceError(contract.RankDivergenceError):
@@ -120,7 +121,9 @@ class DynamicSparsityConfig:
 
     Args:
         method: ``"rigl"`` (Evci et al. 2020), ``"set"`` (Mocanu et al. 2018), ``"gmp"``
-            (dense-to-sparse, Zhu & Gupta 2017) or ``"static"`` (random mask at init, fixed).
+            (dense-to-sparse, Zhu & Gupta 2017), ``"static"`` (random mask at init, fixed) or
+            ``"topkast"`` (Jayakumar et al. 2020, :mod:`.topkast`: forward set = the masks, a larger
+            backward set, dense weights kept).
         sparsity: final fraction of zero weights over the sparsified layers, in [0, 1).
         distribution: how the sparsity is spread over layers: ``"erk"``, ``"er"`` or ``"uniform"``
             (see :func:`sparsetrain.sparsity.layer_densities`).
@@ -158,6 +161,11 @@ class DynamicSparsityConfig:
             must come after :meth:`DynamicSparsifier.mask_gradients` (the Lightning callback calls it
             before clipping); RigL's dense gradient is taken as the optimizer would see it (after
             DDP's averaging) instead of being all-reduced by the sparsifier.
+        backward_extra: Top-KAST's ``M``: the backward set of a layer holds ``floor(M * numel)`` more
+            weights than its forward set (the mask), in (0, 1 - forward density]; other methods ignore it.
+        exploration_penalty: Top-KAST's L2 scale ``lambda`` of the exploration penalty (``lambda * W``
+            added to the gradient on the forward set, ``lambda * W / D`` on the rest of the backward
+            set), >= 0; other methods ignore it.
         update_interval: deprecated spelling of ``update_every`` (a ``FutureWarning``).
         check_sync: deprecated: ``verify_every=100`` (``True``) or ``0`` (``False``), with a ``FutureWarning``.
     """
@@ -179,6 +187,8 @@ class DynamicSparsityConfig:
     verify_every: int = 100
     enforce_interval: int | str = "auto"
     grad_masking: str = "hook"
+    backward_extra: float = 0.1
+    exploration_penalty: float = 1e-4
     # deprecated spellings, accepted with a FutureWarning (and still readable as properties)
     update_interval: InitVar[int | None] = None
     check_sync: InitVar[bool | None] = None
@@ -235,6 +245,9 @@ class DynamicSparsityConfig:
             or self.enforce_interval < 1
         ):
             raise ValueError(f"`enforce_interval` must be 'auto' or an int >= 1, got {self.enforce_interval!r}")
+        from .topkast import check_topkast_fields
+
+        check_topkast_fields(self)
 
     def schedule(self, total_steps: int) -> MaskSchedule:
         """The schedule of a run of ``total_steps`` optimizer steps."""
@@ -333,6 +346,16 @@ class DynamicSparsifier:
 
     #: Gradients outside :meth:`masks` are zeroed before anything else reads them (the contract).
     masks_gradients = True
+    #: The buffer outside which gradients are zeroed (Top-KAST: its backward set).
+    _grad_mask_name = MASK_NAME
+
+    def __new__(cls, model: Any = None, config: Any = None, *args: Any, **kwargs: Any) -> DynamicSparsifier:
+        method = getattr(config, "method", None) if config is not None else kwargs.get("method")
+        if cls is DynamicSparsifier and method == "topkast":  # the Top-KAST sparsifier of .topkast
+            from .topkast import TopKastSparsifier
+
+            cls = TopKastSparsifier
+        return super().__new__(cls)
 
     def __init__(
         self,
@@ -456,6 +479,7 @@ class DynamicSparsifier:
     def _make_grad_hook(self, name: str) -> Callable[[torch.Tensor], torch.Tensor | None]:
         buffers = self._modules[name]._buffers
         refs = self._refs
+        key = self._grad_mask_name
 
         def hook(grad: torch.Tensor) -> torch.Tensor | None:
             if self._capture:
@@ -465,9 +489,9 @@ class DynamicSparsifier:
                 else:
                     buf.add_(grad.detach())
             if sole_owner(grad, sys.getrefcount(grad), refs):  # the usual case: no new tensor
-                contract.mask_(grad, buffers[MASK_NAME], self._bits)
+                contract.mask_(grad, buffers[key], self._bits)
                 return None
-            return contract.masked(grad, buffers[MASK_NAME], self._bits)
+            return contract.masked(grad, buffers[key], self._bits)
 
         return hook
 
@@ -586,7 +610,7 @@ class DynamicSparsifier:
             seen = self._masked_grads.get(name)
             if seen is not None and seen[0]() is g and seen[1] == g._version:
                 continue  # masked already, and not written since (a second call before the step)
-            contract.mask_(g, module._buffers[MASK_NAME], self._bits)
+            contract.mask_(g, module._buffers[self._grad_mask_name], self._bits)
             self._masked_grads[name] = (weakref.ref(g), g._version)
 
     def _before_optimizer_step(self, optimizer: torch.optim.Optimizer, args: tuple, kwargs: dict) -> Any:
@@ -677,7 +701,7 @@ class DynamicSparsifier:
         if schedule.method != self.config.method:
             raise ValueError(f"`schedule.method` is {schedule.method!r} but the config says {self.config.method!r}")
         self.schedule = schedule
-        if schedule.method in ("rigl", "set", "gmp") and not schedule.update_steps():
+        if schedule.method in ("rigl", "set", "gmp", "topkast") and not schedule.update_steps():
             warnings.warn(
                 f"no mask update fits in {schedule.total_steps} steps (update_every={schedule.update_interval}, "
                 f"steps {schedule.begin_step}..{schedule.end_step}): the masks stay as initialised",
@@ -903,7 +927,7 @@ class DynamicSparsifier:
         """
         if self._world() == 1:
             return
-        masks = self.masks()
+        masks = self._checked_masks()
         # The masks' fingerprints are computed again only when a mask was written since (every in-place
         # write bumps a tensor's version counter); the comparison across ranks runs every time.
         key = tuple((id(m), m._version) for m in masks.values())
@@ -917,6 +941,10 @@ class DynamicSparsifier:
             contract.check_in_sync(prints, self.process_group, what=f"sparsity masks after step {self._step}")
         except contract.RankDivergenceError as err:
             raise MaskDivergenceError(str(err)) from None
+
+    def _checked_masks(self) -> dict[str, torch.Tensor]:
+        """The masks :meth:`check_ranks` compares across ranks."""
+        return self.masks()
 
     def check_masks_in_sync(self) -> None:
         """Deprecated alias of :meth:`check_ranks`."""

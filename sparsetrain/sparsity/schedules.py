@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 __all__ = ["DROP_SCHEDULES", "METHODS", "MaskSchedule", "cosine_drop_fraction", "gmp_sparsity"]
 
-METHODS = ("rigl", "set", "gmp", "static")
+METHODS = ("rigl", "set", "gmp", "static", "topkast")
 DROP_SCHEDULES = ("cosine", "constant")
 
 
@@ -57,7 +57,8 @@ class MaskSchedule:
     """The resolved schedule of one run: which optimizer steps update masks, and how.
 
     Args:
-        method: ``"rigl"``, ``"set"``, ``"gmp"`` or ``"static"``.
+        method: ``"rigl"``, ``"set"``, ``"gmp"``, ``"static"`` or ``"topkast"`` (sets re-chosen like
+            RigL/SET's updates: every ``update_interval`` steps while ``t < end_step``).
         sparsity: final global sparsity, in [0, 1).
         total_steps: optimizer steps in the whole run (>= 1).
         update_interval: ``dT``, steps between mask updates (>= 1).

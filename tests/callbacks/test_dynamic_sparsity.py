@@ -54,7 +54,7 @@ def _masked_weights(task):
     [
         (dict(sparsity=1.0), r"`sparsity` must be in \[0, 1\), got 1.0"),
         (dict(sparsity=-0.5), r"`sparsity` must be in \[0, 1\), got -0.5"),
-        (dict(method="magnitude"), r"`method` must be one of rigl, set, gmp, static, got 'magnitude'"),
+        (dict(method="magnitude"), r"`method` must be one of rigl, set, gmp, static, topkast, got 'magnitude'"),
         (dict(distribution="erdos"), r"`distribution` must be one of erk, er, uniform, got 'erdos'"),
         (dict(update_every=0), r"`update_every` must be an int >= 1, got 0"),
         (dict(verify_every=-1), r"`verify_every` must be an int >= 0, got -1"),

@@ -38,6 +38,9 @@ COMPONENTS = {
     "dynamic": Spec(DynamicSparsifier, DynamicSparsityConfig,
                     dict(method="set", sparsity=0.5, update_every=2, include=["body", "mid"], seed=3),
                     dict(total_steps=12), "sparsity/", ("sparsity", 0.7), True),
+    "topkast": Spec(DynamicSparsifier, DynamicSparsityConfig,
+                    dict(method="topkast", sparsity=0.7, backward_extra=0.2, update_every=2, include=["body", "mid"]),
+                    dict(total_steps=12), "sparsity/", ("backward_extra", 0.1), True),
     "nm": Spec(NMSparsifier, NMConfig, dict(n=2, m=4, method="srste", include=["mid"]), {}, "nm/", ("m", 8), True),
     "dgc": Spec(DGCState, DGCConfig, dict(density=0.1, warmup_steps=2), {}, "compression/", ("density", 0.2), False),
     "exchange": Spec(MaskedExchange, MaskedExchangeConfig, dict(verify_every=0), {}, "exchange/",
@@ -177,6 +180,8 @@ def _diverging_rank(rank, world, name):
             component.step()
     elif name == "dynamic":  # masks drawn from another seed
         _, _, component = _build(spec, seed=rank)  # the config's seed
+    elif name == "topkast":  # other initial weights, hence other magnitude sets
+        _, _, component = _build(spec, init_seed=rank)
     else:  # other initial weights, hence other N:M masks
         torch.manual_seed(rank)
         component = NMSparsifier(UserNet(), **spec.kwargs, verify_now=False)

@@ -241,7 +241,7 @@ def test_step_before_schedule_and_second_driving_optimizer_are_rejected():
     [
         (dict(sparsity=1.0), r"`sparsity` must be in \[0, 1\), got 1.0"),
         (dict(sparsity=-0.2), r"`sparsity` must be in \[0, 1\), got -0.2"),
-        (dict(method="lottery"), r"`method` must be one of rigl, set, gmp, static, got 'lottery'"),
+        (dict(method="lottery"), r"`method` must be one of rigl, set, gmp, static, topkast, got 'lottery'"),
         (dict(distribution="normal"), r"`distribution` must be one of erk, er, uniform, got 'normal'"),
         (dict(update_every=0), r"`update_every` must be an int >= 1, got 0"),
         (dict(verify_every=-1), r"`verify_every` must be an int >= 0, got -1"),

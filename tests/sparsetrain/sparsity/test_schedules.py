@@ -54,7 +54,7 @@ def test_static_never_updates_and_constant_schedule():
         (dict(end_fraction=0.0), r"`end_fraction` must be in \(0, 1\], got 0.0"),
         (dict(end_fraction=1.5), r"`end_fraction` must be in \(0, 1\], got 1.5"),
         (dict(begin_fraction=0.8), r"`begin_fraction` must be in \[0, end_fraction=0.75\)"),
-        (dict(method="prune"), r"`method` must be one of rigl, set, gmp, static, got 'prune'"),
+        (dict(method="prune"), r"`method` must be one of rigl, set, gmp, static, topkast, got 'prune'"),
         (dict(drop_schedule="linear"), r"`drop_schedule` must be one of cosine, constant"),
         (dict(total_steps=0), r"`total_steps` must be an int >= 1, got 0"),
     ],
