@@ -1,4 +1,4 @@
-"""Quality of dynamic sparse training on the demo LM: dense vs static vs SET vs RigL, ERK vs uniform.
+"""Quality of dynamic sparse training on the demo LM: dense vs static vs SET vs RigL (vs Top-KAST), ERK vs uniform.
 
 Every configuration trains the demo GPT on the standard-library byte corpus for the same number of
 optimizer steps, on the same batches (per seed), with the same optimizer, and is scored by its
@@ -11,6 +11,10 @@ Plain PyTorch loop (no Lightning), so it runs from the repository root without i
 
     PYTHONPATH=. python benchmarks/dst_quality.py --device cuda --steps 3000
     PYTHONPATH=. python benchmarks/dst_quality.py --device cpu --steps 20 --seeds 1   # smoke test
+    PYTHONPATH=. python benchmarks/dst_quality.py --methods rigl topkast --distributions erk   # Top-KAST vs RigL
+
+Top-KAST (``--methods topkast``) takes ``--backward-extra`` (its M) and ``--exploration-penalty``
+(its lambda); ``--update-interval`` is its set-update interval too.
 """
 
 from __future__ import annotations
@@ -73,7 +77,8 @@ def run_one(args, method: str, sparsity: float, distribution: str, seed: int, da
             model,
             DynamicSparsityConfig(method=method, sparsity=sparsity, distribution=distribution,
                                   update_every=args.update_interval, drop_fraction=args.drop_fraction,
-                                  end_fraction=args.end_fraction, seed=seed, exclude=tuple(args.exclude)),
+                                  end_fraction=args.end_fraction, seed=seed, exclude=tuple(args.exclude),
+                                  backward_extra=args.backward_extra, exploration_penalty=args.exploration_penalty),
             total_steps=args.steps, optimizer=opt,
         )
     t0 = time.perf_counter()
@@ -124,6 +129,8 @@ def main(argv=None) -> int:
     p.add_argument("--update-interval", type=int, default=100)
     p.add_argument("--drop-fraction", type=float, default=0.3)
     p.add_argument("--end-fraction", type=float, default=0.75)
+    p.add_argument("--backward-extra", type=float, default=0.1, help="Top-KAST's M (extra backward density)")
+    p.add_argument("--exploration-penalty", type=float, default=1e-4, help="Top-KAST's L2 scale lambda")
     p.add_argument("--byte-budget", type=int, default=2_000_000)
     p.add_argument("--val-batches", type=int, default=20)
     p.add_argument("--amp", action="store_true", help="bf16 autocast")
@@ -152,6 +159,8 @@ def main(argv=None) -> int:
         print(f"# dst_quality: device={dev_name} torch={torch.__version__} steps={args.steps} seeds={args.seeds} "
               f"batch={args.batch_size}x{args.block_size} d_model={args.d_model} n_layer={args.n_layer} "
               f"dT={args.update_interval} alpha={args.drop_fraction} end={args.end_fraction} amp={args.amp}"
+              + (f" topkast_M={args.backward_extra} topkast_lambda={args.exploration_penalty}"
+                 if "topkast" in args.methods else "")
               + (f" exclude={','.join(args.exclude)}" if args.exclude else ""))
     results = []
     if args.merge:
@@ -199,6 +208,11 @@ def main(argv=None) -> int:
             for m in args.methods:
                 checks.append((f"{m} {s:.2f}: ERK < uniform",
                                mean(losses(m, s, "erk")) < mean(losses(m, s, "uniform"))))
+    if {"rigl", "topkast"} <= set(args.methods):
+        for s in args.sparsities:
+            for d in args.distributions:
+                tk, ri = mean(losses("topkast", s, d)), mean(losses("rigl", s, d))
+                checks.append((f"{d} {s:.2f}: Top-KAST within 2% of RigL ({tk / ri:.3f}x)", tk <= 1.02 * ri))
     if dense and 0.8 in args.sparsities and "rigl" in args.methods and "erk" in args.distributions:
         ratio = mean(losses("rigl", 0.8, "erk")) / dense
         checks.append((f"RigL-ERK 0.80 within 5% of dense ({ratio:.3f}x)", ratio <= 1.05))

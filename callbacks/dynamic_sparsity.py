@@ -29,7 +29,7 @@ def _renamed(old: str, old_value: Any, new: str, new_value: Any) -> dict[str, An
 
 
 class DynamicSparsity(ComponentCallback):
-    """Train the LightningModule sparse from the start (RigL, SET, static) or prune it gradually (GMP).
+    """Train the LightningModule sparse from the start (RigL, SET, static, Top-KAST) or prune it gradually (GMP).
 
     At ``setup`` the callback attaches a :class:`~sparsetrain.sparsity.DynamicSparsifier` to the
     LightningModule: a persistent ``weight_mask`` buffer beside each selected weight (so the
@@ -55,7 +55,9 @@ class DynamicSparsity(ComponentCallback):
     different layers coexist in one Trainer.
 
     Args:
-        method: ``"rigl"``, ``"set"``, ``"gmp"`` or ``"static"``.
+        method: ``"rigl"``, ``"set"``, ``"gmp"``, ``"static"`` or ``"topkast"`` (Top-KAST: the masks are
+            its forward sets; its backward sets are what gradient compression and
+            :class:`~sparsetrain.callbacks.MaskedExchange` see; ``docs/dynamic_sparsity.md``).
         sparsity: final fraction of zero weights over the sparsified layers, in [0, 1).
         distribution: layer-wise densities, ``"erk"``, ``"er"`` or ``"uniform"``.
         update_every: optimizer steps between mask updates, >= 1 (default 100).
@@ -82,6 +84,8 @@ class DynamicSparsity(ComponentCallback):
             hook, or a :class:`~sparsetrain.callbacks.GradientCompression` callback: training is
             the same bit for bit either way, and ``"step"`` saves a Python call per layer and
             backward pass.
+        backward_extra: Top-KAST's M, the backward set's extra fraction of each layer (default 0.1).
+        exploration_penalty: Top-KAST's L2 scale lambda of the exploration penalty (default 1e-4).
         log_stats: log the statistics after each update.
         log_per_layer: also log each layer's sparsity.
         update_interval: deprecated spelling of ``update_every`` (a ``FutureWarning``).

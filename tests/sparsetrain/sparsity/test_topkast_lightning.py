@@ -1,0 +1,95 @@
+"""``DynamicSparsity(method="topkast")`` through Lightning on 2 gloo ranks, with no extra user code.
+
+With :class:`~sparsetrain.callbacks.MaskedExchange` on the same Trainer the run equals the dense
+all-reduce run bit for bit, the exchange packs exactly the backward sets (never dense), and a run
+resumed from a checkpoint written after the first epoch ends where the uninterrupted run ends.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from sparsetrain.callbacks import DynamicSparsity, MaskedExchange
+
+from sparsetrain.demo.lightning import MLPDataModule, MLPTask
+from sparsetrain.sparsity import TopKastSparsifier
+from tests.harness import run_distributed
+
+
+def _trainer(tmp, callbacks, **kwargs):
+    defaults = dict(accelerator="cpu", max_epochs=1, logger=False, enable_checkpointing=False,
+                    enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+                    limit_val_batches=0, default_root_dir=tmp, log_every_n_steps=1)
+    return pl.Trainer(callbacks=callbacks, **{**defaults, **kwargs})
+
+
+class _SaveAfterFirstEpoch(pl.Callback):
+    def __init__(self, path):
+        self.path = path
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        if trainer.current_epoch == 0:
+            trainer.save_checkpoint(self.path)
+
+
+def _ranks(rank, world, tmp):
+    data = dict(n=512, batch_size=32, seed=0)  # 8 optimizer steps per epoch on 2 ranks
+
+    def fit(masked, ckpt=None, extra=()):
+        pl.seed_everything(0, verbose=False)
+        model = MLPTask(optimizer="adamw", lr=0.01)
+        cbs = [DynamicSparsity(method="topkast", sparsity=0.8, backward_extra=0.1, update_every=2,
+                               end_fraction=1.0, verify_every=1)]
+        if masked:
+            cbs.append(MaskedExchange())
+        trainer = _trainer(tmp, [*cbs, *extra], devices=world, strategy="ddp", max_epochs=2)
+        trainer.fit(model, MLPDataModule(**data), ckpt_path=ckpt)
+        return model, cbs
+
+    dense_model, dense_cbs = fit(masked=False)
+    model, cbs = fit(masked=True)
+    sp = cbs[0].sparsifier
+    out = {
+        "topkast": isinstance(sp, TopKastSparsifier),
+        "identical": all(torch.equal(a, b) for a, b in zip(dense_model.parameters(), model.parameters())),
+        "buffers_identical": all(torch.equal(a, b) for a, b in zip(dense_model.buffers(), model.buffers())),
+        "updates": sp.update_count,
+        "regrown": sp.statistics()["sparsity/regrown_total"],
+        "summary": cbs[1].summary(),
+        "backward": sum(int(b.sum()) for b in sp.gradient_masks().values()),
+        "biases": sum(p.numel() for n, p in model.named_parameters() if n not in sp.masks()),  # dense ones
+    }
+    path = os.path.join(tmp, "epoch1.ckpt")
+    fit(masked=True, extra=[_SaveAfterFirstEpoch(path)])
+    resumed, _ = fit(masked=True, ckpt=path)
+    out["resume_identical"] = all(torch.equal(a, b) for a, b in zip(model.parameters(), resumed.parameters()))
+    out["resume_buffers"] = all(torch.equal(a, b) for a, b in zip(model.buffers(), resumed.buffers()))
+    return out
+
+
+@pytest.fixture(scope="module")
+def runs():
+    with tempfile.TemporaryDirectory() as tmp:
+        return run_distributed(_ranks, 2, tmp, timeout=500, lightning=True)
+
+
+@pytest.mark.slow
+def test_masked_exchange_equals_dense_and_packs_the_backward_set(runs):
+    for out in runs:
+        assert out["topkast"]
+        assert out["updates"] >= 3 and out["regrown"] > 0
+        assert out["identical"] and out["buffers_identical"]
+        summary = out["summary"]
+        assert summary["dense_steps"] == 0
+        # every step packs B (the sets hold their size) plus the dense parameters, in fp32
+        assert summary["payload_bytes"] == summary["steps"] * 4 * (out["backward"] + out["biases"])
+
+
+@pytest.mark.slow
+def test_checkpoint_resume_is_bit_identical(runs):
+    for out in runs:
+        assert out["resume_identical"] and out["resume_buffers"]
