@@ -1,10 +1,11 @@
 """Two "nodes" on a shaped link: the sparsity-aware exchange against the dense all-reduce and DGC.
 
-The demo GPT trains under RigL (ERK) at ``--sparsity`` with 2 ranks (one per node, gloo over the
-link of :class:`sparsetrain.launch.testbed.TwoHostTestbed`); each configuration gets the same
-per-rank batches and reports the median step time after the warm-up, the bytes one node really
-put on the link per step (the interface's ``tx_bytes``), the payload the exchange reported, and
-the final validation loss on fixed batches. Configurations:
+The demo GPT trains under RigL (ERK) at ``--sparsity`` (or Top-KAST with ``--method topkast``,
+whose exchange packs its backward set, ``--backward-extra`` above the forward density) with 2 ranks
+(one per node, gloo over the link of :class:`sparsetrain.launch.testbed.TwoHostTestbed`); each
+configuration gets the same per-rank batches and reports the median step time after the warm-up,
+the bytes one node really put on the link per step (the interface's ``tx_bytes``), the payload the
+exchange reported, and the final validation loss on fixed batches. Configurations:
 
 - ``fp32``: DDP's built-in all-reduce of the whole (masked) gradient (SGD momentum 0.9),
 - ``masked``: :class:`sparsetrain.compression.MaskedExchange` (lossless: the same result as ``fp32``),
@@ -69,9 +70,9 @@ def worker(args) -> None:
     opt = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.0 if compress else 0.9)
     sp = None
     if not cfg.endswith("_d1"):
-        sp = DynamicSparsifier(model, method="rigl", sparsity=args.sparsity, distribution="erk",
+        sp = DynamicSparsifier(model, method=args.method, sparsity=args.sparsity, distribution="erk",
                                update_every=args.update_every, end_fraction=1.0, total_steps=args.steps,
-                               optimizer=opt, verify_every=0)
+                               optimizer=opt, verify_every=0, backward_extra=args.backward_extra)
     ddp = DDP(model, **({"bucket_cap_mb": args.bucket_cap_mb} if args.bucket_cap_mb else {}))
     dgc_cfg = dict(density=args.topk_density, warmup_steps=args.warmup_steps, ramp_steps=0, momentum=0.9,
                    value_dtype="fp16")
@@ -120,7 +121,11 @@ def worker(args) -> None:
     dist.all_reduce(total)
     steady = times[args.warmup_steps:] or times
     n_params = sum(p.numel() for p in model.parameters())
-    pruned = 0.0 if sp is None else sp.statistics()["sparsity/global"] * sp.statistics()["sparsity/total"]
+    stats = {} if sp is None else sp.statistics()
+    pruned = 0.0 if sp is None else stats["sparsity/global"] * stats["sparsity/total"]
+    # the share of the parameters whose gradient is exchanged (Top-KAST: its backward sets)
+    exchanged = (stats["sparsity/backward_density"] if "sparsity/backward_density" in stats
+                 else 1.0 - stats.get("sparsity/global", 0.0)) * stats.get("sparsity/total", 0.0)
     result = {
         "config": cfg, "sparsity": 0.0 if sp is None else args.sparsity, "steps": args.steps,
         "params": n_params,
@@ -129,6 +134,8 @@ def worker(args) -> None:
         "payload_bytes_per_step": statistics.fmean(payload) if payload else None,
         "dense_bytes": 4 * n_params,
         "active_fraction": 1 - pruned / n_params,
+        "method": args.method if sp is not None else "dense",
+        "exchanged_fraction": (n_params - stats.get("sparsity/total", 0.0) + exchanged) / n_params,
         "mask_updates": 0 if sp is None else sp.update_count,
         "val_loss": float(total) / (n * world),
     }
@@ -145,6 +152,7 @@ def _worker_argv(args, cfg: str, node: int, port: int) -> list[str]:
         str(Path(__file__).resolve()), "--worker", "--config", cfg, "--steps", str(args.steps),
         "--warmup-steps", str(args.warmup_steps), "--sparsity", str(args.sparsity),
         "--update-every", str(args.update_every), "--topk-density", str(args.topk_density),
+        "--method", args.method, "--backward-extra", str(args.backward_extra),
         "--d-model", str(args.d_model), "--n-layer", str(args.n_layer), "--n-head", str(args.n_head),
         "--block-size", str(args.block_size), "--batch-size", str(args.batch_size), "--lr", str(args.lr),
         "--threads", str(args.threads), "--val-batches", str(args.val_batches),
@@ -177,19 +185,25 @@ def orchestrate(args) -> None:
                 print(f"[{rate} {cfg}] {json.dumps(r)}", flush=True)
                 rows[rate][cfg] = r
     print(f"\nDemo GPT d_model={args.d_model} n_layer={args.n_layer} batch={args.batch_size}x{args.block_size}, "
-          f"RigL ERK sparsity {args.sparsity} (update_every {args.update_every}), 2 nodes x 1 rank (gloo, CPU), "
+          f"{args.method} ERK sparsity {args.sparsity} (update_every {args.update_every}"
+          + (f", backward_extra {args.backward_extra}" if args.method == "topkast" else "")
+          + "), 2 nodes x 1 rank (gloo, CPU), "
           f"{args.steps} steps, timed after {args.warmup_steps}; top-k density {args.topk_density}")
     for rate, by_cfg in rows.items():
         print(f"\n### {rate}\n")
-        print("| config | step s (median) | vs fp32 | MB/step on the link | link bytes / dense bytes | val loss |")
-        print("|---|---|---|---|---|---|")
+        print("| config | step s (median) | vs fp32 | MB/step on the link | link bytes / dense bytes "
+              "| payload / dense bytes | exchanged share of params | val loss |")
+        print("|---|---|---|---|---|---|---|---|")
         for cfg, r in by_cfg.items():
             base = by_cfg.get("ddp_d1" if cfg.endswith("_d1") else "fp32")
             speed = base["step_s_median"] / r["step_s_median"] if base else float("nan")
             tx = r["tx_bytes_per_step"]
             frac = tx / r["dense_bytes"] if tx is not None else float("nan")
             mb = f"{tx / 1e6:.3f}" if tx is not None else "n/a"
-            print(f"| {cfg} | {r['step_s_median']:.3f} | {speed:.2f}x | {mb} | {frac:.3f} | {r['val_loss']:.4f} |")
+            pay = r["payload_bytes_per_step"]
+            pay = f"{pay / r['dense_bytes']:.3f}" if pay is not None else "-"
+            print(f"| {cfg} | {r['step_s_median']:.3f} | {speed:.2f}x | {mb} | {frac:.3f} | {pay} | "
+                  f"{r['exchanged_fraction']:.3f} | {r['val_loss']:.4f} |")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -202,6 +216,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--warmup-steps", type=int, default=4, help="untimed steps (also DGC's dense warm-up)")
     p.add_argument("--sparsity", type=float, default=0.9)
     p.add_argument("--update-every", type=int, default=6)
+    p.add_argument("--method", default="rigl", choices=["rigl", "topkast"])
+    p.add_argument("--backward-extra", type=float, default=0.1, help="Top-KAST's M")
     p.add_argument("--topk-density", type=float, default=0.01)
     p.add_argument("--d-model", type=int, default=256)
     p.add_argument("--n-layer", type=int, default=4)

@@ -370,7 +370,7 @@ class TopKastSparsifier(DynamicSparsifier):
             b_old.copy_(b)
             ever |= a
             w = module.weight
-            torch.where(a, dense[name], contract._zero(w), out=w)
+            torch.where(a, dense[name], w.new_zeros(()), out=w)
         self.apply_masks()  # states outside the new B
         flat = host_ints(counted)
         entered_a, entered_b = sum(flat[0::3]), sum(flat[1::3])

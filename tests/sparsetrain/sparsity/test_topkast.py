@@ -296,3 +296,32 @@ def test_remove_keeps_the_forward_weights():
     assert set(model.state_dict()) == set(_model().state_dict())
     for n, p in model.named_parameters():
         assert torch.equal(p.detach(), alpha[n])
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_run_chooses_its_sets_as_the_reference():
+    """The same training on CUDA: before the first set update within float rounding of the CPU run; at
+    every update the sets are the reference sets of the CUDA run's own ``theta`` (same ranking rule)."""
+    _, cpu = _sparsifier_run(STEPS, 0.8, 0.1)
+    torch.backends.cuda.matmul.allow_tf32 = False
+    model = _model().cuda()
+    opt = torch.optim.SGD(model.parameters(), lr=LR, momentum=MOMENTUM)
+    sp = DynamicSparsifier(model, method="topkast", sparsity=0.8, backward_extra=0.1, distribution="uniform",
+                           exploration_penalty=PENALTY, update_every=EVERY, total_steps=STEPS, optimizer=opt)
+    counts = {i: (int(model[i].weight_mask.sum()), int(model[i]._buffers[BACKWARD_MASK_NAME].sum())) for i in (0, 2)}
+    for t in range(STEPS):
+        x, y = _batch(t)
+        nn.functional.mse_loss(model(x.cuda()), y.cuda()).backward()
+        opt.step()
+        opt.zero_grad()
+        for i in (0, 2):
+            m = model[i]
+            theta = m._buffers[DENSE_NAME].cpu()
+            if t + 1 < EVERY:
+                torch.testing.assert_close(theta, cpu[t][f"{i}.theta"], rtol=1e-4, atol=1e-5)
+            if (t + 1) % EVERY == 0 and t + 1 < round(0.75 * STEPS):
+                fwd, bwd = _reference_sets(theta, *counts[i])
+                assert torch.equal(m.weight_mask.cpu(), fwd) and torch.equal(m._buffers[BACKWARD_MASK_NAME].cpu(), bwd)
+            assert not m.weight.detach()[~m.weight_mask].any()
+    assert sp.update_count >= 2
