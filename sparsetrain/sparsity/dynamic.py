@@ -107,8 +107,7 @@ MASK_NAME = "weight_mask"
 _STATE_VERSION = 2
 #: Config fields that change what is computed: a state saved with another value is refused on load.
 MATH_FIELDS = ("method", "sparsity", "distribution", "update_every", "drop_fraction", "drop_schedule",
-               "begin_fraction", "end_fraction", "include", "exclude", "keep_first_dense", "keep_last_dense", "seed",
-               "backward_extra", "exploration_penalty")
+               "begin_fraction", "end_fraction", "include", "exclude", "keep_first_dense", "keep_last_dense", "seed")
 
 
 class MaskDivergenceError(contract.RankDivergenceError):
@@ -348,6 +347,8 @@ class DynamicSparsifier:
     masks_gradients = True
     #: The buffer outside which gradients are zeroed (Top-KAST: its backward set).
     _grad_mask_name = MASK_NAME
+    #: The config fields a saved state must agree on (Top-KAST adds its own).
+    _math_fields = MATH_FIELDS
 
     def __new__(cls, model: Any = None, config: Any = None, *args: Any, **kwargs: Any) -> DynamicSparsifier:
         method = getattr(config, "method", None) if config is not None else kwargs.get("method")
@@ -1031,7 +1032,8 @@ class DynamicSparsifier:
 
         Raises:
             ValueError: an unknown state version, a saved config differing from this one in a field
-                that changes the math (:data:`MATH_FIELDS`, named in the message), a different method
+                that changes the math (:data:`MATH_FIELDS`, for Top-KAST also ``backward_extra`` and
+                ``exploration_penalty``; named in the message), a different method
                 or layer set, a missing or malformed entry (named), or a model mask that this
                 sparsifier could not hold (:meth:`check_mask`). Nothing is changed then.
         """
@@ -1044,7 +1046,7 @@ class DynamicSparsifier:
         if missing:
             raise ValueError(f"`state` is truncated: it has no {', '.join(repr(k) for k in missing)} "
                              "(not a complete DynamicSparsifier.state_dict())")
-        contract.check_config(state.get("config"), self.config, MATH_FIELDS, "DynamicSparsifier")
+        contract.check_config(state.get("config"), self.config, self._math_fields, "DynamicSparsifier")
         if state["method"] != self.config.method:
             raise ValueError(f"`state` is for method {state['method']!r}, this sparsifier runs {self.config.method!r}")
         if not isinstance(state["layers"], (list, tuple)) or list(state["layers"]) != list(self._modules):

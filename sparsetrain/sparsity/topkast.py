@@ -56,7 +56,7 @@ from torch import nn
 from .. import contract
 from ..selection import select_topk
 from .density import floor_count
-from .dynamic import MASK_NAME, DynamicSparsifier, DynamicSparsityConfig
+from .dynamic import MASK_NAME, MATH_FIELDS, DynamicSparsifier, DynamicSparsityConfig
 from .update import host_ints
 
 __all__ = [
@@ -177,6 +177,7 @@ class TopKastSparsifier(DynamicSparsifier):
     """
 
     _grad_mask_name = BACKWARD_MASK_NAME
+    _math_fields = (*MATH_FIELDS, "backward_extra", "exploration_penalty")
 
     def __init__(self, model: nn.Module, config: DynamicSparsityConfig | None = None, *,
                  optimizer: torch.optim.Optimizer | None = None, process_group: Any = None,

@@ -325,3 +325,17 @@ def test_cuda_run_chooses_its_sets_as_the_reference():
                 assert torch.equal(m.weight_mask.cpu(), fwd) and torch.equal(m._buffers[BACKWARD_MASK_NAME].cpu(), bwd)
             assert not m.weight.detach()[~m.weight_mask].any()
     assert sp.update_count >= 2
+
+
+def test_other_methods_do_not_check_the_topkast_fields_on_load():
+    model = _model()
+    state = DynamicSparsifier(model, method="set", sparsity=0.5, total_steps=5, backward_extra=0.3).state_dict()
+    DynamicSparsifier(_model(), method="set", sparsity=0.5, total_steps=5, backward_extra=0.1).load_state_dict(state)
+    _, _, topkast = _saved_after(0)
+    saved = topkast.state_dict()
+    model2 = _model()
+    other = DynamicSparsifier(model2, method="topkast", sparsity=0.8, backward_extra=0.1, update_every=EVERY,
+                              total_steps=STEPS, exploration_penalty=0.5,
+                              optimizer=torch.optim.SGD(model2.parameters(), lr=0.1))
+    with pytest.raises(ValueError, match="exploration_penalty"):
+        other.load_state_dict(saved)
