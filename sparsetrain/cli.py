@@ -1,8 +1,9 @@
-"""``sparsetrain`` command line: ``train``, ``check`` and ``report``.
+"""``sparsetrain`` command line: ``train``, ``check``, ``report`` and ``bench-export``.
 
     sparsetrain train RECIPE [--devices N] [--max-steps N] [--out DIR] [--no-resume] [--set KEY=VALUE ...]
     sparsetrain check RECIPE [--devices N] [--set KEY=VALUE ...]
     sparsetrain report RUN_DIR
+    sparsetrain bench-export DIR [--tokens 512,1024,2048] [--backend auto|cusparselt] [--reps N]
 
 ``check`` reads the recipe, then builds what it can without training: the model (on the
 meta device where possible) and every component's layer selection, and compares the
@@ -35,6 +36,11 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     r = sub.add_parser("report", help="(re)draw report.png of a finished run")
     r.add_argument("run_dir")
+    b = sub.add_parser("bench-export", help="load a 2:4 export on the GPU and time it against dense")
+    b.add_argument("dir", help="export directory (written by `sparsetrain export`)")
+    b.add_argument("--tokens", default="512,1024,2048", help="prefill token counts, comma-separated")
+    b.add_argument("--backend", default="auto", choices=["auto", "cusparselt"], help="runtime backend of the 2:4 model")
+    b.add_argument("--reps", type=int, default=10, help="forwards per timing")
     return p
 
 
@@ -44,6 +50,8 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.command == "report":
         return _report(args.run_dir)
+    if args.command == "bench-export":
+        return _bench_export(args)
     try:
         recipe = load_recipe(args.recipe, args.overrides)
         from .train import check_recipe
@@ -121,6 +129,47 @@ def _report(run_dir: str) -> int:
     if summary:
         print(summary_table(summary))
     print(f"report: {path}")
+    return 0
+
+
+def _bench_export(args: argparse.Namespace) -> int:
+    import torch
+
+    try:
+        tokens = [int(t) for t in args.tokens.split(",")]
+        if not tokens or min(tokens) < 1 or args.reps < 1:
+            raise ValueError
+    except ValueError:
+        print(f"sparsetrain bench-export: --tokens must be ints >= 1 and --reps >= 1, got {args.tokens!r}, "
+              f"{args.reps}", file=sys.stderr)
+        return 2
+    if not torch.cuda.is_available():
+        print("sparsetrain bench-export: needs a CUDA GPU (torch.cuda.is_available() is False)", file=sys.stderr)
+        return 2
+    try:
+        from .export import load_24
+    except ImportError as err:
+        print(f"sparsetrain bench-export: the export package is missing ({err})", file=sys.stderr)
+        return 2
+    from .runtime.bench import compare, format_report
+
+    try:
+        dense = load_24(args.dir, device="cuda", backend="dense")
+        ours = load_24(args.dir, device="cuda", backend=args.backend)
+        for model in (dense, ours):
+            if not isinstance(model, torch.nn.Module):
+                raise ValueError(f"load_24 gave a {type(model).__name__}, not a model: the export must name "
+                                 "the model's class or recipe")
+        dense.eval(), ours.eval()
+        block_size = getattr(getattr(dense, "cfg", None), "block_size", None)
+        if block_size is not None:
+            tokens = [t for t in tokens if t <= block_size] or [block_size]
+        result = compare(dense, ours, tokens, reps=args.reps)
+    except (OSError, ValueError) as err:
+        print(f"sparsetrain bench-export: {err}", file=sys.stderr)
+        return 2
+    print(f"{args.dir} on {torch.cuda.get_device_name()}")
+    print(format_report(result))
     return 0
 
 

@@ -21,7 +21,7 @@ from torch import nn
 
 from . import _cslt
 from .eligibility import DIM_MULTIPLE, SPARSE_DTYPES, first_bad_group
-from .table import LayerPlan, bucket_index
+from .table import DEFAULT_BUCKETS, LayerPlan, bucket_index
 
 __all__ = ["Sparse24Linear", "graph_decisions"]
 
@@ -105,8 +105,10 @@ class Sparse24Linear(nn.Module):
         if backend == "cusparselt":
             if weight.device.type != "cuda":
                 raise ValueError(f"backend='cusparselt' needs the weight on CUDA, got {weight.device}")
-            if plan is None:
-                plan = LayerPlan(buckets=(1,), sparse_eager=(True,), sparse_graph=(True,), alg_ids=(None,))
+            if plan is None:  # 2:4 everywhere, the algorithm searched once per default bucket
+                n = len(DEFAULT_BUCKETS)
+                plan = LayerPlan(buckets=DEFAULT_BUCKETS, sparse_eager=(True,) * n, sparse_graph=(True,) * n,
+                                 alg_ids=(None,) * n)
             if keep_dense is None:
                 keep_dense = plan.runs_dense_anywhere()
             self.register_buffer("packed", _cslt.compress(weight), persistent=False)
