@@ -29,7 +29,7 @@ import warnings
 
 import torch
 
-__all__ = ["available", "compress", "linear", "search", "version"]
+__all__ = ["available", "compress", "linear", "search", "supports", "version"]
 
 # Row count of the dense operand is padded to a multiple of this (torch's own dense_min_rows for
 # 16-bit dtypes in SparseSemiStructuredTensorCUSPARSELT).
@@ -39,6 +39,11 @@ ROW_MULTIPLE = 8
 def available() -> bool:
     """True where CUDA and torch's cuSPARSELt bindings are both present."""
     return bool(torch.cuda.is_available() and torch.backends.cusparselt.is_available())
+
+
+def supports(device: torch.device) -> bool:
+    """Whether tensors on ``device`` can go through these calls (CUDA only)."""
+    return device.type == "cuda"
 
 
 def version() -> int | None:

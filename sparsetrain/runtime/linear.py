@@ -42,10 +42,14 @@ def graph_decisions() -> Iterator[None]:
         _GRAPH_MODE.reset(token)
 
 
-def _graph_mode() -> bool:
+def _capturing(x: torch.Tensor) -> bool:
+    return x.is_cuda and torch.cuda.is_current_stream_capturing()
+
+
+def _graph_mode(x: torch.Tensor) -> bool:
     if torch.compiler.is_compiling():
         return True
-    return _GRAPH_MODE.get() or torch.cuda.is_current_stream_capturing()
+    return _GRAPH_MODE.get() or _capturing(x)
 
 
 class Sparse24Linear(nn.Module):
@@ -103,7 +107,7 @@ class Sparse24Linear(nn.Module):
         self.in_features, self.out_features = in_features, out_features
         self.backend = backend
         if backend == "cusparselt":
-            if weight.device.type != "cuda":
+            if not _cslt.supports(weight.device):
                 raise ValueError(f"backend='cusparselt' needs the weight on CUDA, got {weight.device}")
             if plan is None:  # 2:4 everywhere, the algorithm searched once per default bucket
                 n = len(DEFAULT_BUCKETS)
@@ -152,7 +156,7 @@ class Sparse24Linear(nn.Module):
         if x.dim() < 1 or x.shape[-1] != self.in_features:
             raise ValueError(f"input's last dim must be in_features={self.in_features}, got shape {tuple(x.shape)}")
         rows = x.numel() // self.in_features if self.in_features else 0
-        if self.packed is None or rows == 0 or not self.uses_sparse(rows, graph=_graph_mode()):
+        if self.packed is None or rows == 0 or not self.uses_sparse(rows, graph=_graph_mode(x)):
             if self.weight is None:  # rows == 0 without a dense copy
                 return x.new_empty(*x.shape[:-1], self.out_features)
             return F.linear(x, self.weight, self.bias)
@@ -162,7 +166,7 @@ class Sparse24Linear(nn.Module):
         i = bucket_index(self._buckets, rows)
         alg = self._alg_ids[i]
         if alg is None:
-            if torch.cuda.is_current_stream_capturing() or torch.compiler.is_compiling():
+            if _capturing(x) or torch.compiler.is_compiling():
                 alg = 0  # no search inside a capture: the default algorithm
             else:
                 alg = self._alg_ids[i] = _cslt.search(self.packed, x_RI, self.bias)

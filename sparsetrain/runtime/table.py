@@ -351,13 +351,16 @@ class DispatchTable:
 
     @classmethod
     def cached(cls, device: torch.device | str | None = None, *, buckets: Sequence[int] = DEFAULT_BUCKETS,
-               path: str | os.PathLike | None = None) -> DispatchTable:
+               path: str | os.PathLike | None = None, key: Mapping[str, Any] | None = None) -> DispatchTable:
         """This GPU's table from the cache (or ``path``), or an empty one that saves there.
 
-        A cache file that cannot be read, does not validate, is for another key or for other buckets
-        is ignored with a warning (and overwritten at the next :meth:`measure`).
+        ``key`` defaults to :func:`device_key` of ``device``. A cache file that cannot be read, does
+        not validate, is for another key or for other buckets is ignored with a warning (and
+        overwritten at the next :meth:`measure`).
         """
-        key = device_key(device)
+        if key is not None and not isinstance(key, Mapping):
+            raise TypeError(f"`key` must be a mapping or None, got {type(key).__name__}")
+        key = dict(key) if key is not None else device_key(device)
         target = Path(path) if path is not None else _key_path(key)
         if target.exists():
             try:
