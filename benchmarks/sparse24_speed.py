@@ -227,16 +227,16 @@ def _gpt_medium(device, dtype, *, smoke: bool) -> GPT:
     cfg = (GPTConfig(d_model=128, n_layer=2, n_head=2, block_size=64) if smoke
            else GPTConfig(d_model=1024, n_layer=24, n_head=16, block_size=8192))
     torch.manual_seed(0)
-    model = GPT(cfg)
+    model = GPT(cfg).to(device, dtype)
     to_24_(model, [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and ".mlp." in n])
-    return model.to(device, dtype).eval()
+    return model.eval()
 
 
 def _mlp_stack(device, dtype, *, smoke: bool, blocks: int) -> MLPStack:
     torch.manual_seed(0)
-    model = MLPStack(64, 128, 2) if smoke else MLPStack(4096, 11008, blocks)
+    model = (MLPStack(64, 128, 2) if smoke else MLPStack(4096, 11008, blocks)).to(device, dtype)
     to_24_(model, [n for n, m in model.named_modules() if isinstance(m, nn.Linear)])
-    return model.to(device, dtype).eval()
+    return model.eval()
 
 
 def part_e2e(args, device, table, timer) -> None:
@@ -319,7 +319,7 @@ def part_memory(args, device, table) -> None:
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats(device)
             before = torch.cuda.memory_allocated(device)
-        model = _gpt_medium(torch.device("cpu"), dtype, smoke=args.smoke).to(device)
+        model = _gpt_medium(device, dtype, smoke=args.smoke)
         names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and ".mlp." in n]
         if backend is not None:
             model = sparsify_model(model, backend=backend, table=table if backend == "auto" else None,
@@ -404,25 +404,31 @@ def part_fp8(args, device, timer) -> None:
             packed_bf = _cslt.compress(w_bf)
             bf_ms = attempt(lambda: timer(lambda: _cslt.linear(packed_bf, x_bf, None), graph=True))  # noqa: B023
             packed8 = attempt(lambda: _cslt.compress(w8))  # noqa: B023
-            if isinstance(packed8, str):
-                fp8_ms, err = packed8, None
-            else:
-                y8 = attempt(lambda: _cslt.linear(packed8, x8, None, out_dtype=torch.bfloat16))  # noqa: B023
+            fp8_ms, err, layout = packed8, None, "-"
+            if not isinstance(packed8, str):
+                calls = {  # y_RO directly, or y_OR (cuSPARSELt's own row-major output) transposed
+                    "y_RO": lambda: torch._cslt_sparse_mm(packed8, x8.t(), out_dtype=torch.bfloat16,  # noqa: B023
+                                                          transpose_result=True),
+                    "y_OR": lambda: torch._cslt_sparse_mm(packed8, x8.t(), out_dtype=torch.bfloat16).t(),  # noqa: B023
+                }
+                for layout, call in calls.items():  # noqa: B007
+                    y8 = attempt(call)
+                    if not isinstance(y8, str):
+                        break
                 if isinstance(y8, str):
-                    fp8_ms, err = y8, None
+                    fp8_ms = y8
                 else:
                     ref = F.linear(x8.float(), w8.float())
                     err = ((y8.float() - ref).abs().max() / ref.abs().max()).item()
-                    fp8_ms = attempt(lambda: timer(  # noqa: B023
-                        lambda: _cslt.linear(packed8, x8, None, out_dtype=torch.bfloat16), graph=True))  # noqa: B023
-        rows.append([f"{out_f}x{in_f}", t, ms(dense_ms), ms(bf_ms), ms(fp8_ms), ratio(dense_ms, fp8_ms),
+                    fp8_ms = attempt(lambda: timer(call, graph=True))  # noqa: B023
+        rows.append([f"{out_f}x{in_f}", t, ms(dense_ms), ms(bf_ms), ms(fp8_ms), layout, ratio(dense_ms, fp8_ms),
                      ratio(bf_ms, fp8_ms), "n/a" if err is None else f"{err:.2e}"])
         for v in (dense_ms, bf_ms, fp8_ms):
             if isinstance(v, str):
                 print(f"  fp8 {out_f}x{in_f}: {v}")
     print_table("fp8 (e4m3) 2:4 probe, graph-captured (ms); error: max |fp8 2:4 - dequantized product| / max |y|",
-                ["out x in", "tokens", "dense bf16", "2:4 bf16", "2:4 fp8->bf16", "vs dense bf16", "vs 2:4 bf16",
-                 "rel. error"], rows)
+                ["out x in", "tokens", "dense bf16", "2:4 bf16", "2:4 fp8->bf16", "output", "vs dense bf16",
+                 "vs 2:4 bf16", "rel. error"], rows)
 
 
 # ---------------------------------------------------------------------------------------------- main

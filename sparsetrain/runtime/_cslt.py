@@ -56,7 +56,8 @@ def version() -> int | None:
 def compress(weight_OI: torch.Tensor) -> torch.Tensor:
     """The cuSPARSELt-packed form of a 2:4 ``[O, I]`` CUDA weight, viewed as ``[O, -1]``."""
     packed = torch._cslt_compress(weight_OI.contiguous())
-    return packed.view(weight_OI.shape[0], -1)
+    rows = weight_OI.shape[0]
+    return packed.view(rows, -1) if rows and packed.numel() % rows == 0 else packed
 
 
 def _operand(x_RI: torch.Tensor) -> tuple[torch.Tensor, int]:

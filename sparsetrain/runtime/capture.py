@@ -143,8 +143,8 @@ def capture(model: nn.Module, example: torch.Tensor, token_counts: Sequence[int]
         pad: pad a call up to the next captured count (True), or refuse counts not captured. Calls
             above the largest count run eagerly either way.
         warmup: eager calls per count before capturing.
-        clone_outputs: return a copy (True) or the graph's static output, which the next call of the
-            same count overwrites.
+        clone_outputs: return a copy (True) or a view of the graph's static output, which the next
+            call overwrites (the graphs share one memory pool).
 
     Returns:
         A :class:`CapturedModel`: call it like ``model``.

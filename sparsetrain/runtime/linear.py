@@ -127,6 +127,16 @@ class Sparse24Linear(nn.Module):
         self.register_buffer("weight", weight if keep_dense else None)  # shares the storage
         self.register_buffer("bias", None if bias is None else bias.detach())
 
+    def _apply(self, fn, recurse=True):
+        # .to() / .half() / .cuda() must not convert the packed bytes (values and metadata in one
+        # tensor): refuse a change of its dtype or device before anything moves.
+        if self.packed is not None:
+            probe = fn(torch.empty(0, dtype=self.packed.dtype, device=self.packed.device))
+            if probe.dtype != self.packed.dtype or probe.device != self.packed.device:
+                raise RuntimeError("a Sparse24Linear cannot change dtype or device (its weight is packed for "
+                                   f"cuSPARSELt on {self.packed.device}): move the model before sparsify_model")
+        return super()._apply(fn, recurse)
+
     @classmethod
     def from_linear(cls, linear: nn.Linear, *, backend: str = "cusparselt", plan: LayerPlan | None = None,
                     keep_dense: bool | None = None) -> Sparse24Linear:

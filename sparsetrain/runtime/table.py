@@ -18,7 +18,6 @@ validate is ignored with a warning and measured again; it never stops a model fr
 
 from __future__ import annotations
 
-import bisect
 import hashlib
 import json
 import math
@@ -110,8 +109,15 @@ class LayerPlan:
 
 
 def bucket_index(buckets: Sequence[int], tokens: int) -> int:
-    """Index of the largest bucket ``<= tokens`` (0 below the first bucket)."""
-    return max(bisect.bisect_right(buckets, tokens) - 1, 0)
+    """Index of the largest bucket ``<= tokens`` (0 below the first bucket).
+
+    A plain loop over a dozen ints (not ``bisect``), so that ``torch.compile`` traces it.
+    """
+    i = 0
+    for j, bucket in enumerate(buckets):
+        if bucket <= tokens:
+            i = j
+    return i
 
 
 def _check_buckets(buckets: object) -> tuple[int, ...]:

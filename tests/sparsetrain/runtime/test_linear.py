@@ -147,3 +147,15 @@ def test_forward_validation(standin):
         mod(torch.randn(3, 32, dtype=torch.bfloat16))
     with pytest.raises(TypeError, match="bfloat16"):
         mod(torch.randn(3, 64))
+
+
+def test_packed_weight_never_changes_dtype_or_device(standin):
+    mod = Sparse24Linear.from_linear(_layer(), plan=PLAN)
+    mod.to(torch.bfloat16)  # no change: fine
+    with pytest.raises(RuntimeError, match="cannot change dtype or device"):
+        mod.half()
+    with pytest.raises(RuntimeError, match="cannot change dtype or device"):
+        nn.Sequential(mod).to(torch.float32)
+    assert mod.packed.dtype == mod.weight.dtype == torch.bfloat16  # nothing moved
+    dense = Sparse24Linear.from_linear(_layer(), backend="dense").half()
+    assert dense.weight.dtype == torch.float16
