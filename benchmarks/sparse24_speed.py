@@ -513,7 +513,8 @@ def main(argv=None) -> int:
                           device=device, reps=max(args.reps, 5))
         print(f"dispatch table: {table.path} ({n} buckets measured in {time.perf_counter() - t0:.1f} s)")
     else:
-        print(f"device: CPU (smoke: backend='dense', wall-clock ms, no CUDA graphs), torch {torch.__version__}")
+        print(f"device: CPU (smoke: backend='dense', wall-clock ms, no CUDA graphs; the goals are for GPU runs), "
+              f"torch {torch.__version__}")
     t_start = time.perf_counter()
     if "layer" in parts:
         part_layer(args, device, table, timer)

@@ -83,8 +83,16 @@ def linear(packed: torch.Tensor, x_RI: torch.Tensor, bias_O: torch.Tensor | None
 
 
 def search(packed: torch.Tensor, x_RI: torch.Tensor, bias_O: torch.Tensor | None) -> int:
-    """The fastest cuSPARSELt ``alg_id`` for these operands (runs every algorithm once: not under capture)."""
+    """The fastest cuSPARSELt ``alg_id`` for these operands (runs every algorithm: not under capture).
+
+    0 (cuSPARSELt's default) with a warning where the search fails.
+    """
     x_RI, _ = _operand(x_RI)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*_cslt_sparse_mm_search is deprecated.*")
-        return int(torch._cslt_sparse_mm_search(packed, x_RI.t(), bias=bias_O, transpose_result=True))
+        try:
+            return int(torch._cslt_sparse_mm_search(packed, x_RI.t(), bias=bias_O, transpose_result=True))
+        except (AttributeError, RuntimeError) as err:  # no search in this torch: the default algorithm
+            warnings.warn(f"cuSPARSELt algorithm search failed ({str(err).splitlines()[0]}); using alg_id 0",
+                          stacklevel=2)
+            return 0

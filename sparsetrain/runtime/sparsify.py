@@ -96,7 +96,9 @@ def sparsify_model(model: nn.Module, *, backend: str = "auto", table: DispatchTa
             table = DispatchTable.cached(eligible[0][1].weight.device)
         table.measure(shapes, device=eligible[0][1].weight.device)
         plans = {shape: table.plan(*shape) for shape in shapes}
-    for name, module in eligible:
+    eligible.reverse()
+    while eligible:  # popped one by one: each dense Linear is freed once swapped (unless its copy is kept)
+        name, module = eligible.pop()
         if resolved == "dense":
             new = Sparse24Linear.from_linear(module, backend="dense")
         elif backend == "cusparselt":
@@ -112,6 +114,7 @@ def sparsify_model(model: nn.Module, *, backend: str = "auto", table: DispatchTa
             return new
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name), child, new)
+        del module, new
     return model
 
 
