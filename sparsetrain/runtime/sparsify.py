@@ -74,16 +74,22 @@ def sparsify_model(model: nn.Module, *, backend: str = "auto", table: DispatchTa
         resolved = "cusparselt" if _cslt.available() else "dense"
         if resolved == "dense":
             notes.append("cuSPARSELt is not available here: the 2:4 layers run dense")
-    eligible: list[tuple[str, nn.Linear]] = []
+    # a Linear shared under several names is swapped under all of them, for one module
+    names: dict[int, list[str]] = {}
+    modules: dict[int, nn.Linear] = {}
+    for name, module in model.named_modules(remove_duplicate=False):
+        if isinstance(module, nn.Linear) and not contract.matches(name, ignore):
+            names.setdefault(id(module), []).append(name)
+            modules[id(module)] = module
+    eligible: list[tuple[list[str], nn.Linear]] = []
     ineligible: list[str] = []
-    for name, module in model.named_modules():
-        if not isinstance(module, nn.Linear) or contract.matches(name, ignore):
-            continue
+    for key, module in modules.items():
         reason = ineligible_reason(module, needs_cuda=resolved == "cusparselt")
         if reason is None:
-            eligible.append((name, module))
+            eligible.append((names[key], module))
         else:
-            ineligible.append(f"{name or '<model>'} ({reason})")
+            ineligible.append(f"{', '.join(n or '<model>' for n in names[key])} ({reason})")
+    del modules
     if ineligible:
         notes.append(f"{len(ineligible)} Linear layer(s) stay dense: {'; '.join(ineligible)}")
     if notes:
@@ -98,7 +104,7 @@ def sparsify_model(model: nn.Module, *, backend: str = "auto", table: DispatchTa
         plans = {shape: table.plan(*shape) for shape in shapes}
     eligible.reverse()
     while eligible:  # popped one by one: each dense Linear is freed once swapped (unless its copy is kept)
-        name, module = eligible.pop()
+        layer_names, module = eligible.pop()
         if resolved == "dense":
             new = Sparse24Linear.from_linear(module, backend="dense")
         elif backend == "cusparselt":
@@ -110,10 +116,11 @@ def sparsify_model(model: nn.Module, *, backend: str = "auto", table: DispatchTa
                                                  keep_dense=plan.runs_dense_anywhere(min_tokens))
             else:
                 new = Sparse24Linear.from_linear(module, backend="dense")
-        if not name:
-            return new
-        parent_name, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent_name), child, new)
+        for name in layer_names:
+            if not name:
+                return new
+            parent_name, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent_name), child, new)
         del module, new
     return model
 

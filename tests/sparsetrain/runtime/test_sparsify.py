@@ -118,3 +118,17 @@ def test_model_validation_and_cusparselt_without_cuda():
     if not _cslt.available():
         with pytest.raises(ValueError, match="backend='cusparselt' needs CUDA with cuSPARSELt"):
             sparsify_model(_net(), backend="cusparselt")
+
+
+def test_a_shared_linear_is_swapped_under_every_name():
+    shared = nn.Linear(64, 64, dtype=torch.bfloat16)
+    with torch.no_grad():
+        shared.weight.copy_(random_24(64, 64))
+    model = nn.Sequential(shared, nn.ReLU(), shared)
+    x = torch.randn(3, 64, dtype=torch.bfloat16)
+    with torch.no_grad():
+        ref = model(x)
+    sparsify_model(model, backend="dense")
+    assert isinstance(model[0], Sparse24Linear) and model[0] is model[2]
+    with torch.no_grad():
+        assert torch.equal(model(x), ref)
