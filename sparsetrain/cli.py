@@ -1,8 +1,9 @@
-"""``sparsetrain`` command line: ``train``, ``check`` and ``report``.
+"""``sparsetrain`` command line: ``train``, ``check``, ``report`` and ``export``.
 
     sparsetrain train RECIPE [--devices N] [--max-steps N] [--out DIR] [--no-resume] [--set KEY=VALUE ...]
     sparsetrain check RECIPE [--devices N] [--set KEY=VALUE ...]
     sparsetrain report RUN_DIR
+    sparsetrain export CKPT --out DIR [--dtype DTYPE] [--ignore GLOB ...] [--verify]
 
 ``check`` reads the recipe, then builds what it can without training: the model (on the
 meta device where possible) and every component's layer selection, and compares the
@@ -35,6 +36,15 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     r = sub.add_parser("report", help="(re)draw report.png of a finished run")
     r.add_argument("run_dir")
+    e = sub.add_parser("export", help="write the 2:4 layers of a checkpoint as sparse-24-bitmask safetensors")
+    e.add_argument("checkpoint", help="a Lightning checkpoint of a run with NMSparsity")
+    e.add_argument("--out", required=True, help="the export directory")
+    e.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], help="cast floating tensors")
+    e.add_argument("--targets", nargs="+", metavar="GLOB", help="layers to store 2:4 (default: the N:M layers)")
+    e.add_argument("--ignore", nargs="+", default=[], metavar="GLOB", help="target layers to store dense")
+    e.add_argument("--max-shard-bytes", type=int, default=None, help="split files above this many bytes")
+    e.add_argument("--overwrite", action="store_true", help="replace an export in --out")
+    e.add_argument("--verify", action="store_true", help="load the export back and compare it bit for bit")
     return p
 
 
@@ -44,6 +54,8 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.command == "report":
         return _report(args.run_dir)
+    if args.command == "export":
+        return _export(args)
     try:
         recipe = load_recipe(args.recipe, args.overrides)
         from .train import check_recipe
@@ -121,6 +133,51 @@ def _report(run_dir: str) -> int:
     if summary:
         print(summary_table(summary))
     print(f"report: {path}")
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    import json
+    from pathlib import Path
+
+    import torch
+
+    from .export import DEFAULT_MAX_SHARD_BYTES, load_24, save_24_checkpoint
+    from .export.checkpoint import auto_prefix, read_checkpoint
+    from .nm import nm_export_checkpoint
+
+    ckpt = Path(args.checkpoint)
+    summary = ckpt.parent.parent / "summary.json"  # a recipe run: RUN/checkpoints/last.ckpt
+    try:
+        recipe = json.loads(summary.read_text()).get("config") if summary.is_file() else None
+        checkpoint = read_checkpoint(ckpt)
+        out = save_24_checkpoint(checkpoint, args.out, targets=args.targets, ignore=args.ignore, dtype=args.dtype,
+                                 max_shard_bytes=(DEFAULT_MAX_SHARD_BYTES if args.max_shard_bytes is None
+                                                  else args.max_shard_bytes),
+                                 recipe=recipe if isinstance(recipe, dict) else None, overwrite=args.overwrite)
+        lines = out.lines(ckpt.stat().st_size)
+        if args.verify:
+            loaded = load_24(args.out)
+            try:
+                ref = nm_export_checkpoint(checkpoint)
+            except ValueError:  # no NMSparsity state: the weights as saved (--targets)
+                ref = dict(checkpoint["state_dict"])
+            n = len(auto_prefix(ref))
+            ref = {k[n:]: v for k, v in ref.items()}
+            if args.dtype:
+                ref = {k: v.to(getattr(torch, args.dtype)) if v.is_floating_point() else v for k, v in ref.items()}
+            same = list(loaded) == list(ref) and all(torch.equal(loaded[k], ref[k]) for k in ref)
+            if not same:
+                print(f"sparsetrain export: {args.out} does not load back to the checkpoint's exact 2:4 weights",
+                      file=sys.stderr)
+                return 1
+            lines.append("verified: it loads back bit-identical to the checkpoint's exact 2:4 weights")
+    except (TypeError, ValueError) as err:
+        print(f"sparsetrain export: {err}", file=sys.stderr)
+        return 2
+    print(f"export: {args.out} ({', '.join(out.files)})")
+    for line in lines:
+        print(f"  {line}")
     return 0
 
 

@@ -6,6 +6,7 @@ sparsity config and a SHA-256 per tensor; ``load_24(dirpath)`` reads it back bit
 a tampered, truncated or mismatched file. See ``docs/export.md``.
 """
 
+from .checkpoint import save_24_checkpoint
 from .config import FORMAT_VERSION
 from .layout import check_24, compress_24, decompress_24
 from .load import load_24
@@ -20,4 +21,5 @@ __all__ = [
     "decompress_24",
     "load_24",
     "save_24",
+    "save_24_checkpoint",
 ]

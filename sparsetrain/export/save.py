@@ -26,7 +26,7 @@ from .config import CONFIG_NAME, FORMAT, FORMAT_VERSION, SPARSITY_FORMAT, STRUCT
 from .layout import compress_24
 from .view import ExportView, export_view
 
-__all__ = ["DEFAULT_MAX_SHARD_BYTES", "ExportSummary", "save_24"]
+__all__ = ["DEFAULT_MAX_SHARD_BYTES", "ExportSummary", "check_dtype", "check_globs", "save_24"]
 
 #: Hugging Face's default shard size.
 DEFAULT_MAX_SHARD_BYTES = 5 * 10**9
@@ -61,8 +61,30 @@ class ExportSummary:
     file_bytes: int
     global_sparsity: float
 
+    def lines(self, checkpoint_bytes: int | None = None) -> list[str]:
+        """A short report: the 2:4 layers' and the whole model's bytes against their dense size
+        (and against a checkpoint file's size, when given)."""
+        def mb(n: int) -> str:
+            return f"{n / 1e6:.3f} MB"
 
-def _check_globs(value: Any, arg: str) -> tuple[str, ...]:
+        def ratio(a: int, b: int) -> str:
+            return f"{a / b:.3f}x" if b else "n/a"
+
+        out = [f"2:4 layers ({len(self.targets)}): {mb(self.sparse_bytes)} against {mb(self.sparse_dense_bytes)} "
+               f"dense ({ratio(self.sparse_bytes, self.sparse_dense_bytes)})",
+               f"whole model: {mb(self.total_bytes)} against {mb(self.dense_total_bytes)} dense "
+               f"({ratio(self.total_bytes, self.dense_total_bytes)}); files {mb(self.file_bytes)}"
+               f", global sparsity {self.global_sparsity:.3f}"]
+        if checkpoint_bytes is not None:
+            out.append(f"the dense checkpoint file: {mb(checkpoint_bytes)} (export files "
+                       f"{ratio(self.file_bytes, checkpoint_bytes)} of it)")
+        if self.dense_layers:
+            out.append(f"stored dense: {', '.join(self.dense_layers)}")
+        return out
+
+
+def check_globs(value: Any, arg: str) -> tuple[str, ...]:
+    """``value`` as a tuple of non-empty strings (layer-name globs); TypeError naming ``arg`` otherwise."""
     if isinstance(value, str) or not isinstance(value, Iterable):
         raise TypeError(f"`{arg}` must be a list of layer-name globs, got {value!r}")
     value = tuple(value)
@@ -72,7 +94,8 @@ def _check_globs(value: Any, arg: str) -> tuple[str, ...]:
     return value
 
 
-def _check_dtype(dtype: Any) -> torch.dtype | None:
+def check_dtype(dtype: Any) -> torch.dtype | None:
+    """None, or the export dtype (``torch.float32`` / ``float16`` / ``bfloat16``, or its name)."""
     if dtype is None:
         return None
     if isinstance(dtype, str):
@@ -107,6 +130,7 @@ def save_24(
     dtype: torch.dtype | str | None = None,
     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
     recipe: Mapping[str, Any] | None = None,
+    prefix: str = "",
     overwrite: bool = False,
 ) -> ExportSummary:
     """Export 2:4 weights in compressed-tensors' ``sparse-24-bitmask`` layout (safetensors + config.json).
@@ -133,6 +157,8 @@ def save_24(
         max_shard_bytes: the most tensor bytes in one safetensors file; more is split into
             ``model-0000i-of-0000n.safetensors`` with ``model.safetensors.index.json``.
         recipe: recorded in ``config.json`` (e.g. the training recipe).
+        prefix: export only the entries whose key starts with ``prefix``, named without it
+            (``"model."`` exports the network a LightningModule holds as ``self.model``).
         overwrite: replace an existing export in ``dirpath``.
 
     Returns:
@@ -153,9 +179,9 @@ def save_24(
         >>> save_24(model, tempfile.mkdtemp()).targets
         ('0',)
     """
-    ignore = _check_globs(ignore, "ignore")
-    targets = None if targets is None else _check_globs(targets, "targets")
-    dtype = _check_dtype(dtype)
+    ignore = check_globs(ignore, "ignore")
+    targets = None if targets is None else check_globs(targets, "targets")
+    dtype = check_dtype(dtype)
     if isinstance(max_shard_bytes, bool) or not isinstance(max_shard_bytes, int) or max_shard_bytes < 1:
         raise ValueError(f"`max_shard_bytes` must be a positive integer, got {max_shard_bytes!r}")
     if recipe is not None and not isinstance(recipe, Mapping):
@@ -166,7 +192,7 @@ def save_24(
         dirpath = Path(dirpath)
     except TypeError:
         raise TypeError(f"`dirpath` must be a path, got {type(dirpath).__name__}") from None
-    view = export_view(model_or_state_dict, masks)
+    view = export_view(model_or_state_dict, masks, prefix)
 
     # ------------------------------------------------------------------ what goes where
     candidates = _candidates(view, targets)

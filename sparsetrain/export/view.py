@@ -46,13 +46,16 @@ class ExportView:
     _masks: Mapping[str, torch.Tensor] = field(repr=False)
     _eager: dict[str, torch.Tensor] = field(repr=False)
     _source: dict[str, str] = field(repr=False)
+    _prefix: str = ""
 
     def source(self, key: str) -> torch.Tensor:
         """The tensor ``key`` is computed from (same shape and dtype), without computing it."""
+        key = self._prefix + key
         return self._state[self._source.get(key, key)]
 
     def get(self, key: str) -> torch.Tensor:
         """The exported tensor ``key`` (a new tensor for masked weights, the state's own otherwise)."""
+        key = self._prefix + key
         if key in self._eager:
             return self._eager[key]
         if key in self._masks:
@@ -62,18 +65,23 @@ class ExportView:
 
 
 def export_view(model_or_state_dict: nn.Module | Mapping[str, torch.Tensor],
-                masks: Mapping[str, torch.Tensor] | None = None) -> ExportView:
+                masks: Mapping[str, torch.Tensor] | None = None, prefix: str = "") -> ExportView:
     """The exact N:M view of a model (through its components' ``masks()``) or of a state dict.
 
     Args:
         model_or_state_dict: an ``nn.Module`` (a DDP wrapper stands for its module) or a state dict.
         masks: bool masks by parameter name (``"<layer>.weight"``, ``True`` = kept) to apply
             instead of the components' masks.
+        prefix: keep only the entries whose key starts with ``prefix``, named without it
+            (``"model."``: the network a LightningModule holds as ``self.model``).
 
     Raises:
         TypeError: the input is neither a module nor a mapping of tensors.
-        ValueError: a mask names no weight, or a parametrized weight has no mask.
+        ValueError: a mask names no weight, a parametrized weight has no mask, or no key starts
+            with ``prefix``.
     """
+    if not isinstance(prefix, str):
+        raise TypeError(f"`prefix` must be a string, got {prefix!r}")
     eager: dict[str, torch.Tensor] = {}
     linear = model_class = None
     if isinstance(model_or_state_dict, nn.Module):
@@ -128,5 +136,21 @@ def export_view(model_or_state_dict: nn.Module | Mapping[str, torch.Tensor],
             continue
         elif k not in source:
             keys.append(k)
-    return ExportView(keys=keys, masked=set(masks) | set(eager), linear=linear, model_class=model_class,
-                      _state=state, _masks=masks, _eager=eager, _source=source)
+    if prefix:
+        if model_class is not None:
+            try:
+                sub = model.get_submodule(prefix.rstrip("."))
+                model_class = f"{type(sub).__module__}.{type(sub).__qualname__}"
+            except AttributeError:
+                pass
+        if not any(k.startswith(prefix) for k in keys):
+            raise ValueError(f"`prefix` {prefix!r} starts no key of the model (keys such as {keys[0]!r})"
+                             if keys else "the model has no state")
+        n = len(prefix)
+        keys = [k[n:] for k in keys if k.startswith(prefix)]
+        masked = {k[n:] for k in set(masks) | set(eager) if k.startswith(prefix)}
+        linear = None if linear is None else {k[n:] for k in linear if k.startswith(prefix)}
+    else:
+        masked = set(masks) | set(eager)
+    return ExportView(keys=keys, masked=masked, linear=linear, model_class=model_class,
+                      _state=state, _masks=masks, _eager=eager, _source=source, _prefix=prefix)
