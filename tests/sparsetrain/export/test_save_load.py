@@ -179,3 +179,33 @@ def test_cuda_device_without_runtime_is_a_clear_error(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "sparsetrain.runtime", None)  # the import fails
     with pytest.raises(RuntimeError, match="sparsetrain.runtime.sparsify_model"):
         load_24(TwoFour(), tmp_path, device="cuda")
+
+
+def _runtime_available():
+    try:
+        import sparsetrain.runtime  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.skipif(not _runtime_available(), reason="needs sparsetrain.runtime")
+def test_load_on_cuda_runs_the_24_runtime_within_bf16_tolerance(tmp_path):
+    torch.manual_seed(0)
+    cfg = GPTConfig(block_size=64, n_layer=2, n_head=4, d_model=256)
+    model = GPT(cfg)
+    with torch.no_grad():
+        for name, mod in model.named_modules():
+            if isinstance(mod, nn.Linear) and ".mlp." in name:
+                mod.weight.copy_(nm_exact(mod.weight, 2, 4))
+    save_24(model, tmp_path, targets=["*.mlp.*"], dtype=torch.bfloat16)
+    dense = GPT(cfg).to(torch.bfloat16)
+    load_24(dense, tmp_path)
+    dense = dense.cuda().eval()
+    sparse = load_24(GPT(cfg).to(torch.bfloat16), tmp_path, device="cuda").eval()
+    x = torch.randint(0, 256, (4, 64), device="cuda")
+    with torch.no_grad():
+        ref, out = dense(x).float(), sparse(x).float()
+    torch.testing.assert_close(out, ref, atol=5e-2, rtol=2e-2)
