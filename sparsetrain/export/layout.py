@@ -31,8 +31,11 @@ def pack_bits(mask: torch.Tensor) -> torch.Tensor:
     nbytes = (cols + 7) // 8
     padded = torch.zeros(rows, nbytes * 8, dtype=torch.uint8, device=mask.device)
     padded[:, :cols] = mask
-    weights = (1 << torch.arange(8, device=mask.device, dtype=torch.int32))
-    return (padded.view(rows, nbytes, 8).to(torch.int32) * weights).sum(-1).to(torch.uint8)
+    bits = padded.view(rows, nbytes, 8)
+    out = bits[..., 0].clone()
+    for j in range(1, 8):
+        out |= bits[..., j] << j
+    return out
 
 
 def unpack_bits(bitmask: torch.Tensor, cols: int) -> tuple[torch.Tensor, bool]:
@@ -84,10 +87,12 @@ def compress_24(weight: torch.Tensor, name: str = "weight") -> tuple[torch.Tenso
     check_24(weight, name)
     rows, cols = weight.shape
     nonzero = (weight != 0).reshape(rows, cols // _GROUP, _GROUP)
-    # the nonzeros first, then the lowest zero positions: a stable sort on "is zero"
-    keep = torch.argsort((~nonzero).to(torch.uint8), dim=-1, stable=True)[..., :_KEPT]
-    mask = torch.zeros_like(nonzero).scatter_(-1, keep, True).reshape(rows, cols)
-    compressed = weight[mask].reshape(rows, cols // 2)
+    # the nonzeros, then as many of the lowest zero positions as the group needs to keep 2
+    zero = ~nonzero
+    wanted = _KEPT - nonzero.sum(-1, keepdim=True, dtype=torch.int8)
+    mask = nonzero | (zero & (zero.cumsum(-1, dtype=torch.int8) <= wanted))
+    compressed = weight.reshape(rows, cols // _GROUP, _GROUP).gather(-1, _kept_index(mask)).reshape(rows, cols // 2)
+    mask = mask.reshape(rows, cols)
     shape = torch.tensor([[rows], [cols]], dtype=torch.int64)
     return compressed, pack_bits(mask), shape
 
@@ -125,6 +130,18 @@ def decompress_24(compressed: torch.Tensor, bitmask: torch.Tensor, shape: tuple[
         r = int(short[0, 0])
         raise ValueError(f"{name}.bitmask keeps {int(per_row[r])} entries in row {r}, but {name}.compressed "
                          f"holds {cols // 2} per row")
-    dense = torch.zeros(rows, cols, dtype=compressed.dtype, device=compressed.device)
-    dense[mask] = compressed.reshape(-1)
-    return dense
+    dense = torch.zeros(rows, cols // _GROUP, _GROUP, dtype=compressed.dtype, device=compressed.device)
+    index = _kept_index(mask.reshape(rows, cols // _GROUP, _GROUP))
+    return dense.scatter_(-1, index, compressed.reshape(rows, cols // _GROUP, _KEPT)).reshape(rows, cols)
+
+
+#: group bit pattern (bit j: position j kept) -> its two kept positions (patterns with 2 bits set).
+_PAIRS = torch.tensor([[j for j in range(_GROUP) if code >> j & 1] if bin(code).count("1") == _KEPT else [0, 0]
+                       for code in range(1 << _GROUP)], dtype=torch.int64)
+
+
+def _kept_index(mask_RG4: torch.Tensor) -> torch.Tensor:
+    """The two kept positions [R, G, 2] (ascending) of a mask [R, G, 4] keeping exactly 2 per group."""
+    b = mask_RG4.to(torch.uint8)
+    code = b[..., 0] | (b[..., 1] << 1) | (b[..., 2] << 2) | (b[..., 3] << 3)
+    return torch.nn.functional.embedding(code.long(), _PAIRS.to(code.device))
