@@ -95,3 +95,24 @@ def test_after_remove_the_plain_model_exports_its_linears(tmp_path):
     out = save_24(model, tmp_path, targets=["*.mlp.*"])
     assert out.targets == ("blocks.0.mlp.fc_in", "blocks.0.mlp.fc_out")
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in load_24(tmp_path).items())
+
+
+def test_with_dynamic_sparsity_on_other_layers(tmp_path):
+    """N:M on the MLPs, dynamic sparsity on attention: both are read through masks(); the unstructured
+    layers are not 2:4, so they are refused until ignored, then stored dense as trained (zeros kept)."""
+    from sparsetrain.sparsity import DynamicSparsifier
+
+    model, opt, sp = _setup()
+    dyn = DynamicSparsifier(model, method="rigl", sparsity=0.8, update_every=2, include=["*.attn.*"],
+                            total_steps=10, optimizer=opt)
+    _train(model, opt, 3)
+    with pytest.raises(ValueError, match=r"blocks\.0\.attn\.\w+ is not 2:4: row \d+, group \d+"):
+        save_24(model, tmp_path)
+    out = save_24(model, tmp_path, ignore=["*.attn.*"], overwrite=True)
+    assert out.targets == ("blocks.0.mlp.fc_in", "blocks.0.mlp.fc_out")
+    assert set(out.dense_layers) == {k[: -len(".weight")] for k in dyn.masks()}
+    loaded = load_24(tmp_path)
+    for key, mask in dyn.masks().items():
+        assert torch.equal(loaded[key], model.state_dict()[key]) and not loaded[key][~mask].any()
+    for key, mask in sp.masks().items():
+        assert torch.equal(loaded[key], nm_export_state_dict(model.state_dict(), 2, 4, masks={key: mask})[key])
