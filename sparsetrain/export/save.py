@@ -23,7 +23,7 @@ from torch import nn
 from .. import contract
 from . import files as _files
 from .config import CONFIG_NAME, FORMAT, FORMAT_VERSION, SPARSITY_FORMAT, STRUCTURE, dtype_name
-from .layout import compress_24
+from .layout import check_24, compress_24
 from .view import ExportView, export_view
 
 __all__ = ["DEFAULT_MAX_SHARD_BYTES", "ExportSummary", "check_dtype", "check_globs", "save_24"]
@@ -222,6 +222,17 @@ def save_24(
             groups.append([(key, out_dtype(src), shape)])
     shards = _files.plan_shards(groups, max_shard_bytes)
 
+    # ------------------------------------------------------------------ every target 2:4, before writing
+    # (one layer at a time; the view is computed again when written, so nothing is held meanwhile)
+    for key in sparse:
+        t = view.get(key)
+        t = t.to(dtype) if dtype is not None else t
+        layer = key[: -len(".weight")]
+        check_24(t, layer)
+        if not bool(torch.isfinite(t).all()):
+            raise ValueError(f"{layer}: the weight holds NaN or inf; it cannot be exported")
+        del t
+
     # ------------------------------------------------------------------ the directory
     old = [p for p in (dirpath.iterdir() if dirpath.is_dir() else ())
            if p.name in (CONFIG_NAME, _files.INDEX_NAME) or (p.name.startswith("model") and p.suffix == ".safetensors")]
@@ -249,9 +260,7 @@ def save_24(
             total_dense += t.numel() * t.element_size()
             if key in sparse_set:
                 layer = key[: -len(".weight")]
-                compressed, bitmask, shape = compress_24(t, name=layer or "the model's weight")
-                if not bool(torch.isfinite(compressed).all()):
-                    raise ValueError(f"{layer}: the weight holds NaN or inf; it cannot be exported")
+                compressed, bitmask, shape = compress_24(t, name=layer)
                 sparse_dense += t.numel() * t.element_size()
                 del t
                 yield compressed
@@ -262,12 +271,18 @@ def save_24(
 
     names = [_files.shard_name(i, len(shards)) for i in range(len(shards))]
     tensors: dict[str, dict[str, Any]] = {}
-    for name, indices in zip(names, shards):
-        entries_here = [e for i in indices for e in groups[i]]
-        sums = _files.write_safetensors(dirpath / name, entries_here, produce(indices))
-        for ename, edtype, eshape in entries_here:
-            tensors[ename] = {"file": name, "dtype": dtype_name(edtype), "shape": list(eshape),
-                              "sha256": sums[ename]}
+    try:
+        for name, indices in zip(names, shards):
+            entries_here = [e for i in indices for e in groups[i]]
+            sums = _files.write_safetensors(dirpath / name, entries_here, produce(indices))
+            for ename, edtype, eshape in entries_here:
+                tensors[ename] = {"file": name, "dtype": dtype_name(edtype), "shape": list(eshape),
+                                  "sha256": sums[ename]}
+    except BaseException:  # no half export left behind: without config.json it would not load anyway
+        for name in names:
+            for path in (dirpath / name, dirpath / (name + ".tmp")):
+                path.unlink(missing_ok=True)
+        raise
     for key in sparse:
         layer = key[: -len(".weight")]
         sparse_bytes += sum(_files.nbytes((f"{layer}.{s}", *_info(tensors[f"{layer}.{s}"])))

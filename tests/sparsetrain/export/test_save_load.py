@@ -67,10 +67,25 @@ def test_not_24_is_an_error_naming_layer_and_group_and_ignore_stores_it_dense(tm
         model.fc2.weight[3, 8:12] = torch.tensor([1.0, 1.0, 1.0, 0.0])
     with pytest.raises(ValueError, match=r"fc2 is not 2:4: row 3, group 2 \(columns 8-11\)"):
         save_24(model, tmp_path, targets=["fc*"])
-    assert not (tmp_path / "config.json").exists()
+    assert list(tmp_path.iterdir()) == []  # nothing written
     out = save_24(model, tmp_path, targets=["fc*"], ignore=["fc2"], overwrite=True)
     assert out.targets == ("fc1",) and out.dense_layers == ("fc2",)
     assert torch.equal(load_24(tmp_path)["fc2.weight"], model.fc2.weight)
+
+
+def test_a_refused_export_leaves_the_previous_one_intact(tmp_path):
+    model = TwoFour()
+    save_24(model, tmp_path, targets=["fc*"])
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    with torch.no_grad():
+        model.fc1.weight[0, :4] = 1.0
+    with pytest.raises(ValueError, match="fc1 is not 2:4"):
+        save_24(model, tmp_path, targets=["fc*"], overwrite=True)
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
+    with torch.no_grad():
+        model.fc1.weight[0, :4] = torch.tensor([1.0, float("nan"), 0.0, 0.0])
+    with pytest.raises(ValueError, match="fc1: the weight holds NaN or inf"):
+        save_24(model, tmp_path, targets=["fc*"], overwrite=True)
 
 
 def test_default_targets_of_a_model_are_its_linears(tmp_path):
