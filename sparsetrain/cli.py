@@ -189,13 +189,13 @@ def _export_network(dirpath: str):
     from pathlib import Path
 
     from .export.config import read_config
-    from .recipe import import_class, parse_recipe
+    from .recipe import import_class, recipe_from_record
     from .train import build_network
 
     config = read_config(Path(dirpath))
     recipe, model_class = config.get("recipe"), config.get("model_class")
     if isinstance(recipe, dict):
-        parsed = parse_recipe(recipe, check_components=False)
+        parsed = recipe_from_record(recipe)
 
         def network():
             net = build_network(parsed)
