@@ -16,9 +16,21 @@ DDP's bucket rebuild after the first iteration (the key is the bucket's paramete
 
 On the steps where a component needs the dense gradient from the exchange
 (``needs_dense_gradient()`` of an attached component returns True: RigL with
-``grad_masking="step"`` before an update step) the bucket is all-reduced whole. With the
-default ``grad_masking="hook"`` RigL captures its dense gradient before masking and reduces it
-itself, so the exchange stays packed on every step.
+``grad_masking="step"`` before an update step) the bucket is all-reduced whole, or, with
+``inactive_density``, the entries inside the masks travel packed and exact and, per masked weight
+and rank, only the largest entries outside its mask travel (an all-gather of values and positions;
+RigL only ranks them). With the default ``grad_masking="hook"`` RigL captures its dense gradient
+before masking and reduces it itself, so the exchange stays packed on every step.
+
+MoE layers (modules with a ``tokens_per_expert`` statistic, such as :class:`sparsetrain.moe.MoE`
+without expert parallelism): the slices ``[e]`` of their stacked expert weights of an expert that
+received no token on any rank in the step are left out of the packed vector (``skip_idle_experts``);
+the ranks agree on them with one all-reduce of E flags per layer at the first bucket of the step.
+
+One implementation serves every driver: :meth:`MaskedExchange.prepare` says what one bucket
+sends (``(collective, tensor)`` pairs), :meth:`MaskedExchange.finish` writes the result back;
+:func:`masked_hook` runs the collectives with torch.distributed, the Horovod optimizer
+(:func:`sparsetrain.compression.horovod.DistributedOptimizer` with ``masked=``) with Horovod.
 
 Lossless: every element of the result is ``sum_r g_r / W`` as in ``allreduce_hook`` (torch's
 DDP hook: divide, then sum) inside the masks, and ``+0.0`` outside, where the dense exchange
@@ -38,8 +50,9 @@ live in packed coordinates: a masked weight is the engine's tensor ``name`` of s
 of 2 or more dimensions" still applies), a dense parameter keeps its shape. When the masks change,
 the state is carried into the new packing (:func:`carry_packed`): a position that stays active
 keeps what it held, a dropped one loses it (rule 3 of ``docs/architecture.md``), a grown one
-starts at 0. A step that needs dense gradients cannot be served in this mode (DynamicSparsity's
-``grad_masking="hook"`` never needs one).
+starts at 0. A step that needs dense gradients is served only with ``inactive_density`` (the
+packed part through DGC, the part outside the masks as top-k); DynamicSparsity's
+``grad_masking="hook"`` never needs one.
 
 Usage::
 
@@ -592,8 +605,8 @@ class MaskedExchange:
             gradient-masking components' mask versions), ``exchange/dense_step`` (1.0 when the step
             went dense), ``exchange/inactive_sent_fraction`` (on a dense step with ``inactive_density``:
             the share of the entries outside the masks this rank sent), ``exchange/idle_experts`` (MoE
-            experts skipped, without tokens on every rank), ``exchange/rebuilds`` (packings built), and ``exchange/total_...`` sums of
-            the bytes, ``steps`` and ``dense_steps``.
+            experts skipped: no token on any rank), ``exchange/rebuilds`` (packings built), and
+            ``exchange/total_...`` sums of the bytes, ``steps`` and ``dense_steps``.
         """
         out = {f"exchange/{k}": float(self.last_stats.get(k, 0.0)) for k in
                ("payload_bytes", "dense_payload_bytes", "packed_fraction", "mask_version", "dense_step",
