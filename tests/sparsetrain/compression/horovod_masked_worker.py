@@ -3,7 +3,10 @@
 Usage: ``horovodrun -np 2 --gloo -H localhost:2 python -m tests.sparsetrain.compression.horovod_masked_worker OUT``
 writes ``OUT/rank<r>.pt``: for the lossless mode and for plain ``hvd.allreduce`` followed by masking,
 every step's parameters, masks and Adam state; for masked + top-k, every step's masks, local and
-averaged gradients (the input of the DGC reference of ``test_masked.py``). RigL with
+averaged gradients (the input of the DGC reference of ``test_masked.py``); with ``inactive_density``
+and ``grad_masking="step"``, the run and that of the naive reference DDP hook of
+``test_masked_options.py`` (over the gloo group); the MoE model with idle experts, and DDP's dense
+all-reduce of it. RigL with
 ``grad_masking="hook"`` all-reduces its dense gradients over torch.distributed, so a gloo process
 group is started next to Horovod; with ``"step"`` it takes them from the Horovod exchange (dense steps).
 """
@@ -18,13 +21,52 @@ from torch import nn
 
 from sparsetrain import contract
 from sparsetrain.compression.horovod import DistributedOptimizer
+from sparsetrain.compression.masked import MaskedExchangeConfig
 from sparsetrain.sparsity import DynamicSparsifier
 from tests.sparsetrain.compression.test_masked import STEPS, TOPK, UPDATE_EVERY, _batch, _model, _snapshot
+from tests.sparsetrain.compression.test_masked_options import DENSITY, _moe_batch, _moe_model, _run_inactive, _run_moe
 
 
 def _sparse(model: nn.Module, grad_masking: str = "hook") -> DynamicSparsifier:
     return DynamicSparsifier(model, method="rigl", sparsity=0.8, update_every=UPDATE_EVERY, end_fraction=1.0,
                              total_steps=STEPS, verify_every=0, grad_masking=grad_masking)
+
+
+def _inactive(rank: int) -> dict:
+    """``grad_masking="step"`` with ``inactive_density``: RigL's update steps get top-k outside the masks."""
+    model = _model()
+    sp = _sparse(model, "step")
+    opt = DistributedOptimizer(torch.optim.Adam(model.parameters(), lr=0.01), model=model, bucket_cap_mb=0.005,
+                               masked=MaskedExchangeConfig(inactive_density=DENSITY))
+    sp.attach_optimizer(opt)
+    snaps = []
+    for t in range(STEPS):
+        x, y = _batch(rank, t)
+        nn.functional.mse_loss(model(x), y).backward()
+        opt.step()
+        opt.zero_grad()
+        snaps.append(_snapshot(model, opt, sp))
+    return {"snaps": snaps, "updates": sp.update_count,
+            "dense_steps": opt.masked_exchange.statistics()["exchange/total_dense_steps"]}
+
+
+def _moe(rank: int) -> dict:
+    """The MoE model of ``test_masked_options.py``: idle experts skipped (agreed over ``hvd.allreduce``)."""
+    model = _moe_model()
+    with torch.no_grad():
+        model[0].weight.copy_(torch.eye(8))
+        model[0].bias.zero_()
+    opt = DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=1e-3), model=model, masked=True,
+                               bucket_cap_mb=0.001)
+    snaps, idle = [], []
+    for t in range(4):
+        x, y = _moe_batch(rank, t)
+        nn.functional.mse_loss(model(x), y).backward()
+        opt.step()
+        opt.zero_grad()
+        snaps.append({n: p.detach().clone() for n, p in model.named_parameters()})
+        idle.append(opt.masked_exchange.statistics()["exchange/idle_experts"])
+    return {"snaps": snaps, "idle": idle}
 
 
 def _lossless(rank: int, mode: str, grad_masking: str) -> dict:
@@ -93,6 +135,10 @@ def main(out_dir: str) -> None:
                             world_size=hvd.size())
     out = {f"{mode}/{gm}": _lossless(rank, mode, gm) for gm in ("hook", "step") for mode in ("masked", "reference")}
     out["topk"] = _topk(rank)
+    out["inactive"] = _inactive(rank)
+    out["inactive_ddp_reference"] = _run_inactive(rank, hvd.size(), "reference")  # the naive DDP hook
+    out["moe"] = _moe(rank)
+    out["moe_ddp_dense"] = _run_moe(rank, hvd.size(), "dense")
     dist.destroy_process_group()
     torch.save(out, f"{out_dir}/rank{rank}.pt")
 

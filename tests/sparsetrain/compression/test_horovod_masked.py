@@ -6,7 +6,11 @@ where RigL reads the dense gradient from the Horovod exchange on its update step
 - lossless: parameters, masks and Adam state bit-identical after every step to plain
   ``hvd.allreduce`` (average) of every gradient followed by masking;
 - with DGC top-k on the packed vector: every averaged gradient follows the DGC reference equations
-  of ``test_masked.py`` (the same code as the DDP hook's), across the mask changes.
+  of ``test_masked.py`` (the same code as the DDP hook's), across the mask changes;
+- with ``inactive_density`` (``grad_masking="step"``): bit-identical to the naive reference hook
+  of ``test_masked_options.py``;
+- the MoE model of ``test_masked_options.py``: the expert without tokens on either rank skipped (the
+  ranks agree over ``hvd.allreduce``), bit-identical to DDP's dense all-reduce.
 """
 
 from __future__ import annotations
@@ -72,6 +76,28 @@ def test_topk_on_the_packed_vector_follows_the_dgc_equations(results) -> None:
                 want = torch.cat([expected[t][n].reshape(-1) for n in names])
                 torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7, msg=f"step {t} rank {r}")
     assert 0 < records[0]["stats"]["exchange/topk_sent_fraction"] < 0.5
+
+
+@pytest.mark.slow
+def test_inactive_topk_equals_the_naive_reference(results) -> None:
+    """``inactive_density`` over Horovod (values and int32 positions in one ``hvd.allgather``) against
+    the naive reference DDP hook of ``test_masked_options.py``, bit for bit."""
+    for rank in range(2):
+        got, want = results[rank]["inactive"], results[rank]["inactive_ddp_reference"]
+        assert got["updates"] == want["updates"] >= 3
+        assert got["dense_steps"] == got["updates"]
+        for t in range(STEPS):
+            _assert_equal(got["snaps"][t], want["snaps"][t])
+
+
+@pytest.mark.slow
+def test_idle_experts_skipped_over_horovod_equal_dense(results) -> None:
+    for rank in range(2):
+        got, want = results[rank]["moe"], results[rank]["moe_ddp_dense"]
+        assert got["idle"] == [1.0] * 4  # the expert without tokens on either rank
+        for t in range(4):
+            for name, p in want["snaps"][t].items():
+                assert torch.equal(got["snaps"][t][name], p), (t, rank, name)
 
 
 def test_masked_arguments_are_checked() -> None:
