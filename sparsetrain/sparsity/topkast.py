@@ -21,10 +21,10 @@ its way in::
     penalty = lambda / 2 * ( sum_{i in A} theta_i**2  +  sum_{i in B \\ A} theta_i**2 / D )
     gradient:  lambda * theta_i on A,   lambda * theta_i / D on B \\ A,   0 outside B
 
-(``lambda`` = ``exploration_penalty``; ``D`` the layer's forward density). The paper writes the
-per-weight term as ``|theta_i|`` and ``|theta_i| / D`` and calls it an L2 penalty; we apply it
-in the L2 form above. The gradient term is added after the gradient exchange, just before the
-optimizer step, so it is identical on every rank and never compressed.
+(``lambda`` = ``exploration_penalty``; ``D`` the layer's forward density). The paper's equation
+writes the per-weight term with ``|theta_i|`` (and ``|theta_i| / D``) while its text speaks of an
+L2 penalty; the L2 form above is the one applied. The gradient term is added after the gradient
+exchange, just before the optimizer step, so it is identical on every rank and never compressed.
 
 **The sets** are re-chosen from ``|theta|`` after every ``update_every``-th optimizer step (from
 ``begin_fraction`` until ``end_fraction`` of training, like RigL's updates); a weight leaving ``B``
