@@ -292,7 +292,9 @@ def full_expert_optimizer_state_dict(model: nn.Module, optimizer: torch.optim.Op
         state = _param_state(optimizer, p)
         if not state:
             continue
-        full = {k: _gather_stack(layer, v.detach()) if v.shape == p.shape else v.detach() for k, v in state.items()}
+        # sorted: every rank gathers the same entry at the same time, whatever its dict's order
+        full = {k: _gather_stack(layer, state[k].detach()) if state[k].shape == p.shape else state[k].detach()
+                for k in sorted(state)}
         for gid in range(layer.num_experts):
             out[f"{_prefix(name)}experts.{pname}.{gid}"] = {
                 k: (v[gid] if state[k].shape == p.shape else v).cpu().clone() for k, v in full.items()}
@@ -324,10 +326,10 @@ def load_expert_optimizer_state_dict(model: nn.Module, optimizer: torch.optim.Op
         entries = [state[k] for k in keys]
         if not all(isinstance(e, dict) for e in entries):
             raise ValueError(f"expert optimizer state of {keys[0]!r}... must be dicts of tensors")
-        names = set(entries[0])
+        names = list(entries[0])  # in the saved order (a set's order differs between processes)
         new: dict[str, torch.Tensor] = {}
         for k, e in zip(keys, entries):
-            if set(e) != names:
+            if set(e) != set(names):
                 raise ValueError(f"expert optimizer state {k!r} has entries {sorted(e)}, expected {sorted(names)}")
             for sname, t in e.items():
                 if not isinstance(t, torch.Tensor) or not torch.isfinite(t.float()).all():
@@ -369,8 +371,8 @@ def globalize_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer
         if layer.ep_size == 1 or entry is None:
             continue
         # a new dict: ``optimizer.state_dict()`` shares its per-parameter dicts with the live state
-        optimizer_state["state"][i] = {k: _gather_stack(layer, v) if isinstance(v, torch.Tensor) and v.shape == p.shape
-                                       else v for k, v in entry.items()}
+        optimizer_state["state"][i] = {k: _gather_stack(layer, entry[k]) if isinstance(entry[k], torch.Tensor)
+                                       and entry[k].shape == p.shape else entry[k] for k in sorted(entry)}
     return optimizer_state
 
 
