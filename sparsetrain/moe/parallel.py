@@ -22,6 +22,7 @@ import torch.distributed as dist
 from torch import nn
 
 from ._permute import _Permute
+from .experts import mark_stacked
 
 __all__ = [
     "expert_data_parallel_groups",
@@ -218,7 +219,8 @@ def shard_experts(model: nn.Module, ep_group: Any) -> dict[str, Any]:
         L = layer.num_experts // P
         ex = layer.experts
         for pname, p in list(ex.named_parameters(recurse=False)):
-            setattr(ex, pname, nn.Parameter(p.detach()[rank * L:(rank + 1) * L].clone(), requires_grad=p.requires_grad))
+            setattr(ex, pname, mark_stacked(nn.Parameter(p.detach()[rank * L:(rank + 1) * L].clone(),
+                                                         requires_grad=p.requires_grad)))
         ex.num_experts = L
         layer.ep_group, layer.ep_size, layer.ep_rank, layer.num_local_experts = ep_group, P, rank, L
         out[name] = layer
