@@ -11,7 +11,6 @@ expert (weights and optimizer state, by global expert id) so that they load at a
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -139,9 +138,10 @@ class MoEDemoLM(DemoLM):
                 raise ValueError(f"`expert_hidden` must be an int >= 1, got {expert_hidden!r}")
             for name in dense_mlps(self.model, include):
                 parent, _, attr = name.rpartition(".")
+                # the layer's own init (nn.Linear's per expert): on the demo LM it trained to a lower validation
+                # loss than the dense GPT's init (benchmarks/RESULTS.md, moe_quality.py --expert-init)
                 layer = MoE(d_model, hidden, num_experts, k, activation=activation, bias=activation == "gelu",
                             **router)
-                _init_like_gpt(layer, n_layer)
                 setattr(self.model.get_submodule(parent) if parent else self.model, attr, layer)
         self.expert_parallel = expert_parallel
         self._edp_group: Any = None
@@ -226,17 +226,3 @@ class MoEDemoLM(DemoLM):
             params = self._optimizer_params()
             for state in states:
                 localize_optimizer_state(self.model, params, state)
-
-
-@torch.no_grad()
-def _init_like_gpt(layer: MoE, n_layer: int) -> None:
-    """Fresh experts start like the dense GPT's MLP: input weights N(0, 0.02), output weights
-    N(0, 0.02 / sqrt(2 * n_layer)) (GPT-2's residual scaling), zero biases."""
-    ex = layer.experts
-    for w in (ex.w1_EFD, ex.w3_EFD):
-        if w is not None:
-            nn.init.normal_(w, std=0.02)
-    nn.init.normal_(ex.w2_EDF, std=0.02 / math.sqrt(2 * n_layer))
-    for b in (ex.b1_EF, ex.b2_ED):
-        if b is not None:
-            b.zero_()
