@@ -10,9 +10,10 @@ memory: ``max_memory_allocated`` above the weights and inputs.
 - ``loop``: for each expert, ``nonzero`` of its tokens, its MLP, ``index_add_`` into the output.
 - ``deepspeed``: DeepSpeed 0.19.8's ``deepspeed.moe.layer.MoE`` (its ``TopKGate``, capacity factor 1.25,
   einsum dispatch, a Python loop over its experts), on the same router and expert weights, when
-  ``deepspeed`` imports (``--deepspeed on`` insists; its wheel and dependencies are carried in ``.whl/``:
-  ``python3 -m pip install --no-index --find-links .whl deepspeed==0.19.8``). It runs in a process group
-  of one rank (``deepspeed.init_distributed``, NCCL on a GPU, gloo on the CPU).
+  ``deepspeed`` imports (``--deepspeed on`` insists; offline, install it from a directory of wheels:
+  ``python3 -m pip install --no-index --find-links DIR deepspeed==0.19.8``, DeepSpeed's own wheel built
+  with ``pip wheel --no-deps --no-build-isolation``). It runs in a process group of one rank
+  (``deepspeed.init_distributed``, NCCL on a GPU, gloo on the CPU).
 - ``titan``: torchtitan 0.3.0's ``models/common/moe`` if importable, else ``titan-copy``: a copy of its
   algorithm written here (argsort of the flat expert ids, gather, ``torch._grouped_mm`` with the
   cumulative counts as offsets, scores multiplied in, ``scatter_add_`` back), said so in the output.
