@@ -273,3 +273,30 @@ def test_load_expert_optimizer_state_refusals():
         load_expert_optimizer_state_dict(layer, opt, bad)
     with pytest.raises(ValueError, match="`state`"):
         load_expert_optimizer_state_dict(layer, opt, [1])
+
+
+def _load_full_stack(rank, world, full_sd, full_opt_state):
+    from sparsetrain.moe import localize_optimizer_state
+
+    torch.manual_seed(77 + rank)
+    layer = MoE(D, FH, E, 2, activation="swiglu", ep_group=dist.group.WORLD, dropless=True).double()
+    layer.load_state_dict(full_sd)  # all E experts stacked, as written at size 1: each rank keeps its slice
+    opt = torch.optim.Adam(layer.parameters())
+    opt.load_state_dict(localize_optimizer_state(layer, list(layer.parameters()), full_opt_state))
+    return {n: p.detach().clone() for n, p in layer.experts.named_parameters()}, \
+        {n: opt.state[p]["exp_avg"].clone() for n, p in layer.experts.named_parameters()}
+
+
+@pytest.mark.slow
+def test_full_stack_state_and_optimizer_state_load_at_expert_parallel_size_2():
+    torch.manual_seed(0)
+    ref = MoE(D, FH, E, 2, activation="swiglu", dropless=True).double()
+    opt = torch.optim.Adam(ref.parameters())
+    ref(torch.randn(9, D, dtype=torch.float64)).square().sum().backward()
+    opt.step()
+    results = run_distributed(_load_full_stack, 2, ref.state_dict(), opt.state_dict())
+    L = E // 2
+    for rank, (weights, moments) in enumerate(results):
+        for n, p in ref.experts.named_parameters():
+            assert torch.equal(weights[n], p.detach()[rank * L:(rank + 1) * L]), n
+            assert torch.equal(moments[n], opt.state[p]["exp_avg"][rank * L:(rank + 1) * L]), n
