@@ -68,8 +68,11 @@ lint: $(STAMP)
 test: $(STAMP) $(HOROVOD_STAMP) sysdeps lint
 	$(PY) -m pytest $(PYTEST_ARGS)
 
+# The run's 2:4 MLP layers end as a sparse-24-bitmask export, checked to load back bit for bit.
 demo: $(STAMP)
 	$(VENV)/bin/sparsetrain train recipes/quickstart.yaml --out runs/quickstart
+	$(VENV)/bin/sparsetrain export runs/quickstart/checkpoints/last.ckpt --out runs/quickstart/export \
+		--overwrite --verify
 
 clean:
 	rm -rf $(VENV) runs build *.egg-info

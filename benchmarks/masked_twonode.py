@@ -11,9 +11,16 @@ the final validation loss on fixed batches. Configurations:
 - ``masked_topk``: the same with DGC top-k on the packed vector (density ``--topk-density``,
   momentum correction 0.9, fp16 values; SGD without momentum),
 - ``dgc``: :class:`sparsetrain.compression.DGCState` alone at the same density,
+- ``masked_step``: ``masked`` with RigL's ``grad_masking="step"`` (RigL takes its dense gradient
+  from the exchange, which goes dense on the update steps, instead of all-reducing it itself);
+  ``masked_step_inactive``: the same with ``inactive_density=--inactive-density`` (on those
+  steps the entries outside the masks travel top-k compressed),
 - ``ddp_d1`` / ``masked_d1``: no sparsity at all: DDP's all-reduce vs the masked hook with
   nothing to pack (its overhead at density 1); ``hook_d1``: torch's own ``allreduce_hook`` (the
-  cost of any Python communication hook, as a control).
+  cost of any Python communication hook, as a control);
+- ``d1_interleaved``: the three ``_d1`` variants in one run, on three copies of the model,
+  their steps interleaved in rotating order (so that the load of a shared machine falls on all
+  three alike); reports the median step of each and the median of the per-round ratios.
 
 Worker (one rank; needs the torch.distributed environment)::
 
@@ -40,7 +47,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-CONFIGS = ("fp32", "masked", "masked_topk", "dgc", "ddp_d1", "masked_d1", "hook_d1")
+CONFIGS = ("fp32", "masked", "masked_topk", "dgc", "ddp_d1", "masked_d1", "hook_d1", "d1_interleaved", "masked_step",
+           "masked_step_inactive")
 
 
 def _tx_bytes(interface: str) -> int | None:
@@ -62,6 +70,10 @@ def worker(args) -> None:
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
     train, val = make_datasets(CorpusConfig(byte_budget=args.byte_budget, block_size=args.block_size))
+    if args.config == "d1_interleaved":
+        interleaved_d1(args, train, rank)
+        dist.destroy_process_group()
+        return
     torch.manual_seed(0)
     model = GPT(GPTConfig(block_size=args.block_size, n_layer=args.n_layer, n_head=args.n_head, d_model=args.d_model))
     cfg = args.config
@@ -71,13 +83,16 @@ def worker(args) -> None:
     if not cfg.endswith("_d1"):
         sp = DynamicSparsifier(model, method="rigl", sparsity=args.sparsity, distribution="erk",
                                update_every=args.update_every, end_fraction=1.0, total_steps=args.steps,
-                               optimizer=opt, verify_every=0)
+                               optimizer=opt, verify_every=0,
+                               grad_masking="step" if cfg.startswith("masked_step") else "hook")
     ddp = DDP(model, **({"bucket_cap_mb": args.bucket_cap_mb} if args.bucket_cap_mb else {}))
     dgc_cfg = dict(density=args.topk_density, warmup_steps=args.warmup_steps, ramp_steps=0, momentum=0.9,
                    value_dtype="fp16")
     state = None
-    if cfg in ("masked", "masked_d1"):
+    if cfg in ("masked", "masked_d1", "masked_step"):
         state = MaskedExchange(model, optimizer=opt).register(ddp)
+    elif cfg == "masked_step_inactive":
+        state = MaskedExchange(model, optimizer=opt, inactive_density=args.inactive_density).register(ddp)
     elif cfg == "masked_topk":
         state = MaskedExchange(model, optimizer=opt, compression=dgc_cfg).register(ddp)
     elif cfg == "dgc":
@@ -138,6 +153,53 @@ def worker(args) -> None:
     dist.destroy_process_group()
 
 
+def interleaved_d1(args, train, rank: int) -> None:
+    """No sparsity: DDP's built-in all-reduce, the masked hook and torch's allreduce_hook, interleaved."""
+    import torch.distributed as dist
+    from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    from sparsetrain.compression import MaskedExchange
+    from sparsetrain.demo import GPT, GPTConfig
+
+    variants = {}
+    for name in ("ddp", "masked", "hook"):
+        torch.manual_seed(0)
+        model = GPT(GPTConfig(block_size=args.block_size, n_layer=args.n_layer, n_head=args.n_head,
+                              d_model=args.d_model))
+        opt = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9)
+        ddp = DDP(model, **({"bucket_cap_mb": args.bucket_cap_mb} if args.bucket_cap_mb else {}))
+        if name == "masked":
+            MaskedExchange(model, optimizer=opt).register(ddp)
+        elif name == "hook":
+            ddp.register_comm_hook(None, default_hooks.allreduce_hook)
+        variants[name] = (ddp, opt, [])
+    g = torch.Generator().manual_seed(1000 + rank)
+    names = list(variants)
+    for step in range(args.steps):
+        idx = torch.randint(0, len(train), (args.batch_size,), generator=g).tolist()
+        x, y = (torch.stack(t) for t in zip(*(train[i] for i in idx)))
+        order = names[step % 3:] + names[:step % 3]
+        for name in order:
+            ddp, opt, times = variants[name]
+            dist.barrier()
+            t0 = time.perf_counter()
+            logits = ddp(x)
+            loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)), y.reshape(-1))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            times.append(time.perf_counter() - t0)
+    w = args.warmup_steps
+    med = {n: statistics.median(v[2][w:]) for n, v in variants.items()}
+    ratio = {n: statistics.median(a / b for a, b in zip(variants[n][2][w:], variants["ddp"][2][w:]))
+             for n in ("masked", "hook")}
+    if rank == 0:
+        print(json.dumps({"result": {"config": "d1_interleaved", "steps": args.steps, "timed": args.steps - w,
+                                     "step_s_median": med, "paired_ratio_median": ratio}}), flush=True)
+    dist.barrier()
+
+
 def _worker_argv(args, cfg: str, node: int, port: int) -> list[str]:
     return [
         sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1",
@@ -145,6 +207,7 @@ def _worker_argv(args, cfg: str, node: int, port: int) -> list[str]:
         str(Path(__file__).resolve()), "--worker", "--config", cfg, "--steps", str(args.steps),
         "--warmup-steps", str(args.warmup_steps), "--sparsity", str(args.sparsity),
         "--update-every", str(args.update_every), "--topk-density", str(args.topk_density),
+        "--inactive-density", str(args.inactive_density),
         "--d-model", str(args.d_model), "--n-layer", str(args.n_layer), "--n-head", str(args.n_head),
         "--block-size", str(args.block_size), "--batch-size", str(args.batch_size), "--lr", str(args.lr),
         "--threads", str(args.threads), "--val-batches", str(args.val_batches),
@@ -175,7 +238,8 @@ def orchestrate(args) -> None:
                     continue
                 r = json.loads(line)["result"]
                 print(f"[{rate} {cfg}] {json.dumps(r)}", flush=True)
-                rows[rate][cfg] = r
+                if cfg != "d1_interleaved":
+                    rows[rate][cfg] = r
     print(f"\nDemo GPT d_model={args.d_model} n_layer={args.n_layer} batch={args.batch_size}x{args.block_size}, "
           f"RigL ERK sparsity {args.sparsity} (update_every {args.update_every}), 2 nodes x 1 rank (gloo, CPU), "
           f"{args.steps} steps, timed after {args.warmup_steps}; top-k density {args.topk_density}")
@@ -203,6 +267,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--sparsity", type=float, default=0.9)
     p.add_argument("--update-every", type=int, default=6)
     p.add_argument("--topk-density", type=float, default=0.01)
+    p.add_argument("--inactive-density", type=float, default=0.05)
     p.add_argument("--d-model", type=int, default=256)
     p.add_argument("--n-layer", type=int, default=4)
     p.add_argument("--n-head", type=int, default=4)

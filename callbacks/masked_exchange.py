@@ -7,7 +7,7 @@ from typing import Any
 import lightning.pytorch as pl
 
 from sparsetrain.compression.masked import MaskedExchange as _Exchange
-from sparsetrain.compression.masked import masked_hook
+from sparsetrain.compression.masked import MaskedExchangeConfig, masked_hook
 
 from ._base import DDPHookCallback
 
@@ -24,7 +24,9 @@ class MaskedExchange(DDPHookCallback):
     CPU). The exchange finds the masks through the model (``contract.gradient_masks``), so no
     other wiring is needed; the result is the dense all-reduce's (bit for bit on 2 ranks). It logs
     ``exchange/payload_bytes``, ``exchange/dense_payload_bytes``, ``exchange/packed_fraction`` and
-    ``exchange/mask_version`` every ``trainer.log_every_n_steps`` optimizer steps.
+    ``exchange/mask_version`` (and the other keys of
+    :meth:`~sparsetrain.compression.masked.MaskedExchange.statistics`) every
+    ``trainer.log_every_n_steps`` optimizer steps.
 
     Example::
 
@@ -34,16 +36,22 @@ class MaskedExchange(DDPHookCallback):
 
     Args:
         verify_every: every this many optimizer steps, check that the ranks pack alike; 0: never.
+        inactive_density: on RigL's update steps with ``grad_masking="step"``, send only this share
+            of the entries outside the masks (the largest per weight and rank) instead of the whole
+            bucket (:class:`~sparsetrain.compression.masked.MaskedExchangeConfig`); None: whole.
+        skip_idle_experts: leave the stacked weights of MoE experts without tokens on every rank
+            out of the exchange (lossless).
 
     Raises:
-        ValueError: ``verify_every`` not an int >= 0 (at construction); a strategy other than DDP, or
-            another communication hook on the DDP model (at the start of fitting).
+        ValueError: a bad option (at construction); a strategy other than DDP, or another
+            communication hook on the DDP model (at the start of fitting).
     """
 
-    def __init__(self, *, verify_every: int = 0) -> None:
+    def __init__(self, *, verify_every: int = 0, inactive_density: float | None = None,
+                 skip_idle_experts: bool = True) -> None:
         super().__init__()
-        if isinstance(verify_every, bool) or not isinstance(verify_every, int) or verify_every < 0:
-            raise ValueError(f"`verify_every` must be an int >= 0, got {verify_every!r}")
+        self.config = MaskedExchangeConfig(verify_every=verify_every, inactive_density=inactive_density,
+                                           skip_idle_experts=skip_idle_experts)
         self.verify_every = verify_every
         self._global_step = 0
 
@@ -60,7 +68,7 @@ class MaskedExchange(DDPHookCallback):
         model = self.ddp_model(trainer)
         if self.component is None:
             group = getattr(trainer.strategy, "process_group", None)
-            self.component = _Exchange(pl_module, process_group=group, verify_every=self.verify_every)
+            self.component = _Exchange(pl_module, self.config, process_group=group)
             pending = self.take_pending()
             if pending is not None:
                 self.component.load_state_dict(pending)

@@ -61,6 +61,7 @@ __all__ = [
     "OptimizerConfig",
     "Recipe",
     "RecipeError",
+    "recipe_from_record",
     "TrainerConfig",
     "apply_overrides",
     "build_callbacks",
@@ -393,6 +394,26 @@ def parse_recipe(data: Any, *, check_components: bool = True) -> Recipe:
     if check_components:
         build_callbacks(recipe)
     return recipe
+
+
+def recipe_from_record(record: Any) -> Recipe:
+    """The recipe a run recorded (``summary.json``'s ``config``, an export's ``recipe``: the parsed
+    recipe with every field), parsed again.
+
+    Raises:
+        RecipeError: ``record`` is not such a mapping, or does not parse.
+    """
+    if not isinstance(record, dict):
+        raise RecipeError(f"recorded recipe: expected a mapping, got {type(record).__name__}")
+    data: dict[str, Any] = {}
+    for key, value in record.items():
+        if isinstance(value, dict):
+            value = {k: v for k, v in value.items() if v is not None}
+            if key in _USER_KEYS:  # class_path mode keeps only its own keys; demo mode drops them
+                user = value.get("class_path") is not None
+                value = {k: v for k, v in value.items() if (k in _USER_KEYS[key]) == user}
+        data[key] = value
+    return parse_recipe(data, check_components=False)
 
 
 def build_callbacks(recipe: Recipe) -> list[Any]:

@@ -16,9 +16,21 @@ DDP's bucket rebuild after the first iteration (the key is the bucket's paramete
 
 On the steps where a component needs the dense gradient from the exchange
 (``needs_dense_gradient()`` of an attached component returns True: RigL with
-``grad_masking="step"`` before an update step) the bucket is all-reduced whole. With the
-default ``grad_masking="hook"`` RigL captures its dense gradient before masking and reduces it
-itself, so the exchange stays packed on every step.
+``grad_masking="step"`` before an update step) the bucket is all-reduced whole, or, with
+``inactive_density``, the entries inside the masks travel packed and exact and, per masked weight
+and rank, only the largest entries outside its mask travel (an all-gather of values and positions;
+RigL only ranks them). With the default ``grad_masking="hook"`` RigL captures its dense gradient
+before masking and reduces it itself, so the exchange stays packed on every step.
+
+MoE layers (modules with a ``tokens_per_expert`` statistic, such as :class:`sparsetrain.moe.MoE`
+without expert parallelism): the slices ``[e]`` of their stacked expert weights of an expert that
+received no token on any rank in the step are left out of the packed vector (``skip_idle_experts``);
+the ranks agree on them with one all-reduce of E flags per layer at the first bucket of the step.
+
+One implementation serves every driver: :meth:`MaskedExchange.prepare` says what one bucket
+sends (``(collective, tensor)`` pairs), :meth:`MaskedExchange.finish` writes the result back;
+:func:`masked_hook` runs the collectives with torch.distributed, the Horovod optimizer
+(:func:`sparsetrain.compression.horovod.DistributedOptimizer` with ``masked=``) with Horovod.
 
 Lossless: every element of the result is ``sum_r g_r / W`` as in ``allreduce_hook`` (torch's
 DDP hook: divide, then sum) inside the masks, and ``+0.0`` outside, where the dense exchange
@@ -38,8 +50,9 @@ live in packed coordinates: a masked weight is the engine's tensor ``name`` of s
 of 2 or more dimensions" still applies), a dense parameter keeps its shape. When the masks change,
 the state is carried into the new packing (:func:`carry_packed`): a position that stays active
 keeps what it held, a dropped one loses it (rule 3 of ``docs/architecture.md``), a grown one
-starts at 0. A step that needs dense gradients cannot be served in this mode (DynamicSparsity's
-``grad_masking="hook"`` never needs one).
+starts at 0. A step that needs dense gradients is served only with ``inactive_density`` (the
+packed part through DGC, the part outside the masks as top-k); DynamicSparsity's
+``grad_masking="hook"`` never needs one.
 
 Usage::
 
@@ -54,6 +67,7 @@ Legend: N elements of a bucket, P packed elements of a bucket, W ranks.
 from __future__ import annotations
 
 import dataclasses
+import math
 import warnings
 from typing import Any
 
@@ -65,8 +79,9 @@ from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 from .. import contract
 from .engine import CompressionEngine
 from .plan import MATH_FIELDS, BucketLayout, DGCConfig
+from .topk import topk_indices
 
-__all__ = ["MaskedExchange", "MaskedExchangeConfig", "carry_packed", "masked_hook"]
+__all__ = ["BucketMessage", "MaskedExchange", "MaskedExchangeConfig", "carry_packed", "masked_hook"]
 
 _STATE_VERSION = 1
 _TOTALS = ("payload_bytes", "dense_payload_bytes", "steps", "dense_steps")
@@ -90,17 +105,44 @@ def carry_packed(values_P: torch.Tensor, old_P: torch.Tensor, new_Q: torch.Tenso
 
 
 class _Packing:
-    """One bucket's packing: positions into the flat buffer, for one mask version, and the engine's layout."""
+    """One bucket's packing: positions into the flat buffer, for one mask version, and the engine's layout.
 
-    __slots__ = ("version", "idx_P", "numel", "packed", "layout")
+    ``idx_P`` are the positions that travel exactly (None: the whole bucket, in place). ``inactive_Q``
+    (with ``segments``: per masked parameter ``(start, end, k)`` in ``inactive_Q``) are the positions
+    outside the masks, for the top-k of the inactive part on dense steps; built only when asked for.
+    """
 
-    def __init__(self, version: tuple[int, ...], idx_P: torch.Tensor | None, numel: int,
-                 layout: BucketLayout) -> None:
+    __slots__ = ("version", "idx_P", "numel", "packed", "layout", "inactive_Q", "segments", "n_topk")
+
+    def __init__(self, version: tuple, idx_P: torch.Tensor | None, numel: int, layout: BucketLayout,
+                 inactive_Q: torch.Tensor | None = None, segments: tuple[tuple[int, int, int], ...] = ()) -> None:
         self.version = version
         self.idx_P = idx_P  # None: nothing masked in the bucket (sent whole, in place)
         self.numel = numel
         self.packed = numel if idx_P is None else int(idx_P.numel())
         self.layout = layout  # the packed tensors: (P, 1) for a masked weight, the shape for a dense one
+        self.inactive_Q = inactive_Q
+        self.segments = segments
+        self.n_topk = sum(k for _, _, k in segments)
+
+
+@dataclasses.dataclass
+class BucketMessage:
+    """What one bucket sends, computed by :meth:`MaskedExchange.prepare` and read back by :meth:`MaskedExchange.finish`.
+
+    Attributes:
+        parts: ``(collective, tensor)`` pairs to exchange, in order: ``"mean"`` (all-reduce to the
+            average of the ranks' tensors: DDP divides by W and sums, Horovod uses ``op=Average``),
+            ``"sum"`` (all-reduce with a sum; the tensor is divided by W already) or ``"gather"``
+            (all-gather, rank order, along the first dimension).
+        buffer: the bucket's flat gradient, which :meth:`MaskedExchange.finish` overwrites with the result.
+    """
+
+    parts: list[tuple[str, torch.Tensor]]
+    buffer: torch.Tensor
+    packing: _Packing | None = None
+    engine_message: Any = None
+    world: int = 1
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -112,14 +154,31 @@ class MaskedExchangeConfig:
             fields as a dict); None (default): the lossless plain all-reduce.
         verify_every: every this many optimizer steps (:meth:`MaskedExchange.step`),
             :meth:`MaskedExchange.check_ranks`; 0: never.
+        inactive_density: on the steps where a component needs the dense gradient
+            (``needs_dense_gradient()``: RigL with ``grad_masking="step"`` before an update), send
+            the entries inside the masks exactly (packed) and, of every masked weight's entries
+            outside its mask, only the ``ceil(inactive_density * n_outside)`` largest in magnitude
+            of each rank (all-gathered as values and positions, summed and divided by W); the
+            other outside entries arrive as 0. RigL only ranks the outside entries to choose its
+            regrowth, so it then grows among those that some rank sent. None (default): those
+            steps exchange the whole bucket.
+        skip_idle_experts: the stacked expert weights (``[E, ...]``) of MoE layers (modules with a
+            ``tokens_per_expert`` statistic, without expert parallelism) whose expert received no
+            token on any rank in the step are left out of the packed vector (their gradient is 0
+            everywhere, so the result is unchanged); the ranks agree on the experts with one
+            all-reduce of E numbers per step. Only without ``compression`` (DGC's residuals must
+            still travel for an expert without tokens).
 
     Raises:
         TypeError: ``compression`` is not a DGCConfig, a dict of its fields or None.
-        ValueError: ``verify_every`` is not an int >= 0; a bad ``compression`` option.
+        ValueError: ``verify_every`` is not an int >= 0; ``inactive_density`` not in (0, 1];
+            ``skip_idle_experts`` not a bool; a bad ``compression`` option.
     """
 
     compression: DGCConfig | None = None
     verify_every: int = 0
+    inactive_density: float | None = None
+    skip_idle_experts: bool = True
 
     def __post_init__(self) -> None:
         if isinstance(self.verify_every, bool) or not isinstance(self.verify_every, int) or self.verify_every < 0:
@@ -129,6 +188,15 @@ class MaskedExchangeConfig:
         if self.compression is not None and not isinstance(self.compression, DGCConfig):
             raise TypeError(f"`compression` must be a DGCConfig, a dict of its fields or None, "
                             f"got {type(self.compression).__name__}")
+        d = self.inactive_density
+        if d is not None and (isinstance(d, bool) or not isinstance(d, (int, float)) or not 0 < d <= 1):
+            raise ValueError(f"`inactive_density` must be None or a number in (0, 1], got {d!r}")
+        if not isinstance(self.skip_idle_experts, bool):
+            raise ValueError(f"`skip_idle_experts` must be a bool, got {self.skip_idle_experts!r}")
+
+
+#: Fields of :class:`MaskedExchangeConfig` that change what is exchanged (checked on load).
+_MATH_FIELDS = ("inactive_density",)
 
 
 class MaskedExchange:
@@ -174,6 +242,10 @@ class MaskedExchange:
         "_optimizer_steps",
         "_removed",
         "_handles",
+        "_experts",
+        "_expert_params",
+        "_seen_E",
+        "_step_active",
         # statistics
         "rebuilds",
         "last_stats",
@@ -215,7 +287,14 @@ class MaskedExchange:
         self.last_stats: dict[str, float] = {}
         self.totals: dict[str, float] = {}
         self._handles: list[Any] = []
+        # MoE layers whose idle experts are skipped: name -> (layer, E); parameter id -> (layer name, E)
+        self._experts: dict[str, tuple[nn.Module, int]] = {}
+        self._expert_params: dict[int, tuple[str, int]] = {}
+        self._seen_E: dict[str, torch.Tensor] = {}  # this rank's experts that got tokens since the last exchange
+        self._step_active: dict[str, tuple[bool, ...]] = {}  # the step's agreed experts with tokens on some rank
         contract.attach(model, self)
+        if config.skip_idle_experts and compression is None:
+            self._find_experts()
         if optimizer is not None:
             self._handles.append(optimizer.register_step_post_hook(lambda *_: self.step()))
 
@@ -242,20 +321,77 @@ class MaskedExchange:
         """True after :meth:`remove`: the hook then averages with a plain all-reduce."""
         return self._removed
 
+    # ------------------------------------------------------------------ MoE experts
+
+    def _find_experts(self) -> None:
+        """Find the MoE layers (a ``tokens_per_expert`` statistic, stacked ``[E, ...]`` expert weights, no
+        expert parallelism) and record, after every forward, which of their experts got tokens."""
+        for name, module in self._model.named_modules():
+            if not isinstance(getattr(type(module), "tokens_per_expert", None), property):
+                continue
+            experts = getattr(module, "experts", None)
+            E = getattr(module, "num_experts", None)
+            if not isinstance(experts, nn.Module) or not isinstance(E, int) or getattr(module, "ep_size", 1) != 1:
+                continue
+            params = [p for p in experts.parameters() if p.dim() >= 1 and p.shape[0] == E]
+            if not params:
+                continue
+            self._experts[name] = (module, E)
+            for p in params:
+                self._expert_params[id(p)] = (name, E)
+            self._handles.append(module.register_forward_hook(self._make_expert_hook(name)))
+
+    def _make_expert_hook(self, name: str):
+        def hook(module: nn.Module, args: Any, output: Any) -> None:
+            tokens = module.tokens_per_expert
+            if tokens is None:
+                return
+            got = tokens.detach() > 0
+            seen = self._seen_E.get(name)
+            self._seen_E[name] = got if seen is None else seen | got.to(seen.device)
+
+        return hook
+
+    def _agree_experts(self, agree: Any) -> None:
+        """The experts that got tokens on some rank since the last exchange (one all-reduce of E numbers)."""
+        names = list(self._experts)
+        local = [self._seen_E.get(n) for n in names]
+        device = next((t.device for t in local if t is not None), torch.device("cpu"))
+        flags = torch.cat([
+            (t.to(device=device, dtype=torch.float32) if t is not None
+             else torch.ones(self._experts[n][1], device=device))  # no forward seen: keep every expert
+            for n, t in zip(names, local)
+        ])
+        self._seen_E = {}
+        summed = agree(flags).tolist()  # the one host read (the packing is built from it)
+        out, at = {}, 0
+        for n in names:
+            E = self._experts[n][1]
+            out[n] = tuple(v > 0 for v in summed[at:at + E])
+            at += E
+        self._step_active = out
+
     # ------------------------------------------------------------------ packing
 
-    def _open_step(self) -> None:
-        """At the first bucket of a step: read the masks, their version, and whether this step goes dense."""
+    def _open_step(self, agree: Any = None) -> None:
+        """At the first bucket of a step: read the masks, their version, and whether this step goes dense;
+        with MoE layers, agree (``agree(flags) -> summed flags``, a collective) on the experts with tokens."""
         self._step_open = True
         self._step_version, self._step_masks = contract.gradient_masks(self._model)
         self._step_dense = any(
             bool(getattr(c, "needs_dense_gradient", lambda: False)()) for c in contract.attached(self._model)
         )
+        self._step_active = {}
+        if self._experts and agree is not None:
+            self._agree_experts(agree)
+            idle = tuple(tuple(i for i, a in enumerate(v) if not a) for v in self._step_active.values())
+            self._step_version = (*self._step_version, ("experts", idle))
         if self.engine is not None:
-            if self._step_dense:
+            if self._step_dense and self.config.inactive_density is None:
                 raise ValueError(
                     "MaskedExchange(compression=...) cannot deliver the dense gradient a component needs this "
-                    "step (DynamicSparsity with grad_masking='step' before a RigL update): use grad_masking='hook'"
+                    "step (DynamicSparsity with grad_masking='step' before a RigL update): use grad_masking='hook' "
+                    "or set `inactive_density`"
                 )
             self._carry_state()
 
@@ -282,17 +418,19 @@ class MaskedExchange:
                     table[name] = carry_packed(t, old, new, numel)
         self.engine.load_state_dict(state)
 
-    def packing(self, params: list[torch.Tensor], device: torch.device) -> _Packing:
-        """The packing of a bucket holding ``params`` (in order) for the current masks.
+    def packing(self, params: list[torch.Tensor], device: torch.device, *, inactive: bool = False) -> _Packing:
+        """The packing of a bucket holding ``params`` (in order) for the current masks (and, with MoE
+        layers, the step's experts with tokens); ``inactive``: also the positions outside the masks.
 
         Raises:
             ValueError: a parameter is not in the model, or its mask has another number of elements.
         """
-        key = (tuple(id(p) for p in params), device)
+        key = (tuple(id(p) for p in params), device, inactive)
         found = self._packings.get(key)
         if found is not None and found.version == self._step_version:
             return found
-        parts, offset, masked_any, names, shapes = [], 0, False, [], []
+        parts, outside, segments, offset, restricted, names, shapes = [], [], [], 0, False, [], []
+        density = self.config.inactive_density
         for p in params:
             name = self._names.get(id(p))
             if name is None:
@@ -300,29 +438,133 @@ class MaskedExchange:
             mask = self._step_masks.get(name)
             n = p.numel()
             names.append(name)
-            if mask is None:
+            keep = None
+            if mask is not None:
+                if mask.numel() != n:
+                    raise ValueError(f"the gradient mask of {name!r} has {mask.numel()} elements, the parameter {n}")
+                keep = mask.reshape(-1).to(device)
+                if inactive:
+                    out_Q = (~keep).nonzero().squeeze(1)
+                    if out_Q.numel():
+                        q = sum(int(o.numel()) for o in outside)
+                        k = min(int(out_Q.numel()), max(1, math.ceil(density * out_Q.numel())))
+                        segments.append((q, q + int(out_Q.numel()), k))
+                        outside.append(out_Q.add_(offset))
+            expert = self._expert_params.get(id(p))
+            active = self._step_active.get(expert[0]) if expert is not None else None
+            if active is not None and not all(active):
+                rows = torch.tensor(active, dtype=torch.bool, device=device).repeat_interleave(n // expert[1])
+                keep = rows if keep is None else keep & rows
+            if keep is None:
                 parts.append(torch.arange(offset, offset + n, device=device))
                 shapes.append(tuple(p.shape))
             else:
-                if mask.numel() != n:
-                    raise ValueError(f"the gradient mask of {name!r} has {mask.numel()} elements, the parameter {n}")
-                masked_any = True
-                parts.append(mask.reshape(-1).to(device).nonzero().squeeze(1).add_(offset))
+                restricted = True
+                parts.append(keep.nonzero().squeeze(1).add_(offset))
                 shapes.append((parts[-1].numel(), 1))
             offset += n
-        idx_P = torch.cat(parts) if (masked_any and parts) else None
+        idx_P = torch.cat(parts) if (restricted and parts) else None
+        inactive_Q = torch.cat(outside) if outside else None
         if len(self._packings) > 256:
             self._packings.clear()
         packing = self._packings[key] = _Packing(self._step_version, idx_P, offset,
-                                                 BucketLayout(tuple(names), tuple(shapes)))
+                                                 BucketLayout(tuple(names), tuple(shapes)), inactive_Q,
+                                                 tuple(segments))
         self.rebuilds += 1
         return packing
+
+    # ------------------------------------------------------------------ one bucket (the DDP hook and Horovod)
+
+    def prepare(self, params: list[torch.Tensor], buffer_N: torch.Tensor, world: int, *,
+                agree: Any = None) -> BucketMessage:
+        """This rank's message for one bucket (the first bucket of a step opens the step).
+
+        The one implementation of the exchange, driven by :func:`masked_hook` (DDP) and by
+        :func:`sparsetrain.compression.horovod.DistributedOptimizer` (``masked=``): exchange every
+        ``(collective, tensor)`` of ``message.parts``, then call :meth:`finish`; once every bucket of
+        the step is prepared, :meth:`end_step`.
+
+        Args:
+            params: the bucket's parameters, in the order of ``buffer_N``.
+            buffer_N: their flat local gradient (read; a dense bucket is sent in place).
+            world: W, the number of ranks exchanging.
+            agree: ``agree(flags_F) -> flags_F`` summed over the ranks (a blocking all-reduce), for the
+                agreement on the MoE experts with tokens; None: no expert is skipped this step.
+        """
+        if not self._step_open:
+            self._open_step(agree)
+        nbytes = buffer_N.element_size()
+        self._add(dense_payload_bytes=float(nbytes * buffer_N.numel()))
+        split = self._step_dense and self.config.inactive_density is not None
+        if self._step_dense and not split:
+            self._add(payload_bytes=float(nbytes * buffer_N.numel()))
+            return BucketMessage([("mean", buffer_N)], buffer_N, world=world)
+        packing = self.packing(params, buffer_N.device, inactive=split)
+        parts: list[tuple[str, torch.Tensor]] = []
+        message = BucketMessage(parts, buffer_N, packing, world=world)
+        idx_P = packing.idx_P
+        if self.engine is not None:
+            packed_P = buffer_N if idx_P is None else buffer_N.index_select(0, idx_P).float()
+            message.engine_message = sent = self.engine.compress(packed_P, packing.layout, world)
+            send = sent.send
+            parts.append(("gather" if sent.collective == "all_gather" else "sum", send))
+            self._add(payload_bytes=float(send.numel() * send.element_size()))
+        else:
+            packed_P = buffer_N if idx_P is None else buffer_N.index_select(0, idx_P)
+            parts.append(("mean", packed_P))
+            self._add(payload_bytes=float(nbytes * packed_P.numel()))
+        if split and packing.inactive_Q is not None:
+            parts.append(("gather", self._inactive_topk(buffer_N, packing)))
+            self._add(payload_bytes=float(8 * packing.n_topk), inactive_sent=float(packing.n_topk),
+                      inactive=float(packing.inactive_Q.numel()))
+        return message
+
+    @staticmethod
+    def _inactive_topk(buffer_N: torch.Tensor, packing: _Packing) -> torch.Tensor:
+        """Per masked weight, the ``k`` largest ``|g|`` outside its mask: ``[values_K, positions_K]``
+        (float32; the int32 positions reinterpreted as float32 bits, so one all-gather carries both)."""
+        out_Q = packing.inactive_Q
+        vals_Q = buffer_N.index_select(0, out_Q)
+        picked = [topk_indices(vals_Q[a:b], k).add_(a) for a, b, k in packing.segments]
+        pos_K = out_Q.index_select(0, torch.cat(picked))
+        vals_K = buffer_N.index_select(0, pos_K).float()
+        return torch.cat([vals_K, pos_K.to(torch.int32).view(torch.float32)])
+
+    def finish(self, message: BucketMessage, received: list[torch.Tensor]) -> torch.Tensor:
+        """Write the averaged gradient of one bucket into its buffer and return the buffer.
+
+        Args:
+            message: what :meth:`prepare` returned.
+            received: per entry of ``message.parts``, what the collective returned (the all-reduced
+                tensor; for ``"gather"`` the W tensors one after another).
+        """
+        buffer_N, packing, world = message.buffer, message.packing, message.world
+        if self.engine is not None and message.engine_message is not None:
+            result_P = self.engine.decompress(message.engine_message, received[0])
+        else:
+            result_P = received[0]
+        idx_P = None if packing is None else packing.idx_P
+        if idx_P is None:
+            if result_P is not buffer_N:
+                buffer_N.copy_(result_P.reshape(-1))
+        else:
+            buffer_N.zero_()
+            buffer_N.index_copy_(0, idx_P, result_P.reshape(-1).to(buffer_N.dtype))
+        if len(received) > 1:  # the inactive part's top-k of every rank: sum / W
+            K = packing.n_topk
+            got_W2K = received[1].reshape(world, 2 * K)
+            vals_WK = got_W2K[:, :K]
+            pos_WK = got_W2K[:, K:].contiguous().view(torch.int32).long()
+            for r in range(world):
+                buffer_N.index_add_(0, pos_WK[r], (vals_WK[r] / world).to(buffer_N.dtype))
+        return buffer_N
 
     def _add(self, **values: float) -> None:
         for k, v in values.items():
             self._acc[k] = self._acc.get(k, 0.0) + v
 
-    def _end_step(self) -> None:
+    def end_step(self) -> None:
+        """Every bucket of the step was prepared: close the step's statistics (and the engine's step)."""
         if self.engine is not None:
             self.engine.end_step()
         acc = self._acc
@@ -334,6 +576,9 @@ class MaskedExchange:
             "packed_fraction": acc.get("payload_bytes", 0.0) / dense if dense else 1.0,
             "mask_version": float(sum(versions)),
             "dense_step": 1.0 if self._step_dense else 0.0,
+            "inactive_sent_fraction": (acc.get("inactive_sent", 0.0) / acc["inactive"]) if acc.get("inactive")
+            else 0.0,
+            "idle_experts": float(sum(not a for v in self._step_active.values() for a in v)),
         }
         for k in ("payload_bytes", "dense_payload_bytes"):
             self.totals[k] = self.totals.get(k, 0.0) + self.last_stats[k]
@@ -358,11 +603,14 @@ class MaskedExchange:
             ``exchange/dense_payload_bytes`` (the same for the dense fp32 all-reduce),
             ``exchange/packed_fraction`` (their ratio), ``exchange/mask_version`` (the sum of the
             gradient-masking components' mask versions), ``exchange/dense_step`` (1.0 when the step
-            went dense), ``exchange/rebuilds`` (packings built), and ``exchange/total_...`` sums of
-            the bytes, ``steps`` and ``dense_steps``.
+            went dense), ``exchange/inactive_sent_fraction`` (on a dense step with ``inactive_density``:
+            the share of the entries outside the masks this rank sent), ``exchange/idle_experts`` (MoE
+            experts skipped: no token on any rank), ``exchange/rebuilds`` (packings built), and
+            ``exchange/total_...`` sums of the bytes, ``steps`` and ``dense_steps``.
         """
         out = {f"exchange/{k}": float(self.last_stats.get(k, 0.0)) for k in
-               ("payload_bytes", "dense_payload_bytes", "packed_fraction", "mask_version", "dense_step")}
+               ("payload_bytes", "dense_payload_bytes", "packed_fraction", "mask_version", "dense_step",
+                "inactive_sent_fraction", "idle_experts")}
         if not self.last_stats:
             out["exchange/packed_fraction"] = 1.0
         out["exchange/rebuilds"] = float(self.rebuilds)
@@ -424,6 +672,7 @@ class MaskedExchange:
             raise ValueError(f"`state['optimizer_steps']` must be an int >= 0, got {steps!r}")
         if not isinstance(totals, dict) or not all(isinstance(v, (int, float)) for v in totals.values()):
             raise ValueError(f"`state['totals']` must be a dict of numbers, got {totals!r}")
+        contract.check_config(state.get("config"), self.config, _MATH_FIELDS, "MaskedExchange")
         comp = state.get("compression")
         if (comp is None) != (self.engine is None):
             raise ValueError("`state` was saved " + ("with" if comp is not None else "without") + " `compression`, "
@@ -462,15 +711,17 @@ class MaskedExchange:
         self._packings, self._step_open, self._step_version, self._step_masks = {}, False, (), {}
         self._step_dense, self._acc, self._removed, self.rebuilds = False, {}, True, 0
         self.last_stats, self.totals, self._optimizer_steps, self._handles = {}, {}, 0, []
+        self._experts, self._expert_params, self._seen_E, self._step_active = {}, {}, {}, {}
         self.load_state_dict(state)
 
 
 def masked_hook(state: MaskedExchange, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
     """DDP communication hook of the sparsity-aware exchange (see :mod:`sparsetrain.compression.masked`).
 
-    A bucket with no masked parameter, and every bucket of a step that needs dense gradients, is
-    exactly torch's ``allreduce_hook``; otherwise ``buffer[idx] / W`` is all-reduced and scattered
-    back into a zeroed buffer.
+    A bucket with no masked parameter, and every bucket of a step that needs dense gradients
+    (without ``inactive_density``), is exactly torch's ``allreduce_hook``; otherwise ``buffer[idx] / W``
+    is all-reduced and scattered back into a zeroed buffer (:meth:`MaskedExchange.prepare` /
+    :meth:`MaskedExchange.finish`).
 
     Args:
         state: the :class:`MaskedExchange`.
@@ -482,67 +733,32 @@ def masked_hook(state: MaskedExchange, bucket: dist.GradBucket) -> torch.futures
     group = state.process_group
     if state.removed:
         return default_hooks.allreduce_hook(group, bucket)
-    if not state._step_open:
-        state._open_step()
     world = dist.get_world_size(group)
-    buffer_N = bucket.buffer()
-    nbytes = buffer_N.element_size()
-    packing = None if state._step_dense else state.packing(list(bucket.parameters()), buffer_N.device)
-    state._add(dense_payload_bytes=float(nbytes * buffer_N.numel()))
-    if packing is not None and state.engine is not None:
-        return _compressed(state, bucket, buffer_N, packing, world)
-    if packing is None or packing.idx_P is None:
-        state._add(payload_bytes=float(nbytes * buffer_N.numel()))
-        if bucket.is_last():
-            state._end_step()
-        buffer_N.div_(world)
-        fut = dist.all_reduce(buffer_N, group=group, async_op=True).get_future()
-        return fut.then(lambda f: f.value()[0])
-    idx_P = packing.idx_P
-    packed_P = buffer_N.index_select(0, idx_P).div_(world)
-    state._add(payload_bytes=float(nbytes * packed_P.numel()))
+    message = state.prepare(list(bucket.parameters()), bucket.buffer(), world, agree=_dist_agree(group))
     if bucket.is_last():
-        state._end_step()
-    fut = dist.all_reduce(packed_P, group=group, async_op=True).get_future()
+        state.end_step()
+    futures, received = [], []
+    for op, t in message.parts:
+        if op == "gather":
+            out = torch.empty(world * t.numel(), dtype=t.dtype, device=t.device)
+            gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+            futures.append(gather(out, t, group=group, async_op=True).get_future())
+        else:
+            if op == "mean":
+                t.div_(world)
+            out = t
+            futures.append(dist.all_reduce(t, group=group, async_op=True).get_future())
+        received.append(out)
+    fut = futures[0] if len(futures) == 1 else torch.futures.collect_all(futures)
+    return fut.then(lambda _: state.finish(message, received))
 
-    def finish(_: torch.futures.Future) -> torch.Tensor:
-        buffer_N.zero_()
-        buffer_N.index_copy_(0, idx_P, packed_P)
-        return buffer_N
 
-    return fut.then(finish)
+def _dist_agree(group: Any):
+    def agree(flags: torch.Tensor) -> torch.Tensor:
+        dist.all_reduce(flags, group=group)
+        return flags
 
-
-def _compressed(state: MaskedExchange, bucket: dist.GradBucket, buffer_N: torch.Tensor, packing: _Packing,
-                world: int) -> torch.futures.Future[torch.Tensor]:
-    """The packed vector (the whole bucket when nothing in it is masked) through the DGC engine, as
-    :func:`~sparsetrain.compression.dgc_hook` sends a bucket."""
-    engine, group, idx_P = state.engine, state.process_group, packing.idx_P
-    packed_P = buffer_N if idx_P is None else buffer_N.index_select(0, idx_P).float()
-    message = engine.compress(packed_P, packing.layout, world)
-    send = message.send
-    state._add(payload_bytes=float(send.numel() * send.element_size()))
-    if message.collective == "all_gather":
-        out = torch.empty(world * send.numel(), dtype=torch.uint8, device=send.device)
-        gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
-        fut = gather(out, send, group=group, async_op=True).get_future()
-    else:
-        out = send
-        fut = dist.all_reduce(send, group=group, async_op=True).get_future()
-    if bucket.is_last():
-        state._end_step()
-
-    def finish(_: torch.futures.Future) -> torch.Tensor:
-        result_P = engine.decompress(message, out)
-        if idx_P is None:
-            if result_P is not buffer_N:
-                buffer_N.copy_(result_P)
-            return buffer_N
-        buffer_N.zero_()
-        buffer_N.index_copy_(0, idx_P, result_P.to(buffer_N.dtype))
-        return buffer_N
-
-    return fut.then(finish)
+    return agree
 
 
 # DDP checks the hook's annotations as objects; this module's are strings (PEP 563).

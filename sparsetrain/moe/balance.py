@@ -46,7 +46,8 @@ class MoEBalancerConfig:
 
 
 _MATH_FIELDS = ("update_every",)
-_ROUTING_KEYS = ("load", "dropped", "assignments", "tokens_dropped", "entropy", "aux_loss", "z_loss")
+_ROUTING_KEYS = ("load", "dropped", "assignments", "tokens_dropped", "entropy", "aux_loss", "z_loss", "tokens")
+_PER_EXPERT = ("load", "tokens")
 
 
 def _bits(t: torch.Tensor) -> torch.Tensor:
@@ -175,12 +176,13 @@ class MoEBalancer:
             raise ValueError(f"MoEBalancer state: `last_routing` must name the layers {sorted(self.layers)}, got {got}")
         for name, figures in routing.items():
             E = self.layers[name].num_experts
-            if not isinstance(figures, dict) or (figures and set(figures) != set(_ROUTING_KEYS)):
+            if not isinstance(figures, dict) or not set(figures) <= set(_ROUTING_KEYS) \
+                    or (figures and not set(_ROUTING_KEYS[:-1]) <= set(figures)):
                 raise ValueError(f"MoEBalancer state: `last_routing` of {name!r} must be empty or hold "
                                  f"{', '.join(_ROUTING_KEYS)}")
             for k, t in figures.items():
-                shape = (E,) if k == "load" else ()
-                if not isinstance(t, torch.Tensor) or tuple(t.shape) != shape or not torch.isfinite(t).all():
+                shape = (E,) if k in _PER_EXPERT else ()
+                if not isinstance(t, torch.Tensor) or tuple(t.shape) != shape or not torch.isfinite(t.float()).all():
                     raise ValueError(f"MoEBalancer state: `last_routing` {name!r} {k!r} must be a finite tensor of "
                                      f"shape {shape}, got {getattr(t, 'shape', type(t).__name__)}")
         for key, attr in (("selection_bias", "selection_bias_E"), ("pending_load", "pending_load_E")):

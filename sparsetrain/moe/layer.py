@@ -134,6 +134,7 @@ class MoE(nn.Module):
                 "entropy": entropy.float(),
                 "aux_loss": r.aux_loss.detach().float(),
                 "z_loss": r.z_loss.detach().float(),
+                "tokens": torch.diff(offs_E, prepend=offs_E.new_zeros(1)),
             }
         return y_TD.view(shape)
 
@@ -168,6 +169,12 @@ class MoE(nn.Module):
                         and t.shape[1:] == p.shape[1:]:
                     state_dict[key] = t[ids.start:ids.stop]
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    @property
+    def tokens_per_expert(self) -> torch.Tensor | None:
+        """Assignments of this rank's tokens that the last forward sent to each of the E experts after
+        capacity (int32 ``[E]``, on the device, no host sync; None before the first forward). Read only."""
+        return self._stats.get("tokens")
 
     def local_expert_ids(self) -> range:
         """The global ids of the experts this rank holds (all of them without expert parallelism)."""

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import json
+from dataclasses import asdict
 from pathlib import Path
 
 import pytest
 
 from sparsetrain.components import RecipeError, build_component, register_component
-from sparsetrain.recipe import apply_overrides, load_recipe, parse_recipe
+from sparsetrain.recipe import apply_overrides, load_recipe, parse_recipe, recipe_from_record
 
 RECIPES = sorted((Path(__file__).parents[2] / "recipes").glob("*.yaml"))
 
@@ -125,3 +127,25 @@ def test_load_recipe_uses_safe_load(tmp_path):
         load_recipe(evil)
     with pytest.raises(ValueError, match="`recipe` must be an existing YAML file"):
         load_recipe(tmp_path / "missing.yaml")
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.name)
+def test_a_recorded_recipe_parses_back_to_the_same_recipe(path):
+    # what a run's summary.json (and a 2:4 export's config.json) records: every field, None included
+    recipe = load_recipe(path)
+    record = json.loads(json.dumps(asdict(recipe)))
+    assert recipe_from_record(record) == recipe
+
+
+def test_a_recorded_user_class_recipe_parses_back():
+    recipe = parse_recipe(_base(model={"class_path": "torch.nn.Linear", "init_args": {"in_features": 4,
+                                                                                     "out_features": 2}}),
+                          check_components=False)
+    assert recipe_from_record(json.loads(json.dumps(asdict(recipe)))) == recipe
+
+
+def test_recipe_from_record_refuses_what_is_no_record():
+    with pytest.raises(RecipeError, match="recorded recipe: expected a mapping, got list"):
+        recipe_from_record([1])
+    with pytest.raises(RecipeError, match="version"):
+        recipe_from_record({"name": "x"})
