@@ -59,8 +59,24 @@ def build(experts, k, seed, args):
     if experts:
         hidden = cfg.mlp_ratio * cfg.d_model // k
         for block in model.blocks:
-            block.mlp = MoE(cfg.d_model, hidden, experts, k, activation="gelu", bias=True)
+            block.mlp = MoE(cfg.d_model, hidden, experts, k, activation="gelu", bias=True,
+                            aux_loss_coef=args.aux_coef, z_loss_coef=args.z_coef,
+                            capacity_factor=args.capacity_factor, dropless=args.dropless)
+            if args.expert_init == "gpt":
+                _gpt_init(block.mlp, cfg.n_layer)
     return model
+
+
+@torch.no_grad()
+def _gpt_init(layer, n_layer):
+    """The dense GPT's own init for every expert: fc_in N(0, 0.02), fc_out N(0, 0.02/sqrt(2L)), zero biases
+    (the layer's default is nn.Linear's uniform +-1/sqrt(fan_in), several times larger at these widths)."""
+    ex = layer.experts
+    torch.nn.init.normal_(ex.w1_EFD, std=0.02)
+    torch.nn.init.normal_(ex.w2_EDF, std=0.02 / math.sqrt(2 * n_layer))
+    for b in (ex.b1_EF, ex.b2_ED):
+        if b is not None:
+            b.zero_()
 
 
 def active_params(model):
@@ -114,6 +130,12 @@ def main(argv=None):
     ap.add_argument("--byte-budget", type=int, default=2_000_000)
     ap.add_argument("--configs", nargs="+", default=["dense", "4x1", "4x2", "8x1", "8x2"],
                     help="'dense' or EXPERTSxK")
+    ap.add_argument("--aux-coef", type=float, default=1e-2, help="load-balancing loss coefficient")
+    ap.add_argument("--z-coef", type=float, default=1e-3, help="router z-loss coefficient")
+    ap.add_argument("--capacity-factor", type=float, default=1.25)
+    ap.add_argument("--dropless", action="store_true")
+    ap.add_argument("--expert-init", choices=["linear", "gpt"], default="linear",
+                    help="experts initialised like nn.Linear (the layer's default) or like the dense GPT's MLP")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     ap.add_argument("--smoke", action="store_true", help="a few steps of a tiny model, one seed")
     args = ap.parse_args(argv)
@@ -130,7 +152,9 @@ def main(argv=None):
         print(f"{name}: " + ", ".join(f"seed {s} val {r['val']:.4f} ({r['seconds']:.0f}s)"
                                        for s, r in zip(args.seeds, rows[name])), flush=True)
     print(f"\n{args.steps} steps, batch {args.batch_size} x {args.block_size} tokens, d_model {args.d_model}, "
-          f"{args.n_layer} layers, seeds {args.seeds}, device {args.device}")
+          f"{args.n_layer} layers, lr {args.lr}, seeds {args.seeds}, device {args.device}; aux {args.aux_coef}, "
+          f"z {args.z_coef}, capacity {'dropless' if args.dropless else args.capacity_factor}, "
+          f"expert init {args.expert_init}")
     print("| config | active params | total params | val loss (mean +- std) | vs dense, same seed | drop rate |")
     print("|---|---|---|---|---|---|")
     dense = rows.get("dense")

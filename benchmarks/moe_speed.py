@@ -1,5 +1,5 @@
-"""Speed of one MoE layer, forward + backward: ours vs a plain loop over experts vs torchtitan's algorithm
-(vs DeepSpeed's MoE when it can be imported).
+"""Speed of one MoE layer, forward + backward: ours vs DeepSpeed's MoE vs torchtitan's algorithm vs a
+plain loop over experts.
 
 Every variant uses the same router weights and expert weights (SwiGLU, no bias) and the same tokens,
 dropless (DeepSpeed: its own gate with capacity factor 1.25, so its routing differs). Timed: the
@@ -8,6 +8,12 @@ memory: ``max_memory_allocated`` above the weights and inputs.
 
 - ``ours``: :class:`sparsetrain.moe.MoE` (sorted dispatch, ``torch._grouped_mm`` in bf16 on sm90).
 - ``loop``: for each expert, ``nonzero`` of its tokens, its MLP, ``index_add_`` into the output.
+- ``deepspeed``: DeepSpeed 0.19.8's ``deepspeed.moe.layer.MoE`` (its ``TopKGate``, capacity factor 1.25,
+  einsum dispatch, a Python loop over its experts), on the same router and expert weights, when
+  ``deepspeed`` imports (``--deepspeed on`` insists; offline, install it from a directory of wheels:
+  ``python3 -m pip install --no-index --find-links DIR deepspeed==0.19.8``, DeepSpeed's own wheel built
+  with ``pip wheel --no-deps --no-build-isolation``). It runs in a process group of one rank
+  (``deepspeed.init_distributed``, NCCL on a GPU, gloo on the CPU).
 - ``titan``: torchtitan 0.3.0's ``models/common/moe`` if importable, else ``titan-copy``: a copy of its
   algorithm written here (argsort of the flat expert ids, gather, ``torch._grouped_mm`` with the
   cumulative counts as offsets, scores multiplied in, ``scatter_add_`` back), said so in the output.
@@ -22,6 +28,8 @@ memory <= torchtitan's.
 from __future__ import annotations
 
 import argparse
+import os
+import socket
 import statistics
 import sys
 import time
@@ -85,6 +93,54 @@ def titan_copy_forward(layer: MoE, x_TD: torch.Tensor) -> torch.Tensor:
     return out.scatter_add(0, token[:, None].expand(-1, x_TD.shape[1]), ys)
 
 
+class _SwiGLUExpert(torch.nn.Module):
+    """One expert as DeepSpeed takes it (it deep-copies it E times)."""
+
+    def __init__(self, d, f):
+        super().__init__()
+        self.w1 = torch.nn.Linear(d, f, bias=False)
+        self.w3 = torch.nn.Linear(d, f, bias=False)
+        self.w2 = torch.nn.Linear(f, d, bias=False)
+
+    def forward(self, x):
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+def _init_one_rank_group(device):
+    import deepspeed
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        return
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    for key, value in (("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", str(port)), ("RANK", "0"),
+                       ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_WORLD_SIZE", "1")):
+        os.environ.setdefault(key, value)
+    deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo")
+
+
+def deepspeed_layer(layer: MoE, device, dtype):
+    """DeepSpeed's MoE with ``layer``'s router and expert weights (capacity factor 1.25, its own gate)."""
+    from deepspeed.moe.layer import MoE as DeepSpeedMoE
+
+    _init_one_rank_group(device)
+    ex = layer.experts
+    d, f, E, k = layer.d_model, ex.d_hidden, layer.num_experts, layer.k
+    ds = DeepSpeedMoE(hidden_size=d, expert=_SwiGLUExpert(d, f), num_experts=E, ep_size=1, k=k,
+                      capacity_factor=1.25, eval_capacity_factor=1.25, min_capacity=4, drop_tokens=True)
+    with torch.no_grad():
+        ds.deepspeed_moe.gate.wg.weight.copy_(layer.router.weight_ED.float())
+        for e, expert in enumerate(ds.deepspeed_moe.experts.deepspeed_experts):
+            expert.w1.weight.copy_(ex.w1_EFD[e].float())
+            expert.w3.weight.copy_(ex.w3_EFD[e].float())
+            expert.w2.weight.copy_(ex.w2_EDF[e].float())
+    ds = ds.to(device=device, dtype=dtype)
+    ds.deepspeed_moe.gate.wg.float()  # DeepSpeed's gate runs in fp32
+    return lambda x: ds(x)[0]
+
+
 def _time(fn, x, reps, warmup, device):
     for _ in range(warmup):
         fn(x).float().sum().backward()
@@ -116,6 +172,8 @@ def main(argv=None):
     ap.add_argument("--reps", type=int, default=10)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--smoke", action="store_true", help="CPU, a tiny shape, fp32, 2 reps")
+    ap.add_argument("--deepspeed", choices=["auto", "on", "off"], default="auto",
+                    help="time DeepSpeed's MoE: when it imports (auto), always (on: fail if it does not), never")
     args = ap.parse_args(argv)
     device = torch.device(args.device)
     shapes = SMOKE if args.smoke else {s: SHAPES[s] for s in args.shapes}
@@ -128,9 +186,21 @@ def main(argv=None):
         titan_note = "torchtitan imports, but this script times titan-copy (same weights and routing)"
     except Exception as err:  # noqa: BLE001
         titan_note = f"torchtitan not importable ({type(err).__name__}); titan-copy is a copy of its algorithm"
+    ds_note = "DeepSpeed off"
+    if args.deepspeed != "off":
+        try:
+            import deepspeed
+            import deepspeed.moe.layer  # noqa: F401
+
+            ds_note = f"DeepSpeed {deepspeed.__version__} (capacity factor 1.25, its own gate)"
+        except Exception as err:  # noqa: BLE001
+            if args.deepspeed == "on":
+                raise
+            ds_note = f"DeepSpeed not importable ({type(err).__name__}: {err})"
+            args.deepspeed = "off"
     print(f"device {device} ({torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'}), "
-          f"torch {torch.__version__}, {dtype}; {titan_note}; DeepSpeed not run by this script")
-    print("| shape | E, k, d, F, tokens | variant | ms (median) | vs ours | peak MiB |")
+          f"torch {torch.__version__}, {dtype}; {titan_note}; {ds_note}")
+    print("| shape | E, k, d, F, tokens | variant | ms (median) | time vs ours | peak MiB |")
     print("|---|---|---|---|---|---|")
     for name, s in shapes.items():
         torch.manual_seed(0)
@@ -143,8 +213,11 @@ def main(argv=None):
                 err = (f(layer, x).float() - ref).abs().max().item() / ref.abs().max().item()
                 assert err < (2e-2 if dtype == torch.bfloat16 else 1e-4), (f.__name__, err)
         results = {}
-        for vname, fn in (("ours", layer), ("titan-copy", lambda t, m=layer: titan_copy_forward(m, t)),
-                          ("loop", lambda t, m=layer: loop_forward(m, t))):
+        variants = [("ours", layer), ("titan-copy", lambda t, m=layer: titan_copy_forward(m, t)),
+                    ("loop", lambda t, m=layer: loop_forward(m, t))]
+        if args.deepspeed != "off":
+            variants.insert(1, ("deepspeed", deepspeed_layer(layer, device, dtype)))
+        for vname, fn in variants:
             results[vname] = _time(fn, x, args.reps, args.warmup, device)
             layer.zero_grad(set_to_none=True)
             x.grad = None
@@ -152,6 +225,11 @@ def main(argv=None):
         for vname, (ms, peak) in results.items():
             print(f"| {name} | {s['E']}, {s['k']}, {s['d']}, {s['F']}, {s['T']} | {vname} | {ms:.2f} | "
                   f"{ms / ours:.2f}x | {peak:.0f} |")
+    import torch.distributed as dist
+
+    if dist.is_initialized():  # DeepSpeed's group: end it cleanly (an open group can abort at exit)
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -22,12 +22,15 @@ class MoEMonitor(ComponentCallback):
     every ``log_every_n_steps``, per layer ``moe/<layer>/load_e<i>`` (expert load before capacity),
     ``imbalance`` (max/mean load), ``drop_rate``, ``token_drop_rate``, ``aux_loss``, ``z_loss`` and
     ``entropy`` (router entropy), and over all layers ``moe/aux_loss``, ``moe/z_loss``, ``moe/drop_rate``,
-    ``moe/imbalance``, ``moe/bias_range``. The figures are those of the step's last micro-batch.
+    ``moe/imbalance``, ``moe/bias_range``. The figures are those of the step's last micro-batch. The
+    run's ``report.png`` draws the expert loads over time.
 
     The router losses reach the training loss only if the LightningModule adds them: ``loss = lm_loss +
     sparsetrain.moe.moe_losses(self)`` (docs/moe.md).
 
     Args:
+        update_every: move the selection biases every this many optimizer steps (the loads counted over
+            those steps; 1, DeepSeek-V3's choice, by default).
         verify_every: check that the selection biases agree on every rank every this many optimizer
             steps (0: never).
         log_stats: log the statistics.

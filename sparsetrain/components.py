@@ -38,6 +38,7 @@ _REGISTRY: dict[str, str] = {
     "nm_sparsity": "sparsetrain.callbacks.nm_sparsity:NMSparsity",
     "dynamic_sparsity": "sparsetrain.callbacks.dynamic_sparsity:DynamicSparsity",
     "gradient_compression": "sparsetrain.callbacks.compression:GradientCompression",
+    "moe_monitor": "sparsetrain.callbacks.moe:MoEMonitor",
 }
 
 

@@ -413,6 +413,14 @@ def recipe_from_record(record: Any) -> Recipe:
                 user = value.get("class_path") is not None
                 value = {k: v for k, v in value.items() if (k in _USER_KEYS[key]) == user}
         data[key] = value
+    model = data.get("model")
+    if isinstance(model, dict) and isinstance(model.get("class_path"), str):
+        import lightning.pytorch as pl
+
+        if issubclass(import_class(model["class_path"], "model.class_path"), pl.LightningModule):
+            # a LightningModule brings its own optimizer and loss: the recorded defaults are no choice
+            data.pop("optimizer", None)
+            model.pop("loss", None)
     return parse_recipe(data, check_components=False)
 
 

@@ -2,7 +2,9 @@
 
 The loss (training and validation) and a summary table come first; every other logged
 metric that changes gets a small panel of its own, so a component's figures (sparsity,
-compression ratio, mask flips, ...) appear without the report knowing about it.
+compression ratio, mask flips, ...) appear without the report knowing about it. Runs with
+mixture-of-experts layers (``MoEMonitor``'s ``moe/<layer>/load_e<i>``) get a row with each
+layer's expert load over time.
 """
 
 from __future__ import annotations
@@ -10,10 +12,11 @@ from __future__ import annotations
 import csv
 import json
 import math
+import re
 from collections import defaultdict
 from pathlib import Path
 
-__all__ = ["load_summary", "read_metrics", "summary_table", "write_report"]
+__all__ = ["expert_loads", "load_summary", "read_metrics", "summary_table", "write_report"]
 
 _SKIP = {"step", "epoch", "train_loss", "val_loss"}
 
@@ -36,6 +39,20 @@ def read_metrics(path: str | Path) -> dict[str, list[tuple[int, float]]]:
     return dict(series)
 
 
+_LOAD = re.compile(r"moe/(.+)/load_e(\d+)")
+
+
+def expert_loads(series: dict[str, list[tuple[int, float]]]) -> dict[str, list[list[tuple[int, float]]]]:
+    """MoEMonitor's expert loads: ``{layer: [series of expert 0, series of expert 1, ...]}``, each series
+    ``[(step, fraction of the layer's assignments), ...]`` (layers in name order; {} when none logged)."""
+    found: dict[str, dict[int, list[tuple[int, float]]]] = defaultdict(dict)
+    for key, values in series.items():
+        m = _LOAD.fullmatch(key)
+        if m:
+            found[m.group(1)][int(m.group(2))] = values
+    return {layer: [per[e] for e in sorted(per)] for layer, per in sorted(found.items())}
+
+
 _PREFERRED = ("sparsity", "density", "ratio", "flip", "bytes", "regrown", "itop", "drop")
 
 
@@ -43,7 +60,7 @@ def _panels(series: dict[str, list[tuple[int, float]]], limit: int) -> list[str]
     """Metrics to draw, one panel each: those that change, preferred names first."""
     keys = [
         k for k in sorted(series)
-        if k not in _SKIP and not k.startswith("lr-") and len({v for _, v in series[k]}) > 1
+        if k not in _SKIP and not k.startswith("lr-") and not _LOAD.fullmatch(k) and len({v for _, v in series[k]}) > 1
     ]
     rank = {k: next((i for i, word in enumerate(_PREFERRED) if word in k), len(_PREFERRED)) for k in keys}
     return sorted(keys, key=lambda k: (rank[k], k))[:limit]
@@ -76,8 +93,9 @@ def write_report(run_dir: str | Path, out: str | Path | None = None, max_panels:
     The top row holds the loss curves and the summary table; below it, one small panel per
     logged metric that changed during the run (component metrics such as sparsity,
     compression ratio or mask flips), at most ``max_panels``; for runs with masks (dynamic
-    sparsity, N:M), a last row with each layer's achieved sparsity (``summary.json``'s
-    ``layer_sparsity``).
+    sparsity, N:M), a row with each layer's achieved sparsity (``summary.json``'s
+    ``layer_sparsity``); for runs with MoE layers, a last row with the expert load over time
+    (one panel per layer, at most three: each expert's share of the assignments, stacked).
 
     Raises:
         ValueError: ``run_dir`` is not a directory, has no ``metrics.csv``, or a bad ``summary.json``.
@@ -96,7 +114,8 @@ def write_report(run_dir: str | Path, out: str | Path | None = None, max_panels:
     keys = _panels(series, max_panels)
     layers = {f"{comp}: {name}": v for comp, per in (summary.get("layer_sparsity") or {}).items()
               for name, v in per.items() if isinstance(v, (int, float))}
-    rows = 1 + math.ceil(len(keys) / 3) + (1 if layers else 0)
+    loads = expert_loads(series)
+    rows = 1 + math.ceil(len(keys) / 3) + (1 if layers else 0) + (1 if loads else 0)
     fig = plt.figure(figsize=(13, 3.4 * rows + 0.6))
     grid = fig.add_gridspec(rows, 3)
 
@@ -124,7 +143,7 @@ def write_report(run_dir: str | Path, out: str | Path | None = None, max_panels:
         if min(values) > 0 and max(values) / min(values) > 100:
             ax.set_yscale("log")
     if layers:
-        ax = fig.add_subplot(grid[rows - 1, :])
+        ax = fig.add_subplot(grid[rows - 1 - (1 if loads else 0), :])
         names = list(layers)
         ax.barh(range(len(names)), [layers[n] for n in names])
         ax.set_yticks(range(len(names)), names, fontsize=max(4, 9 - len(names) // 8))
@@ -133,6 +152,20 @@ def write_report(run_dir: str | Path, out: str | Path | None = None, max_panels:
         ax.set_xlabel("achieved sparsity (share of zeros in the mask)")
         ax.set_title("per-layer sparsity at the end", fontsize=9)
         ax.grid(alpha=0.3, axis="x")
+    shown = list(loads)[:3]
+    for i, layer in enumerate(shown):
+        ax = fig.add_subplot(grid[rows - 1, i] if len(shown) > 1 else grid[rows - 1, :])
+        per = loads[layer]
+        steps = sorted({s for e in per for s, _ in e})
+        stacks = [[dict(e).get(s, float("nan")) for s in steps] for e in per]
+        ax.stackplot(steps, stacks, labels=[f"e{i}" for i in range(len(per))])
+        ax.axhline(1.0, color="k", lw=0.5)
+        ax.set_ylim(0, 1.05)
+        ax.set_title(f"expert load, {layer}", fontsize=9)
+        ax.set_xlabel("step")
+        ax.set_ylabel("share of assignments", fontsize=8)
+        if len(per) <= 16:
+            ax.legend(fontsize=6, ncol=max(1, len(per) // 4), loc="lower right")
     fig.suptitle(f"sparsetrain run: {summary.get('recipe', run_dir.name)}")
     fig.tight_layout()
     out = Path(out) if out else run_dir / "report.png"

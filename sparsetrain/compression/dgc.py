@@ -10,6 +10,7 @@ all-gather (sparse) or all-reduce (dense), and decompressed into the averaged gr
 
 from __future__ import annotations
 
+import math
 import warnings
 import zlib
 from collections.abc import Iterable
@@ -293,7 +294,7 @@ class DGCState:
         if model is not None:
             contract.attach(model, self)
         self._names = {id(p): name for name, p in named}
-        self._sizes = {name: p.numel() for name, p in named}
+        self._sizes = {key: size for name, p in named for key, size in _slices(name, p)}
         self._bound = True
         self._model = model
         self._layouts.clear()
@@ -332,8 +333,8 @@ class DGCState:
         if layout is None:
             if len(self._layouts) > 256:
                 self._layouts.clear()
-            layout = self._layouts[key] = BucketLayout(tuple(self._key(p) for p in params),
-                                                       tuple(tuple(p.shape) for p in params))
+            pieces = [(k, shape) for p in params for k, shape in _slice_shapes(self._key(p), p)]
+            layout = self._layouts[key] = BucketLayout(tuple(k for k, _ in pieces), tuple(s for _, s in pieces))
         return layout
 
     def _key(self, p: torch.Tensor) -> str:
@@ -542,6 +543,26 @@ class DGCState:
         self.engine.load_state_dict(state)
         self.engine.last_stats = dict(state.get("last_stats", {}))
         self._optimizer_steps, self._removed = 0, False
+
+
+# ---------------------------------------------------------------------- stacked (expert) parameters
+
+#: A parameter whose first dimension stacks independent weights (the ``[E, ...]`` weights of MoE experts,
+#: :class:`sparsetrain.moe.GroupedExperts`) carries this attribute set to True: the compression then treats
+#: each slice ``p[e]`` as a tensor of its own (its own top-k, residual and momentum, keyed ``"<name>.<e>"``),
+#: as it would the weights of E separate layers, so no expert's gradient crowds out another's.
+STACKED_ATTR = "_sparsetrain_stacked"
+
+
+def _slice_shapes(name: str, p: torch.Tensor) -> list[tuple[str, tuple[int, ...]]]:
+    """``[(key, shape)]``: the parameter itself, or each slice of a stacked one, in memory order."""
+    if getattr(p, STACKED_ATTR, False) and p.dim() >= 2:
+        return [(f"{name}.{e}", tuple(p.shape[1:])) for e in range(p.shape[0])]
+    return [(name, tuple(p.shape))]
+
+
+def _slices(name: str, p: torch.Tensor) -> list[tuple[str, int]]:
+    return [(key, math.prod(shape)) for key, shape in _slice_shapes(name, p)]
 
 
 def _check_saved_tensor(part: str, name: Any, t: Any, sizes: dict[str, int] | None) -> None:

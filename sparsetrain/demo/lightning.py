@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import math
 from typing import Literal
 
 import lightning.pytorch as pl
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
+from ..moe.layer import MoE, moe_losses
 from .data import CorpusConfig, make_datasets
 from .mlp import MLPClassifier, make_classification
 from .model import GPT, GPTConfig
@@ -45,8 +47,24 @@ def _check_optim_args(optimizer: str, lr: float, weight_decay: float, momentum: 
         raise ValueError(f"`momentum` must be in [0, 1), got {momentum}")
 
 
+def _check_moe_loss_coef(coef: float) -> None:
+    if isinstance(coef, bool) or not isinstance(coef, (int, float)) or not math.isfinite(coef) or coef < 0:
+        raise ValueError(f"`moe_loss_coef` must be a finite float >= 0, got {coef!r}")
+
+
+def _has_moe(model: torch.nn.Module) -> bool:
+    """Whether ``model`` holds a :class:`sparsetrain.moe.MoE` layer."""
+    return any(isinstance(m, MoE) for m in model.modules())
+
+
 class DemoLM(pl.LightningModule):
-    """The demo GPT trained on next-byte prediction; logs ``train_loss`` and ``val_loss``."""
+    """The demo GPT trained on next-byte prediction; logs ``train_loss`` and ``val_loss``.
+
+    When the model holds MoE layers (:mod:`sparsetrain.moe`, e.g. after :func:`sparsetrain.moe.upcycle`),
+    the training loss is ``lm_loss + moe_loss_coef * moe_losses(model)`` (each layer's aux and z loss,
+    already scaled by its router's coefficients); ``train_lm_loss`` and ``train_moe_loss`` (the added
+    term) are logged too. ``val_loss`` is the LM loss alone.
+    """
 
     def __init__(
         self,
@@ -56,20 +74,28 @@ class DemoLM(pl.LightningModule):
         weight_decay: float = 0.0,
         momentum: float = 0.0,
         warmup_steps: int = 0,
+        moe_loss_coef: float = 1.0,
     ) -> None:
         super().__init__()
         _check_optim_args(optimizer, lr, weight_decay, momentum)
         if warmup_steps < 0:
             raise ValueError(f"`warmup_steps` must be >= 0, got {warmup_steps}")
+        _check_moe_loss_coef(moe_loss_coef)
         self.model = GPT(model or GPTConfig())
         self.optimizer_name, self.lr, self.weight_decay = optimizer, lr, weight_decay
         self.momentum, self.warmup_steps = momentum, warmup_steps
+        self.moe_loss_coef = float(moe_loss_coef)
 
     def forward(self, idx):
         return self.model(idx)
 
     def training_step(self, batch, batch_idx):
         loss = self.model.loss(*batch)
+        if _has_moe(self.model):  # the router losses of every MoE layer (sparsetrain.moe, docs/moe.md)
+            self.log("train_lm_loss", loss, sync_dist=False)
+            moe = self.moe_loss_coef * moe_losses(self.model)
+            self.log("train_moe_loss", moe, sync_dist=False)
+            loss = loss + moe
         self.log("train_loss", loss, prog_bar=True, sync_dist=False)
         return loss
 

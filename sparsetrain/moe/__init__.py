@@ -3,7 +3,19 @@
 from .balance import MoEBalancer, MoEBalancerConfig
 from .experts import GroupedExperts
 from .layer import MoE, moe_layers, moe_losses
-from .parallel import expert_state_dict, full_expert_state_dict, load_expert_state_dict
+from .parallel import (
+    expert_data_parallel_groups,
+    expert_parameter_names,
+    expert_state_dict,
+    full_expert_optimizer_state_dict,
+    full_expert_state_dict,
+    globalize_optimizer_state,
+    load_expert_optimizer_state_dict,
+    load_expert_state_dict,
+    localize_optimizer_state,
+    reduce_expert_gradients,
+    shard_experts,
+)
 from .router import RouterConfig, RouterOutput, TopKRouter, capacity, load_balancing_loss, z_loss
 from .upcycle import dense_mlps, upcycle
 
@@ -17,9 +29,17 @@ __all__ = [
     "TopKRouter",
     "capacity",
     "dense_mlps",
+    "expert_data_parallel_groups",
+    "expert_parameter_names",
     "expert_state_dict",
+    "full_expert_optimizer_state_dict",
     "full_expert_state_dict",
+    "globalize_optimizer_state",
+    "load_expert_optimizer_state_dict",
     "load_expert_state_dict",
+    "localize_optimizer_state",
+    "reduce_expert_gradients",
+    "shard_experts",
     "load_balancing_loss",
     "moe_layers",
     "moe_losses",

@@ -28,15 +28,26 @@ _VERSION = 1
 @dataclass(kw_only=True)
 class MoEBalancerConfig:
     """Args:
+    update_every: move the selection biases every this many optimizer steps (>= 1), from the loads
+        counted over those steps (DeepSeek-V3: every step). Changes the math: a state saved with another
+        value is refused.
     verify_every: check that the selection biases are identical on every rank every this many
         optimizer steps (0: never).
     """
 
+    update_every: int = 1
     verify_every: int = 100
 
     def __post_init__(self) -> None:
+        if isinstance(self.update_every, bool) or not isinstance(self.update_every, int) or self.update_every < 1:
+            raise ValueError(f"`update_every` must be an int >= 1, got {self.update_every!r}")
         if isinstance(self.verify_every, bool) or not isinstance(self.verify_every, int) or self.verify_every < 0:
             raise ValueError(f"`verify_every` must be an int >= 0, got {self.verify_every!r}")
+
+
+_MATH_FIELDS = ("update_every",)
+_ROUTING_KEYS = ("load", "dropped", "assignments", "tokens_dropped", "entropy", "aux_loss", "z_loss", "tokens")
+_PER_EXPERT = ("load", "tokens")
 
 
 def _bits(t: torch.Tensor) -> torch.Tensor:
@@ -79,10 +90,12 @@ class MoEBalancer:
     # ------------------------------------------------------------------ lifecycle
 
     def step(self) -> None:
-        """Once per optimizer step: update every selection bias (no-op for layers without one)."""
-        for layer in self.layers.values():
-            layer.router.update_bias(self.process_group)
+        """Once per optimizer step: update every selection bias every ``update_every`` steps (no-op for layers
+        without one); the loads keep counting in between."""
         self.num_steps += 1
+        if self.num_steps % self.config.update_every == 0:
+            for layer in self.layers.values():
+                layer.router.update_bias(self.process_group)
         every = self.config.verify_every
         if every and self.num_steps % every == 0:
             self.check_ranks()
@@ -117,10 +130,12 @@ class MoEBalancer:
     # ------------------------------------------------------------------ state
 
     def state_dict(self) -> dict[str, Any]:
-        """``{"version", "config", "num_steps", "selection_bias": {layer: bias}, "pending_load": {...}}``.
+        """``{"version", "config", "num_steps", "selection_bias": {layer: bias}, "pending_load": {...},
+        "last_routing": {layer: {...}}}``.
 
         The biases also live in the model's state dict (buffers); they are kept here too so that a
-        component state alone resumes the balancing exactly.
+        component state alone resumes the balancing exactly. ``last_routing`` holds the figures of each
+        layer's last forward, so that :meth:`statistics` reads the same after a resume.
         """
         return {
             "version": _VERSION,
@@ -128,6 +143,8 @@ class MoEBalancer:
             "num_steps": self.num_steps,
             "selection_bias": {n: m.router.selection_bias_E.detach().cpu().clone() for n, m in self.layers.items()},
             "pending_load": {n: m.router.pending_load_E.detach().cpu().clone() for n, m in self.layers.items()},
+            "last_routing": {n: {k: v.detach().cpu().clone() for k, v in m._stats.items()}
+                             for n, m in self.layers.items()},
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -139,7 +156,7 @@ class MoEBalancer:
         if not isinstance(state, dict) or state.get("version") != _VERSION:
             raise ValueError(f"MoEBalancer state must be a dict with version {_VERSION}, got "
                              f"{state.get('version') if isinstance(state, dict) else type(state).__name__!r}")
-        contract.check_config(state.get("config"), self.config, (), "MoEBalancer")
+        contract.check_config(state.get("config"), self.config, _MATH_FIELDS, "MoEBalancer")
         steps = state.get("num_steps")
         if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
             raise ValueError(f"MoEBalancer state: `num_steps` must be an int >= 0, got {steps!r}")
@@ -153,10 +170,28 @@ class MoEBalancer:
                 if not isinstance(t, torch.Tensor) or t.shape != live.shape or not t.is_floating_point():
                     raise ValueError(f"MoEBalancer state: `{key}` of {name!r} must be a float tensor of shape "
                                      f"{tuple(live.shape)}, got {getattr(t, 'shape', type(t).__name__)}")
+        routing = state.get("last_routing", {name: {} for name in self.layers})  # absent in older states
+        if not isinstance(routing, dict) or set(routing) != set(self.layers):
+            got = sorted(routing) if isinstance(routing, dict) else type(routing).__name__
+            raise ValueError(f"MoEBalancer state: `last_routing` must name the layers {sorted(self.layers)}, got {got}")
+        for name, figures in routing.items():
+            E = self.layers[name].num_experts
+            if not isinstance(figures, dict) or not set(figures) <= set(_ROUTING_KEYS) \
+                    or (figures and not set(_ROUTING_KEYS[:-1]) <= set(figures)):
+                raise ValueError(f"MoEBalancer state: `last_routing` of {name!r} must be empty or hold "
+                                 f"{', '.join(_ROUTING_KEYS)}")
+            for k, t in figures.items():
+                shape = (E,) if k in _PER_EXPERT else ()
+                if not isinstance(t, torch.Tensor) or tuple(t.shape) != shape or not torch.isfinite(t.float()).all():
+                    raise ValueError(f"MoEBalancer state: `last_routing` {name!r} {k!r} must be a finite tensor of "
+                                     f"shape {shape}, got {getattr(t, 'shape', type(t).__name__)}")
         for key, attr in (("selection_bias", "selection_bias_E"), ("pending_load", "pending_load_E")):
             for name, t in state[key].items():
                 with torch.no_grad():
                     getattr(self.layers[name].router, attr).copy_(t)
+        for name, figures in routing.items():
+            dev = self.layers[name].router.selection_bias_E.device
+            self.layers[name]._stats = {k: t.to(dev).clone() for k, t in figures.items()}
         self.num_steps = steps
 
     def check_ranks(self) -> None:

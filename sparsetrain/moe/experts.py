@@ -21,6 +21,13 @@ from torch import nn
 __all__ = ["GroupedExperts"]
 
 
+def mark_stacked(p: nn.Parameter) -> nn.Parameter:
+    """Mark an ``[E, ...]`` expert parameter so that gradient compression selects per expert slice
+    (``sparsetrain.compression.dgc.STACKED_ATTR``: each ``p[e]`` is compressed as a tensor of its own)."""
+    p._sparsetrain_stacked = True
+    return p
+
+
 def _use_grouped_kernel(x_ND: torch.Tensor, w_EDF: torch.Tensor) -> bool:
     if not (x_ND.is_cuda and hasattr(torch, "_grouped_mm")):
         return False
@@ -81,6 +88,8 @@ class GroupedExperts(nn.Module):
         self.w3_EFD = nn.Parameter(torch.empty(E, Fh, D)) if activation == "swiglu" else None
         self.b1_EF = nn.Parameter(torch.empty(E, Fh)) if bias else None
         self.b2_ED = nn.Parameter(torch.empty(E, D)) if bias else None
+        for p in self.parameters():
+            mark_stacked(p)
         self.reset_parameters()
 
     @torch.no_grad()

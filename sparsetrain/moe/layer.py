@@ -157,6 +157,19 @@ class MoE(nn.Module):
             out[f"{prefix}/{key}"] = float(s[key])
         return out
 
+    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any, **kwargs: Any) -> None:
+        # a state with all E experts stacked (written at expert-parallel size 1, or gathered by
+        # ``globalize``-ing hooks such as the demo's) loads at any expert-parallel size: keep this rank's slice
+        if self.ep_size > 1:
+            ids = self.local_expert_ids()
+            for pname, p in self.experts.named_parameters():
+                key = f"{prefix}experts.{pname}"
+                t = state_dict.get(key)
+                if isinstance(t, torch.Tensor) and t.dim() == p.dim() and t.shape[0] == self.num_experts \
+                        and t.shape[1:] == p.shape[1:]:
+                    state_dict[key] = t[ids.start:ids.stop]
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
     @property
     def tokens_per_expert(self) -> torch.Tensor | None:
         """Assignments of this rank's tokens that the last forward sent to each of the E experts after

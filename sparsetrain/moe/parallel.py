@@ -14,6 +14,7 @@ The backward runs the same two exchanges in reverse (:class:`_AllToAll`).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -21,8 +22,22 @@ import torch.distributed as dist
 from torch import nn
 
 from ._permute import _Permute
+from .experts import mark_stacked
 
-__all__ = ["expert_parallel_forward", "expert_state_dict", "full_expert_state_dict", "load_expert_state_dict"]
+__all__ = [
+    "expert_data_parallel_groups",
+    "expert_parallel_forward",
+    "expert_parameter_names",
+    "expert_state_dict",
+    "full_expert_optimizer_state_dict",
+    "full_expert_state_dict",
+    "globalize_optimizer_state",
+    "load_expert_optimizer_state_dict",
+    "load_expert_state_dict",
+    "localize_optimizer_state",
+    "reduce_expert_gradients",
+    "shard_experts",
+]
 
 
 class _AllToAll(torch.autograd.Function):
@@ -139,3 +154,255 @@ def load_expert_state_dict(model: nn.Module, state: dict[str, torch.Tensor]) -> 
                 plan.append((p, i, t))
     for p, i, t in plan:
         p[i].copy_(t)
+
+
+# ---------------------------------------------------------------------- building the expert-parallel model
+
+
+def expert_data_parallel_groups(ep_size: int) -> tuple[Any, Any]:
+    """``(ep_group, edp_group)`` of this rank for a world of W ranks and expert-parallel size P.
+
+    The expert-parallel groups are consecutive ranks (``g*P ... g*P + P - 1``: one copy of all experts);
+    the expert-data-parallel groups are the W/P ranks that hold the same experts (``r, r+P, r+2P, ...``).
+    Every rank must call this (``new_group`` is collective). With P = 1 the ep group is None.
+
+    Raises:
+        ValueError: ``ep_size`` < 1, or it does not divide the world size; torch.distributed not initialised
+            while ``ep_size`` > 1.
+    """
+    if isinstance(ep_size, bool) or not isinstance(ep_size, int) or ep_size < 1:
+        raise ValueError(f"`ep_size` must be an int >= 1, got {ep_size!r}")
+    if not (dist.is_available() and dist.is_initialized()):
+        if ep_size > 1:
+            raise ValueError(f"`ep_size`={ep_size} needs torch.distributed to be initialised")
+        return None, None
+    world, rank = dist.get_world_size(), dist.get_rank()
+    if world % ep_size:
+        raise ValueError(f"`ep_size`={ep_size} must divide the world size {world}")
+    ep_group = edp_group = None
+    for g in range(world // ep_size):  # every rank creates every group, in the same order
+        grp = dist.new_group(list(range(g * ep_size, (g + 1) * ep_size)))
+        if rank // ep_size == g:
+            ep_group = grp
+    for r in range(ep_size):
+        grp = dist.new_group(list(range(r, world, ep_size)))
+        if rank % ep_size == r:
+            edp_group = grp
+    return (ep_group if ep_size > 1 else None), edp_group
+
+
+@torch.no_grad()
+def shard_experts(model: nn.Module, ep_group: Any) -> dict[str, Any]:
+    """Turn every MoE layer of ``model`` that holds all its experts into an expert-parallel one over
+    ``ep_group``: each rank keeps its slice ``rank*E/P ... (rank+1)*E/P - 1`` of the stacked weights.
+
+    Every rank must start from the same weights (the same seed, or a loaded state): nothing is
+    exchanged here. Call before building the optimizer and before wrapping the model in DDP.
+
+    Returns:
+        The sharded layers by name.
+
+    Raises:
+        ValueError: a layer is already expert-parallel, or its ``num_experts`` is not divisible by the
+            size of ``ep_group``.
+    """
+    out: dict[str, Any] = {}
+    if ep_group is None:
+        return out
+    P, rank = dist.get_world_size(ep_group), dist.get_rank(ep_group)
+    for name, layer in _layers(model).items():
+        if layer.ep_size != 1:
+            raise ValueError(f"layer {name!r} is already expert-parallel (ep_size={layer.ep_size})")
+        if layer.num_experts % P:
+            raise ValueError(f"`num_experts`={layer.num_experts} of layer {name!r} must be divisible by the "
+                             f"expert-parallel size {P}")
+        L = layer.num_experts // P
+        ex = layer.experts
+        for pname, p in list(ex.named_parameters(recurse=False)):
+            setattr(ex, pname, mark_stacked(nn.Parameter(p.detach()[rank * L:(rank + 1) * L].clone(),
+                                                         requires_grad=p.requires_grad)))
+        ex.num_experts = L
+        layer.ep_group, layer.ep_size, layer.ep_rank, layer.num_local_experts = ep_group, P, rank, L
+        out[name] = layer
+    return out
+
+
+def expert_parameter_names(model: nn.Module) -> list[str]:
+    """Qualified names of every expert parameter of ``model`` (``"blocks.0.mlp.experts.w1_EFD"``)."""
+    names = []
+    for name, layer in _layers(model).items():
+        names += [f"{_prefix(name)}experts.{pname}" for pname, _ in layer.experts.named_parameters()]
+    return names
+
+
+@torch.no_grad()
+def reduce_expert_gradients(model: nn.Module, edp_group: Any = None, world_size: int | None = None) -> None:
+    """The experts' own data-parallel reduction, for expert-parallel layers that DDP ignores.
+
+    Sums each expert gradient over ``edp_group`` (the ranks holding the same experts; skipped when it
+    has one rank or is None) and divides by ``world_size`` (default: the world): an expert's gradient on
+    its owner already sums the P expert-parallel ranks' tokens (the all-to-all backward), so this gives
+    the mean over the W ranks' losses that DDP gives the dense weights. Layers without expert
+    parallelism are left alone (DDP averages them). Call after the backward, before the optimizer step.
+    """
+    W = world_size if world_size is not None else (dist.get_world_size() if dist.is_initialized() else 1)
+    reduce = edp_group is not None and dist.get_world_size(edp_group) > 1
+    for layer in _layers(model).values():
+        if layer.ep_size == 1:
+            continue
+        for p in layer.experts.parameters():
+            if p.grad is None:
+                continue
+            if reduce:
+                dist.all_reduce(p.grad, group=edp_group)
+            p.grad.div_(W)
+
+
+# ---------------------------------------------------------------------- optimizer state by global expert id
+
+
+def _expert_entries(model: nn.Module) -> list[tuple[str, Any, str, nn.Parameter]]:
+    return [(name, layer, pname, p) for name, layer in _layers(model).items()
+            for pname, p in layer.experts.named_parameters()]
+
+
+def _gather_stack(layer: Any, t: torch.Tensor) -> torch.Tensor:
+    """The full ``[E, ...]`` stack from every rank's ``[E/P, ...]`` slice (an all-gather in the layer's group)."""
+    if layer.ep_size == 1:
+        return t
+    parts = [torch.empty_like(t) for _ in range(layer.ep_size)]
+    dist.all_gather(parts, t.contiguous(), group=layer.ep_group)
+    return torch.cat(parts)
+
+
+def _param_state(optimizer: torch.optim.Optimizer, p: nn.Parameter) -> dict[str, torch.Tensor]:
+    state = optimizer.state.get(p) or {}
+    return {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
+
+
+def full_expert_optimizer_state_dict(model: nn.Module, optimizer: torch.optim.Optimizer
+                                     ) -> dict[str, dict[str, torch.Tensor]]:
+    """The optimizer state of every expert by global id, gathered over each layer's expert-parallel group.
+
+    ``"<layer>.experts.<param>.<global id>" -> {state name: tensor}``: per-expert tensors (Adam's
+    ``exp_avg`` / ``exp_avg_sq``, SGD's ``momentum_buffer``: those of the parameter's shape) are sliced
+    per expert; other tensors (Adam's ``step``) are repeated for every expert. Experts whose parameter
+    has no state yet (no step taken) are absent. Every rank of each group must call it.
+    """
+    out: dict[str, dict[str, torch.Tensor]] = {}
+    for name, layer, pname, p in _expert_entries(model):
+        state = _param_state(optimizer, p)
+        if not state:
+            continue
+        # sorted: every rank gathers the same entry at the same time, whatever its dict's order
+        full = {k: _gather_stack(layer, state[k].detach()) if state[k].shape == p.shape else state[k].detach()
+                for k in sorted(state)}
+        for gid in range(layer.num_experts):
+            out[f"{_prefix(name)}experts.{pname}.{gid}"] = {
+                k: (v[gid] if state[k].shape == p.shape else v).cpu().clone() for k, v in full.items()}
+    return out
+
+
+@torch.no_grad()
+def load_expert_optimizer_state_dict(model: nn.Module, optimizer: torch.optim.Optimizer,
+                                     state: dict[str, dict[str, torch.Tensor]]) -> None:
+    """Load the optimizer state of this rank's experts from a dict by global id (any expert-parallel size
+    wrote it, :func:`full_expert_optimizer_state_dict`). Call after :func:`load_expert_state_dict`.
+
+    Raises:
+        ValueError: an expert this rank holds is missing while others are present, the experts of one
+            parameter name different state entries, a per-expert tensor has the wrong shape, a shared
+            tensor differs between experts, or a tensor is not finite (nothing is loaded then).
+    """
+    if not isinstance(state, dict):
+        raise ValueError(f"`state` must be a dict by global expert id, got {type(state).__name__}")
+    plan = []
+    for name, layer, pname, p in _expert_entries(model):
+        keys = [f"{_prefix(name)}experts.{pname}.{gid}" for gid in layer.local_expert_ids()]
+        present = [k for k in keys if k in state]
+        if not present:
+            continue
+        if len(present) != len(keys):
+            missing = next(k for k in keys if k not in state)
+            raise ValueError(f"expert optimizer state has no {missing!r} but has other experts of {pname!r}")
+        entries = [state[k] for k in keys]
+        if not all(isinstance(e, dict) for e in entries):
+            raise ValueError(f"expert optimizer state of {keys[0]!r}... must be dicts of tensors")
+        names = list(entries[0])  # in the saved order (a set's order differs between processes)
+        new: dict[str, torch.Tensor] = {}
+        for k, e in zip(keys, entries):
+            if set(e) != set(names):
+                raise ValueError(f"expert optimizer state {k!r} has entries {sorted(e)}, expected {sorted(names)}")
+            for sname, t in e.items():
+                if not isinstance(t, torch.Tensor) or not torch.isfinite(t.float()).all():
+                    raise ValueError(f"expert optimizer state {k!r}[{sname!r}] must be a finite tensor")
+        for sname in names:
+            ts = [e[sname] for e in entries]
+            if ts[0].shape == p.shape[1:] and ts[0].is_floating_point():
+                new[sname] = torch.stack(ts).to(device=p.device, dtype=p.dtype)
+            else:
+                if any(not torch.equal(t, ts[0]) for t in ts[1:]):
+                    raise ValueError(f"expert optimizer state {sname!r} of {pname!r} differs between experts "
+                                     f"{keys[0]!r} ... but is not a per-expert tensor of shape {tuple(p.shape[1:])}")
+                new[sname] = ts[0].clone()
+        plan.append((p, new))
+    for p, new in plan:
+        optimizer.state[p] = new
+
+
+def _param_index(optimizer: torch.optim.Optimizer | Sequence[nn.Parameter]) -> dict[int, int]:
+    """``id(param) -> index`` in ``optimizer.state_dict()`` (the order of the param groups), or in the
+    given sequence of the optimizer's parameters (before the optimizer exists)."""
+    if isinstance(optimizer, torch.optim.Optimizer):
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+    else:
+        params = list(optimizer)
+    return {id(p): i for i, p in enumerate(params)}
+
+
+def globalize_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer,
+                              optimizer_state: dict[str, Any]) -> dict[str, Any]:
+    """In ``optimizer_state`` (``optimizer.state_dict()`` of this rank), replace every expert-parallel
+    parameter's per-expert tensors by the full ``[E, ...]`` stacks (global expert id = index along dim 0),
+    gathered over the expert-parallel group: the state then loads at any expert-parallel size through
+    :func:`localize_optimizer_state`. Collective: every rank of each group must call it. Returns it."""
+    index = _param_index(optimizer)
+    for _, layer, _, p in _expert_entries(model):
+        i = index.get(id(p))
+        entry = optimizer_state["state"].get(i) if i is not None else None
+        if layer.ep_size == 1 or entry is None:
+            continue
+        # a new dict: ``optimizer.state_dict()`` shares its per-parameter dicts with the live state
+        optimizer_state["state"][i] = {k: _gather_stack(layer, entry[k]) if isinstance(entry[k], torch.Tensor)
+                                       and entry[k].shape == p.shape else entry[k] for k in sorted(entry)}
+    return optimizer_state
+
+
+def localize_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer | Sequence[nn.Parameter],
+                             optimizer_state: dict[str, Any]) -> dict[str, Any]:
+    """The reverse of :func:`globalize_optimizer_state` before ``optimizer.load_state_dict``: every expert
+    parameter's tensors of the full ``[E, ...]`` shape are cut to this rank's slice. Returns it.
+
+    ``optimizer`` may also be the sequence of its parameters in order (when it does not exist yet).
+
+    Raises:
+        ValueError: a per-expert tensor has neither the full nor the local shape.
+    """
+    index = _param_index(optimizer)
+    for name, layer, pname, p in _expert_entries(model):
+        i = index.get(id(p))
+        entry = optimizer_state.get("state", {}).get(i) if i is not None else None
+        if entry is None:
+            continue
+        full_shape = (layer.num_experts, *p.shape[1:])
+        for k, v in list(entry.items()):
+            if not isinstance(v, torch.Tensor) or v.dim() != p.dim():
+                continue
+            if tuple(v.shape) == full_shape:
+                ids = layer.local_expert_ids()
+                entry = optimizer_state["state"][i] = dict(entry)
+                entry[k] = v[ids.start:ids.stop].clone()
+            elif v.shape != p.shape:
+                raise ValueError(f"optimizer state {k!r} of {_prefix(name)}experts.{pname} has shape "
+                                 f"{tuple(v.shape)}, expected {full_shape} (all experts) or {tuple(p.shape)}")
+    return optimizer_state

@@ -17,6 +17,7 @@ from torch import nn
 
 from sparsetrain import contract
 from sparsetrain.compression import DGCConfig, DGCState, MaskedExchange, MaskedExchangeConfig
+from sparsetrain.moe import MoE, MoEBalancer, MoEBalancerConfig
 from sparsetrain.nm import NMConfig, NMSparsifier
 from sparsetrain.sparsity import DynamicSparsifier, DynamicSparsityConfig
 from tests.data.make_release1_checkpoints import UserNet  # a user's three-Linear model
@@ -32,6 +33,15 @@ class Spec:
     namespace: str  # prefix of every statistics() key
     math_field: tuple[str, Any]  # a field that changes the math, and another value for it
     has_masks: bool
+    model: Any = UserNet  # the model it is attached to (made with the same seed)
+
+
+class UserMoENet(UserNet):
+    """The user's model with its middle layer a top-2 MoE with aux-loss-free selection biases."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.mid = MoE(32, 32, num_experts=4, k=2, bias_update_rate=1e-2)
 
 
 COMPONENTS = {
@@ -45,12 +55,14 @@ COMPONENTS = {
     "dgc": Spec(DGCState, DGCConfig, dict(density=0.1, warmup_steps=2), {}, "compression/", ("density", 0.2), False),
     "exchange": Spec(MaskedExchange, MaskedExchangeConfig, dict(verify_every=0), {}, "exchange/",
                      ("compression", dict(density=0.1, warmup_steps=2)), False),
+    "moe": Spec(MoEBalancer, MoEBalancerConfig, dict(update_every=2, verify_every=3), {}, "moe/",
+                ("update_every", 1), False, UserMoENet),
 }
 
 
 def _build(spec: Spec, init_seed: int = 0, **overrides):
     torch.manual_seed(init_seed)
-    model = UserNet()
+    model = spec.model()
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
     component = spec.cls(model, optimizer=opt, **{**spec.kwargs, **overrides}, **spec.extra)
     return model, opt, component
@@ -82,18 +94,18 @@ def test_construct_from_config_or_fields_not_both(spec):
     config = spec.config_cls(**spec.kwargs)
     assert dataclasses.is_dataclass(config)
     torch.manual_seed(0)
-    other = UserNet()
+    other = spec.model()
     from_config = spec.cls(other, config, **spec.extra)
     assert from_config.config == from_fields.config
     with pytest.raises(ValueError, match="not both"):
-        spec.cls(UserNet(), config, **spec.kwargs)
+        spec.cls(spec.model(), config, **spec.kwargs)
     assert from_fields in contract.attached(model)
 
 
 def test_bad_config_field_names_the_field(spec):
     name = spec.math_field[0]
     with pytest.raises((ValueError, TypeError), match=name):
-        spec.cls(UserNet(), **{**spec.kwargs, name: "not a number"}, **spec.extra)
+        spec.cls(spec.model(), **{**spec.kwargs, name: "not a number"}, **spec.extra)
 
 
 def test_step_and_statistics_are_flat_floats(spec):
@@ -154,7 +166,7 @@ def test_differing_math_field_is_refused(spec):
 def test_remove_leaves_a_plain_model(spec):
     model, opt, component = _build(spec)
     _train(model, opt, range(3))
-    plain_keys = set(UserNet().state_dict())
+    plain_keys = set(spec.model().state_dict())
     component.remove()
     assert set(model.state_dict()) == plain_keys
     assert not any(torch.nn.utils.parametrize.is_parametrized(m) for m in model.modules())
@@ -178,6 +190,9 @@ def _diverging_rank(rank, world, name):
         _, _, component = _build(spec)
         for _ in range(rank):
             component.step()
+    elif name == "moe":  # a rank whose selection bias moved on its own
+        model, _, component = _build(spec)
+        model.mid.router.selection_bias_E[rank] += 1e-3
     elif name == "dynamic":  # masks drawn from another seed
         _, _, component = _build(spec, seed=rank)  # the config's seed
     elif name == "topkast":  # other initial weights, hence other magnitude sets

@@ -7,7 +7,15 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from sparsetrain.moe import MoE, expert_state_dict, full_expert_state_dict, load_expert_state_dict, moe_losses
+from sparsetrain.moe import (
+    MoE,
+    expert_state_dict,
+    full_expert_optimizer_state_dict,
+    full_expert_state_dict,
+    load_expert_optimizer_state_dict,
+    load_expert_state_dict,
+    moe_losses,
+)
 from tests.harness import run_distributed
 
 E, D, FH = 8, 16, 24
@@ -187,3 +195,108 @@ def test_ddp_recipe_with_expert_parallel_experts_matches_one_process():
             pname, gid = key.rsplit(".", 1)
             torch.testing.assert_close(t, want[pname][int(gid)], msg=lambda m, k=key: f"{k}: {m}")
     assert torch.equal(results[0]["bias"], results[1]["bias"]) and results[0]["bias"].abs().sum() > 0
+
+
+# ---------------------------------------------------------------------- optimizer state by global expert id
+
+
+def _fixed_expert_grads(layer):
+    """A gradient for every local expert that depends only on its global id and parameter."""
+    for j, p in enumerate(layer.experts.parameters()):
+        ids = layer.local_expert_ids()
+        p.grad = torch.stack([torch.linspace(-1, 1, p[0].numel(), dtype=p.dtype).view(p.shape[1:]) * (g + 1 + j)
+                              for g in ids])
+
+
+def _adam_at_2(rank, world, path):
+    torch.manual_seed(rank)  # each rank's experts (and router) differ
+    layer = MoE(D, FH, E, 2, activation="swiglu", ep_group=dist.group.WORLD, dropless=True).double()
+    opt = torch.optim.Adam(layer.parameters(), lr=1e-2)
+    for step in range(3):
+        layer(torch.randn(6, D, generator=torch.Generator().manual_seed(7 * step + rank),
+                          dtype=torch.float64)).square().mean().backward()
+        opt.step()
+        opt.zero_grad()
+    saved = {"weights": full_expert_state_dict(layer), "optimizer": full_expert_optimizer_state_dict(layer, opt)}
+    if rank == 0:
+        torch.save(saved, path)
+    _fixed_expert_grads(layer)
+    opt.step()
+    return full_expert_state_dict(layer)
+
+
+def _adam_load(rank, world, path):
+    torch.manual_seed(500 + rank)  # a different init: everything must come from the file
+    group = dist.group.WORLD if world > 1 else None
+    layer = MoE(D, FH, E, 2, activation="swiglu", ep_group=group, dropless=True).double()
+    opt = torch.optim.Adam(layer.parameters(), lr=1e-2)
+    saved = torch.load(path, weights_only=True)
+    load_expert_state_dict(layer, saved["weights"])
+    load_expert_optimizer_state_dict(layer, opt, saved["optimizer"])
+    state = full_expert_optimizer_state_dict(layer, opt)
+    _fixed_expert_grads(layer)
+    opt.step()
+    return {"optimizer": state, "after_step": full_expert_state_dict(layer)}
+
+
+@pytest.mark.slow
+def test_optimizer_state_by_global_id_reshards_from_2_to_1_and_4(tmp_path):
+    path = str(tmp_path / "experts.pt")
+    after = run_distributed(_adam_at_2, 2, path)[0]
+    saved = torch.load(path, weights_only=True)
+    assert saved["optimizer"].keys() == saved["weights"].keys()
+    assert set(saved["optimizer"]["experts.w1_EFD.5"]) == {"step", "exp_avg", "exp_avg_sq"}
+    assert not torch.equal(saved["optimizer"]["experts.w1_EFD.0"]["exp_avg"],
+                           saved["optimizer"]["experts.w1_EFD.4"]["exp_avg"])
+    loaded = [_adam_load(0, 1, path), *run_distributed(_adam_load, 4, path)]
+    for result in loaded:
+        for key, entry in saved["optimizer"].items():  # the optimizer state, identical, expert by expert
+            for name, t in entry.items():
+                assert torch.equal(result["optimizer"][key][name], t), (key, name)
+        for key, t in after.items():  # the next Adam step from it, identical to the one taken at size 2
+            assert torch.equal(result["after_step"][key], t), key
+
+
+def test_load_expert_optimizer_state_refusals():
+    layer = MoE(D, FH, E, 2).double()
+    opt = torch.optim.Adam(layer.parameters())
+    layer(torch.randn(5, D, dtype=torch.float64)).sum().backward()
+    opt.step()
+    state = full_expert_optimizer_state_dict(layer, opt)
+    with pytest.raises(ValueError, match="no 'experts.w1_EFD.3'"):
+        load_expert_optimizer_state_dict(layer, opt, {k: v for k, v in state.items() if k != "experts.w1_EFD.3"})
+    bad = {**state, "experts.w2_EDF.1": {**state["experts.w2_EDF.1"], "exp_avg": torch.full((D, FH), float("nan"))}}
+    with pytest.raises(ValueError, match="finite"):
+        load_expert_optimizer_state_dict(layer, opt, bad)
+    bad = {**state, "experts.w2_EDF.1": {**state["experts.w2_EDF.1"], "step": torch.tensor(99.0)}}
+    with pytest.raises(ValueError, match="differs between experts"):
+        load_expert_optimizer_state_dict(layer, opt, bad)
+    with pytest.raises(ValueError, match="`state`"):
+        load_expert_optimizer_state_dict(layer, opt, [1])
+
+
+def _load_full_stack(rank, world, full_sd, full_opt_state):
+    from sparsetrain.moe import localize_optimizer_state
+
+    torch.manual_seed(77 + rank)
+    layer = MoE(D, FH, E, 2, activation="swiglu", ep_group=dist.group.WORLD, dropless=True).double()
+    layer.load_state_dict(full_sd)  # all E experts stacked, as written at size 1: each rank keeps its slice
+    opt = torch.optim.Adam(layer.parameters())
+    opt.load_state_dict(localize_optimizer_state(layer, list(layer.parameters()), full_opt_state))
+    return {n: p.detach().clone() for n, p in layer.experts.named_parameters()}, \
+        {n: opt.state[p]["exp_avg"].clone() for n, p in layer.experts.named_parameters()}
+
+
+@pytest.mark.slow
+def test_full_stack_state_and_optimizer_state_load_at_expert_parallel_size_2():
+    torch.manual_seed(0)
+    ref = MoE(D, FH, E, 2, activation="swiglu", dropless=True).double()
+    opt = torch.optim.Adam(ref.parameters())
+    ref(torch.randn(9, D, dtype=torch.float64)).square().sum().backward()
+    opt.step()
+    results = run_distributed(_load_full_stack, 2, ref.state_dict(), opt.state_dict())
+    L = E // 2
+    for rank, (weights, moments) in enumerate(results):
+        for n, p in ref.experts.named_parameters():
+            assert torch.equal(weights[n], p.detach()[rank * L:(rank + 1) * L]), n
+            assert torch.equal(moments[n], opt.state[p]["exp_avg"][rank * L:(rank + 1) * L]), n
