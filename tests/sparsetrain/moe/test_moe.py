@@ -344,3 +344,17 @@ def test_d_model_mismatch_is_a_value_error():
 def test_router_config_mismatch():
     with pytest.raises(ValueError, match="num_experts"):
         MoE(16, 24, 4, 2, router=RouterConfig(num_experts=3, k=2))
+
+
+def test_empty_expert_slices_get_a_zero_weight_gradient_from_the_kernel_seam():
+    # the guard on torch._grouped_mm's backward, which leaves the slices of empty groups unwritten
+    from sparsetrain.moe.experts import _ZeroEmptyGroupGrads
+
+    w = torch.randn(4, 3, 2, requires_grad=True)
+    offs = torch.tensor([2, 2, 5, 5])  # experts 1 and 3 have no rows
+    y = _ZeroEmptyGroupGrads.apply(w, offs)
+    assert torch.equal(y, w)
+    g = torch.full_like(w, float("nan"))  # garbage in every slice
+    y.backward(g)
+    assert torch.equal(w.grad[[1, 3]], torch.zeros(2, 3, 2))
+    assert torch.isnan(w.grad[[0, 2]]).all()
