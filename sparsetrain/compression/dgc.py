@@ -21,7 +21,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 
-from .. import contract
+from .. import _gloo, contract
 from .engine import CompressionEngine
 from .plan import DENSITY_RAMP, MATH_FIELDS, BucketLayout, DGCConfig
 
@@ -360,6 +360,7 @@ class DGCState:
         return _StepCount(self.engine.step_count, self._step)
 
     def _step(self) -> None:
+        _gloo.wait_for_release()  # what this step's hooks handed gloo
         self._optimizer_steps += 1
         self.engine.follow_masks()
         n = self.config.verify_every
@@ -578,7 +579,7 @@ def _to_cpu(obj: Any) -> Any:
 
 def _all_gather(out: torch.Tensor, inp: torch.Tensor, group: dist.ProcessGroup | None) -> dist.Work:
     gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
-    return gather(out, inp, group=group, async_op=True)
+    return gather(_gloo.handed(out, group), _gloo.handed(inp, group), group=group, async_op=True)
 
 
 def dgc_hook(state: DGCState, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
@@ -610,7 +611,7 @@ def dgc_hook(state: DGCState, bucket: dist.GradBucket) -> torch.futures.Future[t
         fut = _all_gather(out, send, group).get_future()
     else:
         out = send
-        fut = dist.all_reduce(send, group=group, async_op=True).get_future()
+        fut = dist.all_reduce(_gloo.handed(send, group), group=group, async_op=True).get_future()
     if bucket.is_last():
         engine.end_step()
 
@@ -620,7 +621,7 @@ def dgc_hook(state: DGCState, bucket: dist.GradBucket) -> torch.futures.Future[t
             buffer.copy_(result)
         return buffer
 
-    return fut.then(finish)
+    return fut.then(_gloo.handed(finish, group))
 
 
 # DDP checks the hook's annotations as objects; this module's are strings (PEP 563).

@@ -62,7 +62,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 
-from .. import contract
+from .. import _gloo, contract
 from .engine import CompressionEngine
 from .plan import MATH_FIELDS, BucketLayout, DGCConfig
 
@@ -346,6 +346,7 @@ class MaskedExchange:
 
     def step(self) -> None:
         """Account for one optimizer step; :meth:`check_ranks` every ``verify_every`` of them."""
+        _gloo.wait_for_release()  # what this step's hooks handed gloo
         self._optimizer_steps += 1
         if self.verify_every and self._optimizer_steps % self.verify_every == 0:
             self.check_ranks()
@@ -496,21 +497,26 @@ def masked_hook(state: MaskedExchange, bucket: dist.GradBucket) -> torch.futures
         if bucket.is_last():
             state._end_step()
         buffer_N.div_(world)
-        fut = dist.all_reduce(buffer_N, group=group, async_op=True).get_future()
-        return fut.then(lambda f: f.value()[0])
+        fut = dist.all_reduce(_gloo.handed(buffer_N, group), group=group, async_op=True).get_future()
+
+        def done(f: torch.futures.Future) -> torch.Tensor:
+            f.wait()  # raises the collective's error, if any
+            return buffer_N
+
+        return fut.then(_gloo.handed(done, group))
     idx_P = packing.idx_P
     packed_P = buffer_N.index_select(0, idx_P).div_(world)
     state._add(payload_bytes=float(nbytes * packed_P.numel()))
     if bucket.is_last():
         state._end_step()
-    fut = dist.all_reduce(packed_P, group=group, async_op=True).get_future()
+    fut = dist.all_reduce(_gloo.handed(packed_P, group), group=group, async_op=True).get_future()
 
     def finish(_: torch.futures.Future) -> torch.Tensor:
         buffer_N.zero_()
         buffer_N.index_copy_(0, idx_P, packed_P)
         return buffer_N
 
-    return fut.then(finish)
+    return fut.then(_gloo.handed(finish, group))
 
 
 def _compressed(state: MaskedExchange, bucket: dist.GradBucket, buffer_N: torch.Tensor, packing: _Packing,
@@ -525,10 +531,10 @@ def _compressed(state: MaskedExchange, bucket: dist.GradBucket, buffer_N: torch.
     if message.collective == "all_gather":
         out = torch.empty(world * send.numel(), dtype=torch.uint8, device=send.device)
         gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
-        fut = gather(out, send, group=group, async_op=True).get_future()
+        fut = gather(_gloo.handed(out, group), _gloo.handed(send, group), group=group, async_op=True).get_future()
     else:
         out = send
-        fut = dist.all_reduce(send, group=group, async_op=True).get_future()
+        fut = dist.all_reduce(_gloo.handed(send, group), group=group, async_op=True).get_future()
     if bucket.is_last():
         state._end_step()
 
@@ -542,7 +548,7 @@ def _compressed(state: MaskedExchange, bucket: dist.GradBucket, buffer_N: torch.
         buffer_N.index_copy_(0, idx_P, result_P.to(buffer_N.dtype))
         return buffer_N
 
-    return fut.then(finish)
+    return fut.then(_gloo.handed(finish, group))
 
 
 # DDP checks the hook's annotations as objects; this module's are strings (PEP 563).
