@@ -21,7 +21,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 
-from .. import _gloo, contract
+from .. import _gloo, _warn, contract
 from .engine import CompressionEngine
 from .plan import DENSITY_RAMP, MATH_FIELDS, BucketLayout, DGCConfig
 
@@ -57,7 +57,7 @@ def _deprecated_number(name: str) -> Any:
     op = getattr(int, name)
 
     def wrapper(self: _StepCount, *args: Any) -> Any:
-        warnings.warn(
+        _warn.warn(
             "`DGCState.step` as a number is deprecated: read `step_count` (`step()` is now the method every "
             "component has: account for one optimizer step)",
             FutureWarning,
@@ -156,7 +156,7 @@ class DGCState:
         if dist.is_available() and isinstance(model, dist.ProcessGroup):
             if process_group is not None:
                 raise ValueError("a process group was given both as the first argument and as `process_group`")
-            warnings.warn(
+            _warn.warn(
                 "DGCState(process_group, config) is deprecated: the first argument is now the model; "
                 "pass DGCState(model, config, process_group=...)",
                 FutureWarning,
@@ -164,7 +164,7 @@ class DGCState:
             )
             model, process_group = None, model
         if module is not None:
-            warnings.warn("`module` is deprecated: pass the model as `model` (the first argument)", FutureWarning,
+            _warn.warn("`module` is deprecated: pass the model as `model` (the first argument)", FutureWarning,
                           stacklevel=2)
             if model is not None:
                 raise ValueError("give the model as `model` or as `module` (deprecated), not both")
@@ -495,7 +495,7 @@ class DGCState:
         if len(ranks) == world:
             self.load_state_dict(ranks[rank])
             return
-        warnings.warn(
+        _warn.warn(
             f"DGC state was saved on {len(ranks)} ranks and is loaded on {world}: every rank starts from "
             "the mean of the saved residuals and momenta",
             stacklevel=2,
@@ -526,7 +526,7 @@ class DGCState:
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         """Restore; the process group becomes the default group (with a warning) and must be re-bound."""
-        warnings.warn(
+        warnings.warn(  # said by the rank that unpickles, whichever it is
             "DGCState unpickled: process group set to the default group; call bind(module) again if the "
             "state was keyed by parameter names",
             stacklevel=2,
@@ -651,7 +651,7 @@ def check_optimizer(state: DGCState | DGCConfig, optimizer: torch.optim.Optimize
                     f"the compression own momentum={cfg.momentum}, or set the compression's momentum=0"
                 )
     else:
-        warnings.warn(
+        _warn.warn(
             f"momentum correction (momentum={cfg.momentum}) assumes plain SGD; "
             f"{type(optimizer).__name__} adds its own moment estimates on top",
             stacklevel=2,
