@@ -23,6 +23,8 @@ from typing import Any, ClassVar
 
 from lightning.pytorch.callbacks import Callback
 
+from sparsetrain import _warn
+
 __all__ = ["ComponentCallback", "DDPHookCallback", "check_bool"]
 
 
@@ -123,9 +125,7 @@ class ComponentCallback(Callback):
         what = (f"the checkpoint has no state for {type(self).__name__} (state key {self.state_key!r}; "
                 f"it holds {sorted(states) or 'no callback state'})")
         if self.fresh_state_ok:
-            from lightning.pytorch.utilities import rank_zero_warn
-
-            rank_zero_warn(f"{what}: starting a fresh {type(self).__name__} state (fresh_state_ok=True)")
+            _warn.warn(f"{what}: starting a fresh {type(self).__name__} state (fresh_state_ok=True)")
             return
         raise ValueError(
             f"{what}. Resuming would restart the component from scratch on trained weights. Resume from a "
@@ -221,8 +221,6 @@ class DDPHookCallback(ComponentCallback):
             ValueError: another strategy, or a strategy carrying a communication hook on CUDA.
         """
         from lightning.pytorch.strategies import DDPStrategy
-        from lightning.pytorch.utilities import rank_zero_warn
-
         name = type(self).__name__
         strategy = trainer.strategy
         if not isinstance(strategy, DDPStrategy) or "DeepSpeed" in type(strategy).__name__:
@@ -234,7 +232,7 @@ class DDPHookCallback(ComponentCallback):
             if strategy.root_device.type == "cuda":
                 raise ValueError(f"the DDP strategy already registers ddp_comm_hook={hook}; DDP takes one "
                                  f"communication hook: remove it or remove {name}")
-            rank_zero_warn(  # the same on every rank: once
+            _warn.warn(  # the same on every rank: once
                 f"Lightning ignores DDPStrategy(ddp_comm_hook={hook}) on {strategy.root_device.type}; {name} "
                 "registers its own hook instead", stacklevel=2)
 

@@ -8,8 +8,8 @@ from typing import Any, Literal
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.utilities import rank_zero_warn
 
+from sparsetrain import _warn
 from sparsetrain.sparsity import DynamicSparsifier, DynamicSparsityConfig
 
 from ._base import ComponentCallback, check_bool
@@ -24,7 +24,7 @@ def _renamed(old: str, old_value: Any, new: str, new_value: Any) -> dict[str, An
         return {} if new_value is None else {new: new_value}
     if new_value is not None:
         raise ValueError(f"give `{new}` only (`{old}` is its deprecated spelling), got both")
-    warnings.warn(f"`{old}` is deprecated: use `{new}`", FutureWarning, stacklevel=3)
+    _warn.warn(f"`{old}` is deprecated: use `{new}`", FutureWarning, stacklevel=3)
     return {old: old_value}
 
 
@@ -186,7 +186,7 @@ class DynamicSparsity(ComponentCallback):
                 )
             sp.set_total_steps(int(total))
         if sp.step_count != trainer.global_step:
-            rank_zero_warn(  # the same on every rank: once
+            _warn.warn(  # the same on every rank: once
                 f"DynamicSparsity has seen {sp.step_count} optimizer steps but the Trainer is at global_step "
                 f"{trainer.global_step}; the mask schedule follows its own count",
                 stacklevel=2,
@@ -239,9 +239,7 @@ class DynamicSparsity(ComponentCallback):
                 f"{int(total)}: raise the Trainer's max_steps / max_epochs to continue training"
             )
         sp.set_total_steps(int(total))
-        from lightning.pytorch.utilities import rank_zero_warn
-
-        rank_zero_warn(
+        _warn.warn(
             f"DynamicSparsity: the checkpoint's run had {old.total_steps} optimizer steps, this one has {int(total)}: "
             f"the mask schedule is recomputed for {int(total)} steps from the saved config (updates every "
             f"{sp.schedule.update_interval} steps until step {sp.schedule.end_step}, was {old.end_step}); the "

@@ -40,6 +40,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from . import _gloo
+
 __all__ = [
     "Component",
     "RankDivergenceError",
@@ -324,8 +326,9 @@ def check_in_sync(fingerprints: dict[str, torch.Tensor], process_group: Any = No
     if dist.get_backend(process_group) == "nccl" and local.device.type == "cpu":
         local = local.cuda()
     lo, hi = local.clone(), local.clone()
-    dist.all_reduce(lo, op=dist.ReduceOp.MIN, group=process_group)
-    dist.all_reduce(hi, op=dist.ReduceOp.MAX, group=process_group)
+    dist.all_reduce(_gloo.handed(lo, process_group), op=dist.ReduceOp.MIN, group=process_group)
+    dist.all_reduce(_gloo.handed(hi, process_group), op=dist.ReduceOp.MAX, group=process_group)
+    _gloo.wait_for_release()
     differ = (lo != hi).any(dim=1).tolist()
     if any(differ):
         bad = [name for name, d in zip(fingerprints, differ) if d]

@@ -44,6 +44,7 @@ from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
+from . import _warn
 from .demo.data import CorpusConfig, make_datasets
 from .demo.lightning import DemoLM, MLPTask
 from .demo.loader import ResumableLoader
@@ -134,7 +135,7 @@ def resume_checkpoint(ckpt_dir: str | Path) -> tuple[Path, int] | None:
             problems.append(str(err))
             continue
         if problems:
-            warnings.warn(f"resuming from {path} (step {step}): {'; '.join(problems)}", stacklevel=2)
+            _warn.warn(f"resuming from {path} (step {step}): {'; '.join(problems)}", stacklevel=2)
         return path, step
     if problems:
         raise ValueError(f"no valid checkpoint to resume from in {ckpt_dir}: {'; '.join(problems)}; "

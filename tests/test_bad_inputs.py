@@ -1,27 +1,34 @@
-"""A table of bad inputs to the public entries of the core and the callbacks.
+"""A table of bad inputs to the public entries: the core, the callbacks, a run's checkpoints, the launcher.
 
 Every row builds what it needs on a fresh model (``setup``), takes a snapshot of the model's
 ``state_dict()``, makes the bad call (``act``) and checks that it fails with a ``ValueError`` /
 ``TypeError`` whose message names the argument, and that the model's state is unchanged: a bad
-input is refused before anything is written. Rows for the recipes, the CLI and the launcher go in
-the same table.
+input is refused before anything is written. A row whose setup returns a run directory also checks
+that no file in it was written, moved or removed. Bad recipes, ``--set`` overrides and arguments of
+``sparsetrain train`` (exit 2, no run directory written, the recipe unchanged) are the table of
+``tests/sparsetrain/test_bad_recipe_inputs.py``; the launcher's command line, ``tests/launch/test_cli.py``.
 """
 
 from __future__ import annotations
 
+import shutil
+import tempfile
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
 from sparsetrain.callbacks import DynamicSparsity, GradientCompression, NMSparsity
+from sparsetrain.launch import LaunchConfig, SlurmOptions
 from torch import nn
 
 from sparsetrain.compression import DGCConfig, DGCState
 from sparsetrain.nm import NMConfig, NMSparsifier, pack_mask, permute_for_nm, unpack_mask
 from sparsetrain.sparsity import DynamicSparsifier, DynamicSparsityConfig
+from sparsetrain.train import resume_checkpoint
 
 
 class Net(nn.Module):
@@ -232,7 +239,33 @@ ROWS = [
         None, None, {"callbacks": {}}), ValueError, "has no state for DynamicSparsity.*fresh_state_ok=True"),
     Row("cb-nm-missing-state", lambda m, _: NMSparsity(n=2, m=4).on_load_checkpoint(
         None, None, {"callbacks": {"Other": {}}}), ValueError, "has no state for NMSparsity"),
+    # ---------------------------------------------------------------- checkpoints of a run
+    Row("run-corrupt-checkpoints", lambda m, d: resume_checkpoint(d), ValueError,
+        "no valid checkpoint to resume from in .*last.ckpt", lambda m: _corrupt_run_dir()),
+    # ---------------------------------------------------------------- launcher
+    Row("launch-backend", lambda m, _: LaunchConfig(backend="mpi"), ValueError, "`backend` must be one of"),
+    Row("launch-nnodes", lambda m, _: LaunchConfig(backend="torchrun", nnodes=0), ValueError,
+        "`nnodes` must be >= 1, got 0"),
+    Row("launch-node-rank", lambda m, _: LaunchConfig(backend="torchrun", nnodes=2, node_rank=5, master_addr="h"),
+        ValueError, r"`node_rank` must be in \[0, nnodes\)"),
+    Row("launch-nproc-string", lambda m, _: LaunchConfig(backend="torchrun", nproc_per_node="2"), ValueError,
+        "`nproc_per_node` must be an integer, got '2'"),
+    Row("slurm-time", lambda m, _: SlurmOptions(time="soon"), ValueError, "`time` must be a SLURM time"),
+    Row("slurm-env-name", lambda m, _: SlurmOptions(env={"1X": "3"}), ValueError, "`env` entries must be NAME"),
 ]
+
+
+def _corrupt_run_dir() -> Path:
+    """A run's checkpoint directory whose only checkpoint is cut short (the act must leave it as is)."""
+    d = Path(tempfile.mkdtemp())
+    (d / "last.ckpt").write_bytes(b"PK\x03\x04 cut short")
+    return d
+
+
+def _files(ctx: Any) -> dict[str, bytes] | None:
+    if not isinstance(ctx, Path):
+        return None
+    return {str(f.relative_to(ctx)): f.read_bytes() for f in sorted(ctx.rglob("*")) if f.is_file()}
 
 
 def asdict_dgc() -> dict[str, Any]:
@@ -242,7 +275,7 @@ def asdict_dgc() -> dict[str, Any]:
 
 
 def test_the_table_is_large_and_its_ids_unique():
-    assert len(ROWS) >= 40
+    assert len(ROWS) >= 60
     assert len({r.id for r in ROWS}) == len(ROWS)
 
 
@@ -254,10 +287,14 @@ def test_a_bad_input_fails_clearly_and_changes_nothing(row: Row):
         warnings.simplefilter("ignore")  # warnings of the setup (e.g. deprecated spellings) are not under test
         ctx = row.setup(model)
     before = {k: v.clone() for k, v in model.state_dict().items()}
+    files = _files(ctx)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         with pytest.raises(row.error, match=row.match):
             row.act(model, ctx)
+    assert _files(ctx) == files  # a run directory: nothing written, moved or removed
+    if isinstance(ctx, Path):
+        shutil.rmtree(ctx)
     after = model.state_dict()
     assert before.keys() == after.keys()
     for k in before:

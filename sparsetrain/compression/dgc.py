@@ -22,7 +22,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 
-from .. import contract
+from .. import _gloo, _warn, contract
 from .engine import CompressionEngine
 from .plan import DENSITY_RAMP, MATH_FIELDS, BucketLayout, DGCConfig
 
@@ -58,7 +58,7 @@ def _deprecated_number(name: str) -> Any:
     op = getattr(int, name)
 
     def wrapper(self: _StepCount, *args: Any) -> Any:
-        warnings.warn(
+        _warn.warn(
             "`DGCState.step` as a number is deprecated: read `step_count` (`step()` is now the method every "
             "component has: account for one optimizer step)",
             FutureWarning,
@@ -157,7 +157,7 @@ class DGCState:
         if dist.is_available() and isinstance(model, dist.ProcessGroup):
             if process_group is not None:
                 raise ValueError("a process group was given both as the first argument and as `process_group`")
-            warnings.warn(
+            _warn.warn(
                 "DGCState(process_group, config) is deprecated: the first argument is now the model; "
                 "pass DGCState(model, config, process_group=...)",
                 FutureWarning,
@@ -165,7 +165,7 @@ class DGCState:
             )
             model, process_group = None, model
         if module is not None:
-            warnings.warn("`module` is deprecated: pass the model as `model` (the first argument)", FutureWarning,
+            _warn.warn("`module` is deprecated: pass the model as `model` (the first argument)", FutureWarning,
                           stacklevel=2)
             if model is not None:
                 raise ValueError("give the model as `model` or as `module` (deprecated), not both")
@@ -361,6 +361,7 @@ class DGCState:
         return _StepCount(self.engine.step_count, self._step)
 
     def _step(self) -> None:
+        _gloo.wait_for_release()  # what this step's hooks handed gloo
         self._optimizer_steps += 1
         self.engine.follow_masks()
         n = self.config.verify_every
@@ -495,7 +496,7 @@ class DGCState:
         if len(ranks) == world:
             self.load_state_dict(ranks[rank])
             return
-        warnings.warn(
+        _warn.warn(
             f"DGC state was saved on {len(ranks)} ranks and is loaded on {world}: every rank starts from "
             "the mean of the saved residuals and momenta",
             stacklevel=2,
@@ -526,7 +527,7 @@ class DGCState:
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         """Restore; the process group becomes the default group (with a warning) and must be re-bound."""
-        warnings.warn(
+        warnings.warn(  # said by the rank that unpickles, whichever it is
             "DGCState unpickled: process group set to the default group; call bind(module) again if the "
             "state was keyed by parameter names",
             stacklevel=2,
@@ -599,7 +600,7 @@ def _to_cpu(obj: Any) -> Any:
 
 def _all_gather(out: torch.Tensor, inp: torch.Tensor, group: dist.ProcessGroup | None) -> dist.Work:
     gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
-    return gather(out, inp, group=group, async_op=True)
+    return gather(_gloo.handed(out, group), _gloo.handed(inp, group), group=group, async_op=True)
 
 
 def dgc_hook(state: DGCState, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
@@ -631,7 +632,7 @@ def dgc_hook(state: DGCState, bucket: dist.GradBucket) -> torch.futures.Future[t
         fut = _all_gather(out, send, group).get_future()
     else:
         out = send
-        fut = dist.all_reduce(send, group=group, async_op=True).get_future()
+        fut = dist.all_reduce(_gloo.handed(send, group), group=group, async_op=True).get_future()
     if bucket.is_last():
         engine.end_step()
 
@@ -641,7 +642,7 @@ def dgc_hook(state: DGCState, bucket: dist.GradBucket) -> torch.futures.Future[t
             buffer.copy_(result)
         return buffer
 
-    return fut.then(finish)
+    return fut.then(_gloo.handed(finish, group))
 
 
 # DDP checks the hook's annotations as objects; this module's are strings (PEP 563).
@@ -671,7 +672,7 @@ def check_optimizer(state: DGCState | DGCConfig, optimizer: torch.optim.Optimize
                     f"the compression own momentum={cfg.momentum}, or set the compression's momentum=0"
                 )
     else:
-        warnings.warn(
+        _warn.warn(
             f"momentum correction (momentum={cfg.momentum}) assumes plain SGD; "
             f"{type(optimizer).__name__} adds its own moment estimates on top",
             stacklevel=2,

@@ -76,7 +76,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 
-from .. import contract
+from .. import _gloo, contract
 from .engine import CompressionEngine
 from .plan import MATH_FIELDS, BucketLayout, DGCConfig
 from .topk import topk_indices
@@ -591,6 +591,7 @@ class MaskedExchange:
 
     def step(self) -> None:
         """Account for one optimizer step; :meth:`check_ranks` every ``verify_every`` of them."""
+        _gloo.wait_for_release()  # what this step's hooks handed gloo
         self._optimizer_steps += 1
         if self.verify_every and self._optimizer_steps % self.verify_every == 0:
             self.check_ranks()
@@ -742,20 +743,21 @@ def masked_hook(state: MaskedExchange, bucket: dist.GradBucket) -> torch.futures
         if op == "gather":
             out = torch.empty(world * t.numel(), dtype=t.dtype, device=t.device)
             gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
-            futures.append(gather(out, t, group=group, async_op=True).get_future())
+            futures.append(gather(_gloo.handed(out, group), _gloo.handed(t, group), group=group,
+                                  async_op=True).get_future())
         else:
             if op == "mean":
                 t.div_(world)
             out = t
-            futures.append(dist.all_reduce(t, group=group, async_op=True).get_future())
+            futures.append(dist.all_reduce(_gloo.handed(t, group), group=group, async_op=True).get_future())
         received.append(out)
     fut = futures[0] if len(futures) == 1 else torch.futures.collect_all(futures)
-    return fut.then(lambda _: state.finish(message, received))
+    return fut.then(_gloo.handed(lambda _: state.finish(message, received), group))
 
 
 def _dist_agree(group: Any):
     def agree(flags: torch.Tensor) -> torch.Tensor:
-        dist.all_reduce(flags, group=group)
+        dist.all_reduce(_gloo.handed(flags, group), group=group)
         return flags
 
     return agree

@@ -19,6 +19,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from .. import _gloo
 from ..moe import (
     MoE,
     expert_data_parallel_groups,
@@ -190,7 +191,8 @@ class MoEDemoLM(DemoLM):
         expert_sq = sum((p.grad.detach().float().square().sum() for p in params if id(p) in experts),
                         torch.zeros(()))
         layer = next(m for m in moe_layers(self.model).values() if m.ep_size > 1)
-        dist.all_reduce(expert_sq, group=layer.ep_group)  # the other experts of this copy
+        dist.all_reduce(_gloo.handed(expert_sq, layer.ep_group), group=layer.ep_group)  # this copy's other experts
+        _gloo.wait_for_release()
         norm = float((dense_sq + expert_sq).sqrt())
         coef = float(gradient_clip_val) / (norm + 1e-6)
         if coef < 1.0:

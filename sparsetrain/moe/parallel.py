@@ -21,6 +21,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from .. import _gloo
 from ._permute import _Permute
 from .experts import mark_stacked
 
@@ -47,14 +48,16 @@ class _AllToAll(torch.autograd.Function):
     def forward(ctx: Any, x: torch.Tensor, recv_sizes: list[int], send_sizes: list[int], group: Any) -> torch.Tensor:
         ctx.sizes, ctx.group = (recv_sizes, send_sizes), group
         out = x.new_empty(sum(recv_sizes), *x.shape[1:])
-        dist.all_to_all_single(out, x.contiguous(), recv_sizes, send_sizes, group=group)
+        dist.all_to_all_single(_gloo.handed(out, group), _gloo.handed(x.contiguous(), group), recv_sizes, send_sizes,
+                               group=group)
         return out
 
     @staticmethod
     def backward(ctx: Any, g: torch.Tensor) -> tuple[torch.Tensor, None, None, None]:
         recv_sizes, send_sizes = ctx.sizes
         out = g.new_empty(sum(send_sizes), *g.shape[1:])
-        dist.all_to_all_single(out, g.contiguous(), send_sizes, recv_sizes, group=ctx.group)
+        dist.all_to_all_single(_gloo.handed(out, ctx.group), _gloo.handed(g.contiguous(), ctx.group), send_sizes,
+                               recv_sizes, group=ctx.group)
         return out, None, None, None
 
 
@@ -69,7 +72,7 @@ def expert_parallel_forward(experts: nn.Module, x_SD: torch.Tensor, offs_E: torc
     counts_E = ends_E - torch.cat([ends_E.new_zeros(1), ends_E[:-1]])
     send_PL = counts_E.view(P, L).contiguous()
     recv_PL = torch.empty_like(send_PL)
-    dist.all_to_all_single(recv_PL, send_PL, group=group)
+    dist.all_to_all_single(_gloo.handed(recv_PL, group), _gloo.handed(send_PL, group), group=group)
     sizes = torch.stack([send_PL.sum(1), recv_PL.sum(1)]).tolist()  # the one host sync: the split sizes
     send_sizes, recv_sizes = sizes[0], sizes[1]
     n_send, n_recv = sum(send_sizes), sum(recv_sizes)
@@ -123,7 +126,8 @@ def full_expert_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
             full = p.detach()
             if layer.ep_size > 1:
                 parts = [torch.empty_like(full) for _ in range(layer.ep_size)]
-                dist.all_gather(parts, full.contiguous(), group=layer.ep_group)
+                dist.all_gather([_gloo.handed(t, layer.ep_group) for t in parts],
+                                _gloo.handed(full.contiguous(), layer.ep_group), group=layer.ep_group)
                 full = torch.cat(parts)
             for gid in range(layer.num_experts):
                 out[f"{_prefix(name)}experts.{pname}.{gid}"] = full[gid].cpu().clone()
@@ -254,7 +258,8 @@ def reduce_expert_gradients(model: nn.Module, edp_group: Any = None, world_size:
             if p.grad is None:
                 continue
             if reduce:
-                dist.all_reduce(p.grad, group=edp_group)
+                dist.all_reduce(_gloo.handed(p.grad, edp_group), group=edp_group)
+                _gloo.wait_for_release()
             p.grad.div_(W)
 
 
@@ -271,7 +276,9 @@ def _gather_stack(layer: Any, t: torch.Tensor) -> torch.Tensor:
     if layer.ep_size == 1:
         return t
     parts = [torch.empty_like(t) for _ in range(layer.ep_size)]
-    dist.all_gather(parts, t.contiguous(), group=layer.ep_group)
+    dist.all_gather([_gloo.handed(x, layer.ep_group) for x in parts], _gloo.handed(t.contiguous(), layer.ep_group),
+                    group=layer.ep_group)
+    _gloo.wait_for_release()
     return torch.cat(parts)
 
 

@@ -29,6 +29,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from .. import _gloo
+
 __all__ = ["RouterConfig", "RouterOutput", "TopKRouter", "capacity", "load_balancing_loss", "z_loss"]
 
 
@@ -250,7 +252,8 @@ class TopKRouter(nn.Module):
         if dist.is_available() and dist.is_initialized() and dist.get_world_size(process_group) > 1:
             if dist.get_backend(process_group) == "nccl" and load_E.device.type == "cpu":
                 load_E = load_E.cuda()
-            dist.all_reduce(load_E, group=process_group)
+            dist.all_reduce(_gloo.handed(load_E, process_group), group=process_group)
+            _gloo.wait_for_release()
             load_E = load_E.to(self.pending_load_E.device)
         self.selection_bias_E += u * torch.sign(load_E.mean() - load_E)
         self.pending_load_E.zero_()

@@ -11,14 +11,13 @@ layer computes exactly the dense function at init. The replacement is checked on
 from __future__ import annotations
 
 import dataclasses
-import warnings
 from collections.abc import Sequence
 from typing import Any
 
 import torch
 from torch import nn
 
-from sparsetrain import contract
+from sparsetrain import _warn, contract
 
 from .layer import MoE
 from .router import RouterConfig
@@ -87,7 +86,7 @@ def upcycle(model: nn.Module, *, num_experts: int, k: int = 2, include: Sequence
     router_fields.setdefault("renormalize", True)  # k = 1 too: gate 1, the dense function at init
     router = RouterConfig(num_experts=num_experts, k=k, **router_fields)
     if router.score_order == "softmax_topk" and not router.renormalize:
-        warnings.warn("upcycle with renormalize=False: the gates do not sum to one, so the upcycled "
+        _warn.warn("upcycle with renormalize=False: the gates do not sum to one, so the upcycled "
                       "layers do not compute the dense function at init", stacklevel=2)
     targets = dense_mlps(model, include)
     if not targets:
@@ -97,7 +96,7 @@ def upcycle(model: nn.Module, *, num_experts: int, k: int = 2, include: Sequence
     for name, mlp in targets.items():
         fc_in, fc_out = _linears(mlp)  # type: ignore[misc]
         if any(isinstance(c, nn.Dropout) and c.p > 0 for c in mlp.children()):
-            warnings.warn(f"{name}: the dense MLP's dropout is not carried into the MoE layer", stacklevel=2)
+            _warn.warn(f"{name}: the dense MLP's dropout is not carried into the MoE layer", stacklevel=2)
         bias = fc_in.bias is not None or fc_out.bias is not None
         w = fc_in.weight
         layer = MoE(fc_in.in_features, fc_in.out_features, num_experts, k, activation="gelu", bias=bias,

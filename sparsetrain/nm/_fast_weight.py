@@ -25,11 +25,11 @@ warning). The gain is measured by ``benchmarks/nm_weight_property.py`` (see
 
 from __future__ import annotations
 
-import warnings
-
 import torch
 from torch import nn
 from torch.nn.utils import parametrize
+
+from .. import _warn
 
 __all__ = ["dense_weight", "install", "installed", "supported", "uninstall"]
 
@@ -61,7 +61,7 @@ def install(mod: nn.Module) -> bool:
     if not supported(mod):
         if not _WARNED:
             _WARNED.append(True)
-            warnings.warn("torch.nn.utils.parametrize internals changed: N:M layers use the (slower) public "
+            _warn.warn("torch.nn.utils.parametrize internals changed: N:M layers use the (slower) public "
                           "parametrized `weight` property", RuntimeWarning, stacklevel=2)
         return False
     cls = type(mod)

@@ -11,13 +11,12 @@ tensors) starts from.
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Iterable, Mapping
 from typing import Any
 
 import torch
 
-from .. import contract
+from .. import _warn, contract
 from .masks import check_nm, nm_mask, reduction_dim, unpack_mask
 
 __all__ = ["nm_export_checkpoint", "nm_export_state_dict", "nm_exact"]
@@ -128,7 +127,7 @@ def nm_export_state_dict(
             raise ValueError(f"`masks` names {key!r}, which has no weight in `state_dict` (keys are parameter names "
                              f"such as 'blocks.0.mlp.fc_in.weight')")
     if legacy:
-        warnings.warn(f"`masks` keyed by layer name ({legacy[0]!r}) is deprecated; key them by parameter name "
+        _warn.warn(f"`masks` keyed by layer name ({legacy[0]!r}) is deprecated; key them by parameter name "
                       f"('{legacy[0]}.weight'), as NMSparsifier.masks() does", FutureWarning, stacklevel=2)
     wanted = list(by_layer)
     if layers is not None:

@@ -12,13 +12,12 @@ Legend: R rows (output channels), K reduction dim, G groups of ``m`` (G = R * K 
 from __future__ import annotations
 
 import math
-import warnings
 from collections.abc import Sequence
 
 import torch
 from torch import nn
 
-from .. import contract
+from .. import _warn, contract
 from ..selection import select_topk_rows
 from . import grouped
 
@@ -196,7 +195,7 @@ def _nm_masks(weights, n, m, olds, compiled, complements, check=True):
                 return masks, [~k for k in masks] if complements else None, flips
         except Exception as err:  # noqa: BLE001 - no working compiler here: fall back, once
             _COMPILED["masks_failed"] = True
-            warnings.warn(f"N:M masks: torch.compile failed ({type(err).__name__}: {str(err).splitlines()[0]}); "
+            _warn.warn(f"N:M masks: torch.compile failed ({type(err).__name__}: {str(err).splitlines()[0]}); "
                           f"computing masks eagerly", stacklevel=2)
     with torch.no_grad():
         masks, flips = _eager_masks(weights, olds, n, m)
@@ -345,7 +344,7 @@ def select_nm_layers(
         raise ValueError(f"`m`={'/'.join(map(str, ms))} divides the reduction dim of none of the selected "
                          f"layers: {', '.join(skipped) or '(none selected)'}")
     if skipped:
-        warnings.warn(f"N:M sparsity (m={'/'.join(map(str, ms))}) skips {len(skipped)} layer(s) whose "
+        _warn.warn(f"N:M sparsity (m={'/'.join(map(str, ms))}) skips {len(skipped)} layer(s) whose "
                       f"reduction dim is not a multiple of m; they stay dense: {', '.join(skipped)}",
                       stacklevel=3)
     return chosen

@@ -44,6 +44,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.utils import parametrize
 
+from .. import _gloo
 from .export import nm_exact
 from .masks import check_nm, kept_magnitude, select_nm_layers
 
@@ -359,7 +360,8 @@ def _check_ranks_agree(perms: list[torch.Tensor], names: list[str]) -> None:
     both = torch.cat([fp, -fp])
     if dist.get_backend() == "nccl":
         both = both.cuda()
-    dist.all_reduce(both, op=dist.ReduceOp.MAX)
+    dist.all_reduce(_gloo.handed(both), op=dist.ReduceOp.MAX)
+    _gloo.wait_for_release()
     k = len(perms)
     bad = [nm for nm, hi, lo in zip(names, both[:k].tolist(), (-both[k:]).tolist()) if hi != lo]
     if bad:

@@ -17,7 +17,6 @@ The Lightning callback :class:`sparsetrain.callbacks.NMSparsity` drives the same
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Iterator, Mapping
 from typing import Any
 
@@ -25,7 +24,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .. import contract
+from .. import _warn, contract
 from .config import NMConfig
 from .export import nm_export_state_dict
 from .masks import _nm_masks, nm_mask, pack_mask, select_nm_layers, unpack_mask
@@ -351,7 +350,7 @@ class NMSparsifier:
         forward weights, and the fraction of mask entries that flipped at the last update and on
         average since attaching.
         """
-        warnings.warn("NMSparsifier.stats() is deprecated; use statistics() (keys 'nm/step', 'nm/density', "
+        _warn.warn("NMSparsifier.stats() is deprecated; use statistics() (keys 'nm/step', 'nm/density', "
                       "'nm/mask_flip_fraction', ...)", FutureWarning, stacklevel=2)
         pat = self.schedule.pattern
         out: dict[str, Any] = {
@@ -577,7 +576,7 @@ class _Masks(Mapping):
         return self._owner._param_masks()
 
     def _legacy(self) -> dict[str, torch.Tensor | None]:
-        warnings.warn("reading NMSparsifier.masks as a mapping by layer name is deprecated; call masks(), keyed "
+        _warn.warn("reading NMSparsifier.masks as a mapping by layer name is deprecated; call masks(), keyed "
                       "by parameter name ('<layer>.weight')", FutureWarning, stacklevel=3)
         return self._owner._layer_masks()
 

@@ -75,7 +75,6 @@ from __future__ import annotations
 
 import math
 import sys
-import warnings
 import weakref
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import InitVar, dataclass, field, fields
@@ -86,7 +85,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.utils import parametrize
 
-from .. import contract
+from .. import _warn, contract
 from ..contract import check_patterns
 from ._sole_owner import sole_owner, sole_refs
 from .density import DISTRIBUTIONS, floor_count, layer_active_counts
@@ -195,10 +194,10 @@ class DynamicSparsityConfig:
     def __post_init__(self, update_interval: int | None, check_sync: bool | None) -> None:
         every_arg = "update_every"
         if update_interval is not None:
-            warnings.warn("`update_interval` is deprecated: use `update_every`", FutureWarning, stacklevel=3)
+            _warn.warn("`update_interval` is deprecated: use `update_every`", FutureWarning, stacklevel=3)
             self.update_every, every_arg = update_interval, "update_interval"
         if check_sync is not None:
-            warnings.warn("`check_sync` is deprecated: use `verify_every` (True -> 100, False -> 0)", FutureWarning,
+            _warn.warn("`check_sync` is deprecated: use `verify_every` (True -> 100, False -> 0)", FutureWarning,
                           stacklevel=3)
             if not isinstance(check_sync, bool):
                 raise ValueError(f"`check_sync` must be a bool, got {check_sync!r}")
@@ -262,7 +261,7 @@ def _deprecated_alias(old: str, new: str, to_new: Callable[[Any], Any], to_old: 
         return to_old(getattr(self, new))
 
     def set_(self: Any, value: Any) -> None:
-        warnings.warn(f"`{old}` is deprecated: use `{new}`", FutureWarning, stacklevel=2)
+        _warn.warn(f"`{old}` is deprecated: use `{new}`", FutureWarning, stacklevel=2)
         setattr(self, new, to_new(value))
 
     return property(get, set_, doc=f"Deprecated alias of ``{new}``.")
@@ -290,7 +289,7 @@ def _warn_unreachable(shapes: dict[str, tuple[int, ...]], counts: dict[str, int]
     worst = sorted(shapes, key=lambda n: counts[n] / math.prod(shapes[n]), reverse=True)
     short = [f"{n} ({1.0 - counts[n] / math.prod(shapes[n]):.3g})" for n in worst
              if 1.0 - counts[n] / math.prod(shapes[n]) < sparsity - 1e-9]
-    warnings.warn(
+    _warn.warn(
         f"sparsity={sparsity} cannot be reached: every layer keeps at least one weight, and the sparsity reached "
         f"over the sparsified layers is {achieved:.4g}; layers below the target (achieved sparsity): "
         f"{', '.join(short[:8])}{', ...' if len(short) > 8 else ''}. statistics()['sparsity/global'] reports the "
@@ -471,7 +470,7 @@ class DynamicSparsifier:
         self._ddp_ignored = [n for n in names if n not in existing]
         self.model._ddp_params_and_buffers_to_ignore = existing + self._ddp_ignored
         if isinstance(self.model, nn.parallel.DistributedDataParallel):
-            warnings.warn(
+            _warn.warn(
                 "DynamicSparsifier was given a DDP-wrapped model: DDP will broadcast the masks from rank 0 "
                 "every forward. Attach the sparsifier to the module before wrapping it.",
                 stacklevel=3,
@@ -703,7 +702,7 @@ class DynamicSparsifier:
             raise ValueError(f"`schedule.method` is {schedule.method!r} but the config says {self.config.method!r}")
         self.schedule = schedule
         if schedule.method in ("rigl", "set", "gmp", "topkast") and not schedule.update_steps():
-            warnings.warn(
+            _warn.warn(
                 f"no mask update fits in {schedule.total_steps} steps (update_every={schedule.update_interval}, "
                 f"steps {schedule.begin_step}..{schedule.end_step}): the masks stay as initialised",
                 stacklevel=2,

@@ -23,6 +23,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from .. import _gloo
 from .gmp import _prune_rows
 from .rigl import _rigl_rows
 from .set import _draw_growth_scores, _set_rows
@@ -103,9 +104,12 @@ def reduced_dense_grads(groups: dict[GroupKey, list[str]], weights: dict[str, to
     dense_grads.clear()
     world = dist.get_world_size(process_group) if dist.is_available() and dist.is_initialized() else 1
     if world > 1 and all_reduce:
-        works = [dist.all_reduce(g, group=process_group, async_op=True) for g in grads.values()]
+        works = [dist.all_reduce(_gloo.handed(g, process_group), group=process_group, async_op=True)
+                 for g in grads.values()]
         for w in works:
             w.wait()
+        works = w = None  # a work holds what it was handed
+        _gloo.wait_for_release()
         for g in grads.values():
             g.div_(world)
     return grads

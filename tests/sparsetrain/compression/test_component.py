@@ -217,8 +217,8 @@ def _ranks(rank, world):
 @pytest.mark.slow
 def test_on_two_ranks():
     results = run_distributed(_ranks, 2, timeout=180)
-    for r in results:
-        assert r["legacy_warned"] and r["legacy_group"]
+    for rank, r in enumerate(results):
+        assert r["legacy_warned"] is (rank == 0) and r["legacy_group"]  # the deprecation is said once, by rank 0
         assert r["diverged"] is not None and "config" in r["diverged"]
         assert r["verify_every"] is not None and "config" in r["verify_every"]
         assert r["removed_is_allreduce"] is True
