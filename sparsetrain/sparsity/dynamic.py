@@ -93,7 +93,7 @@ from .density import DISTRIBUTIONS, floor_count, layer_active_counts
 from .enforcement import optimizer_blocker
 from .masks import DEFAULT_MODULE_TYPES, random_mask
 from .schedules import DROP_SCHEDULES, METHODS, MaskSchedule
-from .update import GroupKey, group_layers, growth_scores, host_ints, reduced_dense_grads, update_groups
+from .update import GroupKey, group_layers, growth_scores, host_ints, nonfinite, reduced_dense_grads, update_groups
 
 __all__ = [
     "MASK_NAME",
@@ -879,13 +879,13 @@ class DynamicSparsifier:
         else:  # positions each layer drops (and grows)
             counts = {name: floor_count(drop * self._active[name]) for name in self._modules}
         # Layers alike are updated together, a few passes per group rather than per layer (the same
-        # masks: selections are exact). The active counts are known on the host, so nothing below
-        # waits for the device until the one copy of the per-layer counts at the end.
+        # masks: selections are exact). The active counts are known on the host, so beyond the
+        # finiteness check (one multi-tensor reduction and one copy of a number per layer, before
+        # anything changes) nothing waits for the device until the one copy of the per-layer counts
+        # at the end.
         weights = self._weights()
-        device = next(iter(weights.values())).device
-        finite = torch.stack([torch.isfinite(w).all().to(device) for w in weights.values()]).tolist()
-        if not all(finite):
-            bad = [name for name, ok in zip(weights, finite) if not ok]
+        bad = nonfinite(weights)
+        if bad:
             raise ValueError(
                 f"mask update at step {t}: the weights of layer(s) {', '.join(bad)} hold NaN or inf; a {method} "
                 "update would rank them arbitrarily. Fix the divergence (learning rate, loss scaling) or resume from "
