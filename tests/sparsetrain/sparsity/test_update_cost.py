@@ -107,3 +107,9 @@ def test_nonfinite_on_cuda_matches_the_reference():
     weights["w0"][0, 0] = float("nan")
     weights["w4"][63, 127] = float("inf")
     assert nonfinite(weights) == _reference(weights) == ["w0", "w1", "w4"]
+
+
+def test_nonfinite_takes_layers_of_mixed_dtypes():
+    weights = {"a": torch.randn(3, 3).bfloat16(), "b": torch.randn(3, 3), "c": torch.randn(2, 2).half()}
+    weights["c"][1, 1] = float("nan")
+    assert nonfinite(weights) == _reference(weights) == ["c"]
