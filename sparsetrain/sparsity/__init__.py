@@ -2,16 +2,17 @@
 
 Pure functions (densities, schedules, mask updates) and :class:`DynamicSparsifier`, the
 stateful object that keeps masks, keeps weights and optimizer states zero outside them and
-updates them on schedule, from a plain PyTorch loop. Modules: :mod:`.dynamic` (config and
-sparsifier), :mod:`.update` (the grouped mask update), :mod:`.enforcement` (when masks must be
-re-applied), :mod:`.masks`, :mod:`.rigl`, :mod:`.set`, :mod:`.gmp`, :mod:`.density`,
+updates them on schedule, from a plain PyTorch loop. Modules: :mod:`.config` (the config),
+:mod:`.dynamic` (the sparsifier), :mod:`.update` (the grouped mask update), :mod:`.enforcement`
+(when masks must be re-applied), :mod:`.masks`, :mod:`.rigl`, :mod:`.set`, :mod:`.gmp`, :mod:`.density`,
 :mod:`.schedules`, :mod:`.topkast` (Top-KAST's sets, penalty and sparsifier). The Lightning adapter is
 :class:`sparsetrain.callbacks.DynamicSparsity`; DeepSpeed ZeRO-1/2 support is in
 :mod:`sparsetrain.sparsity.deepspeed` (imported on demand).
 """
 
+from .config import DynamicSparsityConfig
 from .density import DISTRIBUTIONS, layer_active_counts, layer_densities
-from .dynamic import MASK_NAME, DynamicSparsifier, DynamicSparsityConfig, MaskDivergenceError
+from .dynamic import MASK_NAME, DynamicSparsifier, MaskDivergenceError
 from .enforcement import ZERO_PRESERVING_OPTIMIZERS
 from .gmp import magnitude_prune
 from .masks import DEFAULT_MODULE_TYPES, drop_smallest, grow_mask, keep_largest, random_mask, select_modules

@@ -1,7 +1,8 @@
-"""Dynamic sparse training from a plain loop: the config and the sparsifier that orchestrates it.
+"""Dynamic sparse training from a plain loop: the sparsifier that orchestrates it.
 
-:class:`DynamicSparsifier` owns the stateful side (masks, hooks, counts, the schedule); the
-algorithms are the pure functions of :mod:`.rigl`, :mod:`.set`, :mod:`.gmp` and :mod:`.density`;
+:class:`DynamicSparsifier` owns the stateful side (masks, hooks, counts, the schedule); its config,
+:class:`~sparsetrain.sparsity.DynamicSparsityConfig`, is in :mod:`.config` (and importable from here
+too); the algorithms are the pure functions of :mod:`.rigl`, :mod:`.set`, :mod:`.gmp` and :mod:`.density`;
 the grouped mask update is :mod:`.update`, the rule that decides when the masks must be re-applied
 is :mod:`.enforcement`, and the check that lets a gradient be masked in place is
 :mod:`._sole_owner`. Usage::
@@ -76,8 +77,8 @@ from __future__ import annotations
 import math
 import sys
 import weakref
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import InitVar, dataclass, field, fields
+from collections.abc import Callable, Iterator
+from dataclasses import fields
 from typing import Any
 
 import torch
@@ -86,13 +87,13 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from .. import _warn, contract
-from ..contract import check_patterns
 from ._sole_owner import sole_owner, sole_refs
-from .density import DISTRIBUTIONS, floor_count, layer_active_counts
+from .config import MATH_FIELDS, DynamicSparsityConfig
+from .density import floor_count, layer_active_counts
 from .enforcement import optimizer_blocker
-from .masks import DEFAULT_MODULE_TYPES, random_mask
-from .schedules import DROP_SCHEDULES, METHODS, MaskSchedule
-from .update import GroupKey, group_layers, growth_scores, host_ints, reduced_dense_grads, update_groups
+from .masks import random_mask
+from .schedules import MaskSchedule
+from .update import GroupKey, group_layers, growth_scores, host_ints, nonfinite, reduced_dense_grads, update_groups
 
 __all__ = [
     "MASK_NAME",
@@ -104,174 +105,8 @@ __all__ = [
 
 MASK_NAME = "weight_mask"
 _STATE_VERSION = 2
-#: Config fields that change what is computed: a state saved with another value is refused on load.
-MATH_FIELDS = ("method", "sparsity", "distribution", "update_every", "drop_fraction", "drop_schedule",
-               "begin_fraction", "end_fraction", "include", "exclude", "keep_first_dense", "keep_last_dense", "seed")
-
-
 class MaskDivergenceError(contract.RankDivergenceError):
     """Masks differ across ranks (raised on every rank by :meth:`DynamicSparsifier.check_ranks`)."""
-
-
-@dataclass(kw_only=True)
-class DynamicSparsityConfig:
-    """What to sparsify and how (everything but the run length).
-
-    Args:
-        method: ``"rigl"`` (Evci et al. 2020), ``"set"`` (Mocanu et al. 2018), ``"gmp"``
-            (dense-to-sparse, Zhu & Gupta 2017), ``"static"`` (random mask at init, fixed) or
-            ``"topkast"`` (Jayakumar et al. 2020, :mod:`.topkast`: forward set = the masks, a larger
-            backward set, dense weights kept).
-        sparsity: final fraction of zero weights over the sparsified layers, in [0, 1).
-        distribution: how the sparsity is spread over layers: ``"erk"``, ``"er"`` or ``"uniform"``
-            (see :func:`sparsetrain.sparsity.layer_densities`).
-        update_every: optimizer steps between mask updates (``dT``), >= 1.
-        drop_fraction: RigL/SET fraction of active weights replaced at the first update (``alpha``).
-        drop_schedule: ``"cosine"`` decay of the drop fraction to 0 at ``end_fraction`` (paper)
-            or ``"constant"``.
-        begin_fraction: fraction of training before the first update (gmp: where pruning starts).
-        end_fraction: fraction of training after which masks are frozen (gmp: where the final
-            sparsity is reached), in (0, 1].
-        include: module-name globs to sparsify (default: every Linear / Conv1d/2d/3d).
-        exclude: module-name globs to leave dense.
-        keep_first_dense: leave the first selected module dense.
-        keep_last_dense: leave the last selected module dense.
-        module_types: module classes that can be sparsified.
-        seed: seed of the generator drawing random masks and SET growth (same on every rank).
-        verify_every: compare a fingerprint of the masks across ranks (:meth:`DynamicSparsifier.check_ranks`)
-            after every mask update and every ``verify_every`` optimizer steps (default 100: masks change
-            only at updates, so the periodic check only guards against outside writes); 0: never.
-        enforce_interval: when to zero weights and same-shape optimizer states outside the masks
-            besides attach, mask updates and loads (where it always happens). ``"auto"``
-            (default): never, when every attached optimizer is one of
-            :data:`ZERO_PRESERVING_OPTIMIZERS` (whose update keeps those zeros exactly, because the
-            gradient is masked before the optimizer sees it), the gradient hooks are in place and
-            no state masker is registered; otherwise after every optimizer step. An int ``N >= 1``:
-            after every N-th optimizer step, whatever the optimizer (1 is the safe choice for an
-            optimizer that can move a weight whose gradient and state are zero).
-        grad_masking: where gradients are masked. ``"hook"`` (default): a gradient hook per
-            sparsified weight, so everything that reads gradients (DDP and its communication
-            hooks, gradient clipping, DeepSpeed) sees masked ones. ``"step"``: one pass over all
-            of them just before each attached optimizer's step (an ``optimizer.register_step_pre_hook``
-            calling :meth:`DynamicSparsifier.mask_gradients`), which saves the per-layer hook calls
-            that dominate small steps. Then DDP reduces, and communication hooks see, unmasked
-            gradients (do not combine it with gradient compression or DeepSpeed); gradient clipping
-            must come after :meth:`DynamicSparsifier.mask_gradients` (the Lightning callback calls it
-            before clipping); RigL's dense gradient is taken as the optimizer would see it (after
-            DDP's averaging) instead of being all-reduced by the sparsifier.
-        backward_extra: Top-KAST's ``M``: the backward set of a layer holds ``floor(M * numel)`` more
-            weights than its forward set (the mask), in (0, 1 - forward density]; other methods ignore it.
-        exploration_penalty: Top-KAST's L2 scale ``lambda`` of the exploration penalty (``lambda * W``
-            added to the gradient on the forward set, ``lambda * W / D`` on the rest of the backward
-            set), >= 0; other methods ignore it.
-        update_interval: deprecated spelling of ``update_every`` (a ``FutureWarning``).
-        check_sync: deprecated: ``verify_every=100`` (``True``) or ``0`` (``False``), with a ``FutureWarning``.
-    """
-
-    method: str = "rigl"
-    sparsity: float = 0.8
-    distribution: str = "erk"
-    update_every: int = 100
-    drop_fraction: float = 0.3
-    drop_schedule: str = "cosine"
-    begin_fraction: float = 0.0
-    end_fraction: float = 0.75
-    include: Sequence[str] | None = None
-    exclude: Sequence[str] = ()
-    keep_first_dense: bool = False
-    keep_last_dense: bool = False
-    module_types: tuple[type[nn.Module], ...] = field(default=DEFAULT_MODULE_TYPES)
-    seed: int = 0
-    verify_every: int = 100
-    enforce_interval: int | str = "auto"
-    grad_masking: str = "hook"
-    backward_extra: float = 0.1
-    exploration_penalty: float = 1e-4
-    # deprecated spellings, accepted with a FutureWarning (and still readable as properties)
-    update_interval: InitVar[int | None] = None
-    check_sync: InitVar[bool | None] = None
-
-    def __post_init__(self, update_interval: int | None, check_sync: bool | None) -> None:
-        every_arg = "update_every"
-        if update_interval is not None:
-            _warn.warn("`update_interval` is deprecated: use `update_every`", FutureWarning, stacklevel=3)
-            self.update_every, every_arg = update_interval, "update_interval"
-        if check_sync is not None:
-            _warn.warn("`check_sync` is deprecated: use `verify_every` (True -> 100, False -> 0)", FutureWarning,
-                          stacklevel=3)
-            if not isinstance(check_sync, bool):
-                raise ValueError(f"`check_sync` must be a bool, got {check_sync!r}")
-            self.verify_every = 100 if check_sync else 0
-        if self.grad_masking not in ("hook", "step"):
-            raise ValueError(f"`grad_masking` must be 'hook' or 'step', got {self.grad_masking!r}")
-        if self.method not in METHODS:
-            raise ValueError(f"`method` must be one of {', '.join(METHODS)}, got {self.method!r}")
-        if isinstance(self.sparsity, bool) or not isinstance(self.sparsity, (int, float)) \
-                or not 0.0 <= self.sparsity < 1.0:
-            raise ValueError(f"`sparsity` must be in [0, 1), got {self.sparsity!r}")
-        if self.distribution not in DISTRIBUTIONS:
-            raise ValueError(f"`distribution` must be one of {', '.join(DISTRIBUTIONS)}, got {self.distribution!r}")
-        if isinstance(self.update_every, bool) or not isinstance(self.update_every, int) or self.update_every < 1:
-            raise ValueError(f"`{every_arg}` must be an int >= 1, got {self.update_every!r}")
-        if isinstance(self.verify_every, bool) or not isinstance(self.verify_every, int) or self.verify_every < 0:
-            raise ValueError(f"`verify_every` must be an int >= 0, got {self.verify_every!r}")
-        for name in ("drop_fraction", "begin_fraction", "end_fraction"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-                raise TypeError(f"`{name}` must be a finite number, got {value!r} ({type(value).__name__})")
-        if not 0.0 <= self.drop_fraction <= 1.0:
-            raise ValueError(f"`drop_fraction` must be in [0, 1], got {self.drop_fraction!r}")
-        if self.drop_schedule not in DROP_SCHEDULES:
-            raise ValueError(
-                f"`drop_schedule` must be one of {', '.join(DROP_SCHEDULES)}, got {self.drop_schedule!r}"
-            )
-        if not 0.0 < self.end_fraction <= 1.0:
-            raise ValueError(f"`end_fraction` must be in (0, 1], got {self.end_fraction!r}")
-        if not 0.0 <= self.begin_fraction < self.end_fraction:
-            raise ValueError(
-                f"`begin_fraction` must be in [0, end_fraction={self.end_fraction}), got {self.begin_fraction!r}"
-            )
-        self.include = check_patterns(self.include, "include")
-        self.exclude = check_patterns(self.exclude, "exclude") or ()
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
-            raise ValueError(f"`seed` must be an int, got {self.seed!r}")
-        for name in ("keep_first_dense", "keep_last_dense"):
-            if not isinstance(getattr(self, name), bool):
-                raise TypeError(f"`{name}` must be a bool (True or False), got {getattr(self, name)!r}")
-        if self.enforce_interval != "auto" and (
-            isinstance(self.enforce_interval, bool) or not isinstance(self.enforce_interval, int)
-            or self.enforce_interval < 1
-        ):
-            raise ValueError(f"`enforce_interval` must be 'auto' or an int >= 1, got {self.enforce_interval!r}")
-        from .topkast import check_topkast_fields
-
-        check_topkast_fields(self)
-
-    def schedule(self, total_steps: int) -> MaskSchedule:
-        """The schedule of a run of ``total_steps`` optimizer steps."""
-        return MaskSchedule.from_fractions(
-            method=self.method, sparsity=float(self.sparsity), total_steps=total_steps,
-            update_interval=self.update_every, begin_fraction=self.begin_fraction,
-            end_fraction=self.end_fraction, drop_fraction=self.drop_fraction, drop_schedule=self.drop_schedule,
-        )
-
-
-def _deprecated_alias(old: str, new: str, to_new: Callable[[Any], Any], to_old: Callable[[Any], Any]) -> property:
-    def get(self: Any) -> Any:
-        return to_old(getattr(self, new))
-
-    def set_(self: Any, value: Any) -> None:
-        _warn.warn(f"`{old}` is deprecated: use `{new}`", FutureWarning, stacklevel=2)
-        setattr(self, new, to_new(value))
-
-    return property(get, set_, doc=f"Deprecated alias of ``{new}``.")
-
-
-# The InitVars' defaults are already in the generated __init__; reading the old names goes through these.
-DynamicSparsityConfig.update_interval = _deprecated_alias(  # type: ignore[assignment]
-    "update_interval", "update_every", int, int)
-DynamicSparsityConfig.check_sync = _deprecated_alias(  # type: ignore[assignment]
-    "check_sync", "verify_every", lambda v: 100 if v else 0, lambda v: v > 0)
 
 
 def _check_total_steps(total_steps: Any) -> None:
@@ -878,13 +713,13 @@ class DynamicSparsifier:
         else:  # positions each layer drops (and grows)
             counts = {name: floor_count(drop * self._active[name]) for name in self._modules}
         # Layers alike are updated together, a few passes per group rather than per layer (the same
-        # masks: selections are exact). The active counts are known on the host, so nothing below
-        # waits for the device until the one copy of the per-layer counts at the end.
+        # masks: selections are exact). The active counts are known on the host, so beyond the
+        # finiteness check (one multi-tensor reduction and one copy of a number per layer, before
+        # anything changes) nothing waits for the device until the one copy of the per-layer counts
+        # at the end.
         weights = self._weights()
-        device = next(iter(weights.values())).device
-        finite = torch.stack([torch.isfinite(w).all().to(device) for w in weights.values()]).tolist()
-        if not all(finite):
-            bad = [name for name, ok in zip(weights, finite) if not ok]
+        bad = nonfinite(weights)
+        if bad:
             raise ValueError(
                 f"mask update at step {t}: the weights of layer(s) {', '.join(bad)} hold NaN or inf; a {method} "
                 "update would rank them arbitrarily. Fix the divergence (learning rate, loss scaling) or resume from "

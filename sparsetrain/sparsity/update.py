@@ -18,6 +18,7 @@ Shape suffixes: ``L`` layers of one group (rows), ``N`` positions of one flatten
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -28,8 +29,8 @@ from .gmp import _prune_rows
 from .rigl import _rigl_rows
 from .set import _draw_growth_scores, _set_rows
 
-__all__ = ["GroupKey", "group_layers", "growth_scores", "host_ints", "reduced_dense_grads", "stack_rows",
-           "update_groups"]
+__all__ = ["GroupKey", "group_layers", "growth_scores", "host_ints", "nonfinite", "reduced_dense_grads",
+           "stack_rows", "update_groups"]
 
 #: ``(shape, dtype, device, active count, selection size, layer name or None)``: layers with equal keys are
 #: updated together (the name is set for a layer updated alone).
@@ -51,6 +52,26 @@ def host_ints(values: list[torch.Tensor]) -> list[int]:
             out[i] = [int(x) for x in flat[start:start + n]]
             start += n
     return [x for part in out for x in part]
+
+
+@torch.no_grad()
+def nonfinite(weights: dict[str, torch.Tensor]) -> list[str]:
+    """The names of the tensors that hold a NaN or an infinity, in order.
+
+    One ``torch._foreach_norm(..., inf)`` per device (the largest ``|w|`` of every tensor, NaN where
+    one is NaN: a multi-tensor kernel for all of them on an accelerator) and one device-to-host copy
+    of those few numbers, instead of a ``torch.isfinite(w).all()`` (several full passes and kernel
+    launches) per tensor. The largest magnitude never overflows, so a finite tensor is never
+    reported, whatever its dtype.
+    """
+    by_device: dict[torch.device, list[str]] = {}
+    for name, w in weights.items():
+        by_device.setdefault(w.device, []).append(name)
+    bad = set()
+    for names in by_device.values():
+        peaks = torch.stack(torch._foreach_norm([weights[n] for n in names], float("inf"))).tolist()
+        bad.update(n for n, peak in zip(names, peaks) if not math.isfinite(peak))
+    return [name for name in weights if name in bad]
 
 
 def stack_rows(tensors: list[torch.Tensor]) -> torch.Tensor:

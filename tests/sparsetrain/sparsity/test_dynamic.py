@@ -652,3 +652,12 @@ def test_crash_and_resume_is_bit_exact_with_masking_before_the_step(stop):
     for (n1, p1), (n2, p2) in zip(ref_model.state_dict().items(), model.state_dict().items()):
         assert n1 == n2 and torch.equal(p1, p2), n1
     assert sp.statistics() == ref_sp.statistics()
+
+
+def test_the_config_is_importable_from_every_path_it_had():
+    from sparsetrain import sparsity
+    from sparsetrain.sparsity import config, dynamic
+
+    assert sparsity.DynamicSparsityConfig is dynamic.DynamicSparsityConfig is config.DynamicSparsityConfig
+    assert dynamic.MATH_FIELDS is config.MATH_FIELDS
+    assert {"DynamicSparsityConfig", "MATH_FIELDS"} <= set(dynamic.__all__)
