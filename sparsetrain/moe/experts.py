@@ -51,28 +51,9 @@ def _loop_mm(x_ND: torch.Tensor, w_EDF: torch.Tensor, offs_E: torch.Tensor) -> t
     return torch.cat(pieces, dim=0)
 
 
-class _ZeroEmptyGroupGrads(torch.autograd.Function):
-    """Identity on ``w_EDF``; in the backward pass the slices of experts without rows get a zero
-    gradient. ``torch._grouped_mm``'s backward leaves those slices unwritten (nonzero values seen
-    on an H100 with torch 2.11), where the loop gives exact zeros."""
-
-    @staticmethod
-    def forward(ctx, w_EDF: torch.Tensor, offs_E: torch.Tensor) -> torch.Tensor:
-        ctx.save_for_backward(offs_E)
-        return w_EDF.view_as(w_EDF)
-
-    @staticmethod
-    def backward(ctx, grad_EDF: torch.Tensor) -> tuple[torch.Tensor, None]:
-        (offs_E,) = ctx.saved_tensors
-        empty_E = torch.diff(offs_E, prepend=offs_E.new_zeros(1)) == 0  # on the device: no host sync
-        return grad_EDF.masked_fill(empty_E.view(-1, 1, 1), 0), None
-
-
 def _grouped_mm(x_ND: torch.Tensor, w_EDF: torch.Tensor, offs_E: torch.Tensor) -> torch.Tensor:
     """Row groups of ``x_ND`` times their expert's ``w_EDF[e]`` -> ``[N, F]`` (the kernel seam)."""
     if _use_grouped_kernel(x_ND, w_EDF):
-        if w_EDF.requires_grad:
-            w_EDF = _ZeroEmptyGroupGrads.apply(w_EDF, offs_E)
         return torch._grouped_mm(x_ND, w_EDF, offs=offs_E)
     return _loop_mm(x_ND, w_EDF, offs_E)
 

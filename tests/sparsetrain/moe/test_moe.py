@@ -287,7 +287,8 @@ def test_grouped_kernel_matches_loop_in_bf16_on_gpu_without_host_sync(monkeypatc
     layer = MoE(64, 128, 8, 2, **kw).cuda().to(torch.bfloat16)
     with torch.no_grad():
         layer.router.weight_ED[5:] = -10.0  # experts 5-7 get no token: empty groups in the grouped GEMM
-    x = torch.randn(256, 64, device="cuda", dtype=torch.bfloat16)
+    # positive inputs: the rows of -10 give experts 5-7 scores far below the others' for every token
+    x = torch.randn(256, 64, device="cuda", dtype=torch.bfloat16).abs()
     assert experts_mod._use_grouped_kernel(x, layer.experts.w1_EFD.transpose(-2, -1))
 
     def run():
@@ -345,16 +346,3 @@ def test_router_config_mismatch():
     with pytest.raises(ValueError, match="num_experts"):
         MoE(16, 24, 4, 2, router=RouterConfig(num_experts=3, k=2))
 
-
-def test_empty_expert_slices_get_a_zero_weight_gradient_from_the_kernel_seam():
-    # the guard on torch._grouped_mm's backward, which leaves the slices of empty groups unwritten
-    from sparsetrain.moe.experts import _ZeroEmptyGroupGrads
-
-    w = torch.randn(4, 3, 2, requires_grad=True)
-    offs = torch.tensor([2, 2, 5, 5])  # experts 1 and 3 have no rows
-    y = _ZeroEmptyGroupGrads.apply(w, offs)
-    assert torch.equal(y, w)
-    g = torch.full_like(w, float("nan"))  # garbage in every slice
-    y.backward(g)
-    assert torch.equal(w.grad[[1, 3]], torch.zeros(2, 3, 2))
-    assert torch.isnan(w.grad[[0, 2]]).all()
