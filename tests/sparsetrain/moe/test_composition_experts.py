@@ -6,7 +6,8 @@ expert slice (residuals and momenta keyed ``"<stack>.<e>"``). Checked after EVER
 and no same-shape optimizer state nonzero outside its mask, no DGC residual or momentum nonzero outside the
 mask of its expert slice (rule 3 of docs/architecture.md: nothing pruned by a mask update is revived by
 gradient sent later from a residual), both ranks identical; and a run stopped halfway and resumed from its
-saved state ends bit for bit where the uninterrupted run ends.
+saved state ends bit for bit where the uninterrupted run ends. The same through Lightning (the
+``DynamicSparsity`` and ``GradientCompression`` callbacks, resumed from a checkpoint).
 """
 
 from __future__ import annotations
@@ -69,7 +70,7 @@ def _violations(model, opt, dyn, dgc, step_masks) -> dict[str, int]:
             if isinstance(value, torch.Tensor) and value.shape == w.shape:
                 out["state_outside_mask"] += int(((value != 0) & ~mask).sum())
     masks = step_masks
-    state = dgc.state_dict()
+    state = dgc.state_dict() if dgc is not None else {"residuals": {}, "momenta": {}}
     for table in (state["residuals"], state["momenta"]):
         for key, t in table.items():
             stack, _, e = key.rpartition(".")
@@ -164,3 +165,91 @@ def test_ranks_identical_and_resume_exact_with_dgc(runs, case):
     assert [h["digest"] for h in first["history"]] == [h["digest"] for h in second["history"]]
     for result in runs:
         assert result[case]["resumed"] == result[case]["full"]
+
+
+# ---------------------------------------------------------------------- through Lightning: the callbacks
+
+LIGHTNING_STEPS, LIGHTNING_HALF = 8, 4
+
+
+def _lightning_rank(rank, world, tmp):
+    import lightning.pytorch as pl
+    from sparsetrain.callbacks import DynamicSparsity, GradientCompression
+    from torch.utils.data import DataLoader, TensorDataset
+
+    class Task(pl.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.net = UserMoENet()
+
+        def training_step(self, batch, batch_idx):
+            x, y = batch
+            return nn.functional.cross_entropy(self.net(x), y)
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    class Probe(pl.Callback):
+        """The invariants after every optimizer step (it runs after the components' callbacks)."""
+
+        def __init__(self, dyn, comp):
+            self.dyn, self.comp, self.history, self.step_masks = dyn, comp, [], None
+
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            self.step_masks = {n: m.clone() for n, m in self.dyn.sparsifier.masks().items()}
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            rec = _violations(pl_module, trainer.optimizers[0], self.dyn.sparsifier, self.comp.state, self.step_masks)
+            self.history.append({"digest": _digest(pl_module), "updates": self.dyn.sparsifier.update_count, **rec})
+
+    class StopAndSave(pl.Callback):
+        def __init__(self, path):
+            self.path = path
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            if trainer.global_step == LIGHTNING_HALF:
+                trainer.save_checkpoint(self.path)
+                trainer.should_stop = True
+
+    g = torch.Generator().manual_seed(7)
+    n = 24 * LIGHTNING_HALF * world  # one epoch is LIGHTNING_HALF steps per rank
+    data = TensorDataset(torch.randn(n, 12, generator=g), torch.randint(0, 4, (n,), generator=g))
+
+    def fit(stop_at=None, ckpt=None):
+        pl.seed_everything(0, verbose=False)
+        dyn = DynamicSparsity(method="rigl", sparsity=0.85, update_every=2, drop_fraction=0.5, end_fraction=1.0,
+                              include=["net.moe.experts.w*", "net.inp"])
+        comp = GradientCompression(density=0.05, min_numel=16, warmup_steps=2, ramp_steps=0)
+        probe = Probe(dyn, comp)
+        callbacks = [dyn, comp, probe] + ([StopAndSave(stop_at)] if stop_at else [])
+        trainer = pl.Trainer(accelerator="cpu", devices=world, strategy="ddp", max_steps=LIGHTNING_STEPS,
+                             logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                             enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0,
+                             default_root_dir=tmp, callbacks=callbacks)
+        task = Task()
+        trainer.fit(task, DataLoader(data, batch_size=24), ckpt_path=ckpt)
+        return task, probe, dyn
+
+    task, probe, dyn = fit()
+    masks = sorted(dyn.sparsifier.masks())
+    full = _digest(task)
+    path = os.path.join(tmp, "moe.ckpt")  # written by rank 0, read by both
+    fit(stop_at=path)
+    task, _, _ = fit(ckpt=path)
+    return {"history": probe.history, "full": full, "resumed": _digest(task), "masks": masks}
+
+
+def test_lightning_callbacks_on_expert_stacks_with_dgc():
+    with tempfile.TemporaryDirectory() as tmp:
+        runs = run_distributed(_lightning_rank, 2, tmp, timeout=600, lightning=True)
+    for rank, result in enumerate(runs):
+        assert result["masks"] == ["net.inp.weight", "net.moe.experts.w1_EFD", "net.moe.experts.w2_EDF",
+                                   "net.moe.experts.w3_EFD"]
+        history = result["history"]
+        assert len(history) == LIGHTNING_STEPS and history[-1]["updates"] >= 3
+        for step, rec in enumerate(history, 1):
+            for key in ("weights_outside_mask", "state_outside_mask", "dgc_outside_mask"):
+                assert rec[key] == 0, f"rank {rank} step {step}: {rec}"
+        assert history[-1]["dgc_slices"] >= 12
+        assert result["resumed"] == result["full"]
+    assert [h["digest"] for h in runs[0]["history"]] == [h["digest"] for h in runs[1]["history"]]
