@@ -62,6 +62,15 @@ def _sp(model, method="rigl", **kw):
 
 def test_stacked_mark_is_the_one_gradient_compression_reads():
     assert STACKED_ATTR == DGC_STACKED_ATTR
+    assert all(getattr(p, STACKED_ATTR, False) for p in _model().moe.experts.parameters())
+
+
+def test_the_per_expert_functions_are_written_once():
+    from sparsetrain.moe import sparsity as moe_sparsity
+    from sparsetrain.sparsity import stacked
+
+    for name in moe_sparsity.__all__:
+        assert getattr(moe_sparsity, name) is getattr(stacked, name)
 
 
 def test_stacks_are_selected_by_parameter_name_and_only_when_named():
@@ -105,8 +114,11 @@ def _dense_grads(model, step):
     return dict(zip(names, torch.autograd.grad(loss, [params[n] for n in names], allow_unused=True)))
 
 
+@pytest.mark.parametrize("grouped", [False, True])
 @pytest.mark.parametrize("grad_masking", ["hook", "step"])
-def test_rigl_update_is_rigl_of_every_expert_slice(grad_masking):
+def test_rigl_update_is_rigl_of_every_expert_slice(grad_masking, grouped, monkeypatch):
+    # grouped: the expert slices of one shape selected together, as on an accelerator
+    monkeypatch.setattr(DynamicSparsifier, "_group_on_cpu", grouped)
     model = _model()
     sp = _sp(model, grad_masking=grad_masking)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
@@ -130,9 +142,10 @@ def test_rigl_update_is_rigl_of_every_expert_slice(grad_masking):
     assert sp.statistics()["sparsity/updates"] == 3
 
 
-def test_set_keeps_each_experts_count_and_is_reproducible():
+def test_set_keeps_each_experts_count_and_is_reproducible(monkeypatch):
     runs = []
-    for _ in range(2):
+    for grouped in (False, True):  # grouped or not, the same growth (drawn per slice, in order)
+        monkeypatch.setattr(DynamicSparsifier, "_group_on_cpu", grouped)
         model = _model()
         sp = _sp(model, method="set")
         opt = torch.optim.SGD(model.parameters(), lr=0.1)
