@@ -315,3 +315,37 @@ def test_rank_check_and_expert_parallel_refusal_on_two_ranks():
     for r in (r0, r1):
         assert "moe.experts.w2_EDF" in r["divergence"]
         assert "expert stack 'moe.experts.w1_EFD' is expert-parallel (ep_size=2)" in r["ep"]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("method", ["rigl", "set"])
+def test_expert_slices_on_cuda(method):
+    """On CUDA the expert slices of one shape are selected together (the grouped path); RigL's masks are the
+    per-slice reference's, SET keeps every expert's count, weights stay zero outside the masks."""
+    model = _model().cuda()
+    sp = _sp(model, method=method)
+    opt = torch.optim.AdamW(model.parameters(), lr=0.01)
+    sp.attach_optimizer(opt, hook=False)
+    counts = {s: sp.masks()[s].reshape(E, -1).sum(1) for s in STACKS}
+    for step in range(3):
+        x, y = (t.cuda() for t in _batch(step))
+        params = {n: p.detach().clone().requires_grad_() for n, p in model.named_parameters()}
+        out = torch.func.functional_call(model, params, (x,))
+        dense = dict(zip(params, torch.autograd.grad(nn.functional.cross_entropy(out, y), list(params.values()),
+                                                     allow_unused=True)))
+        nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+        before = {s: (dict(model.named_parameters())[s].detach().clone(), sp.masks()[s].clone()) for s in STACKS}
+        drop = sp.schedule.drop_fraction_at(step + 1)
+        sp.step()
+        opt.zero_grad()
+        for s in STACKS:
+            mask = sp.masks()[s]
+            assert mask.is_cuda and torch.equal(mask.reshape(E, -1).sum(1), counts[s])
+            assert not dict(model.named_parameters())[s].detach()[~mask].any()
+            if method == "rigl":
+                w, m = before[s]
+                want = torch.stack([rigl_update(w[e], dense[s][e], m[e], floor_count(drop * int(m[e].sum())))
+                                    for e in range(E)])
+                assert torch.equal(mask, want), (step, s)
