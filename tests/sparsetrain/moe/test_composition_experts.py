@@ -253,3 +253,25 @@ def test_lightning_callbacks_on_expert_stacks_with_dgc():
         assert history[-1]["dgc_slices"] >= 12
         assert result["resumed"] == result["full"]
     assert [h["digest"] for h in runs[0]["history"]] == [h["digest"] for h in runs[1]["history"]]
+
+
+def test_dgc_clears_each_expert_slice_outside_its_mask():
+    """Rule 3 per expert slice, one process: state keyed ``"<stack>.<e>"`` is zeroed outside slice e of the
+    stack's ``[E, ...]`` gradient mask when the masks change; state of other parameters is left alone."""
+    from sparsetrain.compression import DGCState
+    from sparsetrain.sparsity import DynamicSparsifier
+
+    torch.manual_seed(0)
+    model = UserMoENet()
+    dyn = DynamicSparsifier(model, method="static", sparsity=0.8, include=["*.experts.w1_EFD"], total_steps=4)
+    dgc = DGCState(model, density=0.05, min_numel=16)
+    mask = dyn.masks()["moe.experts.w1_EFD"]
+    engine = dgc.engine
+    engine.residuals = {f"moe.experts.w1_EFD.{e}": torch.ones(mask[e].numel()) for e in range(4)}
+    engine.residuals["head.weight"] = torch.ones(64)
+    engine.momenta = {"moe.experts.w1_EFD.3": torch.full((mask[3].numel(),), 2.0)}
+    engine.follow_masks()
+    for e in range(4):
+        assert torch.equal(engine.residuals[f"moe.experts.w1_EFD.{e}"], mask[e].reshape(-1).float())
+    assert torch.equal(engine.momenta["moe.experts.w1_EFD.3"], 2.0 * mask[3].reshape(-1).float())
+    assert torch.equal(engine.residuals["head.weight"], torch.ones(64))
