@@ -291,8 +291,8 @@ class DynamicSparsifier:
                     "layer can be masked by one component only; leave it out with `include` / `exclude`"
                 )
         # Layers by module name (their `weight`, masked by a `weight_mask` buffer) and expert stacks by
-        # parameter name (`<module>.w1_EFD`, masked per expert slice by a `w1_EFD_mask` buffer of the module).
-        # in registration order of the modules (a stack at its owning module, in parameter order)
+        # parameter name (`<module>.w1_EFD`, masked per expert slice by a `w1_EFD_mask` buffer of the module),
+        # in registration order of the modules (a stack at its owning module, in parameter order).
         order = {m: i for i, m in enumerate(_root(model).modules())}
         merged = [(order[m], 0, name, m) for name, m in layers.items()]
         merged += [(order[m], 1 + i, name, m) for i, (name, (m, _)) in enumerate(stacks.items())]
@@ -305,10 +305,8 @@ class DynamicSparsifier:
         contract.attach(model, self, claimed=[self._param_key(name) for name in self._modules])
         self._shapes = {name: tuple(self._weight(name).shape) for name in self._modules}
         self._stacked = {name: self._shapes[name][0] for name in stacks}
-        if config.method == "gmp" or config.sparsity == 0.0:
-            counts = stack_active_counts(self._shapes, self._stacked, 0.0, config.distribution)
-        else:
-            counts = stack_active_counts(self._shapes, self._stacked, float(config.sparsity), config.distribution)
+        start = 0.0 if config.method == "gmp" else float(config.sparsity)  # GMP starts dense
+        counts = stack_active_counts(self._shapes, self._stacked, start, config.distribution)
         for name, c in counts.items():
             if name in self._stacked:
                 self._slice_expected[name] = list(c)
@@ -340,8 +338,6 @@ class DynamicSparsifier:
             self.attach_optimizer(optimizer, hook=hook_optimizer)
         self.apply_masks()
 
-    # ------------------------------------------------------------------ wiring
-
     # ------------------------------------------------------------------ layers and expert stacks
 
     def _weight(self, name: str) -> torch.Tensor:
@@ -365,6 +361,8 @@ class DynamicSparsifier:
     def _grad_mask_key(self, name: str) -> str:
         """The buffer outside which layer ``name``'s gradient is zeroed."""
         return self._grad_mask_name if self._attrs[name][0] == "weight" else self._attrs[name][1]
+
+    # ------------------------------------------------------------------ wiring
 
     def _exclude_masks_from_ddp(self) -> None:
         prefix = {m: n for n, m in self.model.named_modules()}
