@@ -65,8 +65,9 @@ class DynamicSparsity(ComponentCallback):
         drop_schedule: ``"cosine"`` (decays to 0 at ``end_fraction``) or ``"constant"``.
         begin_fraction: fraction of training before the first update (gmp: start of pruning), in [0, end_fraction).
         end_fraction: fraction of training after which masks are frozen, in (0, 1].
-        include: module-name globs to sparsify (default: all Linear / Conv layers).
-        exclude: module-name globs to keep dense.
+        include: module-name globs to sparsify (default: all Linear / Conv layers); MoE expert stacks are
+            matched by parameter name and sparsified per expert only when named (``"model.*.experts.w*"``).
+        exclude: module-name (or expert-stack parameter-name) globs to keep dense.
         keep_first_dense: keep the first selected layer dense.
         keep_last_dense: keep the last selected layer dense.
         seed: seed of the mask generator (the same on every rank).

@@ -290,8 +290,12 @@ class CompressionEngine:
         for table in (self.residuals, self.momenta):
             for name, t in table.items():
                 mask = masks.get(name)
-                if mask is None:
-                    continue
+                if mask is None:  # an expert slice "<stack>.<e>" of a stacked parameter: its slice of the mask
+                    stack, _, e = name.rpartition(".")
+                    mask = masks.get(stack)
+                    if mask is None or not e.isdigit() or mask.dim() < 2 or int(e) >= mask.shape[0]:
+                        continue
+                    mask = mask[int(e)]
                 if mask.numel() != t.numel():
                     raise ValueError(
                         f"the gradient mask of parameter {name!r} has {mask.numel()} elements, "

@@ -5,8 +5,9 @@ stateful object that keeps masks, keeps weights and optimizer states zero outsid
 updates them on schedule, from a plain PyTorch loop. Modules: :mod:`.config` (the config),
 :mod:`.dynamic` (the sparsifier), :mod:`.update` (the grouped mask update), :mod:`.enforcement`
 (when masks must be re-applied), :mod:`.masks`, :mod:`.rigl`, :mod:`.set`, :mod:`.gmp`, :mod:`.density`,
-:mod:`.schedules`, :mod:`.topkast` (Top-KAST's sets, penalty and sparsifier). The Lightning adapter is
-:class:`sparsetrain.callbacks.DynamicSparsity`; DeepSpeed ZeRO-1/2 support is in
+:mod:`.schedules`, :mod:`.topkast` (Top-KAST's sets, penalty and sparsifier), :mod:`.stacked` (MoE expert
+stacks ``[E, ...]``: selection by parameter name, densities, masks and updates per expert slice). The
+Lightning adapter is :class:`sparsetrain.callbacks.DynamicSparsity`; DeepSpeed ZeRO-1/2 support is in
 :mod:`sparsetrain.sparsity.deepspeed` (imported on demand).
 """
 

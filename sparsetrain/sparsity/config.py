@@ -48,10 +48,13 @@ class DynamicSparsityConfig:
         begin_fraction: fraction of training before the first update (gmp: where pruning starts).
         end_fraction: fraction of training after which masks are frozen (gmp: where the final
             sparsity is reached), in (0, 1].
-        include: module-name globs to sparsify (default: every Linear / Conv1d/2d/3d).
-        exclude: module-name globs to leave dense.
-        keep_first_dense: leave the first selected module dense.
-        keep_last_dense: leave the last selected module dense.
+        include: module-name globs to sparsify (default: every Linear / Conv1d/2d/3d). Stacked MoE
+            expert weights are selected by parameter name, only when a glob here matches it
+            (``"*.experts.w1_EFD"``, ``"*.experts.w*"``): each expert slice is then masked as a layer of
+            its own (:mod:`sparsetrain.sparsity.stacked`; expert-parallel size 1 only).
+        exclude: module-name (or expert-stack parameter-name) globs to leave dense.
+        keep_first_dense: leave the first selected module dense (modules only, not expert stacks).
+        keep_last_dense: leave the last selected module dense (modules only).
         module_types: module classes that can be sparsified.
         seed: seed of the generator drawing random masks and SET growth (same on every rank).
         verify_every: compare a fingerprint of the masks across ranks (:meth:`DynamicSparsifier.check_ranks`)

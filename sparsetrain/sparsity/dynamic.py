@@ -70,6 +70,15 @@ How the invariants are kept (each is tested):
   random numbers for large tensors depend on the launch grid (the GPU's multiprocessor count),
   may differ between GPU models: the ranks of one run need GPUs of one model (else the fingerprint
   check raises).
+- Stacked MoE expert weights (``GroupedExperts.w1_EFD`` / ``w2_EDF`` / ``w3_EFD``, marked by
+  :data:`.stacked.STACKED_ATTR`) are sparsified when ``include`` names them by parameter name
+  (``"*.experts.w1_EFD"``). Each gets a persistent ``[E, ...]`` bool buffer ``<attr>_mask`` beside it
+  (``w1_EFD_mask``) and is keyed by its parameter name in :meth:`DynamicSparsifier.masks`. Every
+  expert slice is a layer of its own for the densities (ERK with E not a fan dimension), the
+  per-slice active counts (checked on load) and the RigL / SET / GMP updates (the units of an
+  update are ``"<stack>.<e>"``); weights, gradients and optimizer states are masked with the whole
+  ``[E, ...]`` mask. Only at expert-parallel size 1 (and not with Top-KAST): an expert-parallel
+  stack is refused at construction, naming it.
 """
 
 from __future__ import annotations
@@ -93,6 +102,7 @@ from .density import floor_count, layer_active_counts
 from .enforcement import optimizer_blocker
 from .masks import random_mask
 from .schedules import MaskSchedule
+from .stacked import _root, expert_parallel_size, expert_random_masks, select_layers_and_stacks, stack_active_counts
 from .update import GroupKey, group_layers, growth_scores, host_ints, nonfinite, reduced_dense_grads, update_groups
 
 __all__ = [
@@ -164,7 +174,8 @@ class DynamicSparsifier:
     Raises:
         TypeError: ``config`` is not a :class:`DynamicSparsityConfig`.
         ValueError: both ``config`` and config fields, a filter matching no layer, a layer claimed by
-            another component, a module that already has a ``weight_mask``.
+            another component, a module that already has a ``weight_mask``, an expert stack that is
+            expert-parallel (``ep_size > 1``) or selected with ``method="topkast"``.
 
     Example::
 
@@ -254,10 +265,23 @@ class DynamicSparsifier:
         self._regrown_total = 0
         self._last_update = {"regrown": 0, "drop_fraction": 0.0, "target": None}
 
-        layers = contract.select_layers(
+        layers, stacks = select_layers_and_stacks(
             model, include=config.include, exclude=config.exclude, module_types=config.module_types,
             keep_first_dense=config.keep_first_dense, keep_last_dense=config.keep_last_dense,
         )
+        for name, (module, attr) in stacks.items():
+            if config.method == "topkast":
+                raise ValueError(f"expert stack {name!r}: method='topkast' does not sparsify stacked expert weights; "
+                                 "leave them out of `include`, or use rigl, set, gmp or static")
+            size = expert_parallel_size(model, name)
+            if size > 1:
+                raise ValueError(
+                    f"expert stack {name!r} is expert-parallel (ep_size={size}): dynamic sparsity supports expert "
+                    "stacks at expert-parallel size 1 only; leave it out of `include`, or train it without "
+                    "expert parallelism"
+                )
+            if f"{attr}_mask" in module._buffers or hasattr(module, f"{attr}_mask"):
+                raise ValueError(f"expert stack {name!r} already has a `{attr}_mask` (sparsified twice?)")
         for name, module in layers.items():
             if MASK_NAME in module._buffers or hasattr(module, MASK_NAME):
                 raise ValueError(f"module {name!r} already has a `{MASK_NAME}` (sparsified twice, or pruned?)")
@@ -266,20 +290,38 @@ class DynamicSparsifier:
                     f"module {name!r} has a parametrized `weight` (masked by another component, e.g. N:M?): one "
                     "layer can be masked by one component only; leave it out with `include` / `exclude`"
                 )
-        contract.attach(model, self, claimed=[_param_name(name) for name in layers])
-        self._modules = dict(layers)
-        self._shapes = {name: tuple(m.weight.shape) for name, m in self._modules.items()}
-        if config.method == "gmp" or config.sparsity == 0.0:
-            counts = {name: math.prod(s) for name, s in self._shapes.items()}
-        else:
-            counts = layer_active_counts(self._shapes, float(config.sparsity), config.distribution)
+        # Layers by module name (their `weight`, masked by a `weight_mask` buffer) and expert stacks by
+        # parameter name (`<module>.w1_EFD`, masked per expert slice by a `w1_EFD_mask` buffer of the module),
+        # in registration order of the modules (a stack at its owning module, in parameter order).
+        order = {m: i for i, m in enumerate(_root(model).modules())}
+        merged = [(order[m], 0, name, m) for name, m in layers.items()]
+        merged += [(order[m], 1 + i, name, m) for i, (name, (m, _)) in enumerate(stacks.items())]
+        self._modules = {name: m for _, _, name, m in sorted(merged, key=lambda r: r[:2])}
+        self._attrs: dict[str, tuple[str, str]] = {name: ("weight", MASK_NAME) for name in layers}
+        self._attrs.update({name: (attr, f"{attr}_mask") for name, (_, attr) in stacks.items()})
+        self._stacked: dict[str, int] = {}  # expert stack -> E
+        self._slice_expected: dict[str, list[int]] = {}  # expert stack -> kept positions per expert
+        self._slice_active: dict[str, list[int]] = {}
+        contract.attach(model, self, claimed=[self._param_key(name) for name in self._modules])
+        self._shapes = {name: tuple(self._weight(name).shape) for name in self._modules}
+        self._stacked = {name: self._shapes[name][0] for name in stacks}
+        start = 0.0 if config.method == "gmp" else float(config.sparsity)  # GMP starts dense
+        counts = stack_active_counts(self._shapes, self._stacked, start, config.distribution)
+        for name, c in counts.items():
+            if name in self._stacked:
+                self._slice_expected[name] = list(c)
+                self._slice_active[name] = list(c)
+                counts[name] = sum(c)
         self._expected_counts = dict(counts)
         if config.method != "gmp":
             _warn_unreachable(self._shapes, counts, float(config.sparsity))
         for name, module in self._modules.items():
-            w = module.weight
-            mask = random_mask(w.shape, counts[name], self._generator, w.device)
-            module.register_buffer(MASK_NAME, mask, persistent=True)
+            w = self._weight(name)
+            if name in self._stacked:
+                mask = expert_random_masks(w.shape, self._slice_expected[name], self._generator, w.device)
+            else:
+                mask = random_mask(w.shape, counts[name], self._generator, w.device)
+            module.register_buffer(self._attrs[name][1], mask, persistent=True)
             self._ever_active[name] = mask.clone()
             self._active[name] = self._ever_counts[name] = counts[name]
             if w.requires_grad:
@@ -296,11 +338,38 @@ class DynamicSparsifier:
             self.attach_optimizer(optimizer, hook=hook_optimizer)
         self.apply_masks()
 
+    # ------------------------------------------------------------------ layers and expert stacks
+
+    def _weight(self, name: str) -> torch.Tensor:
+        """Layer ``name``'s masked parameter (a module's ``weight``, or an expert stack)."""
+        return getattr(self._modules[name], self._attrs[name][0])
+
+    def _mask(self, name: str) -> torch.Tensor:
+        """Layer ``name``'s mask buffer."""
+        return self._modules[name]._buffers[self._attrs[name][1]]
+
+    def _param_key(self, name: str) -> str:
+        """The parameter name of layer ``name`` (``"blocks.0.fc.weight"``; an expert stack is named so already)."""
+        return _param_name(name) if self._attrs[name][0] == "weight" else name
+
+    def _mask_key(self, name: str) -> str:
+        """The model state-dict key of layer ``name``'s mask (relative to the model)."""
+        if self._attrs[name][0] != "weight":
+            return f"{name}_mask"
+        return f"{name}.{MASK_NAME}" if name else MASK_NAME
+
+    def _grad_mask_key(self, name: str) -> str:
+        """The buffer outside which layer ``name``'s gradient is zeroed."""
+        return self._grad_mask_name if self._attrs[name][0] == "weight" else self._attrs[name][1]
+
     # ------------------------------------------------------------------ wiring
 
     def _exclude_masks_from_ddp(self) -> None:
         prefix = {m: n for n, m in self.model.named_modules()}
-        names = [f"{prefix[m]}.{MASK_NAME}" if prefix[m] else MASK_NAME for m in self._modules.values()]
+        names = []
+        for name, m in self._modules.items():
+            buf = self._attrs[name][1]
+            names.append(f"{prefix[m]}.{buf}" if prefix[m] else buf)
         existing = list(getattr(self.model, "_ddp_params_and_buffers_to_ignore", []))
         self._ddp_ignored = [n for n in names if n not in existing]
         self.model._ddp_params_and_buffers_to_ignore = existing + self._ddp_ignored
@@ -314,7 +383,7 @@ class DynamicSparsifier:
     def _make_grad_hook(self, name: str) -> Callable[[torch.Tensor], torch.Tensor | None]:
         buffers = self._modules[name]._buffers
         refs = self._refs
-        key = self._grad_mask_name
+        key = self._grad_mask_key(name)
 
         def hook(grad: torch.Tensor) -> torch.Tensor | None:
             if self._capture:
@@ -333,7 +402,7 @@ class DynamicSparsifier:
     def _before_load(self, module: nn.Module, state_dict: Any, prefix: str, *args: Any) -> None:
         """Refuse a model state whose masks are not masks this sparsifier could hold (before anything loads)."""
         for name in self._modules:
-            key = f"{prefix}{name}.{MASK_NAME}" if name else f"{prefix}{MASK_NAME}"
+            key = f"{prefix}{self._mask_key(name)}"
             if key in state_dict:
                 self.check_mask(name, state_dict[key], what=f"`state_dict[{key!r}]`")
 
@@ -345,7 +414,7 @@ class DynamicSparsifier:
         Raises:
             ValueError: naming the mask and what is wrong with it.
         """
-        what = what or f"the `{MASK_NAME}` of layer {layer!r}"
+        what = what or f"the `{self._attrs[layer][1]}` of layer {layer!r}"
         shape = self._shapes[layer]
         if not isinstance(mask, torch.Tensor):
             raise ValueError(f"{what} must be a bool tensor, got {type(mask).__name__}")
@@ -354,6 +423,9 @@ class DynamicSparsifier:
                              "read as dense wherever it is nonzero")
         if tuple(mask.shape) != shape:
             raise ValueError(f"{what} has shape {tuple(mask.shape)}, the weight of layer {layer!r} has {shape}")
+        if layer in self._stacked:
+            self._check_stack_mask(layer, mask, what)
+            return
         kept, numel = int(mask.sum()), mask.numel()
         expected = self._expected_counts[layer]
         if kept == 0:
@@ -371,6 +443,29 @@ class DynamicSparsifier:
                              f"method={self.config.method!r} at sparsity={self.config.sparsity} keeps exactly "
                              f"{expected} in this layer: was it saved with another sparsity or distribution?")
 
+    def _check_stack_mask(self, layer: str, mask: torch.Tensor, what: str) -> None:
+        """:meth:`check_mask` for an expert stack: every expert slice keeps its own count."""
+        kept = [int(c) for c in mask.reshape(mask.shape[0], -1).sum(dim=1).tolist()]
+        numel = math.prod(mask.shape[1:])
+        if self.config.method == "gmp":
+            final = (self._slice_expected[layer] if self.config.sparsity == 0.0 else
+                     stack_active_counts(self._shapes, self._stacked, float(self.config.sparsity),
+                                         self.config.distribution)[layer])
+        else:
+            final = self._slice_expected[layer]
+        for e, (k, want) in enumerate(zip(kept, final)):
+            if k == 0:
+                raise ValueError(f"{what} keeps no weight of expert {e} (all False): the expert would be dead; "
+                                 f"expected {want} of {numel} kept for sparsity={self.config.sparsity}")
+            if self.config.method == "gmp" and k < want:
+                raise ValueError(f"{what} keeps {k} of {numel} weights of expert {e}, fewer than the {want} that "
+                                 f"GMP keeps at its final sparsity={self.config.sparsity}")
+            if self.config.method != "gmp" and k != want:
+                raise ValueError(f"{what} keeps {k} of {numel} weights of expert {e} (density {k / numel:.4g}), but "
+                                 f"method={self.config.method!r} at sparsity={self.config.sparsity} keeps exactly "
+                                 f"{want} in each slice of this stack: was it saved with another sparsity or "
+                                 "distribution?")
+
     def _after_load(self, module: nn.Module, incompatible_keys: Any) -> None:
         self.mask_version += 1  # the masks may have been replaced
         self._recount()
@@ -379,13 +474,19 @@ class DynamicSparsifier:
     def _recount(self, ever: bool = False) -> None:
         """Re-read the active (and ever-active) counts from the masks, in one device-to-host copy."""
         names = list(self._modules)
-        counted = [torch.count_nonzero(self._modules[n]._buffers[MASK_NAME]) for n in names]
+        counted = [torch.count_nonzero(self._mask(n)) for n in names]
+        stacks = list(self._stacked)
+        counted += [torch.count_nonzero(self._mask(n).reshape(self._stacked[n], -1), dim=1) for n in stacks]
         if ever:
             counted += [torch.count_nonzero(self._ever_active[n]) for n in names]
         values = host_ints(counted)
         self._active = dict(zip(names, values[: len(names)]))
+        start = len(names)
+        for n in stacks:
+            self._slice_active[n] = values[start:start + self._stacked[n]]
+            start += self._stacked[n]
         if ever:
-            self._ever_counts = dict(zip(names, values[len(names):]))
+            self._ever_counts = dict(zip(names, values[start:]))
 
     def attach_optimizer(self, optimizer: torch.optim.Optimizer, *, hook: bool = True) -> None:
         """Mask this optimizer's same-shape states whenever masks are enforced; optionally drive :meth:`step`.
@@ -406,7 +507,7 @@ class DynamicSparsifier:
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(f"`optimizer` must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
         held = {id(p) for g in optimizer.param_groups for p in g["params"]}
-        if not any(id(m.weight) in held for m in self._modules.values()):
+        if not any(id(self._weight(n)) in held for n in self._modules):
             raise ValueError("`optimizer` holds none of the sparsified weights")
         if hook and self._step_hook_optimizer is not None:
             raise ValueError("`hook=True` for a second optimizer: only one optimizer may drive the mask steps")
@@ -436,7 +537,7 @@ class DynamicSparsifier:
         # Lightning's are, runs its pre-hook before the closure's backward: no gradients yet.)
         capture = self._capture and not self._captured
         for name, module in self._modules.items():
-            g = module.weight.grad
+            g = self._weight(name).grad
             if g is None:
                 continue
             if capture:
@@ -445,7 +546,7 @@ class DynamicSparsifier:
             seen = self._masked_grads.get(name)
             if seen is not None and seen[0]() is g and seen[1] == g._version:
                 continue  # masked already, and not written since (a second call before the step)
-            contract.mask_(g, module._buffers[self._grad_mask_name], self._bits)
+            contract.mask_(g, module._buffers[self._grad_mask_key(name)], self._bits)
             self._masked_grads[name] = (weakref.ref(g), g._version)
 
     def _before_optimizer_step(self, optimizer: torch.optim.Optimizer, args: tuple, kwargs: dict) -> Any:
@@ -505,8 +606,8 @@ class DynamicSparsifier:
         self._capture = False
         self._dense_grads.clear()
         self._masked_grads.clear()
-        for module in self._modules.values():
-            module._buffers.pop(MASK_NAME, None)
+        for name, module in self._modules.items():
+            module._buffers.pop(self._attrs[name][1], None)
         ignored = getattr(self.model, "_ddp_params_and_buffers_to_ignore", None)
         if ignored is not None:
             kept = [n for n in ignored if n not in set(self._ddp_ignored)]
@@ -569,13 +670,15 @@ class DynamicSparsifier:
     def masks(self) -> dict[str, torch.Tensor]:
         """Parameter name (``"<module name>.weight"``) -> its current bool mask, ``True`` = kept.
 
-        Live tensors (the ``weight_mask`` buffers): do not modify them.
+        An expert stack is keyed by its parameter name (``"blocks.0.mlp.experts.w1_EFD"``) and its mask
+        has the stack's ``[E, ...]`` shape (slice e: expert e's mask). Live tensors (the ``weight_mask``
+        / ``<stack>_mask`` buffers): do not modify them.
         """
-        return {_param_name(name): m._buffers[MASK_NAME] for name, m in self._modules.items()}
+        return {self._param_key(name): self._mask(name) for name in self._modules}
 
     def _layer_masks(self) -> dict[str, torch.Tensor]:
-        """Module name -> its current mask buffer."""
-        return {name: m._buffers[MASK_NAME] for name, m in self._modules.items()}
+        """Layer name -> its current mask buffer."""
+        return {name: self._mask(name) for name in self._modules}
 
     @property
     def effective_enforce_interval(self) -> int | None:
@@ -612,16 +715,16 @@ class DynamicSparsifier:
         signature = tuple((id(o), len(o.param_groups)) for o in self._optimizers)
         if self._coverage is None or self._coverage[0] != signature:
             held = {id(p) for o in self._optimizers for g in o.param_groups for p in g["params"]}
-            exposed = [n for n, m in self._modules.items() if n not in self._hooked or id(m.weight) not in held]
+            exposed = [n for n in self._modules if n not in self._hooked or id(self._weight(n)) not in held]
             self._coverage = (signature, exposed)
         for name in self._coverage[1]:  # usually none: every trainable weight hooked and held
-            if self._modules[name].weight.requires_grad:
+            if self._weight(name).requires_grad:
                 why = "has no gradient hook" if name not in self._hooked else "is in no attached optimizer"
                 return f"the trainable weight of {name!r} {why}"
         return None
 
     def _pairs(self) -> list[tuple[nn.Parameter, torch.Tensor]]:
-        return [(m.weight, m._buffers[MASK_NAME]) for m in self._modules.values()]
+        return [(self._weight(n), self._mask(n)) for n in self._modules]
 
     def _iter_state_tensors(self, weight: nn.Parameter) -> Iterator[torch.Tensor]:
         for opt in self._optimizers:
@@ -637,8 +740,8 @@ class DynamicSparsifier:
     @torch.no_grad()
     def apply_masks(self) -> None:
         """Zero every sparsified weight and its same-shape optimizer states outside the mask."""
-        for module in self._modules.values():
-            weight, mask = module.weight, module._buffers[MASK_NAME]
+        for name in self._modules:
+            weight, mask = self._weight(name), self._mask(name)
             contract.mask_(weight, mask, self._bits)
             for state in self._iter_state_tensors(weight):
                 contract.mask_(state, mask, self._bits)
@@ -692,7 +795,7 @@ class DynamicSparsifier:
     _group_on_cpu = False
 
     def _weights(self) -> dict[str, torch.Tensor]:
-        return {name: m.weight for name, m in self._modules.items()}
+        return {name: self._weight(name) for name in self._modules}
 
     def _groups(self, counts: dict[str, int]) -> dict[GroupKey, list[str]]:
         """Layers that can be updated together (:func:`.update.group_layers`)."""
@@ -704,14 +807,22 @@ class DynamicSparsifier:
         assert sched is not None
         method = cfg.method
         drop = sched.drop_fraction_at(t) if method in ("rigl", "set") else 0.0
+        # The units of an update: every layer, and every expert slice of a stack (`"<stack>.<e>"`) on its own.
+        weights_u, masks_u, ever_u, active_u = self._units()
         if method == "gmp":
             target = sched.sparsity_at(t)
-            if target == 0.0:
+            if self._stacked:
+                per = stack_active_counts(self._shapes, self._stacked, target, cfg.distribution)
+                counts = {}
+                for name, c in per.items():
+                    counts.update({f"{name}.{e}": n for e, n in enumerate(c)} if name in self._stacked
+                                  else {name: c})
+            elif target == 0.0:
                 counts = {name: math.prod(s) for name, s in self._shapes.items()}
             else:
                 counts = layer_active_counts(self._shapes, target, cfg.distribution)
         else:  # positions each layer drops (and grows)
-            counts = {name: floor_count(drop * self._active[name]) for name in self._modules}
+            counts = {u: floor_count(drop * active_u[u]) for u in weights_u}
         # Layers alike are updated together, a few passes per group rather than per layer (the same
         # masks: selections are exact). The active counts are known on the host, so beyond the
         # finiteness check (one multi-tensor reduction and one copy of a number per layer, before
@@ -725,15 +836,28 @@ class DynamicSparsifier:
                 "update would rank them arbitrarily. Fix the divergence (learning rate, loss scaling) or resume from "
                 "an earlier checkpoint"
             )
-        groups = group_layers(weights, self._active, counts, group_on_cpu=self._group_on_cpu)
+        groups = group_layers(weights_u, active_u, counts, group_on_cpu=self._group_on_cpu)
         grads = scores = {}
         if method == "rigl":  # with grad_masking="step", DDP averaged them already
-            grads = reduced_dense_grads(groups, weights, self._dense_grads, process_group=self.process_group,
+            dense = self._dense_grads
+            if self._stacked:
+                dense = {}
+                for name, g in self._dense_grads.items():
+                    dense.update({f"{name}.{e}": g[e] for e in range(g.shape[0])} if name in self._stacked
+                                 else {name: g})
+                self._dense_grads.clear()
+            grads = reduced_dense_grads(groups, weights_u, dense, process_group=self.process_group,
                                         all_reduce=cfg.grad_masking == "hook")
         elif method == "set":
-            scores = growth_scores(groups, weights, self._generator, self._device_generators)
-        counted, changed = update_groups(method, groups, weights, self._layer_masks(), self._ever_active,
-                                         self._active, grads, scores)
+            scores = growth_scores(groups, weights_u, self._generator, self._device_generators)
+        counted, changed = update_groups(method, groups, weights_u, masks_u, ever_u, active_u, grads, scores)
+        if method == "gmp" and self._stacked:  # the active counts of the units, back to the layers
+            for name in self._modules:
+                if name in self._stacked:
+                    self._slice_active[name] = [active_u[f"{name}.{e}"] for e in range(self._stacked[name])]
+                    self._active[name] = sum(self._slice_active[name])
+                else:
+                    self._active[name] = active_u[name]
         # Newly grown connections were inactive, so their weights and optimizer states are already 0.
         self.apply_masks()
         regrown = 0
@@ -743,7 +867,7 @@ class DynamicSparsifier:
             n = len(names)
             regrown += sum(flat[start:start + n])
             for name, first_time in zip(names, flat[start + n:start + 2 * n]):
-                self._ever_counts[name] += first_time
+                self._ever_counts[self._layer_of(name)] += first_time
             start += 2 * n
         self._updates += 1
         self._regrown_total += regrown
@@ -751,6 +875,29 @@ class DynamicSparsifier:
         if regrown or (method == "gmp" and changed):
             self.mask_version += 1
         self._last_update = {"regrown": regrown, "drop_fraction": float(drop), "target": sched.sparsity_at(t)}
+
+    def _units(self) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], dict[str, torch.Tensor],
+                              dict[str, int]]:
+        """The units a mask update selects within, in layer order: each layer, and each slice of an expert
+        stack as ``"<stack>.<e>"``: ``(weights, masks, ever_active, active counts)``, views of the stacks."""
+        if not self._stacked:
+            return self._weights(), self._layer_masks(), self._ever_active, self._active
+        weights, masks, ever, active = {}, {}, {}, {}
+        for name in self._modules:
+            w, m, a = self._weight(name), self._mask(name), self._ever_active[name]
+            if name in self._stacked:
+                for e in range(self._stacked[name]):
+                    u = f"{name}.{e}"
+                    weights[u], masks[u], ever[u], active[u] = w[e], m[e], a[e], self._slice_active[name][e]
+            else:
+                weights[name], masks[name], ever[name], active[name] = w, m, a, self._active[name]
+        return weights, masks, ever, active
+
+    def _layer_of(self, unit: str) -> str:
+        """The layer of an update unit (an expert slice ``"<stack>.<e>"`` -> ``"<stack>"``)."""
+        if unit in self._modules:
+            return unit
+        return unit.rsplit(".", 1)[0]
 
     def check_ranks(self) -> None:
         """Compare a fingerprint of every mask and of the step count across ranks; raise on every rank
@@ -802,8 +949,8 @@ class DynamicSparsifier:
             seen) and ``sparsity/layer/<module name>`` per layer.
         """
         layer, active, total, ever = {}, 0, 0, 0
-        for name, module in self._modules.items():
-            n = module._buffers[MASK_NAME].numel()
+        for name in self._modules:
+            n = self._mask(name).numel()
             a = self._active[name]
             layer[f"sparsity/layer/{name}"] = 1.0 - a / n
             active += a
@@ -913,8 +1060,8 @@ class DynamicSparsifier:
             if schedule.method != self.config.method:
                 raise ValueError(f"`state['schedule']` is for method {schedule.method!r}, this sparsifier runs "
                                  f"{self.config.method!r}")
-        for name, module in self._modules.items():  # the model's masks (loaded before this state)
-            self.check_mask(name, module._buffers[MASK_NAME])
+        for name in self._modules:  # the model's masks (loaded before this state)
+            self.check_mask(name, self._mask(name))
         self._step = int(state["step"])
         self._updates = int(state.get("updates", 0))
         self._regrown_total = int(state.get("regrown_total", 0))
@@ -923,7 +1070,7 @@ class DynamicSparsifier:
                              else {"regrown": 0, "drop_fraction": 0.0, "target": None})
         self._generator.set_state(state["rng_state"].clone())
         for name, t in state["ever_active"].items():
-            self._ever_active[name] = t.to(self._modules[name]._buffers[MASK_NAME].device).clone()
+            self._ever_active[name] = t.to(self._mask(name).device).clone()
         self._recount(ever=True)
         if schedule is not None:
             self.set_schedule(schedule)
