@@ -151,3 +151,16 @@ def run_triton_interpreted(code: str, marker: str = "interpreted ok") -> None:
     out = subprocess.run([sys.executable, "-c", code], env=env, cwd=root, capture_output=True, text=True,
                          timeout=600)
     assert out.returncode == 0 and marker in out.stdout, out.stderr[-3000:]
+
+
+def state_digest(model) -> str:
+    """SHA-1 of a model's state dict (names and raw bytes, in name order): equal digests are bit-identical states."""
+    import hashlib
+
+    import torch
+
+    h = hashlib.sha1()
+    for name, t in sorted(model.state_dict().items()):
+        h.update(name.encode())
+        h.update(t.detach().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()

@@ -77,6 +77,7 @@ from torch import nn
 from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 
 from .. import _gloo, contract
+from .dgc import _all_gather
 from .engine import CompressionEngine
 from .plan import MATH_FIELDS, BucketLayout, DGCConfig
 from .topk import topk_indices
@@ -742,9 +743,7 @@ def masked_hook(state: MaskedExchange, bucket: dist.GradBucket) -> torch.futures
     for op, t in message.parts:
         if op == "gather":
             out = torch.empty(world * t.numel(), dtype=t.dtype, device=t.device)
-            gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
-            futures.append(gather(_gloo.handed(out, group), _gloo.handed(t, group), group=group,
-                                  async_op=True).get_future())
+            futures.append(_all_gather(out, t, group).get_future())
         else:
             if op == "mean":
                 t.div_(world)

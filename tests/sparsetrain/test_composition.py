@@ -15,7 +15,6 @@ The model is a user's own ``nn.Module``, not the demo's.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import tempfile
 
@@ -24,7 +23,7 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from tests.harness import run_distributed
+from tests.harness import run_distributed, state_digest
 
 STEPS = 12
 HALF = 6
@@ -58,13 +57,6 @@ def _batch(rank: int, step: int):
     g = torch.Generator().manual_seed(1000 * rank + step)
     return torch.randn(16, 32, generator=g), torch.randint(0, 4, (16,), generator=g)
 
-
-def _digest(model: nn.Module) -> str:
-    h = hashlib.sha1()
-    for name, t in sorted(model.state_dict().items()):
-        h.update(name.encode())
-        h.update(t.detach().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
 
 
 def _violations(model: nn.Module, opt, dyn, nm) -> dict[str, int]:
@@ -123,7 +115,7 @@ def _train(ddp, opt, model, dyn, nm, rank, steps, record):
         opt.step()
         opt.zero_grad()
         if record is not None:
-            record.append({"digest": _digest(model), **_violations(model, opt, dyn, nm)})
+            record.append({"digest": state_digest(model), **_violations(model, opt, dyn, nm)})
 
 
 def _plain_rank(rank, world, tmp):
@@ -132,7 +124,7 @@ def _plain_rank(rank, world, tmp):
         model, ddp, opt, dyn, nm, dgc = _build(case)
         history: list[dict] = []
         _train(ddp, opt, model, dyn, nm, rank, range(STEPS), history)
-        full = _digest(model)
+        full = state_digest(model)
 
         # stopped halfway: save everything, build it all anew, load, finish
         model, ddp, opt, dyn, nm, dgc = _build(case)
@@ -149,7 +141,7 @@ def _plain_rank(rank, world, tmp):
             if c is not None:
                 c.load_state_dict(saved[key])
         _train(ddp, opt, model, dyn, nm, rank, range(HALF, STEPS), None)
-        results[name] = {"history": history, "full": full, "resumed": _digest(model)}
+        results[name] = {"history": history, "full": full, "resumed": state_digest(model)}
     return results
 
 
@@ -230,7 +222,7 @@ def _lightning_rank(rank, world, tmp):
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
             dyn, nm = self.components
             rec = _violations(pl_module, trainer.optimizers[0], dyn and dyn.sparsifier, nm and nm.sparsifier)
-            self.history.append({"digest": _digest(pl_module), **rec})
+            self.history.append({"digest": state_digest(pl_module), **rec})
 
     # one epoch is HALF steps per rank: the run interrupted after HALF steps resumes at an epoch boundary
     g = torch.Generator().manual_seed(7)
@@ -276,11 +268,11 @@ def _lightning_rank(rank, world, tmp):
     results = {}
     for name, case in LIGHTNING_CASES.items():
         task, probe = fit(case)
-        full = _digest(task)
+        full = state_digest(task)
         path = os.path.join(tmp, f"{name.replace('/', '_')}.ckpt")
         fit(case, stop_at=path)
         task, _ = fit(case, ckpt=path)
-        results[name] = {"history": probe.history, "full": full, "resumed": _digest(task)}
+        results[name] = {"history": probe.history, "full": full, "resumed": state_digest(task)}
     return results
 
 

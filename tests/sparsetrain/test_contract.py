@@ -8,7 +8,6 @@ an exact resume, a differing config refused naming the field, the rank check, an
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 from typing import Any
 
 import pytest
@@ -21,7 +20,7 @@ from sparsetrain.moe import MoE, MoEBalancer, MoEBalancerConfig
 from sparsetrain.nm import NMConfig, NMSparsifier
 from sparsetrain.sparsity import DynamicSparsifier, DynamicSparsityConfig
 from tests.data.make_release1_checkpoints import UserNet  # a user's three-Linear model
-from tests.harness import DistributedRunError, run_distributed
+from tests.harness import DistributedRunError, run_distributed, state_digest
 
 
 @dataclasses.dataclass
@@ -77,12 +76,6 @@ def _train(model, opt, steps):
         opt.zero_grad()
 
 
-def _digest(model: nn.Module) -> str:
-    h = hashlib.sha1()
-    for name, t in sorted(model.state_dict().items()):
-        h.update(name.encode() + t.detach().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
-
 
 @pytest.fixture(params=sorted(COMPONENTS))
 def spec(request) -> Spec:
@@ -137,7 +130,7 @@ def test_masks_keyed_by_parameter_name(spec):
 def test_state_dict_round_trip_resumes_exactly(spec):
     model, opt, component = _build(spec)
     _train(model, opt, range(8))
-    full = _digest(model)
+    full = state_digest(model)
 
     model, opt, component = _build(spec)
     _train(model, opt, range(4))
@@ -151,7 +144,7 @@ def test_state_dict_round_trip_resumes_exactly(spec):
     component.load_state_dict(saved["component"])
     assert component.statistics() == stats
     _train(model, opt, range(4, 8))
-    assert _digest(model) == full
+    assert state_digest(model) == full
 
 
 def test_differing_math_field_is_refused(spec):

@@ -12,7 +12,6 @@ saved state ends bit for bit where the uninterrupted run ends. The same through 
 
 from __future__ import annotations
 
-import hashlib
 import os
 import tempfile
 
@@ -21,7 +20,7 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from tests.harness import run_distributed
+from tests.harness import run_distributed, state_digest
 
 STEPS = 10
 HALF = 5
@@ -49,13 +48,6 @@ def _batch(rank: int, step: int):
     g = torch.Generator().manual_seed(1000 * rank + step)
     return torch.randn(24, 12, generator=g), torch.randint(0, 4, (24,), generator=g)
 
-
-def _digest(model: nn.Module) -> str:
-    h = hashlib.sha1()
-    for name, t in sorted(model.state_dict().items()):
-        h.update(name.encode())
-        h.update(t.detach().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
 
 
 def _violations(model, opt, dyn, dgc, step_masks) -> dict[str, int]:
@@ -109,7 +101,7 @@ def _train(ddp, opt, model, dyn, dgc, rank, steps, record):
         opt.step()
         opt.zero_grad()
         if record is not None:
-            record.append({"digest": _digest(model), "updates": dyn.update_count,
+            record.append({"digest": state_digest(model), "updates": dyn.update_count,
                            **_violations(model, opt, dyn, dgc, step_masks)})
 
 
@@ -121,7 +113,7 @@ def _rank(rank, world, tmp):
         history: list[dict] = []
         _train(ddp, opt, model, dyn, dgc, rank, range(STEPS), history)
         moved = [n for n, m in dyn.masks().items() if not torch.equal(m, initial[n])]
-        full = _digest(model)
+        full = state_digest(model)
 
         model, ddp, opt, dyn, dgc = _build(case)
         _train(ddp, opt, model, dyn, dgc, rank, range(HALF), None)
@@ -135,7 +127,7 @@ def _rank(rank, world, tmp):
         dyn.load_state_dict(saved["dyn"])
         dgc.load_state_dict(saved["dgc"])
         _train(ddp, opt, model, dyn, dgc, rank, range(HALF, STEPS), None)
-        results[name] = {"history": history, "full": full, "resumed": _digest(model), "moved": moved}
+        results[name] = {"history": history, "full": full, "resumed": state_digest(model), "moved": moved}
     return results
 
 
@@ -200,7 +192,7 @@ def _lightning_rank(rank, world, tmp):
 
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
             rec = _violations(pl_module, trainer.optimizers[0], self.dyn.sparsifier, self.comp.state, self.step_masks)
-            self.history.append({"digest": _digest(pl_module), "updates": self.dyn.sparsifier.update_count, **rec})
+            self.history.append({"digest": state_digest(pl_module), "updates": self.dyn.sparsifier.update_count, **rec})
 
     class StopAndSave(pl.Callback):
         def __init__(self, path):
@@ -232,11 +224,11 @@ def _lightning_rank(rank, world, tmp):
 
     task, probe, dyn = fit()
     masks = sorted(dyn.sparsifier.masks())
-    full = _digest(task)
+    full = state_digest(task)
     path = os.path.join(tmp, "moe.ckpt")  # written by rank 0, read by both
     fit(stop_at=path)
     task, _, _ = fit(ckpt=path)
-    return {"history": probe.history, "full": full, "resumed": _digest(task), "masks": masks}
+    return {"history": probe.history, "full": full, "resumed": state_digest(task), "masks": masks}
 
 
 def test_lightning_callbacks_on_expert_stacks_with_dgc():
