@@ -46,12 +46,6 @@ def _capturing(x: torch.Tensor) -> bool:
     return x.is_cuda and torch.cuda.is_current_stream_capturing()
 
 
-def _graph_mode(x: torch.Tensor) -> bool:
-    if torch.compiler.is_compiling():
-        return True
-    return _GRAPH_MODE.get() or _capturing(x)
-
-
 class Sparse24Linear(nn.Module):
     """A 2:4 Linear: ``y = x @ W.t() + b`` with ``W`` compressed for cuSPARSELt.
 
@@ -125,6 +119,8 @@ class Sparse24Linear(nn.Module):
             self.register_buffer("packed", None, persistent=False)
             self._buckets, self._sparse_eager, self._sparse_graph, self._alg_ids = (1,), (False,), (False,), [None]
         self.register_buffer("weight", weight if keep_dense else None)  # shares the storage
+        # (rows, graph mode) -> (runs 2:4, bucket index): filled by eager calls, fixed by the plan
+        self._decisions: dict[tuple[int, bool], tuple[bool, int]] = {}
         self.register_buffer("bias", None if bias is None else bias.detach())
 
     def _apply(self, fn, recurse=True):
@@ -163,22 +159,37 @@ class Sparse24Linear(nn.Module):
         return (self._sparse_graph if graph else self._sparse_eager)[i]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dim() < 1 or x.shape[-1] != self.in_features:
-            raise ValueError(f"input's last dim must be in_features={self.in_features}, got shape {tuple(x.shape)}")
-        rows = x.numel() // self.in_features if self.in_features else 0
-        if self.packed is None or rows == 0 or not self.uses_sparse(rows, graph=_graph_mode(x)):
-            if self.weight is None:  # rows == 0 without a dense copy
+        in_features = self.in_features
+        if x.dim() < 1 or x.shape[-1] != in_features:
+            raise ValueError(f"input's last dim must be in_features={in_features}, got shape {tuple(x.shape)}")
+        buffers = self._buffers  # a plain dict: skips nn.Module.__getattr__ on the hot path
+        packed, weight, bias = buffers["packed"], buffers["weight"], buffers["bias"]
+        rows = x.numel() // in_features if in_features else 0
+        if torch.compiler.is_compiling():
+            i = bucket_index(self._buckets, rows)
+            sparse = packed is not None and rows > 0 and (weight is None or self._sparse_graph[i])
+        else:
+            # Eager calls are host-bound at small token counts: one dict lookup per call decides.
+            graph = _GRAPH_MODE.get() or (x.is_cuda and torch.cuda.is_current_stream_capturing())
+            decision = self._decisions.get((rows, graph))
+            if decision is None:
+                i = bucket_index(self._buckets, rows)
+                sparse = packed is not None and rows > 0 and (weight is None or
+                                                              (self._sparse_graph if graph else self._sparse_eager)[i])
+                decision = self._decisions[(rows, graph)] = (sparse, i)
+            sparse, i = decision
+        if not sparse:
+            if weight is None:  # rows == 0 without a dense copy
                 return x.new_empty(*x.shape[:-1], self.out_features)
-            return F.linear(x, self.weight, self.bias)
-        if x.dtype != self.packed.dtype or x.device != self.packed.device:
-            raise TypeError(f"input must be {self.packed.dtype} on {self.packed.device}, got {x.dtype} on {x.device}")
-        x_RI = x.reshape(rows, self.in_features)
-        i = bucket_index(self._buckets, rows)
+            return F.linear(x, weight, bias)
+        if x.dtype != packed.dtype or x.device != packed.device:
+            raise TypeError(f"input must be {packed.dtype} on {packed.device}, got {x.dtype} on {x.device}")
+        x_RI = x.reshape(rows, in_features)
         alg = self._alg_ids[i]
         if alg is None:
             if _capturing(x) or torch.compiler.is_compiling():
                 alg = 0  # no search inside a capture: the default algorithm
             else:
-                alg = self._alg_ids[i] = _cslt.search(self.packed, x_RI, self.bias)
-        y_RO = _cslt.linear(self.packed, x_RI, self.bias, alg)
+                alg = self._alg_ids[i] = _cslt.search(packed, x_RI, bias)
+        y_RO = _cslt.linear(packed, x_RI, bias, alg)
         return y_RO.view(*x.shape[:-1], self.out_features)

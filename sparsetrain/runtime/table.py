@@ -30,7 +30,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from . import _cslt
 from .eligibility import SPARSE_DTYPES
@@ -61,8 +60,8 @@ class Timing:
     """Milliseconds per call of one layer shape at one token count; ``sparse_*`` None: 2:4 failed there.
 
     Args:
-        dense_eager_ms, dense_graph_ms: ``F.linear``, eager and inside a CUDA graph.
-        sparse_eager_ms, sparse_graph_ms: ``torch._cslt_sparse_mm``, eager and inside a CUDA graph.
+        dense_eager_ms, dense_graph_ms: the module's dense path (``F.linear``), eager and inside a CUDA graph.
+        sparse_eager_ms, sparse_graph_ms: its 2:4 path (``torch._cslt_sparse_mm``), eager and inside a CUDA graph.
         alg_id: the cuSPARSELt algorithm timed (from ``torch._cslt_sparse_mm_search``).
     """
 
@@ -192,7 +191,7 @@ class DispatchTable:
         table.plan((4096, 4096), torch.bfloat16).sparse_graph
     """
 
-    VERSION = 1
+    VERSION = 2  # 2: timings through Sparse24Linear's own paths (1: the raw calls)
 
     def __init__(self, *, key: Mapping[str, Any] | None = None, buckets: Sequence[int] = DEFAULT_BUCKETS,
                  margin: float = 0.02, path: str | os.PathLike | None = None) -> None:
@@ -381,7 +380,13 @@ class DispatchTable:
 
 def measure_timing(shape: tuple[int, int], dtype: torch.dtype, tokens: int, *, device: torch.device,
                    reps: int = 10) -> Timing:
-    """Time dense and 2:4 for one layer shape (no bias) at ``tokens`` rows, eager and in a CUDA graph."""
+    """Time dense and 2:4 for one layer shape (no bias) at ``tokens`` rows, eager and in a CUDA graph.
+
+    Both are timed through :class:`~sparsetrain.runtime.Sparse24Linear`'s own dense and 2:4 paths, so
+    that an eager decision counts the host work the module really does on each (at a few tokens an
+    eager call is host-bound, and the 2:4 path does more of it).
+    """
+    from .linear import Sparse24Linear
     from .timing import cuda_ms
 
     out_f, in_f = shape
@@ -389,16 +394,17 @@ def measure_timing(shape: tuple[int, int], dtype: torch.dtype, tokens: int, *, d
     weight = torch.randn(out_f, in_f, device=device, dtype=dtype, generator=gen)
     weight.view(out_f, in_f // 4, 4)[..., 2:] = 0
     x = torch.randn(tokens, in_f, device=device, dtype=dtype, generator=gen)
-    dense_eager = cuda_ms(lambda: F.linear(x, weight), reps=reps)
-    dense_graph = cuda_ms(lambda: F.linear(x, weight), reps=reps, graph=True)
-    try:
-        packed = _cslt.compress(weight)
-        alg = _cslt.search(packed, x, None)
-        sparse_eager = cuda_ms(lambda: _cslt.linear(packed, x, None, alg), reps=reps)
-        sparse_graph = cuda_ms(lambda: _cslt.linear(packed, x, None, alg), reps=reps, graph=True)
+    dense = Sparse24Linear(weight, backend="dense")
+    dense_eager = cuda_ms(lambda: dense(x), reps=reps)
+    dense_graph = cuda_ms(lambda: dense(x), reps=reps, graph=True)
+    try:  # 2:4 on every call; the first (eager, in the warm-up) searches the algorithm
+        sparse = Sparse24Linear(weight, plan=LayerPlan(buckets=(1,), sparse_eager=(True,), sparse_graph=(True,),
+                                                       alg_ids=(None,)))
+        sparse_eager = cuda_ms(lambda: sparse(x), reps=reps)
+        sparse_graph = cuda_ms(lambda: sparse(x), reps=reps, graph=True)
     except RuntimeError as err:  # cuSPARSELt refused this shape: dense there
         warnings.warn(f"2:4 failed for {out_f}x{in_f} {_dtype_name(dtype)} at {tokens} tokens: {err}", stacklevel=2)
         return Timing(dense_eager_ms=dense_eager, dense_graph_ms=dense_graph, sparse_eager_ms=None,
                       sparse_graph_ms=None)
     return Timing(dense_eager_ms=dense_eager, dense_graph_ms=dense_graph, sparse_eager_ms=sparse_eager,
-                  sparse_graph_ms=sparse_graph, alg_id=alg)
+                  sparse_graph_ms=sparse_graph, alg_id=sparse._alg_ids[0])

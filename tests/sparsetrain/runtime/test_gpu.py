@@ -104,7 +104,8 @@ def test_dispatch_table_picks_dense_where_sparse_loses(monkeypatch):
     model = sparsify_model(_mlp(), table=_table_for(shapes, [SLOW, FAST]))
     assert sparse_layers(model) == {"0": "2:4 + dense", "2": "2:4 + dense"}
     with torch.no_grad():
-        for tokens, sparse in ((1, False), (100, False), (256, True), (300, True)):
+        # twice over: the second round takes each decision from the layer's per-row-count cache
+        for tokens, sparse in ((1, False), (100, False), (256, True), (300, True)) * 2:
             calls.clear()
             x = torch.randn(tokens, 256, device="cuda", dtype=torch.bfloat16)
             _close(model(x), ref(x), f"{tokens} tokens")
