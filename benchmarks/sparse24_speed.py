@@ -6,7 +6,9 @@ Parts (``--parts``, default ``layer,e2e,memory``; ``--fp8`` adds ``fp8``, ``comp
   ``ours`` = :class:`sparsetrain.runtime.Sparse24Linear` dispatched by this GPU's table and timed
   inside a CUDA graph (``ours eager``: the same module called eagerly); ``2:4 raw``: the module
   forced to 2:4 (graph); ``torch eager``: ``F.linear(x, to_sparse_semi_structured(W))``;
-  ``dense eager`` / ``dense graph``: ``F.linear``. Ratios are speed-ups (dense ms / ours ms).
+  ``dense eager``: the ``nn.Linear`` module that ``ours`` replaces, called eagerly (module against
+  module: at a few tokens an eager call is host-bound); ``dense graph``: ``F.linear`` in a CUDA
+  graph. Ratios are speed-ups (dense ms / ours ms).
 - ``e2e``: prefill (batch 1) of a GPT MLP-block stack (``x + fc_out(gelu(fc_in(ln(x))))``, d 4096,
   hidden 11008, 8 blocks, every Linear 2:4) and of the demo GPT at GPT-2-medium widths (d_model
   1024, 24 layers, 16 heads, its MLP weights 2:4, attention dense), dense vs ours, eager and through
@@ -186,7 +188,7 @@ def part_layer(args, device, table, timer) -> None:
                 x = torch.randn(tokens, in_f, generator=gen).to(device, dtype)
                 with torch.no_grad():
                     r = {
-                        "dense eager": attempt(lambda: timer(lambda: F.linear(x, weight))),  # noqa: B023
+                        "dense eager": attempt(lambda: timer(lambda: lin(x))),  # noqa: B023
                         "dense graph": attempt(lambda: timer(lambda: F.linear(x, weight), graph=True)),  # noqa: B023
                         "ours eager": attempt(lambda: timer(lambda: ours(x))),  # noqa: B023
                         "ours graph": attempt(lambda: timer(lambda: ours(x), graph=True)),  # noqa: B023
