@@ -3,7 +3,8 @@ plain loop over experts.
 
 Every variant uses the same router weights and expert weights (SwiGLU, no bias) and the same tokens,
 dropless (DeepSpeed: its own gate with capacity factor 1.25, so its routing differs). Timed: the
-median of ``--reps`` forward+backward passes after ``--warmup``, with CUDA events on a GPU; peak
+median of ``--reps`` forward+backward passes after ``--warmup``, with CUDA events on a GPU, the
+gradients freed after each pass as ``zero_grad(set_to_none=True)`` does between training steps; peak
 memory: ``max_memory_allocated`` above the weights and inputs.
 
 - ``ours``: :class:`sparsetrain.moe.MoE` (sorted dispatch, ``torch._grouped_mm`` in bf16 on sm90).
@@ -138,12 +139,20 @@ def deepspeed_layer(layer: MoE, device, dtype):
             expert.w2.weight.copy_(ex.w2_EDF[e].float())
     ds = ds.to(device=device, dtype=dtype)
     ds.deepspeed_moe.gate.wg.float()  # DeepSpeed's gate runs in fp32
-    return lambda x: ds(x)[0]
+    return lambda x: ds(x)[0], ds
 
 
-def _time(fn, x, reps, warmup, device):
+def _free_grads(x, params):
+    """As ``optimizer.zero_grad(set_to_none=True)`` between training steps: no gradient accumulates."""
+    x.grad = None
+    for p in params:
+        p.grad = None
+
+
+def _time(fn, x, reps, warmup, device, params):
     for _ in range(warmup):
         fn(x).float().sum().backward()
+        _free_grads(x, params)
     times = []
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -161,6 +170,7 @@ def _time(fn, x, reps, warmup, device):
             t0 = time.perf_counter()
             fn(x).float().sum().backward()
             times.append((time.perf_counter() - t0) * 1e3)
+        _free_grads(x, params)
     peak = (torch.cuda.max_memory_allocated() - base) / 2**20 if device.type == "cuda" else float("nan")
     return statistics.median(times), peak
 
@@ -213,14 +223,14 @@ def main(argv=None):
                 err = (f(layer, x).float() - ref).abs().max().item() / ref.abs().max().item()
                 assert err < (2e-2 if dtype == torch.bfloat16 else 1e-4), (f.__name__, err)
         results = {}
-        variants = [("ours", layer), ("titan-copy", lambda t, m=layer: titan_copy_forward(m, t)),
-                    ("loop", lambda t, m=layer: loop_forward(m, t))]
+        params = list(layer.parameters())
+        variants = [("ours", layer, params), ("titan-copy", lambda t, m=layer: titan_copy_forward(m, t), params),
+                    ("loop", lambda t, m=layer: loop_forward(m, t), params)]
         if args.deepspeed != "off":
-            variants.insert(1, ("deepspeed", deepspeed_layer(layer, device, dtype)))
-        for vname, fn in variants:
-            results[vname] = _time(fn, x, args.reps, args.warmup, device)
-            layer.zero_grad(set_to_none=True)
-            x.grad = None
+            ds_fn, ds_module = deepspeed_layer(layer, device, dtype)
+            variants.insert(1, ("deepspeed", ds_fn, list(ds_module.parameters())))
+        for vname, fn, vparams in variants:
+            results[vname] = _time(fn, x, args.reps, args.warmup, device, vparams)
         ours = results["ours"][0]
         for vname, (ms, peak) in results.items():
             print(f"| {name} | {s['E']}, {s['k']}, {s['d']}, {s['F']}, {s['T']} | {vname} | {ms:.2f} | "

@@ -213,16 +213,19 @@ def part_layer(args, device, table, timer) -> None:
                     ratio(r["dense eager"], r["ours eager"], GOAL_FLOOR),
                     ratio(r["torch eager"], r["ours graph"], GOAL_TORCH),
                 ])
+            # one table per shape, printed as soon as it is measured (a long run keeps what it has)
+            print_table(
+                f"per layer {out_f}x{in_f}, {dname} (ms per call; speed-ups = dense ms / ours ms, graph vs graph, "
+                "eager vs eager)",
+                ["out x in", "tokens", "ours graph", "ours eager", "2:4 raw", "torch eager", "dense eager",
+                 "dense graph", "picks", "vs dense graph", "goal", "vs dense eager (>=0.97)", "vs torch eager (>=2)"],
+                rows)
+            if errors:
+                print("errors:\n" + "\n".join(errors))
+            rows, errors = [], []
             weight = lin = ours = raw = semi = None  # free before the next shape
             if device.type == "cuda":
                 torch.cuda.empty_cache()
-        print_table(
-            f"per layer, {dname} (ms per call; speed-ups = dense ms / ours ms, graph vs graph, eager vs eager)",
-            ["out x in", "tokens", "ours graph", "ours eager", "2:4 raw", "torch eager", "dense eager",
-             "dense graph", "picks", "vs dense graph", "goal", "vs dense eager (>=0.97)", "vs torch eager (>=2)"],
-            rows)
-        if errors:
-            print("errors:\n" + "\n".join(errors))
 
 
 def _gpt_medium(device, dtype, *, smoke: bool) -> GPT:
