@@ -119,8 +119,8 @@ class Sparse24Linear(nn.Module):
             self.register_buffer("packed", None, persistent=False)
             self._buckets, self._sparse_eager, self._sparse_graph, self._alg_ids = (1,), (False,), (False,), [None]
         self.register_buffer("weight", weight if keep_dense else None)  # shares the storage
-        # (rows, graph mode) -> (runs 2:4, bucket index): filled by eager calls, fixed by the plan
-        self._decisions: dict[tuple[int, bool], tuple[bool, int]] = {}
+        # rows -> (runs 2:4 eagerly, runs 2:4 in graph mode, bucket index): filled by eager calls
+        self._decisions: dict[int, tuple[bool, bool, int]] = {}
         self.register_buffer("bias", None if bias is None else bias.detach())
 
     def _apply(self, fn, recurse=True):
@@ -169,15 +169,17 @@ class Sparse24Linear(nn.Module):
             i = bucket_index(self._buckets, rows)
             sparse = packed is not None and rows > 0 and (weight is None or self._sparse_graph[i])
         else:
-            # Eager calls are host-bound at small token counts: one dict lookup per call decides.
-            graph = _GRAPH_MODE.get() or (x.is_cuda and torch.cuda.is_current_stream_capturing())
-            decision = self._decisions.get((rows, graph))
+            # Eager calls are host-bound at small token counts: one dict lookup decides, and the
+            # capture query runs only for a row count whose eager and graph decisions differ.
+            decision = self._decisions.get(rows)
             if decision is None:
                 i = bucket_index(self._buckets, rows)
-                sparse = packed is not None and rows > 0 and (weight is None or
-                                                              (self._sparse_graph if graph else self._sparse_eager)[i])
-                decision = self._decisions[(rows, graph)] = (sparse, i)
-            sparse, i = decision
+                runs = packed is not None and rows > 0
+                decision = self._decisions[rows] = (runs and (weight is None or self._sparse_eager[i]),
+                                                    runs and (weight is None or self._sparse_graph[i]), i)
+            sparse, sparse_graph, i = decision
+            if sparse != sparse_graph and (_GRAPH_MODE.get() or _capturing(x)):
+                sparse = sparse_graph
         if not sparse:
             if weight is None:  # rows == 0 without a dense copy
                 return x.new_empty(*x.shape[:-1], self.out_features)
