@@ -15,6 +15,8 @@ Facts this module relies on (torch 2.11-2.13, ``aten/src/ATen/native/sparse/cuda
 * cuSPARSELt computes ``W @ B``; for a linear layer ``B = x_RI.t()``. A transposed *non-contiguous*
   ``B`` is read as the row-major ``[R, I]`` matrix it is a view of, so ``x_RI`` must be contiguous;
   ``transpose_result=True`` returns ``y_RO`` directly, with ``bias_O`` added per output feature.
+  fp16 does not use that form (see :func:`_fused_transpose`): it gets ``y_OR`` and returns its
+  transposed view.
 * A scalar ``alpha`` tensor is read with ``.item()`` on every call, a host sync that breaks CUDA
   graph capture; this module never passes ``alpha``.
 * ``_cslt_sparse_mm_search`` runs every algorithm on the given operands and returns the fastest
@@ -73,31 +75,35 @@ def _operand(x_RI: torch.Tensor) -> tuple[torch.Tensor, int]:
     return x_RI, rows
 
 
+def _fused_transpose(dtype: torch.dtype) -> bool:
+    """Whether cuSPARSELt writes ``y_RO`` itself (``transpose_result=True``): not for fp16, where that
+    form breaks on cuSPARSELt 0.8 (the algorithm search fails and leaves the context broken, and the
+    default algorithm spent ~200 ms per eager call on the lent H100; ``benchmarks/cslt_probe.py``)."""
+    return dtype != torch.float16
+
+
 def linear(packed: torch.Tensor, x_RI: torch.Tensor, bias_O: torch.Tensor | None, alg_id: int = 0,
            out_dtype: torch.dtype | None = None) -> torch.Tensor:
-    """``x_RI @ W.t() + bias_O`` with ``W`` packed by :func:`compress`: ``y_RO``."""
+    """``x_RI @ W.t() + bias_O`` with ``W`` packed by :func:`compress`: ``y_RO`` (for fp16 a transposed
+    view of the ``[O, R]`` product)."""
     x_RI, rows = _operand(x_RI)
     kwargs = {} if out_dtype is None else {"out_dtype": out_dtype}
-    y_RO = torch._cslt_sparse_mm(packed, x_RI.t(), bias=bias_O, transpose_result=True, alg_id=alg_id, **kwargs)
+    if _fused_transpose(packed.dtype):
+        y_RO = torch._cslt_sparse_mm(packed, x_RI.t(), bias=bias_O, transpose_result=True, alg_id=alg_id, **kwargs)
+    else:
+        y_RO = torch._cslt_sparse_mm(packed, x_RI.t(), bias=bias_O, alg_id=alg_id, **kwargs).t()
     return y_RO if y_RO.shape[0] == rows else y_RO[:rows]
 
 
 def search(packed: torch.Tensor, x_RI: torch.Tensor, bias_O: torch.Tensor | None) -> int:
-    """The fastest cuSPARSELt ``alg_id`` for these operands (runs every algorithm: not under capture).
-
-    0 (cuSPARSELt's default) for fp16, where the search is broken, and with a warning where the
-    search fails.
-    """
-    if packed.dtype == torch.float16:
-        # cuSPARSELt 0.8 (torch 2.11, H100): the search with a fused transpose fails with an internal
-        # error for fp16 and leaves the context broken (the next call hits an illegal instruction);
-        # the default algorithm runs correctly (benchmarks/cslt_probe.py).
-        return 0
+    """The fastest cuSPARSELt ``alg_id`` for these operands, in the form :func:`linear` calls (runs
+    every algorithm: not under capture); 0 with a warning where the search fails."""
     x_RI, _ = _operand(x_RI)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*_cslt_sparse_mm_search is deprecated.*")
         try:
-            return int(torch._cslt_sparse_mm_search(packed, x_RI.t(), bias=bias_O, transpose_result=True))
+            return int(torch._cslt_sparse_mm_search(packed, x_RI.t(), bias=bias_O,
+                                                    transpose_result=_fused_transpose(packed.dtype)))
         except (AttributeError, RuntimeError) as err:  # no search in this torch: the default algorithm
             warnings.warn(f"cuSPARSELt algorithm search failed ({str(err).splitlines()[0]}); using alg_id 0",
                           stacklevel=2)

@@ -194,4 +194,4 @@ class Sparse24Linear(nn.Module):
             else:
                 alg = self._alg_ids[i] = _cslt.search(packed, x_RI, bias)
         y_RO = _cslt.linear(packed, x_RI, bias, alg)
-        return y_RO.view(*x.shape[:-1], self.out_features)
+        return y_RO.reshape(*x.shape[:-1], self.out_features)  # fp16: a transposed view, kept as it is for 2-D x
