@@ -86,7 +86,7 @@ class CapturedModel(nn.Module):
                         model(static_in)
                 torch.cuda.current_stream().wait_stream(stream)
                 graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph, pool=pool):
+                with torch.cuda.graph(graph, pool=pool), graph_decisions():
                     static_out = model(static_in)
                 if not isinstance(static_out, torch.Tensor):
                     raise TypeError(f"capture needs a model that returns one tensor, got {type(static_out).__name__}")

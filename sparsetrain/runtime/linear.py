@@ -1,10 +1,13 @@
 """``Sparse24Linear``: a Linear whose 2:4 weight is compressed once for cuSPARSELt.
 
 Per call it picks 2:4 or dense from its :class:`~sparsetrain.runtime.table.LayerPlan` by the token
-count (a shape: no host sync) and the mode: inside a CUDA graph capture or ``torch.compile`` it
-follows the graph timings, otherwise the eager ones (where cuSPARSELt's per-call host set-up of
-0.7-0.9 ms counts). The cuSPARSELt algorithm is searched once per bucket (outside any capture) and
-reused.
+count (a shape: no host sync) and the mode: under :func:`graph_decisions` (which
+:func:`~sparsetrain.runtime.capture` sets while it warms up and captures) or inside ``torch.compile``
+it follows the graph timings, otherwise the eager ones (where cuSPARSELt's per-call host set-up
+counts). A CUDA graph captured by hand without :func:`graph_decisions` gets the eager decisions:
+correct, maybe slower (asking the driver whether a capture is under way on every call would cost
+more host time than an eager call at a few tokens has). The cuSPARSELt algorithm is searched once
+per bucket (outside any capture) and reused.
 
 Legend: O output features, I input features, R rows (tokens: the product of the input's leading dims).
 """
@@ -32,8 +35,9 @@ _GRAPH_MODE = contextvars.ContextVar("sparsetrain_runtime_graph_mode", default=F
 def graph_decisions() -> Iterator[None]:
     """Inside: every :class:`Sparse24Linear` decides as it will inside a CUDA graph.
 
-    :func:`~sparsetrain.runtime.capture` warms the model up eagerly under this before capturing, so
-    that the calls it captures are the ones it warmed up (algorithm searches included).
+    :func:`~sparsetrain.runtime.capture` warms the model up and captures it under this, so that the
+    calls it captures are the ones it warmed up (algorithm searches included). Wrap a capture of
+    your own (``torch.cuda.graph``) and its warm-up in it to get the graph-mode decisions.
     """
     token = _GRAPH_MODE.set(True)
     try:
@@ -169,8 +173,8 @@ class Sparse24Linear(nn.Module):
             i = bucket_index(self._buckets, rows)
             sparse = packed is not None and rows > 0 and (weight is None or self._sparse_graph[i])
         else:
-            # Eager calls are host-bound at small token counts: one dict lookup decides, and the
-            # capture query runs only for a row count whose eager and graph decisions differ.
+            # Eager calls are host-bound at small token counts: one dict lookup decides (no capture
+            # query: graph mode is graph_decisions(), which capture() and cuda_ms set).
             decision = self._decisions.get(rows)
             if decision is None:
                 i = bucket_index(self._buckets, rows)
@@ -178,7 +182,7 @@ class Sparse24Linear(nn.Module):
                 decision = self._decisions[rows] = (runs and (weight is None or self._sparse_eager[i]),
                                                     runs and (weight is None or self._sparse_graph[i]), i)
             sparse, sparse_graph, i = decision
-            if sparse != sparse_graph and (_GRAPH_MODE.get() or _capturing(x)):
+            if sparse != sparse_graph and _GRAPH_MODE.get():
                 sparse = sparse_graph
         if not sparse:
             if weight is None:  # rows == 0 without a dense copy

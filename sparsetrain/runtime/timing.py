@@ -6,6 +6,8 @@ from collections.abc import Callable
 
 import torch
 
+from .linear import graph_decisions
+
 __all__ = ["cuda_ms"]
 
 
@@ -15,7 +17,8 @@ def cuda_ms(fn: Callable[[], object], *, reps: int = 10, warmup: int = 2, rounds
 
     Eager (``graph=False``): ``reps`` calls between two events, so host time the GPU waits for
     (launch overhead, plan set-up) counts. Graph: ``reps`` calls captured in one CUDA graph (after
-    ``warmup`` eager calls on a side stream), the replay timed: the kernels alone.
+    ``warmup`` eager calls on a side stream), the replay timed: the kernels alone; the warm-up and
+    the capture run under :func:`~sparsetrain.runtime.linear.graph_decisions`.
 
     Raises:
         ValueError: ``reps``, ``rounds`` < 1 or ``warmup`` < 0.
@@ -39,12 +42,12 @@ def cuda_ms(fn: Callable[[], object], *, reps: int = 10, warmup: int = 2, rounds
         return best
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
+    with torch.cuda.stream(side), graph_decisions():
         for _ in range(max(warmup, 1)):
             fn()
     torch.cuda.current_stream().wait_stream(side)
     g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
+    with torch.cuda.graph(g), graph_decisions():
         for _ in range(reps):
             fn()
     g.replay()
