@@ -252,3 +252,37 @@ def test_experts_with_replicas_on_four_ranks():
         _assert_masks_equal(r["masks"], want)
     for msg in run_distributed(_no_group_worker, 4, timeout=300):
         assert "each expert has 2 replicas: pass `expert_group`" in msg
+
+
+def _whole_state_worker(rank, world, state):
+    model, sp, _ = _setup("rigl", ep_group=dist.group.WORLD)
+    model.load_state_dict(state)  # written at ep_size 1: whole [E, ...] weights and masks, this rank's slice kept
+    return {k: v.clone() for k, v in sp.masks().items()}
+
+
+@pytest.mark.slow
+def test_a_whole_model_state_from_ep_size_1_loads_its_masks_at_ep_size_2():
+    model, sp, opt = _setup("rigl")
+    for step in range(2):
+        _reference_step(model, opt, step)
+    state = model.state_dict()
+    for rank, got in enumerate(run_distributed(_whole_state_worker, W, state, timeout=240)):
+        for s in STACKS:
+            assert torch.equal(got[s], sp.masks()[s][2 * rank:2 * rank + 2])
+        assert torch.equal(got["head.weight"], sp.masks()["head.weight"])
+
+
+def test_a_sparsifier_state_with_bad_stack_masks_is_refused():
+    model, sp, _ = _setup("rigl")
+    state = sp.state_dict()
+    before = {k: v.clone() for k, v in sp.masks().items()}
+    with pytest.raises(ValueError, match=r"`state\['stack_masks'\]\['moe.experts.w1_EFD'\]` must be a bool tensor "
+                                         r"of shape \(4, 12, 8\)"):
+        sp.load_state_dict({**state, "stack_masks": {**state["stack_masks"], STACKS[0]: torch.ones(2, 12, 8).bool()}})
+    with pytest.raises(ValueError, match="must map every sparsified expert stack"):
+        sp.load_state_dict({**state, "stack_masks": {STACKS[0]: state["stack_masks"][STACKS[0]]}})
+    bad = state["stack_masks"][STACKS[1]].clone()
+    bad[3] = False
+    with pytest.raises(ValueError, match="keeps no weight of expert 3"):
+        sp.load_state_dict({**state, "stack_masks": {**state["stack_masks"], STACKS[1]: bad}})
+    assert all(torch.equal(before[k], v) for k, v in sp.masks().items())  # nothing changed
