@@ -47,12 +47,15 @@ With ``compression=DGCConfig(...)`` the packed vector goes through DGC
 momentum correction) instead of the plain all-reduce. The engine's residuals and momenta then
 live in packed coordinates: a masked weight is the engine's tensor ``name`` of shape ``(P, 1)``
 (its ``P`` active entries in flat order; two dimensions, so the engine's rule "compress tensors
-of 2 or more dimensions" still applies), a dense parameter keeps its shape. When the masks change,
-the state is carried into the new packing (:func:`carry_packed`): a position that stays active
-keeps what it held, a dropped one loses it (rule 3 of ``docs/architecture.md``), a grown one
-starts at 0. A step that needs dense gradients is served only with ``inactive_density`` (the
-packed part through DGC, the part outside the masks as top-k); DynamicSparsity's
-``grad_masking="hook"`` never needs one.
+of 2 or more dimensions" still applies), a dense parameter keeps its shape. A stacked ``[E, ...]``
+parameter (MoE experts, marked with :data:`~sparsetrain.compression.dgc.STACKED_ATTR`) is E tensors,
+as plain DGC keys them: slice e is ``"<name>.<e>"`` of shape ``(P_e, 1)`` (its active entries) when
+masked, of the slice's shape when not; so top-k, residuals and momenta are per expert. When the masks
+change, the state is carried into the new packing (:func:`carry_packed`, slice by slice for a stack):
+a position that stays active keeps what it held, a dropped one loses it (rule 3 of
+``docs/architecture.md``), a grown one starts at 0. A step that needs dense gradients is served
+only with ``inactive_density`` (the packed part through DGC, the part outside the masks as top-k);
+DynamicSparsity's ``grad_masking="hook"`` never needs one.
 
 Usage::
 
@@ -77,7 +80,7 @@ from torch import nn
 from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 
 from .. import _gloo, contract
-from .dgc import _all_gather
+from .dgc import STACKED_ATTR, _all_gather, _slice_shapes
 from .engine import CompressionEngine
 from .plan import MATH_FIELDS, BucketLayout, DGCConfig
 from .topk import topk_indices
@@ -121,7 +124,9 @@ class _Packing:
         self.idx_P = idx_P  # None: nothing masked in the bucket (sent whole, in place)
         self.numel = numel
         self.packed = numel if idx_P is None else int(idx_P.numel())
-        self.layout = layout  # the packed tensors: (P, 1) for a masked weight, the shape for a dense one
+        # the packed tensors: (P, 1) for a masked weight, (P_e, 1) per expert slice of a masked stack, the
+        # shape for a dense one (per slice for a stack)
+        self.layout = layout
         self.inactive_Q = inactive_Q
         self.segments = segments
         self.n_topk = sum(k for _, _, k in segments)
@@ -234,6 +239,7 @@ class MaskedExchange:
         "_positions",
         "_model",
         "_names",
+        "_stacked",
         "_packings",
         "_step_open",
         "_step_version",
@@ -276,6 +282,8 @@ class MaskedExchange:
         self.verify_every = verify_every
         self._model = model
         self._names = {id(p): n for n, p in model.named_parameters()}
+        # stacked [E, ...] parameters (MoE experts): the engine sees each expert slice as a tensor of its own
+        self._stacked = {n for n, p in model.named_parameters() if getattr(p, STACKED_ATTR, False) and p.dim() >= 2}
         self._packings: dict[tuple[tuple[int, ...], torch.device], _Packing] = {}
         self._step_open = False
         self._step_version: tuple[int, ...] = ()
@@ -396,10 +404,22 @@ class MaskedExchange:
                 )
             self._carry_state()
 
-    def _carry_state(self) -> None:
-        """Move the engine's residuals and momenta to the current packing of every masked weight."""
-        moved = {}
+    def _engine_masks(self) -> list[tuple[str, torch.Tensor]]:
+        """The masks of the engine's tensors: a masked weight's, or, for a stacked one, each expert slice's
+        (``"<name>.<e>"``, as plain DGC keys them)."""
+        out: list[tuple[str, torch.Tensor]] = []
         for name, mask in self._step_masks.items():
+            if name in self._stacked and mask.dim() >= 2:
+                out += [(f"{name}.{e}", mask[e]) for e in range(mask.shape[0])]
+            else:
+                out.append((name, mask))
+        return out
+
+    def _carry_state(self) -> None:
+        """Move the engine's residuals and momenta to the current packing of every masked weight (of every
+        expert slice of a stacked one)."""
+        moved = {}
+        for name, mask in self._engine_masks():
             new = mask.reshape(-1).nonzero().squeeze(1)
             old = self._positions.get(name)
             if old is None or not torch.equal(old.to(new.device), new):
@@ -456,13 +476,18 @@ class MaskedExchange:
             if active is not None and not all(active):
                 rows = torch.tensor(active, dtype=torch.bool, device=device).repeat_interleave(n // expert[1])
                 keep = rows if keep is None else keep & rows
+            pieces = _slice_shapes(name, p)  # the tensor, or its expert slices (a stacked [E, ...] parameter)
+            names[-1:] = [k for k, _ in pieces]
             if keep is None:
                 parts.append(torch.arange(offset, offset + n, device=device))
-                shapes.append(tuple(p.shape))
+                shapes += [shape for _, shape in pieces]
             else:
                 restricted = True
                 parts.append(keep.nonzero().squeeze(1).add_(offset))
-                shapes.append((parts[-1].numel(), 1))
+                if len(pieces) == 1:
+                    shapes.append((parts[-1].numel(), 1))
+                else:  # each slice's active entries, in flat order: slice e is the next (P_e, 1)
+                    shapes += [(c, 1) for c in keep.view(len(pieces), -1).sum(1).tolist()]
             offset += n
         idx_P = torch.cat(parts) if (restricted and parts) else None
         inactive_Q = torch.cat(outside) if outside else None

@@ -31,7 +31,7 @@ from ..moe import (
     shard_experts,
     upcycle,
 )
-from ..moe.parallel import _gather_stack
+from ..moe.parallel import gather_expert_stack
 from .lightning import DemoLM
 from .model import GPTConfig
 
@@ -214,7 +214,7 @@ class MoEDemoLM(DemoLM):
         if isinstance(sd, dict):
             for name, layer in moe_layers(self.model).items():
                 for pname, p in layer.experts.named_parameters():
-                    sd[f"model.{name}.experts.{pname}"] = _gather_stack(layer, p.detach()).cpu()
+                    sd[f"model.{name}.experts.{pname}"] = gather_expert_stack(layer, p.detach()).cpu()
         states = checkpoint.get("optimizer_states")
         if states and self.trainer is not None:
             for opt, state in zip(self.trainer.optimizers, states):

@@ -160,9 +160,11 @@ class MoE(nn.Module):
     def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any, **kwargs: Any) -> None:
         # a state with all E experts stacked (written at expert-parallel size 1, or gathered by
         # ``globalize``-ing hooks such as the demo's) loads at any expert-parallel size: keep this rank's slice
+        # (of the parameters, and of the experts' stacked buffers: dynamic sparsity's masks)
         if self.ep_size > 1:
             ids = self.local_expert_ids()
-            for pname, p in self.experts.named_parameters():
+            stacked = [*self.experts.named_parameters(), *self.experts.named_buffers()]
+            for pname, p in stacked:
                 key = f"{prefix}experts.{pname}"
                 t = state_dict.get(key)
                 if isinstance(t, torch.Tensor) and t.dim() == p.dim() and t.shape[0] == self.num_experts \

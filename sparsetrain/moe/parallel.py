@@ -32,6 +32,7 @@ __all__ = [
     "expert_state_dict",
     "full_expert_optimizer_state_dict",
     "full_expert_state_dict",
+    "gather_expert_stack",
     "globalize_optimizer_state",
     "load_expert_optimizer_state_dict",
     "load_expert_state_dict",
@@ -271,8 +272,10 @@ def _expert_entries(model: nn.Module) -> list[tuple[str, Any, str, nn.Parameter]
             for pname, p in layer.experts.named_parameters()]
 
 
-def _gather_stack(layer: Any, t: torch.Tensor) -> torch.Tensor:
-    """The full ``[E, ...]`` stack from every rank's ``[E/P, ...]`` slice (an all-gather in the layer's group)."""
+def gather_expert_stack(layer: Any, t: torch.Tensor) -> torch.Tensor:
+    """The full ``[E, ...]`` stack (global expert id = index along dim 0) from every rank's ``[E/P, ...]``
+    slice ``t`` of MoE layer ``layer`` (an all-gather in the layer's expert-parallel group: every rank of it
+    must call this; ``t`` itself without expert parallelism). Optimizer state and sparsity masks use it."""
     if layer.ep_size == 1:
         return t
     parts = [torch.empty_like(t) for _ in range(layer.ep_size)]
@@ -302,7 +305,7 @@ def full_expert_optimizer_state_dict(model: nn.Module, optimizer: torch.optim.Op
         if not state:
             continue
         # sorted: every rank gathers the same entry at the same time, whatever its dict's order
-        full = {k: _gather_stack(layer, state[k].detach()) if state[k].shape == p.shape else state[k].detach()
+        full = {k: gather_expert_stack(layer, state[k].detach()) if state[k].shape == p.shape else state[k].detach()
                 for k in sorted(state)}
         for gid in range(layer.num_experts):
             out[f"{_prefix(name)}experts.{pname}.{gid}"] = {
@@ -380,7 +383,7 @@ def globalize_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer
         if layer.ep_size == 1 or entry is None:
             continue
         # a new dict: ``optimizer.state_dict()`` shares its per-parameter dicts with the live state
-        optimizer_state["state"][i] = {k: _gather_stack(layer, entry[k]) if isinstance(entry[k], torch.Tensor)
+        optimizer_state["state"][i] = {k: gather_expert_stack(layer, entry[k]) if isinstance(entry[k], torch.Tensor)
                                        and entry[k].shape == p.shape else entry[k] for k in sorted(entry)}
     return optimizer_state
 

@@ -51,7 +51,7 @@ class DynamicSparsityConfig:
         include: module-name globs to sparsify (default: every Linear / Conv1d/2d/3d). Stacked MoE
             expert weights are selected by parameter name, only when a glob here matches it
             (``"*.experts.w1_EFD"``, ``"*.experts.w*"``): each expert slice is then masked as a layer of
-            its own (:mod:`sparsetrain.sparsity.stacked`; expert-parallel size 1 only).
+            its own (:mod:`sparsetrain.sparsity.stacked`), at any expert-parallel size.
         exclude: module-name (or expert-stack parameter-name) globs to leave dense.
         keep_first_dense: leave the first selected module dense (modules only, not expert stacks).
         keep_last_dense: leave the last selected module dense (modules only).

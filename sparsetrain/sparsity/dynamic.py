@@ -76,9 +76,17 @@ How the invariants are kept (each is tested):
   (``w1_EFD_mask``) and is keyed by its parameter name in :meth:`DynamicSparsifier.masks`. Every
   expert slice is a layer of its own for the densities (ERK with E not a fan dimension), the
   per-slice active counts (checked on load) and the RigL / SET / GMP updates (the units of an
-  update are ``"<stack>.<e>"``); weights, gradients and optimizer states are masked with the whole
-  ``[E, ...]`` mask. Only at expert-parallel size 1 (and not with Top-KAST): an expert-parallel
-  stack is refused at construction, naming it.
+  update are ``"<stack>.<g>"``, g the global expert id); weights, gradients and optimizer states are
+  masked with the whole ``[E, ...]`` mask. Not with Top-KAST (refused, naming the stack).
+- An expert-parallel stack (``ep_size > 1``: this rank holds ``E/ep_size`` of the E experts) is masked
+  per local slice, and what must agree for an expert agrees whatever the expert-parallel size: the
+  per-expert counts come from the global ``[E, ...]`` shape, the initial random mask and SET's regrowth
+  are drawn from a generator of the GLOBAL expert id (:func:`.stacked.expert_generator`), and RigL
+  grows by that expert's gradient averaged over its replicas (``expert_group``; the owner's own when
+  there are none). Its slices are selected in groups of their own, reduced over ``expert_group``, not
+  over the world. :meth:`DynamicSparsifier.check_ranks` compares them only between replicas;
+  :meth:`DynamicSparsifier.state_dict` holds them whole by global id, so they re-shard on load;
+  :meth:`DynamicSparsifier.statistics` counts this rank's experts.
 """
 
 from __future__ import annotations
@@ -102,7 +110,14 @@ from .density import floor_count, layer_active_counts
 from .enforcement import optimizer_blocker
 from .masks import random_mask
 from .schedules import MaskSchedule
-from .stacked import _root, expert_parallel_size, expert_random_masks, select_layers_and_stacks, stack_active_counts
+from .stacked import (
+    _root,
+    expert_generator,
+    expert_parallel_layer,
+    expert_random_masks,
+    select_layers_and_stacks,
+    stack_active_counts,
+)
 from .update import GroupKey, group_layers, growth_scores, host_ints, nonfinite, reduced_dense_grads, update_groups
 
 __all__ = [
@@ -169,13 +184,18 @@ class DynamicSparsifier:
             :meth:`set_total_steps` (the Lightning callback does), but before the first step.
         hook_optimizer: with ``optimizer``, register a step-post hook that calls :meth:`step`;
             ``False`` means the loop calls :meth:`step` right after ``optimizer.step()``.
+        expert_group: the expert-data-parallel group of this rank (the ranks that hold the same experts:
+            ``sparsetrain.moe.expert_data_parallel_groups(P)[1]``). Needed only when an expert-parallel
+            stack is selected and its experts have replicas (world size > ``ep_size``); with one rank per
+            expert leave it None.
         **config_fields: the fields of :class:`DynamicSparsityConfig`, when ``config`` is not given.
 
     Raises:
         TypeError: ``config`` is not a :class:`DynamicSparsityConfig`.
         ValueError: both ``config`` and config fields, a filter matching no layer, a layer claimed by
-            another component, a module that already has a ``weight_mask``, an expert stack that is
-            expert-parallel (``ep_size > 1``) or selected with ``method="topkast"``.
+            another component, a module that already has a ``weight_mask``, an expert stack selected with
+            ``method="topkast"``, an expert-parallel stack whose experts have replicas without
+            ``expert_group``, or an ``expert_group`` whose size is not world size / ``ep_size``.
 
     Example::
 
@@ -212,6 +232,7 @@ class DynamicSparsifier:
         process_group: Any = None,
         total_steps: int | None = None,
         hook_optimizer: bool = True,
+        expert_group: Any = None,
         **config_fields: Any,
     ) -> None:
         if config is None:
@@ -273,13 +294,6 @@ class DynamicSparsifier:
             if config.method == "topkast":
                 raise ValueError(f"expert stack {name!r}: method='topkast' does not sparsify stacked expert weights; "
                                  "leave them out of `include`, or use rigl, set, gmp or static")
-            size = expert_parallel_size(model, name)
-            if size > 1:
-                raise ValueError(
-                    f"expert stack {name!r} is expert-parallel (ep_size={size}): dynamic sparsity supports expert "
-                    "stacks at expert-parallel size 1 only; leave it out of `include`, or train it without "
-                    "expert parallelism"
-                )
             if f"{attr}_mask" in module._buffers or hasattr(module, f"{attr}_mask"):
                 raise ValueError(f"expert stack {name!r} already has a `{attr}_mask` (sparsified twice?)")
         for name, module in layers.items():
@@ -302,23 +316,33 @@ class DynamicSparsifier:
         self._stacked: dict[str, int] = {}  # expert stack -> E
         self._slice_expected: dict[str, list[int]] = {}  # expert stack -> kept positions per expert
         self._slice_active: dict[str, list[int]] = {}
+        # Expert-parallel stacks (this rank holds the experts `_expert_ids[name]` of E): the layer that holds
+        # each, and the global shapes (`[E, ...]`) that the per-expert counts are computed from.
+        self._sharded = {name: layer for name in stacks if (layer := expert_parallel_layer(model, name)) is not None}
+        self.expert_group = self._check_expert_group(expert_group)
         contract.attach(model, self, claimed=[self._param_key(name) for name in self._modules])
         self._shapes = {name: tuple(self._weight(name).shape) for name in self._modules}
         self._stacked = {name: self._shapes[name][0] for name in stacks}
+        self._expert_ids = {name: (self._sharded[name].local_expert_ids() if name in self._sharded
+                                   else range(self._stacked[name])) for name in stacks}
+        self._global_shapes = {name: (self._sharded[name].num_experts, *s[1:]) if name in self._sharded else s
+                               for name, s in self._shapes.items()}
         start = 0.0 if config.method == "gmp" else float(config.sparsity)  # GMP starts dense
-        counts = stack_active_counts(self._shapes, self._stacked, start, config.distribution)
-        for name, c in counts.items():
-            if name in self._stacked:
-                self._slice_expected[name] = list(c)
-                self._slice_active[name] = list(c)
-                counts[name] = sum(c)
+        counts = self._counts_at(start)
+        for name in self._stacked:
+            self._slice_expected[name] = list(counts[name])
+            self._slice_active[name] = list(counts[name])
+            counts[name] = sum(counts[name])
         self._expected_counts = dict(counts)
         if config.method != "gmp":
-            _warn_unreachable(self._shapes, counts, float(config.sparsity))
+            every = stack_active_counts(self._global_shapes, self._stacked, start, config.distribution)
+            _warn_unreachable(self._global_shapes, {n: sum(c) if n in self._stacked else c for n, c in every.items()},
+                              float(config.sparsity))
         for name, module in self._modules.items():
             w = self._weight(name)
-            if name in self._stacked:
-                mask = expert_random_masks(w.shape, self._slice_expected[name], self._generator, w.device)
+            if name in self._stacked:  # one generator per global expert id: the same mask at any ep_size
+                gens = [expert_generator(config.seed, name, g) for g in self._expert_ids[name]]
+                mask = expert_random_masks(w.shape, self._slice_expected[name], gens, w.device)
             else:
                 mask = random_mask(w.shape, counts[name], self._generator, w.device)
             module.register_buffer(self._attrs[name][1], mask, persistent=True)
@@ -339,6 +363,36 @@ class DynamicSparsifier:
         self.apply_masks()
 
     # ------------------------------------------------------------------ layers and expert stacks
+
+    def _check_expert_group(self, expert_group: Any) -> Any:
+        """``expert_group`` checked against the expert-parallel stacks and the world (see ``__init__``)."""
+        if not self._sharded:
+            return expert_group
+        world = self._world()
+        for name, layer in self._sharded.items():
+            replicas, rest = divmod(world, int(layer.ep_size))
+            if rest:
+                raise ValueError(f"expert stack {name!r} is expert-parallel (ep_size={layer.ep_size}), which does not "
+                                 f"divide the world size {world} of `process_group`")
+            if expert_group is None:
+                if replicas > 1:
+                    raise ValueError(
+                        f"expert stack {name!r} is expert-parallel (ep_size={layer.ep_size}) in a world of {world} "
+                        f"ranks, so each expert has {replicas} replicas: pass `expert_group`, the ranks holding the "
+                        f"same experts (sparsetrain.moe.expert_data_parallel_groups({layer.ep_size})[1])"
+                    )
+                continue
+            size = dist.get_world_size(expert_group)
+            if size != replicas:
+                raise ValueError(f"`expert_group` has {size} ranks, but the experts of stack {name!r} have {replicas} "
+                                 f"replicas (world {world} / ep_size {layer.ep_size})")
+        return expert_group
+
+    def _counts_at(self, sparsity: float) -> dict[str, int | list[int]]:
+        """Kept positions per layer at ``sparsity`` (0: all), from the GLOBAL shapes; an expert stack gets
+        one count per expert this rank holds (so an expert's count does not depend on the ep_size)."""
+        counts = stack_active_counts(self._global_shapes, self._stacked, sparsity, self.config.distribution)
+        return {n: [c[g] for g in self._expert_ids[n]] if n in self._stacked else c for n, c in counts.items()}
 
     def _weight(self, name: str) -> torch.Tensor:
         """Layer ``name``'s masked parameter (a module's ``weight``, or an expert stack)."""
@@ -404,7 +458,24 @@ class DynamicSparsifier:
         for name in self._modules:
             key = f"{prefix}{self._mask_key(name)}"
             if key in state_dict:
-                self.check_mask(name, state_dict[key], what=f"`state_dict[{key!r}]`")
+                self.check_mask(name, self._local(name, state_dict[key]), what=f"`state_dict[{key!r}]`")
+
+    def _local(self, name: str, t: Any) -> Any:
+        """This rank's experts of ``t`` when it is the whole ``[E, ...]`` stack of an expert-parallel stack
+        (global expert id = index along dim 0; the MoE layer loads such a state too), else ``t``."""
+        if name in self._sharded and isinstance(t, torch.Tensor) and tuple(t.shape) == self._global_shapes[name]:
+            ids = self._expert_ids[name]
+            return t[ids.start:ids.stop]
+        return t
+
+    def _full(self, name: str, t: torch.Tensor) -> torch.Tensor:
+        """The whole ``[E, ...]`` stack of an expert-parallel stack's local ``t``, all-gathered over the layer's
+        expert-parallel group (collective), else ``t``."""
+        if name not in self._sharded:
+            return t
+        from ..moe.parallel import gather_expert_stack  # the moe package imports this one
+
+        return gather_expert_stack(self._sharded[name], t)
 
     def check_mask(self, layer: str, mask: Any, *, what: str | None = None) -> None:
         """Check that ``mask`` can be layer ``layer``'s mask: a bool tensor of the weight's shape whose
@@ -432,9 +503,7 @@ class DynamicSparsifier:
             raise ValueError(f"{what} keeps no weight (all False): the layer would be dead; expected {expected} of "
                              f"{numel} kept for sparsity={self.config.sparsity}")
         if self.config.method == "gmp":
-            final = (numel if self.config.sparsity == 0.0
-                     else layer_active_counts(self._shapes, float(self.config.sparsity),
-                                              self.config.distribution)[layer])
+            final = self._counts_at(float(self.config.sparsity))[layer]
             if kept < final:
                 raise ValueError(f"{what} keeps {kept} of {numel} weights, fewer than the {final} that GMP keeps at "
                                  f"its final sparsity={self.config.sparsity}")
@@ -447,13 +516,9 @@ class DynamicSparsifier:
         """:meth:`check_mask` for an expert stack: every expert slice keeps its own count."""
         kept = [int(c) for c in mask.reshape(mask.shape[0], -1).sum(dim=1).tolist()]
         numel = math.prod(mask.shape[1:])
-        if self.config.method == "gmp":
-            final = (self._slice_expected[layer] if self.config.sparsity == 0.0 else
-                     stack_active_counts(self._shapes, self._stacked, float(self.config.sparsity),
-                                         self.config.distribution)[layer])
-        else:
-            final = self._slice_expected[layer]
-        for e, (k, want) in enumerate(zip(kept, final)):
+        final = (self._counts_at(float(self.config.sparsity))[layer] if self.config.method == "gmp"
+                 else self._slice_expected[layer])
+        for e, k, want in zip(self._expert_ids[layer], kept, final):
             if k == 0:
                 raise ValueError(f"{what} keeps no weight of expert {e} (all False): the expert would be dead; "
                                  f"expected {want} of {numel} kept for sparsity={self.config.sparsity}")
@@ -807,16 +872,15 @@ class DynamicSparsifier:
         assert sched is not None
         method = cfg.method
         drop = sched.drop_fraction_at(t) if method in ("rigl", "set") else 0.0
-        # The units of an update: every layer, and every expert slice of a stack (`"<stack>.<e>"`) on its own.
+        # The units of an update: every layer, and every expert slice of a stack (`"<stack>.<g>"`, g its
+        # global expert id) on its own.
         weights_u, masks_u, ever_u, active_u = self._units()
         if method == "gmp":
             target = sched.sparsity_at(t)
             if self._stacked:
-                per = stack_active_counts(self._shapes, self._stacked, target, cfg.distribution)
                 counts = {}
-                for name, c in per.items():
-                    counts.update({f"{name}.{e}": n for e, n in enumerate(c)} if name in self._stacked
-                                  else {name: c})
+                for name, c in self._counts_at(target).items():
+                    counts.update(dict(zip(self._unit_names(name), c)) if name in self._stacked else {name: c})
             elif target == 0.0:
                 counts = {name: math.prod(s) for name, s in self._shapes.items()}
             else:
@@ -836,25 +900,37 @@ class DynamicSparsifier:
                 "update would rank them arbitrarily. Fix the divergence (learning rate, loss scaling) or resume from "
                 "an earlier checkpoint"
             )
-        groups = group_layers(weights_u, active_u, counts, group_on_cpu=self._group_on_cpu)
+        # The slices of expert-parallel stacks form groups of their own (keys marked "experts"): their
+        # gradients are reduced over the expert's replicas, not over the world.
+        experts_u = {u for u in weights_u if self._layer_of(u) in self._sharded}
+        groups = group_layers({u: w for u, w in weights_u.items() if u not in experts_u}, active_u, counts,
+                              group_on_cpu=self._group_on_cpu)
+        expert_groups = {(*key, "experts"): names for key, names in group_layers(
+            {u: weights_u[u] for u in weights_u if u in experts_u}, active_u, counts,
+            group_on_cpu=self._group_on_cpu).items()}
         grads = scores = {}
-        if method == "rigl":  # with grad_masking="step", DDP averaged them already
-            dense = self._dense_grads
-            if self._stacked:
-                dense = {}
-                for name, g in self._dense_grads.items():
-                    dense.update({f"{name}.{e}": g[e] for e in range(g.shape[0])} if name in self._stacked
-                                 else {name: g})
-                self._dense_grads.clear()
-            grads = reduced_dense_grads(groups, weights_u, dense, process_group=self.process_group,
-                                        all_reduce=cfg.grad_masking == "hook")
-        elif method == "set":
-            scores = growth_scores(groups, weights_u, self._generator, self._device_generators)
+        if method == "rigl":  # with grad_masking="step", DDP (and the experts' own reduction) averaged them already
+            dense = {}
+            for name, g in self._dense_grads.items():
+                dense.update(dict(zip(self._unit_names(name), g.unbind(0))) if name in self._stacked else {name: g})
+            self._dense_grads.clear()
+            hook = cfg.grad_masking == "hook"
+            grads = reduced_dense_grads(groups, weights_u, {u: g for u, g in dense.items() if u not in experts_u},
+                                        process_group=self.process_group, all_reduce=hook)
+            # an expert's gradient: the mean over the ranks holding it (its own, without replicas)
+            grads.update(reduced_dense_grads(expert_groups, weights_u, {u: dense[u] for u in experts_u if u in dense},
+                                             process_group=self.expert_group,
+                                             all_reduce=hook and self.expert_group is not None))
+        groups.update(expert_groups)
+        if method == "set":  # an expert slice draws from a generator of its global id and the step
+            own = {u: expert_generator(cfg.seed, self._layer_of(u), int(u.rsplit(".", 1)[1]), t)
+                   for u in weights_u if u not in self._modules}
+            scores = growth_scores(groups, weights_u, self._generator, self._device_generators, own)
         counted, changed = update_groups(method, groups, weights_u, masks_u, ever_u, active_u, grads, scores)
         if method == "gmp" and self._stacked:  # the active counts of the units, back to the layers
             for name in self._modules:
                 if name in self._stacked:
-                    self._slice_active[name] = [active_u[f"{name}.{e}"] for e in range(self._stacked[name])]
+                    self._slice_active[name] = [active_u[u] for u in self._unit_names(name)]
                     self._active[name] = sum(self._slice_active[name])
                 else:
                     self._active[name] = active_u[name]
@@ -879,22 +955,26 @@ class DynamicSparsifier:
     def _units(self) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], dict[str, torch.Tensor],
                               dict[str, int]]:
         """The units a mask update selects within, in layer order: each layer, and each slice of an expert
-        stack as ``"<stack>.<e>"``: ``(weights, masks, ever_active, active counts)``, views of the stacks."""
+        stack as ``"<stack>.<g>"`` (g: the global expert id): ``(weights, masks, ever_active, active counts)``,
+        views of the stacks."""
         if not self._stacked:
             return self._weights(), self._layer_masks(), self._ever_active, self._active
         weights, masks, ever, active = {}, {}, {}, {}
         for name in self._modules:
             w, m, a = self._weight(name), self._mask(name), self._ever_active[name]
             if name in self._stacked:
-                for e in range(self._stacked[name]):
-                    u = f"{name}.{e}"
+                for e, u in enumerate(self._unit_names(name)):
                     weights[u], masks[u], ever[u], active[u] = w[e], m[e], a[e], self._slice_active[name][e]
             else:
                 weights[name], masks[name], ever[name], active[name] = w, m, a, self._active[name]
         return weights, masks, ever, active
 
+    def _unit_names(self, stack: str) -> list[str]:
+        """The update units of an expert stack, by global expert id, in local order: ``"<stack>.<g>"``."""
+        return [f"{stack}.{g}" for g in self._expert_ids[stack]]
+
     def _layer_of(self, unit: str) -> str:
-        """The layer of an update unit (an expert slice ``"<stack>.<e>"`` -> ``"<stack>"``)."""
+        """The layer of an update unit (an expert slice ``"<stack>.<g>"`` -> ``"<stack>"``)."""
         if unit in self._modules:
             return unit
         return unit.rsplit(".", 1)[0]
@@ -902,6 +982,12 @@ class DynamicSparsifier:
     def check_ranks(self) -> None:
         """Compare a fingerprint of every mask and of the step count across ranks; raise on every rank
         if any differ.
+
+        Only what must be identical is compared: the masks of the dense layers (and of stacks that are not
+        expert-parallel) and the step count across all ranks of ``process_group``; the masks of an
+        expert-parallel stack only between the ranks that hold the same experts (``expert_group``). With
+        one rank per expert (no ``expert_group``) those masks have no replica to compare with, and are not
+        checked across ranks.
 
         Raises:
             MaskDivergenceError: (a :class:`~sparsetrain.contract.RankDivergenceError`) naming the
@@ -916,11 +1002,15 @@ class DynamicSparsifier:
         if self._fingerprints is None or self._fingerprints[0] != key:
             device = next(iter(masks.values())).device if masks else None
             self._fingerprints = (key, {name: contract.fingerprint(m).to(device) for name, m in masks.items()})
-        prints = dict(self._fingerprints[1])
-        device = next(iter(prints.values())).device if prints else None
+        prints = {k: v for k, v in self._fingerprints[1].items() if k not in self._sharded}
+        experts = {k: v for k, v in self._fingerprints[1].items() if k in self._sharded}
+        device = next(iter(self._fingerprints[1].values())).device if self._fingerprints[1] else None
         prints["step"] = torch.tensor([self._step, self._updates], dtype=torch.int64, device=device)
         try:
             contract.check_in_sync(prints, self.process_group, what=f"sparsity masks after step {self._step}")
+            if experts and self.expert_group is not None:
+                contract.check_in_sync(experts, self.expert_group,
+                                       what=f"expert sparsity masks after step {self._step}")
         except contract.RankDivergenceError as err:
             raise MaskDivergenceError(str(err)) from None
 
@@ -947,6 +1037,11 @@ class DynamicSparsifier:
             were inactive before it, 0 before any), ``sparsity/regrown_total``,
             ``sparsity/drop_fraction`` (of the latest update), ``sparsity/step`` (optimizer steps
             seen) and ``sparsity/layer/<module name>`` per layer.
+
+            Per rank where a stack is expert-parallel: the counts (``global``, ``active``, ``total``,
+            ``itop_rate``, ``regrown``, the stack's ``layer`` entry) cover the experts this rank holds and
+            every dense layer, with no communication here; sum ``active`` / ``total`` over the
+            expert-parallel group for the figures of the whole model.
         """
         layer, active, total, ever = {}, 0, 0, 0
         for name in self._modules:
@@ -990,6 +1085,11 @@ class DynamicSparsifier:
         """Plain state (ints, strings, tensors) for checkpoints; the masks themselves are model buffers.
 
         Version 2: with the ``config`` (see :meth:`load_state_dict`) and the latest update's figures.
+        Expert stacks are held whole, by global expert id (index e of dim 0 is expert e, as
+        ``sparsetrain.moe.globalize_optimizer_state`` holds optimizer state): ``ever_active[<stack>]`` and
+        ``stack_masks[<stack>]`` are ``[E, ...]``, all-gathered over the layer's expert-parallel group where
+        the stack is expert-parallel (then every rank of the group must call this), so the state loads at
+        any expert-parallel size.
         """
         return {
             "version": _STATE_VERSION,
@@ -1001,7 +1101,8 @@ class DynamicSparsifier:
             "last_update": dict(self._last_update),
             "layers": list(self._modules),
             "rng_state": self._generator.get_state(),
-            "ever_active": {name: t.clone() for name, t in self._ever_active.items()},
+            "ever_active": {name: self._full(name, t).clone() for name, t in self._ever_active.items()},
+            "stack_masks": {name: self._full(name, self._mask(name)).clone() for name in self._stacked},
             "schedule": self.schedule.to_dict() if self.schedule is not None else None,
         }
 
@@ -1009,7 +1110,9 @@ class DynamicSparsifier:
         """Restore what :meth:`state_dict` returned (load the model's state dict too, for the masks).
 
         Loads versions 1 (without a config) and 2. The saved schedule replaces the current one, so
-        a resumed run keeps the original run length.
+        a resumed run keeps the original run length. The masks of expert stacks come from the state's
+        ``stack_masks`` where it has them (this rank's experts of the whole stacks, whatever the
+        expert-parallel size that saved them), else from the model.
 
         Raises:
             ValueError: an unknown state version, a saved config differing from this one in a field
@@ -1046,11 +1149,17 @@ class DynamicSparsifier:
         if not isinstance(ever, dict) or set(ever) != set(self._modules):
             raise ValueError(f"`state['ever_active']` must map every sparsified layer ({list(self._modules)}) to a "
                              f"mask, got {sorted(ever) if isinstance(ever, dict) else type(ever).__name__}")
-        for name, t in ever.items():
-            if not isinstance(t, torch.Tensor) or t.dtype != torch.bool or tuple(t.shape) != self._shapes[name]:
-                got = f"{t.dtype} {tuple(t.shape)}" if isinstance(t, torch.Tensor) else type(t).__name__
-                raise ValueError(f"`state['ever_active'][{name!r}]` must be a bool tensor of shape "
-                                 f"{self._shapes[name]}, got {got}")
+        stack_masks = state.get("stack_masks")
+        if stack_masks is not None and (not isinstance(stack_masks, dict) or set(stack_masks) != set(self._stacked)):
+            got = sorted(stack_masks) if isinstance(stack_masks, dict) else type(stack_masks).__name__
+            raise ValueError(f"`state['stack_masks']` must map every sparsified expert stack ({list(self._stacked)}) "
+                             f"to its mask, got {got}")
+        for key, entries in (("ever_active", ever), ("stack_masks", stack_masks or {})):
+            for name, t in entries.items():
+                shape = self._global_shapes[name]
+                if not isinstance(t, torch.Tensor) or t.dtype != torch.bool or tuple(t.shape) != shape:
+                    got = f"{t.dtype} {tuple(t.shape)}" if isinstance(t, torch.Tensor) else type(t).__name__
+                    raise ValueError(f"`state[{key!r}][{name!r}]` must be a bool tensor of shape {shape}, got {got}")
         schedule = state.get("schedule")
         if schedule is not None:
             try:
@@ -1060,8 +1169,12 @@ class DynamicSparsifier:
             if schedule.method != self.config.method:
                 raise ValueError(f"`state['schedule']` is for method {schedule.method!r}, this sparsifier runs "
                                  f"{self.config.method!r}")
-        for name in self._modules:  # the model's masks (loaded before this state)
-            self.check_mask(name, self._mask(name))
+        for name in self._modules:  # the model's masks (loaded before this state), or the state's stack masks
+            if stack_masks is not None and name in stack_masks:
+                self.check_mask(name, self._local(name, stack_masks[name]),
+                                what=f"`state['stack_masks'][{name!r}]` (this rank's experts)")
+            else:
+                self.check_mask(name, self._mask(name))
         self._step = int(state["step"])
         self._updates = int(state.get("updates", 0))
         self._regrown_total = int(state.get("regrown_total", 0))
@@ -1069,8 +1182,10 @@ class DynamicSparsifier:
         self._last_update = (dict(last) if last is not None
                              else {"regrown": 0, "drop_fraction": 0.0, "target": None})
         self._generator.set_state(state["rng_state"].clone())
+        for name, t in (stack_masks or {}).items():
+            self._mask(name).copy_(self._local(name, t))
         for name, t in state["ever_active"].items():
-            self._ever_active[name] = t.to(self._mask(name).device).clone()
+            self._ever_active[name] = self._local(name, t).to(self._mask(name).device).clone()
         self._recount(ever=True)
         if schedule is not None:
             self.set_schedule(schedule)

@@ -20,7 +20,9 @@ of :class:`~sparsetrain.sparsity.DynamicSparsifier`, which masks them per slice.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -31,8 +33,8 @@ from .masks import random_mask
 from .rigl import rigl_update
 from .set import set_update
 
-__all__ = ["STACKED_ATTR", "expert_active_counts", "expert_densities", "expert_random_masks", "expert_slice_shapes",
-           "select_stacks", "stacked_candidates", "update_expert_masks"]
+__all__ = ["STACKED_ATTR", "expert_active_counts", "expert_densities", "expert_generator", "expert_random_masks",
+           "expert_slice_shapes", "select_stacks", "stacked_candidates", "update_expert_masks"]
 
 #: The attribute that marks a stacked ``[E, ...]`` parameter (the same name as
 #: ``sparsetrain.compression.dgc.STACKED_ATTR``; a test holds them equal).
@@ -127,17 +129,35 @@ def _check_counts(name: str, counts: Sequence[int], E: int) -> list[int]:
     return counts
 
 
-def expert_random_masks(shape: Sequence[int], counts: Sequence[int], generator: torch.Generator,
+def expert_generator(seed: int, stack: str, expert: int, *salt: int) -> torch.Generator:
+    """A CPU generator for expert ``expert`` (its GLOBAL id) of stack ``stack``, seeded from ``seed``,
+    the names and ``salt`` (e.g. the step of a mask update) by a stable hash.
+
+    What is drawn from it for one expert depends on nothing else: not on the expert-parallel size, not
+    on which rank holds the expert, not on the other layers. That makes the random masks of an expert
+    the same on every replica and at every expert-parallel size.
+    """
+    text = "\x00".join(str(x) for x in (int(seed), stack, int(expert), *(int(s) for s in salt)))
+    digest = hashlib.blake2b(text.encode(), digest_size=8).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest, "little") >> 1)
+
+
+def expert_random_masks(shape: Sequence[int], counts: Sequence[int],
+                        generator: torch.Generator | Sequence[torch.Generator],
                         device: torch.device | str | None = None) -> torch.Tensor:
     """A bool mask of ``shape = [E, ...]`` whose slice e has exactly ``counts[e]`` random active positions
-    (:func:`~sparsetrain.sparsity.random_mask` per slice, drawn in expert order from ``generator``).
+    (:func:`~sparsetrain.sparsity.random_mask` per slice): drawn in expert order from ``generator``, or
+    slice e from ``generator[e]`` when one generator per expert is given (:func:`expert_generator`).
 
     Raises:
-        ValueError: ``counts`` does not hold E entries, or one is outside [0, slice size].
+        ValueError: ``counts`` or ``generator`` does not hold E entries, or a count is outside [0, slice size].
     """
     shape = tuple(int(d) for d in shape)
     counts = _check_counts("counts", counts, shape[0])
-    return torch.stack([random_mask(shape[1:], c, generator, device) for c in counts])
+    gens = [generator] * shape[0] if isinstance(generator, torch.Generator) else list(generator)
+    if len(gens) != shape[0]:
+        raise ValueError(f"`generator` must be one generator or one per expert ({shape[0]}), got {len(gens)}")
+    return torch.stack([random_mask(shape[1:], c, g, device) for c, g in zip(counts, gens)])
 
 
 @torch.no_grad()
@@ -228,15 +248,16 @@ def select_layers_and_stacks(model: nn.Module, *, include: Sequence[str] | None,
     return layers, stacks
 
 
-def expert_parallel_size(model: nn.Module, stack: str) -> int:
-    """The expert-parallel size of the layer that holds stack ``stack`` (the ``ep_size`` of the owning
-    module's parent, ``sparsetrain.moe.MoE``'s attribute; 1 where there is none)."""
-    parts = stack.split(".")
-    parent = ".".join(parts[:-2])
-    modules = dict(_root(model).named_modules())
-    layer = modules.get(parent)
+def expert_parallel_layer(model: nn.Module, stack: str) -> Any:
+    """The expert-parallel layer that holds stack ``stack``, or None where the stack is not expert-parallel.
+
+    That is the owning module's parent when its ``ep_size`` is an int > 1: a ``sparsetrain.moe.MoE``, read
+    through its public attributes ``ep_size``, ``ep_group``, ``num_experts`` and ``local_expert_ids()``.
+    """
+    parent = ".".join(stack.split(".")[:-2])
+    layer = dict(_root(model).named_modules()).get(parent)
     size = getattr(layer, "ep_size", 1) if layer is not None else 1
-    return int(size) if isinstance(size, int) else 1
+    return layer if isinstance(size, int) and not isinstance(size, bool) and size > 1 else None
 
 
 def stack_active_counts(shapes: Mapping[str, Sequence[int]], stacked: Iterable[str], sparsity: float,

@@ -152,14 +152,18 @@ def _device_generator(device: torch.device, generators: dict[torch.device, torch
 
 @torch.no_grad()
 def growth_scores(groups: dict[GroupKey, list[str]], weights: dict[str, torch.Tensor], generator: torch.Generator,
-                  device_generators: dict[torch.device, torch.Generator | None]) -> dict[GroupKey, torch.Tensor]:
+                  device_generators: dict[torch.device, torch.Generator | None],
+                  own_generators: dict[str, torch.Generator] | None = None) -> dict[GroupKey, torch.Tensor]:
     """SET's random growth scores of each group that regrows, as ``[layers, positions]``.
 
     Drawn layer by layer in the order of ``weights`` (so grouping does not change which numbers a
     layer gets). On the CPU from ``generator``; on an accelerator, from a generator of that device
     (kept in ``device_generators``) reseeded before each layer with a number drawn from
     ``generator``, so the state of ``generator`` still determines every draw, on every rank alike.
+    A layer named in ``own_generators`` (an expert slice, whose draw must not depend on the other
+    layers) takes its generator from there instead, and leaves ``generator`` untouched.
     """
+    own_generators = own_generators or {}
     scores: dict[GroupKey, torch.Tensor] = {}
     where: dict[str, tuple[torch.Tensor, int]] = {}
     for key, names in groups.items():
@@ -172,11 +176,12 @@ def growth_scores(groups: dict[GroupKey, list[str]], weights: dict[str, torch.Te
         if name not in where:
             continue
         out_LN, i = where[name]
+        source = own_generators.get(name, generator)
         device_generator = _device_generator(out_LN.device, device_generators)
         if device_generator is None:
-            device_generator = generator
+            device_generator = source
         else:
-            device_generator.manual_seed(int(torch.randint(2**62, (), generator=generator)))
+            device_generator.manual_seed(int(torch.randint(2**62, (), generator=source)))
         _draw_growth_scores(out_LN[i], device_generator)
     return scores
 

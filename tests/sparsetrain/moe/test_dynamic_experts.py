@@ -1,7 +1,6 @@
 """DynamicSparsifier on MoE expert stacks (``GroupedExperts.w1_EFD`` / ``w2_EDF`` / ``w3_EFD``): selection by
 parameter name, per-expert densities and masks, RigL / SET / GMP per expert slice against the per-layer
-functions, enforcement, state and exact resume, the rank check and the expert-parallel refusal on 2 gloo
-ranks, ``remove()``."""
+functions, enforcement, state and exact resume, the rank check on 2 gloo ranks, ``remove()``."""
 
 from __future__ import annotations
 
@@ -276,8 +275,6 @@ def test_remove_leaves_a_plain_model():
 
 
 def _ranks_worker(rank, world):
-    from sparsetrain.moe import expert_data_parallel_groups, shard_experts
-
     out = {}
     model = _model()
     sp = _sp(model)
@@ -298,23 +295,17 @@ def _ranks_worker(rank, world):
         sp.check_ranks()
     except MaskDivergenceError as err:
         out["divergence"] = str(err)
-    ep_group, _ = expert_data_parallel_groups(2)
-    sharded = _model()
-    shard_experts(sharded, ep_group)
-    try:
-        _sp(sharded)
-    except ValueError as err:
-        out["ep"] = str(err)
     dist.barrier()
     return out
 
 
-def test_rank_check_and_expert_parallel_refusal_on_two_ranks():
+def test_rank_check_on_two_ranks():
+    """Data-parallel experts (ep_size 1): their masks are compared across the ranks like any layer's
+    (expert-parallel stacks: tests/sparsetrain/moe/test_dynamic_expert_parallel.py)."""
     r0, r1 = run_distributed(_ranks_worker, 2, timeout=240)
     assert all(torch.equal(r0["masks"][k], r1["masks"][k]) for k in r0["masks"])
     for r in (r0, r1):
         assert "moe.experts.w2_EDF" in r["divergence"]
-        assert "expert stack 'moe.experts.w1_EFD' is expert-parallel (ep_size=2)" in r["ep"]
 
 
 @pytest.mark.gpu
