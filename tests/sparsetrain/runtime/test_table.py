@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from sparsetrain.runtime import DispatchTable, LayerPlan, Timing, cache_dir, clear_cache
-from sparsetrain.runtime.table import _key_path, bucket_index
+from sparsetrain.runtime.table import EAGER_MARGIN, _key_path, bucket_index
 
 KEY = {"gpu": "Test GPU", "capability": "9.0", "torch": "2.11.0", "cuda": "13.0", "cusparselt": 602}
 BF16 = torch.bfloat16
@@ -50,6 +50,16 @@ def test_margin_keeps_dense_on_a_near_tie():
     assert table.plan((64, 64), BF16).sparse_graph == (False,)
     table.set((64, 64), BF16, 16, timing(1.0, 0.94))
     assert table.plan((64, 64), BF16).sparse_graph == (True,)
+
+
+def test_eager_decisions_need_the_eager_margin():
+    # 5% faster is enough in a graph (margin 2%), not eagerly, where timings are host-bound and noisy
+    table = DispatchTable(key=KEY, buckets=(16,))
+    table.set((64, 64), BF16, 16, timing(1.0, 0.95))
+    plan = table.plan((64, 64), BF16)
+    assert (plan.sparse_graph, plan.sparse_eager) == ((True,), (False,))
+    table.set((64, 64), BF16, 16, timing(1.0, 1.0 - EAGER_MARGIN - 0.01))
+    assert table.plan((64, 64), BF16).sparse_eager == (True,)
 
 
 def test_unmeasured_buckets_and_failed_sparse_run_dense():
