@@ -11,29 +11,38 @@ for it:
   thread can no longer take the GIL, Python ends it inside a ``noexcept`` destructor, and the
   process aborts with "terminate called without an active exception" (SIGABRT) after the program
   itself finished;
-- the DDP model goes (a function returns): its reducer, the last holder of the process group,
-  joins gloo's threads without releasing the GIL, and the process hangs.
+- the DDP model goes (a function returns): its reducer, the last holder of the process group, runs
+  ``~ProcessGroupGloo`` with the GIL held, which locks the group's work mutex and joins its threads.
+  A worker thread drops a finished work (``workInProgress_[i].reset()`` in ``runLoop``) *with that
+  mutex held*, so if the work's destructor needs the GIL, the two threads wait for each other.
 
-So everything sparsetrain hands to a gloo collective goes through :func:`handed`: a tensor as a
-fresh alias (same storage, so an in-place collective still writes the caller's tensor) that only
-gloo keeps, a callback as itself; each is watched through a weak reference, which dies exactly when
-gloo lets go of it. :func:`wait_for_release` waits, with the GIL released, until every watched
-object is gone: after each blocking collective, at the start of a component's ``step()`` (for what
-the DDP hooks of that optimizer step handed gloo), and at exit (exit handlers run before the
-interpreter starts shutting down). Collectives on other backends are handed through untouched.
+So gloo's threads must never be the ones to free a Python object. Everything sparsetrain hands to a
+gloo collective goes through :func:`handed`: a tensor as a fresh alias (same storage, so an
+in-place collective still writes the caller's tensor), a callback as itself, and this module keeps
+a reference to each. While gloo holds the object, its reference count is one above what this module
+holds; gloo letting go only takes it back down (a ``Py_DECREF`` done whole under the GIL), never to
+zero. :func:`wait_for_release` waits, with the GIL released, until every handed object is held by
+this module alone, then drops them on the calling thread: after each blocking collective, at the
+start of a component's ``step()`` (for what the DDP hooks of that optimizer step handed gloo), and
+at exit (exit handlers run before the interpreter starts shutting down). Once it returns, gloo's
+threads need the GIL for nothing sparsetrain gave them. Collectives on other backends are handed
+through untouched.
 
-Limit: dropping the DDP model when a function returns, right after ``destroy_process_group()``, still
-hung in about 1 of 70 runs on a loaded machine (``tests/sparsetrain/gloo_exit_driver.py N dropped``):
-something gloo holds there is not handed through this module yet.
+Watching with weak references instead (an earlier version) is not enough: a weak reference dies at
+the *start* of the object's deallocation, on gloo's thread; a tensor's deallocation
+(``THPVariable_clear``) then releases and re-takes the GIL, still inside ``runLoop``'s locked
+``reset()``. The main thread saw nothing watched, dropped the DDP model, and hung in
+``~ProcessGroupGloo`` on the work mutex (about 1 run in 70, ``tests/sparsetrain/gloo_exit_driver.py
+N dropped``).
 """
 
 from __future__ import annotations
 
 import atexit
 import itertools
+import sys
 import threading
 import time
-import weakref
 from typing import Any, TypeVar
 
 import torch
@@ -46,10 +55,24 @@ T = TypeVar("T")
 #: How long :func:`wait_for_release` waits at most (a collective whose peer died never completes).
 TIMEOUT_S = 10.0
 
-_watched: dict[int, weakref.ref] = {}
+#: What gloo was handed, kept here so that gloo's threads never drop the last reference.
+_held: dict[int, Any] = {}
 _keys = itertools.count()
 _registered = False
 _lock = threading.Lock()
+
+
+def _own_count() -> int:
+    """``sys.getrefcount`` of an object referenced by ``_held`` alone, as :func:`_let_go` reads it."""
+    key = next(_keys)
+    _held[key] = object()
+    try:
+        return sys.getrefcount(_held.get(key))
+    finally:
+        del _held[key]
+
+
+_OWN = _own_count()
 
 
 def _is_gloo(group: Any) -> bool:
@@ -57,7 +80,7 @@ def _is_gloo(group: Any) -> bool:
 
 
 def handed(obj: T, group: Any = None) -> T:
-    """What to hand a collective on ``group`` (or ``fut.then``): watched until gloo lets it go.
+    """What to hand a collective on ``group`` (or ``fut.then``): held here until gloo lets it go.
 
     Args:
         obj: a tensor given to the collective (returns an alias of it: pass the alias and keep
@@ -72,20 +95,24 @@ def handed(obj: T, group: Any = None) -> T:
         return obj
     if isinstance(obj, torch.Tensor):
         obj = obj.detach()  # a new tensor on the same storage, referenced only by gloo once passed
-    _watch(obj)
-    return obj
-
-
-def _watch(obj: Any) -> None:
+    if threading.current_thread() is threading.main_thread():
+        _let_go()  # what earlier collectives no longer hold; never on gloo's threads (a callback's)
+    _held[next(_keys)] = obj
     global _registered
-    key = next(_keys)
-    # The callback runs on the thread that drops the last reference (gloo's, holding the GIL).
-    _watched[key] = weakref.ref(obj, lambda _, key=key: _watched.pop(key, None))
     if not _registered:
         with _lock:
             if not _registered:
                 atexit.register(wait_for_release)
                 _registered = True
+    return obj
+
+
+def _let_go() -> bool:
+    """Drop, on this thread, what only this module still holds; True when nothing is held."""
+    for key in list(_held):
+        if sys.getrefcount(_held.get(key)) <= _OWN:
+            _held.pop(key, None)
+    return not _held
 
 
 def wait_for_release(timeout: float = TIMEOUT_S) -> bool:
@@ -94,14 +121,20 @@ def wait_for_release(timeout: float = TIMEOUT_S) -> bool:
     Call it where no collective of sparsetrain's is in flight (it would wait for that one too);
     it returns at once when nothing is held. It is also registered to run at exit.
 
+    Args:
+        timeout: the most seconds to wait (``>= 0``).
+
     Returns:
         True when nothing handed to gloo is held any more, False after ``timeout`` seconds.
+
+    Raises:
+        ValueError: if ``timeout`` is negative.
     """
-    if not _watched:
-        return True
+    if not timeout >= 0:
+        raise ValueError(f"`timeout` must be >= 0 seconds, got {timeout!r}")
     deadline = time.monotonic() + timeout
     spins = 0
-    while _watched:
+    while not _let_go():
         if time.monotonic() >= deadline:
             return False
         # Sleeping releases the GIL, and a gloo thread waiting for it takes it: at once on another
