@@ -13,7 +13,8 @@ def test_benchmark_smoke_runs_every_cpu_part(capsys):
     spec.loader.exec_module(bench)
     assert bench.main(["--smoke", "--dtypes", "bf16", "--parts", "layer,e2e,memory,compile,fp8"]) == 0
     out = capsys.readouterr().out
-    for title in ("per layer 64x64, bf16", "per layer 128x64, bf16", "end to end, prefill", "MLP-block stack", "demo GPT", "memory of the loaded",
+    for title in ("per layer 64x64, bf16", "per layer 128x64, bf16", "end to end, prefill", "MLP-block stack",
+                  "demo GPT", "memory of the loaded",
                   "compile: n/a (needs CUDA)", "fp8: n/a (needs CUDA)"):
         assert title in out
     assert "max |ours - dense|" in out and "error" not in out
