@@ -4,6 +4,7 @@ from .balance import MoEBalancer, MoEBalancerConfig
 from .experts import GroupedExperts
 from .layer import MoE, moe_layers, moe_losses
 from .parallel import (
+    derive_expert_data_parallel_group,
     expert_data_parallel_groups,
     expert_parameter_names,
     expert_state_dict,
@@ -30,6 +31,7 @@ __all__ = [
     "TopKRouter",
     "capacity",
     "dense_mlps",
+    "derive_expert_data_parallel_group",
     "expert_data_parallel_groups",
     "expert_parameter_names",
     "expert_state_dict",

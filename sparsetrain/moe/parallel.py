@@ -14,7 +14,7 @@ The backward runs the same two exchanges in reverse (:class:`_AllToAll`).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -26,6 +26,7 @@ from ._permute import _Permute
 from .experts import mark_stacked
 
 __all__ = [
+    "derive_expert_data_parallel_group",
     "expert_data_parallel_groups",
     "expert_parallel_forward",
     "expert_parameter_names",
@@ -194,6 +195,98 @@ def expert_data_parallel_groups(ep_size: int) -> tuple[Any, Any]:
         if rank % ep_size == r:
             edp_group = grp
     return (ep_group if ep_size > 1 else None), edp_group
+
+
+def derive_expert_data_parallel_group(layers: Mapping[str, Any]) -> Any:
+    """This rank's expert-data-parallel group (the ranks holding the same experts), derived from the
+    expert-parallel groups of ``layers`` (name -> an MoE layer with ``ep_group``; e.g. ``moe_layers(model)``).
+
+    Within its expert-parallel group of P ranks, a rank at index i (its rank in that group) holds the experts
+    ``i*E/P ... (i+1)*E/P - 1``, so the ranks at the same index hold the same experts, whatever the layout of
+    the groups (consecutive ranks as :func:`expert_data_parallel_groups` builds them, or any other). Every
+    rank sends ``(index, P, first rank of its group, whether its layers agree)`` to every other (one
+    ``all_gather`` of a few int64, no pickling), checks that the groups partition the world into groups of
+    one size P, each index appearing W/P times, and then creates the P groups with ``new_group``, in the same
+    order on every rank (collective: every rank of the default group must call this, with layers built
+    alike). Layers without expert parallelism (``ep_size`` 1) are skipped.
+
+    Args:
+        layers: name -> layer, the names used in messages (the sparsifier passes its expert stacks).
+
+    Returns:
+        The group, or None when no layer is expert-parallel or each expert has one rank (W = P).
+
+    Raises:
+        ValueError: the expert-parallel layers of one rank do not share one group's ranks (naming the two
+            layers that differ), or the layout of the ranks is not consistent: groups of different sizes, or
+            groups that overlap or miss ranks (raised on every rank, with the same message on all but the
+            rank whose layers differ).
+
+    Example::
+
+        >>> ep_group, _ = expert_data_parallel_groups(2)  # doctest: +SKIP
+        >>> shard_experts(model, ep_group)  # doctest: +SKIP
+        >>> edp_group = derive_expert_data_parallel_group(moe_layers(model))  # doctest: +SKIP
+    """
+    if not isinstance(layers, Mapping):
+        raise TypeError(f"`layers` must be a mapping of name -> MoE layer, got {type(layers).__name__}")
+    sharded = {n: m for n, m in layers.items() if getattr(m, "ep_group", None) is not None
+               and getattr(m, "ep_size", 1) > 1}
+    if not sharded or not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return None
+    world, rank = dist.get_world_size(), dist.get_rank()
+    first_name, first = next(iter(sharded.items()))
+    ranks = dist.get_process_group_ranks(first.ep_group)
+    local_error = None
+    for name, layer in sharded.items():
+        other = dist.get_process_group_ranks(layer.ep_group)
+        if other != ranks and local_error is None:
+            local_error = (f"the expert-parallel layers of rank {rank} do not share one layout: {first_name!r} is "
+                           f"expert-parallel over ranks {ranks}, {name!r} over ranks {other}; one expert-data-"
+                           "parallel group cannot serve both")
+    if rank not in ranks and local_error is None:
+        local_error = f"rank {rank} is not in the expert-parallel group of {first_name!r} (ranks {ranks})"
+    index = ranks.index(rank) if rank in ranks else -1
+    row = torch.tensor([index, len(ranks), ranks[0], local_error is not None], dtype=torch.int64)
+    if dist.get_backend() == "nccl":
+        row = row.cuda()
+    parts = [torch.empty_like(row) for _ in range(world)]
+    dist.all_gather([_gloo.handed(t) for t in parts], _gloo.handed(row))
+    _gloo.wait_for_release()
+    table = torch.stack(parts).cpu().tolist()  # per rank: index, P, first rank of its group, its layers disagree
+    if local_error is not None:
+        raise ValueError(local_error)
+    bad = [r for r, t in enumerate(table) if t[3]]
+    if bad:
+        raise ValueError(f"the expert-parallel layers of rank(s) {bad} do not share one layout (see the error on "
+                         "those ranks)")
+    sizes = {t[1] for t in table}
+    if len(sizes) > 1:
+        by_size = {p: [r for r, t in enumerate(table) if t[1] == p] for p in sorted(sizes)}
+        raise ValueError("the expert-parallel groups differ in size across ranks: "
+                         + ", ".join(f"ep_size {p} on ranks {rs}" for p, rs in by_size.items())
+                         + "; every rank needs an expert-parallel group of the same size")
+    P = sizes.pop()
+    members: dict[int, list[int]] = {}
+    for r, t in enumerate(table):
+        members.setdefault(t[2], []).append(r)
+    for head, rs in members.items():
+        if sorted(table[r][0] for r in rs) != list(range(P)) or rs[0] != head:
+            raise ValueError(f"the expert-parallel groups do not partition the {world} ranks into groups of "
+                             f"{P}: the ranks {rs} name rank {head} as the first of their group, at indices "
+                             f"{[table[r][0] for r in rs]} (each group must hold the indices 0 ... {P - 1} once)")
+    counts = [sum(t[0] == i for t in table) for i in range(P)]
+    if counts != [world // P] * P:  # implied by the partition; kept as the statement of what is required
+        raise ValueError(f"each index within an expert-parallel group must appear {world // P} times over the "
+                         f"{world} ranks, got {counts} for indices 0 ... {P - 1}")
+    if P == world:
+        return None
+    mine = None
+    for i in range(P):  # every rank creates every group, in the same order
+        grp = dist.new_group([r for r, t in enumerate(table) if t[0] == i])
+        if i == index:
+            mine = grp
+    return mine
 
 
 @torch.no_grad()

@@ -82,9 +82,10 @@ How the invariants are kept (each is tested):
   per local slice, and what must agree for an expert agrees whatever the expert-parallel size: the
   per-expert counts come from the global ``[E, ...]`` shape, the initial random mask and SET's regrowth
   are drawn from a generator of the GLOBAL expert id (:func:`.stacked.expert_generator`), and RigL
-  grows by that expert's gradient averaged over its replicas (``expert_group``; the owner's own when
-  there are none). Its slices are selected in groups of their own, reduced over ``expert_group``, not
-  over the world. :meth:`DynamicSparsifier.check_ranks` compares them only between replicas;
+  grows by that expert's gradient averaged over its replicas (``expert_group``, given or derived from
+  the layers' expert-parallel groups; the owner's own when there are none). Its slices are selected in
+  groups of their own, reduced over ``expert_group``, not over the world.
+  :meth:`DynamicSparsifier.check_ranks` compares them only between replicas;
   :meth:`DynamicSparsifier.state_dict` holds them whole by global id, so they re-shard on load;
   :meth:`DynamicSparsifier.statistics` counts this rank's experts.
 """
@@ -185,17 +186,21 @@ class DynamicSparsifier:
         hook_optimizer: with ``optimizer``, register a step-post hook that calls :meth:`step`;
             ``False`` means the loop calls :meth:`step` right after ``optimizer.step()``.
         expert_group: the expert-data-parallel group of this rank (the ranks that hold the same experts:
-            ``sparsetrain.moe.expert_data_parallel_groups(P)[1]``). Needed only when an expert-parallel
-            stack is selected and its experts have replicas (world size > ``ep_size``); with one rank per
-            expert leave it None.
+            ``sparsetrain.moe.expert_data_parallel_groups(P)[1]``), for expert-parallel stacks whose experts
+            have replicas (world size > ``ep_size``). None (the default) derives it from the stacks' own
+            expert-parallel groups (:func:`sparsetrain.moe.derive_expert_data_parallel_group`: one small
+            all-gather, and ``ep_size`` new groups where there are replicas; every rank constructs the
+            sparsifier, as always); it stays None where each expert has one rank.
         **config_fields: the fields of :class:`DynamicSparsityConfig`, when ``config`` is not given.
 
     Raises:
         TypeError: ``config`` is not a :class:`DynamicSparsityConfig`.
         ValueError: both ``config`` and config fields, a filter matching no layer, a layer claimed by
             another component, a module that already has a ``weight_mask``, an expert stack selected with
-            ``method="topkast"``, an expert-parallel stack whose experts have replicas without
-            ``expert_group``, or an ``expert_group`` whose size is not world size / ``ep_size``.
+            ``method="topkast"``, an ``expert_group`` whose size is not world size / ``ep_size``, or, with
+            ``expert_group`` None, expert-parallel stacks whose groups are not one consistent layout (stacks
+            over different ranks, groups of different sizes or that do not partition the world) or a
+            ``process_group`` smaller than the default group when their experts have replicas.
 
     Example::
 
@@ -365,28 +370,44 @@ class DynamicSparsifier:
     # ------------------------------------------------------------------ layers and expert stacks
 
     def _check_expert_group(self, expert_group: Any) -> Any:
-        """``expert_group`` checked against the expert-parallel stacks and the world (see ``__init__``)."""
+        """``expert_group`` checked against the expert-parallel stacks and the world, or, when None, derived from
+        the stacks' expert-parallel groups (see ``__init__``)."""
         if not self._sharded:
             return expert_group
         world = self._world()
         for name, layer in self._sharded.items():
-            replicas, rest = divmod(world, int(layer.ep_size))
-            if rest:
+            if world % int(layer.ep_size):
                 raise ValueError(f"expert stack {name!r} is expert-parallel (ep_size={layer.ep_size}), which does not "
                                  f"divide the world size {world} of `process_group`")
-            if expert_group is None:
-                if replicas > 1:
-                    raise ValueError(
-                        f"expert stack {name!r} is expert-parallel (ep_size={layer.ep_size}) in a world of {world} "
-                        f"ranks, so each expert has {replicas} replicas: pass `expert_group`, the ranks holding the "
-                        f"same experts (sparsetrain.moe.expert_data_parallel_groups({layer.ep_size})[1])"
-                    )
-                continue
+        if expert_group is None:
+            return self._derive_expert_group(world)
+        for name, layer in self._sharded.items():
+            replicas = world // int(layer.ep_size)
             size = dist.get_world_size(expert_group)
             if size != replicas:
                 raise ValueError(f"`expert_group` has {size} ranks, but the experts of stack {name!r} have {replicas} "
                                  f"replicas (world {world} / ep_size {layer.ep_size})")
         return expert_group
+
+    def _derive_expert_group(self, world: int) -> Any:
+        """The ranks holding the same experts as this one, from the stacks' own expert-parallel groups
+        (:func:`sparsetrain.moe.derive_expert_data_parallel_group`: collective over the default group, which
+        must then be the world of ``process_group``); None when each expert has one rank."""
+        if world == 1:
+            return None
+        from ..moe.parallel import derive_expert_data_parallel_group  # the moe package imports this one
+
+        if world != dist.get_world_size():
+            replicated = {n: m for n, m in self._sharded.items() if int(m.ep_size) < world}
+            if not replicated:
+                return None
+            name, layer = next(iter(replicated.items()))
+            raise ValueError(
+                f"expert stack {name!r} is expert-parallel (ep_size={layer.ep_size}) and `process_group` has "
+                f"{world} of the {dist.get_world_size()} ranks: the expert-data-parallel group is derived over the "
+                "default group only; pass `expert_group`, the ranks of `process_group` holding the same experts"
+            )
+        return derive_expert_data_parallel_group(self._sharded)
 
     def _counts_at(self, sparsity: float) -> dict[str, int | list[int]]:
         """Kept positions per layer at ``sparsity`` (0: all), from the GLOBAL shapes; an expert stack gets
@@ -917,10 +938,13 @@ class DynamicSparsifier:
             hook = cfg.grad_masking == "hook"
             grads = reduced_dense_grads(groups, weights_u, {u: g for u, g in dense.items() if u not in experts_u},
                                         process_group=self.process_group, all_reduce=hook)
-            # an expert's gradient: the mean over the ranks holding it (its own, without replicas)
+            # an expert's gradient: the mean over the ranks holding it (its own, without replicas). Averaged here
+            # with grad_masking="step" too: the experts' own reduction may run after the capture (a LightningModule
+            # reducing them in `on_before_optimizer_step`, after the callback's), and averaging replicas that
+            # were reduced already leaves them as they were (up to rounding, the same on every replica)
             grads.update(reduced_dense_grads(expert_groups, weights_u, {u: dense[u] for u in experts_u if u in dense},
                                              process_group=self.expert_group,
-                                             all_reduce=hook and self.expert_group is not None))
+                                             all_reduce=self.expert_group is not None))
         groups.update(expert_groups)
         if method == "set":  # an expert slice draws from a generator of its global id and the step
             own = {u: expert_generator(cfg.seed, self._layer_of(u), int(u.rsplit(".", 1)[1]), t)
