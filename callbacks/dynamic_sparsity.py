@@ -156,6 +156,11 @@ class DynamicSparsity(ComponentCallback):
             return  # a second fit on the same module keeps its masks
         if self.grad_masking == "auto":
             self.config.grad_masking = "hook" if self._gradients_read_before_step(trainer) else "step"
+        # A module that splits its experts at setup (MoEDemoLM) does it now: Lightning runs the callbacks'
+        # setup before the module's, and the masks must be built on the experts this rank holds.
+        prepare = getattr(pl_module, "setup_expert_parallel", None)
+        if callable(prepare):
+            prepare()
         self.component = DynamicSparsifier(pl_module, self.config)
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

@@ -151,8 +151,16 @@ class MoEDemoLM(DemoLM):
     # ------------------------------------------------------------------ expert parallelism
 
     def setup(self, stage: str) -> None:
+        self.setup_expert_parallel()
+
+    def setup_expert_parallel(self) -> None:
         """Split the experts over the expert-parallel groups (after the process group exists, before DDP
-        wraps the module and before the optimizer is built) and leave them out of DDP."""
+        wraps the module and before the optimizer is built) and leave them out of DDP; a no-op once done.
+
+        Lightning runs the callbacks' ``setup`` before the module's, so the
+        :class:`~sparsetrain.callbacks.DynamicSparsity` callback calls this first: its masks are built on
+        the experts this rank holds.
+        """
         if self.expert_parallel == 1 or any(m.ep_size > 1 for m in moe_layers(self.model).values()):
             return
         if not (dist.is_available() and dist.is_initialized()):

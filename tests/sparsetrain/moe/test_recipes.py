@@ -150,3 +150,33 @@ def test_moe_recipe_resumes_exactly_with_expert_parallelism(tmp_path):
     for i, entry in full["optimizer_states"][0]["state"].items():
         for name, t in entry.items():
             assert torch.equal(resumed["optimizer_states"][0]["state"][i][name], t), (i, name)
+
+
+def _train_dynamic(rank, world, recipe, out, overrides, steps):
+    from lightning.pytorch.callbacks import Callback
+    from sparsetrain.callbacks import DynamicSparsity
+
+    from sparsetrain.train import train
+
+    dyn = DynamicSparsity(method="rigl", sparsity=0.5, update_every=2, include=["*.experts.w1_EFD"], seed=1)
+    seen = {}
+
+    class Masks(Callback):  # the stacks' masks after training, and which global experts they are
+        def on_train_end(self, trainer, pl_module):
+            seen.update({name: mask.clone() for name, mask in dyn.sparsifier.masks().items()})
+
+    summary = train(load_recipe(recipe, overrides), out, max_steps=steps, report=False, extra_callbacks=[dyn, Masks()])
+    return summary["steps"], dyn.sparsifier.update_count, seen
+
+
+def test_moe_recipe_with_dynamic_sparsity_on_its_expert_stacks(tmp_path):
+    # MoEDemoLM splits its experts at setup, which Lightning runs after the callbacks' setup: the callback
+    # has the module split them first, so its masks are those of this rank's 2 experts of 4
+    results = run_distributed(_train_dynamic, 2, str(RECIPES / "moe.yaml"), str(tmp_path / "moe"), TINY, 4,
+                              lightning=True, timeout=300)
+    for steps, updates, masks in results:
+        assert steps == 4 and updates >= 1
+        assert masks and all(m.shape[0] == 2 for m in masks.values())
+        for m in masks.values():  # half of every expert's slice kept (sparsity 0.5, per-expert counts)
+            kept = m.reshape(2, -1).sum(dim=1)
+            assert torch.equal(kept, torch.full_like(kept, m[0].numel() // 2))
