@@ -168,6 +168,8 @@ ROWS = [
         "`include` pattern 'encoder.\\*' matches no layer"),
     Row("dyn-bool-string", lambda m, _: DynamicSparsifier(m, keep_first_dense="no"), TypeError,
         "`keep_first_dense` must be a bool"),
+    Row("dyn-expert-group-string", lambda m, _: DynamicSparsifier(m, sparsity=0.5, expert_group="edp"), TypeError,
+        "`expert_group` must be a torch.distributed ProcessGroup or None, got str"),
     Row("dyn-config-and-fields", lambda m, _: DynamicSparsifier(m, DynamicSparsityConfig(), sparsity=0.5), ValueError,
         "give either `config` or its fields"),
     # ---------------------------------------------------------------- DynamicSparsifier: loaded masks and state

@@ -372,6 +372,9 @@ class DynamicSparsifier:
     def _check_expert_group(self, expert_group: Any) -> Any:
         """``expert_group`` checked against the expert-parallel stacks and the world, or, when None, derived from
         the stacks' expert-parallel groups (see ``__init__``)."""
+        if expert_group is not None and not (dist.is_available() and isinstance(expert_group, dist.ProcessGroup)):
+            raise TypeError(f"`expert_group` must be a torch.distributed ProcessGroup or None, got "
+                            f"{type(expert_group).__name__}")
         if not self._sharded:
             return expert_group
         world = self._world()
