@@ -116,6 +116,7 @@ from .stacked import (
     expert_generator,
     expert_parallel_layer,
     expert_random_masks,
+    resolve_expert_group,
     select_layers_and_stacks,
     stack_active_counts,
 )
@@ -324,7 +325,7 @@ class DynamicSparsifier:
         # Expert-parallel stacks (this rank holds the experts `_expert_ids[name]` of E): the layer that holds
         # each, and the global shapes (`[E, ...]`) that the per-expert counts are computed from.
         self._sharded = {name: layer for name in stacks if (layer := expert_parallel_layer(model, name)) is not None}
-        self.expert_group = self._check_expert_group(expert_group)
+        self.expert_group = resolve_expert_group(self._sharded, expert_group, self._world())
         contract.attach(model, self, claimed=[self._param_key(name) for name in self._modules])
         self._shapes = {name: tuple(self._weight(name).shape) for name in self._modules}
         self._stacked = {name: self._shapes[name][0] for name in stacks}
@@ -368,49 +369,6 @@ class DynamicSparsifier:
         self.apply_masks()
 
     # ------------------------------------------------------------------ layers and expert stacks
-
-    def _check_expert_group(self, expert_group: Any) -> Any:
-        """``expert_group`` checked against the expert-parallel stacks and the world, or, when None, derived from
-        the stacks' expert-parallel groups (see ``__init__``)."""
-        if expert_group is not None and not (dist.is_available() and isinstance(expert_group, dist.ProcessGroup)):
-            raise TypeError(f"`expert_group` must be a torch.distributed ProcessGroup or None, got "
-                            f"{type(expert_group).__name__}")
-        if not self._sharded:
-            return expert_group
-        world = self._world()
-        for name, layer in self._sharded.items():
-            if world % int(layer.ep_size):
-                raise ValueError(f"expert stack {name!r} is expert-parallel (ep_size={layer.ep_size}), which does not "
-                                 f"divide the world size {world} of `process_group`")
-        if expert_group is None:
-            return self._derive_expert_group(world)
-        for name, layer in self._sharded.items():
-            replicas = world // int(layer.ep_size)
-            size = dist.get_world_size(expert_group)
-            if size != replicas:
-                raise ValueError(f"`expert_group` has {size} ranks, but the experts of stack {name!r} have {replicas} "
-                                 f"replicas (world {world} / ep_size {layer.ep_size})")
-        return expert_group
-
-    def _derive_expert_group(self, world: int) -> Any:
-        """The ranks holding the same experts as this one, from the stacks' own expert-parallel groups
-        (:func:`sparsetrain.moe.derive_expert_data_parallel_group`: collective over the default group, which
-        must then be the world of ``process_group``); None when each expert has one rank."""
-        if world == 1:
-            return None
-        from ..moe.parallel import derive_expert_data_parallel_group  # the moe package imports this one
-
-        if world != dist.get_world_size():
-            replicated = {n: m for n, m in self._sharded.items() if int(m.ep_size) < world}
-            if not replicated:
-                return None
-            name, layer = next(iter(replicated.items()))
-            raise ValueError(
-                f"expert stack {name!r} is expert-parallel (ep_size={layer.ep_size}) and `process_group` has "
-                f"{world} of the {dist.get_world_size()} ranks: the expert-data-parallel group is derived over the "
-                "default group only; pass `expert_group`, the ranks of `process_group` holding the same experts"
-            )
-        return derive_expert_data_parallel_group(self._sharded)
 
     def _counts_at(self, sparsity: float) -> dict[str, int | list[int]]:
         """Kept positions per layer at ``sparsity`` (0: all), from the GLOBAL shapes; an expert stack gets

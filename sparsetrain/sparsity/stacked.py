@@ -25,6 +25,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from .. import contract
@@ -268,3 +269,48 @@ def stack_active_counts(shapes: Mapping[str, Sequence[int]], stacked: Iterable[s
         return {n: [int(torch.Size(s[1:]).numel())] * int(s[0]) if n in stacked else int(torch.Size(s).numel())
                 for n, s in shapes.items()}
     return expert_active_counts(shapes, sparsity, distribution, stacked=stacked)
+
+
+def resolve_expert_group(sharded: Mapping[str, Any], expert_group: Any, world: int) -> Any:
+    """The expert-data-parallel group of a sparsifier's expert-parallel stacks (``sharded``: stack -> its
+    MoE layer) in a ``process_group`` of ``world`` ranks: ``expert_group`` checked (its size must be
+    world / ``ep_size``), or, when None, derived from the layers' own expert-parallel groups
+    (:func:`sparsetrain.moe.derive_expert_data_parallel_group`: collective over the default group, which
+    must then be the world of ``process_group``); None when each expert has one rank.
+
+    Raises:
+        TypeError: ``expert_group`` is neither a ``ProcessGroup`` nor None.
+        ValueError: an ``ep_size`` that does not divide ``world``, an ``expert_group`` of the wrong size, or
+            replicas to derive over a ``process_group`` smaller than the default group.
+    """
+    if expert_group is not None and not (dist.is_available() and isinstance(expert_group, dist.ProcessGroup)):
+        raise TypeError(f"`expert_group` must be a torch.distributed ProcessGroup or None, got "
+                        f"{type(expert_group).__name__}")
+    if not sharded:
+        return expert_group
+    for name, layer in sharded.items():
+        if world % int(layer.ep_size):
+            raise ValueError(f"expert stack {name!r} is expert-parallel (ep_size={layer.ep_size}), which does not "
+                             f"divide the world size {world} of `process_group`")
+    if expert_group is not None:
+        for name, layer in sharded.items():
+            replicas, size = world // int(layer.ep_size), dist.get_world_size(expert_group)
+            if size != replicas:
+                raise ValueError(f"`expert_group` has {size} ranks, but the experts of stack {name!r} have {replicas} "
+                                 f"replicas (world {world} / ep_size {layer.ep_size})")
+        return expert_group
+    if world == 1:
+        return None
+    if world != dist.get_world_size():
+        replicated = {n: m for n, m in sharded.items() if int(m.ep_size) < world}
+        if not replicated:
+            return None
+        name, layer = next(iter(replicated.items()))
+        raise ValueError(
+            f"expert stack {name!r} is expert-parallel (ep_size={layer.ep_size}) and `process_group` has "
+            f"{world} of the {dist.get_world_size()} ranks: the expert-data-parallel group is derived over the "
+            "default group only; pass `expert_group`, the ranks of `process_group` holding the same experts"
+        )
+    from ..moe.parallel import derive_expert_data_parallel_group  # the moe package imports this one
+
+    return derive_expert_data_parallel_group(sharded)
