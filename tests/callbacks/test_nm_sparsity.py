@@ -3,48 +3,25 @@ import pytest
 import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from sparsetrain.callbacks import NMSparsity
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import TensorDataset
 
 from sparsetrain.components import RecipeError, build_component
-from sparsetrain.demo import GPT, GPTConfig
+from sparsetrain.demo import GPT
 from sparsetrain.demo.lightning import DemoLM
 from sparsetrain.demo.loader import ResumableLoader
 from sparsetrain.nm import is_nm, nm_export_checkpoint
+from tests.callbacks.tiny_lm import CFG, one_thread  # noqa: F401 (one_thread: an autouse fixture)
+from tests.callbacks.tiny_lm import loader as _loader
+from tests.callbacks.tiny_lm import module as _module
+from tests.callbacks.tiny_lm import trainer as _trainer
 from tests.harness import run_distributed
 
-CFG = GPTConfig(block_size=16, n_layer=1, n_head=2, d_model=64)
 MLP_LAYERS = ["model.blocks.0.mlp.fc_in", "model.blocks.0.mlp.fc_out"]
 
 
 def _by_layer(sp):
     """The sparsifier's masks by layer name (``masks()`` keys them by parameter name)."""
     return {k.removesuffix(".weight"): v for k, v in sp.masks().items()}
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-def _loader(n_batches=8, batch=4, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randint(0, 256, (n_batches * batch, CFG.block_size + 1), generator=g)
-    return DataLoader(TensorDataset(x[:, :-1], x[:, 1:]), batch_size=batch, shuffle=False)
-
-
-def _trainer(max_steps, callbacks, tmp_path=None, **kw):
-    return pl.Trainer(accelerator="cpu", devices=1, max_steps=max_steps, callbacks=callbacks, logger=False,
-                      enable_checkpointing=tmp_path is not None, enable_progress_bar=False,
-                      enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0,
-                      default_root_dir=tmp_path, deterministic=True, **kw)
-
-
-def _module(seed=0):
-    torch.manual_seed(seed)
-    return DemoLM(model=CFG, lr=1e-2)
 
 
 @pytest.mark.parametrize("method,kw", [("srste", {}), ("mdgf", {}), ("sdgf", {"n": 1, "m": 8}),
