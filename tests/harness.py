@@ -178,3 +178,17 @@ def single_thread():
         yield
     finally:
         torch.set_num_threads(n)
+
+
+def stop_and_save(path, step: int):
+    """A Lightning callback that saves a checkpoint to ``path`` after ``step`` optimizer steps and stops there:
+    a planned run, interrupted (for resume tests)."""
+    import lightning.pytorch as pl
+
+    class StopAndSave(pl.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            if trainer.global_step == step:
+                trainer.save_checkpoint(path)
+                trainer.should_stop = True
+
+    return StopAndSave()

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from tests.harness import run_distributed, state_digest
+from tests.harness import run_distributed, state_digest, stop_and_save
 
 STEPS = 12
 HALF = 6
@@ -229,17 +229,6 @@ def _lightning_rank(rank, world, tmp):
     data = TensorDataset(torch.randn(16 * HALF * world, 32, generator=g),
                          torch.randint(0, 4, (16 * HALF * world,), generator=g))
 
-    class StopAndSave(pl.Callback):
-        """Saves a checkpoint after HALF steps and stops there: a run planned for STEPS, interrupted."""
-
-        def __init__(self, path):
-            self.path = path
-
-        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-            if trainer.global_step == HALF:
-                trainer.save_checkpoint(self.path)
-                trainer.should_stop = True
-
     def fit(case, stop_at=None, ckpt=None):
         dyn_kw, nm_kw, compression, optim = case
         pl.seed_everything(0, verbose=False)
@@ -256,7 +245,7 @@ def _lightning_rank(rank, world, tmp):
         probe = Probe((dyn, nm))
         callbacks.append(probe)
         if stop_at is not None:
-            callbacks.append(StopAndSave(stop_at))
+            callbacks.append(stop_and_save(stop_at, HALF))
         trainer = pl.Trainer(accelerator="cpu", devices=world, strategy="ddp", max_steps=STEPS, logger=False,
                              enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                              num_sanity_val_steps=0, limit_val_batches=0, default_root_dir=tmp,

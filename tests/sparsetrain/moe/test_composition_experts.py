@@ -20,7 +20,7 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from tests.harness import run_distributed, state_digest
+from tests.harness import run_distributed, state_digest, stop_and_save
 
 STEPS = 10
 HALF = 5
@@ -194,15 +194,6 @@ def _lightning_rank(rank, world, tmp):
             rec = _violations(pl_module, trainer.optimizers[0], self.dyn.sparsifier, self.comp.state, self.step_masks)
             self.history.append({"digest": state_digest(pl_module), "updates": self.dyn.sparsifier.update_count, **rec})
 
-    class StopAndSave(pl.Callback):
-        def __init__(self, path):
-            self.path = path
-
-        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-            if trainer.global_step == LIGHTNING_HALF:
-                trainer.save_checkpoint(self.path)
-                trainer.should_stop = True
-
     g = torch.Generator().manual_seed(7)
     n = 24 * LIGHTNING_HALF * world  # one epoch is LIGHTNING_HALF steps per rank
     data = TensorDataset(torch.randn(n, 12, generator=g), torch.randint(0, 4, (n,), generator=g))
@@ -213,7 +204,7 @@ def _lightning_rank(rank, world, tmp):
                               include=["net.moe.experts.w*", "net.inp"])
         comp = GradientCompression(density=0.05, min_numel=16, warmup_steps=2, ramp_steps=0)
         probe = Probe(dyn, comp)
-        callbacks = [dyn, comp, probe] + ([StopAndSave(stop_at)] if stop_at else [])
+        callbacks = [dyn, comp, probe] + ([stop_and_save(stop_at, LIGHTNING_HALF)] if stop_at else [])
         trainer = pl.Trainer(accelerator="cpu", devices=world, strategy="ddp", max_steps=LIGHTNING_STEPS,
                              logger=False, enable_checkpointing=False, enable_progress_bar=False,
                              enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0,
