@@ -192,3 +192,26 @@ def stop_and_save(path, step: int):
                 trainer.should_stop = True
 
     return StopAndSave()
+
+
+def quiet_trainer(tmp, callbacks, **kwargs):
+    """A CPU Lightning Trainer without logger, checkpoints, progress bar, summary or validation, logging every
+    step; ``kwargs`` override (``devices``, ``strategy``, ``max_epochs``...)."""
+    import lightning.pytorch as pl
+
+    defaults = dict(accelerator="cpu", max_epochs=1, logger=False, enable_checkpointing=False,
+                    enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+                    limit_val_batches=0, default_root_dir=tmp, log_every_n_steps=1)
+    return pl.Trainer(callbacks=callbacks, **{**defaults, **kwargs})
+
+
+def save_after_first_epoch(path):
+    """A Lightning callback that saves a checkpoint to ``path`` at the end of the first epoch (training goes on)."""
+    import lightning.pytorch as pl
+
+    class SaveAfterFirstEpoch(pl.Callback):
+        def on_train_epoch_end(self, trainer, pl_module):
+            if trainer.current_epoch == 0:
+                trainer.save_checkpoint(path)
+
+    return SaveAfterFirstEpoch()

@@ -11,23 +11,7 @@ import torch
 from sparsetrain.callbacks import DynamicSparsity, MaskedExchange
 
 from sparsetrain.demo.lightning import MLPDataModule, MLPTask
-from tests.harness import run_distributed
-
-
-def _trainer(tmp, callbacks, **kwargs):
-    defaults = dict(accelerator="cpu", max_epochs=1, logger=False, enable_checkpointing=False,
-                    enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
-                    limit_val_batches=0, default_root_dir=tmp, log_every_n_steps=1)
-    return pl.Trainer(callbacks=callbacks, **{**defaults, **kwargs})
-
-
-class _SaveAfterFirstEpoch(pl.Callback):
-    def __init__(self, path):
-        self.path = path
-
-    def on_train_epoch_end(self, trainer, pl_module):
-        if trainer.current_epoch == 0:
-            trainer.save_checkpoint(self.path)
+from tests.harness import quiet_trainer, run_distributed, save_after_first_epoch
 
 
 class _Probe(pl.Callback):
@@ -51,7 +35,7 @@ def _ranks(rank, world, tmp):
         if masked:
             cbs.append(MaskedExchange())
         probe = _Probe()
-        trainer = _trainer(tmp, [*cbs, probe, *extra], devices=world, strategy="ddp", max_epochs=epochs)
+        trainer = quiet_trainer(tmp, [*cbs, probe, *extra], devices=world, strategy="ddp", max_epochs=epochs)
         trainer.fit(model, MLPDataModule(**data), ckpt_path=ckpt)
         return trainer, model, cbs, probe
 
@@ -67,7 +51,7 @@ def _ranks(rank, world, tmp):
     out["updates"] = cbs[0].sparsifier.update_count
     # checkpoint after one epoch of a two-epoch run, resume in a new Trainer with new callbacks
     path = os.path.join(tmp, "epoch1.ckpt")
-    fit(2, masked=True, extra=[_SaveAfterFirstEpoch(path)])
+    fit(2, masked=True, extra=[save_after_first_epoch(path)])
     _, resumed, rcbs, _ = fit(2, masked=True, ckpt=path)
     out["resume_identical"] = all(torch.equal(a, b) for a, b in zip(model.parameters(), resumed.parameters()))
     out["resumed_totals"] = rcbs[1].summary()
@@ -111,6 +95,6 @@ def test_bad_arguments():
 
 def test_non_ddp_strategy_is_refused():
     with tempfile.TemporaryDirectory() as tmp:
-        trainer = _trainer(tmp, [DynamicSparsity(method="rigl", sparsity=0.8), MaskedExchange()], devices=1)
+        trainer = quiet_trainer(tmp, [DynamicSparsity(method="rigl", sparsity=0.8), MaskedExchange()], devices=1)
         with pytest.raises(ValueError, match=r"needs the DDP strategy \(strategy='ddp'\), got SingleDeviceStrategy"):
             trainer.fit(MLPTask(optimizer="sgd", lr=0.05), MLPDataModule(n=256, batch_size=32))

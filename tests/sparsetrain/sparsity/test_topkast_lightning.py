@@ -19,14 +19,7 @@ from sparsetrain.callbacks import DynamicSparsity, GradientCompression, MaskedEx
 
 from sparsetrain.demo.lightning import MLPDataModule, MLPTask
 from sparsetrain.sparsity import TopKastSparsifier
-from tests.harness import run_distributed
-
-
-def _trainer(tmp, callbacks, **kwargs):
-    defaults = dict(accelerator="cpu", max_epochs=1, logger=False, enable_checkpointing=False,
-                    enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
-                    limit_val_batches=0, default_root_dir=tmp, log_every_n_steps=1)
-    return pl.Trainer(callbacks=callbacks, **{**defaults, **kwargs})
+from tests.harness import quiet_trainer, run_distributed, save_after_first_epoch
 
 
 class _OutsideProbe(pl.Callback):
@@ -48,15 +41,6 @@ class _OutsideProbe(pl.Callback):
             self.outside_a += int((params[k].detach() != 0)[~sp.masks()[k]].sum())
 
 
-class _SaveAfterFirstEpoch(pl.Callback):
-    def __init__(self, path):
-        self.path = path
-
-    def on_train_epoch_end(self, trainer, pl_module):
-        if trainer.current_epoch == 0:
-            trainer.save_checkpoint(self.path)
-
-
 def _ranks(rank, world, tmp):
     data = dict(n=512, batch_size=32, seed=0)  # 8 optimizer steps per epoch on 2 ranks
 
@@ -70,7 +54,7 @@ def _ranks(rank, world, tmp):
         if dgc:
             cbs += [GradientCompression(density=0.05, momentum=0.9, warmup_steps=2, ramp_steps=0, min_numel=16),
                     _OutsideProbe(cbs[0])]
-        trainer = _trainer(tmp, [*cbs, *extra], devices=world, strategy="ddp", max_epochs=2)
+        trainer = quiet_trainer(tmp, [*cbs, *extra], devices=world, strategy="ddp", max_epochs=2)
         trainer.fit(model, MLPDataModule(**data), ckpt_path=ckpt)
         return model, cbs
 
@@ -88,7 +72,7 @@ def _ranks(rank, world, tmp):
         "biases": sum(p.numel() for n, p in model.named_parameters() if n not in sp.masks()),  # dense ones
     }
     path = os.path.join(tmp, "epoch1.ckpt")
-    fit(masked=True, extra=[_SaveAfterFirstEpoch(path)])
+    fit(masked=True, extra=[save_after_first_epoch(path)])
     resumed, _ = fit(masked=True, ckpt=path)
     out["resume_identical"] = all(torch.equal(a, b) for a, b in zip(model.parameters(), resumed.parameters()))
     out["resume_buffers"] = all(torch.equal(a, b) for a, b in zip(model.buffers(), resumed.buffers()))
