@@ -59,6 +59,24 @@ def _tx_bytes(interface: str) -> int | None:
         return None
 
 
+def _batch(train, batch_size: int, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """A batch of ``batch_size`` random windows of ``train``, drawn from ``g``."""
+    idx = torch.randint(0, len(train), (batch_size,), generator=g).tolist()
+    x, y = (torch.stack(t) for t in zip(*(train[i] for i in idx)))
+    return x, y
+
+
+def _timed_step(ddp, opt, x: torch.Tensor, y: torch.Tensor) -> tuple[float, torch.Tensor]:
+    """One training step (forward, backward, exchange, optimizer): its wall seconds and its loss."""
+    t0 = time.perf_counter()
+    logits = ddp(x)
+    loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)), y.reshape(-1))
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    return time.perf_counter() - t0, loss
+
+
 def worker(args) -> None:
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel as DDP
@@ -109,15 +127,9 @@ def worker(args) -> None:
         if step == args.warmup_steps:
             dist.barrier()
             tx0 = _tx_bytes(args.interface)
-        idx = torch.randint(0, len(train), (args.batch_size,), generator=g).tolist()
-        x, y = (torch.stack(t) for t in zip(*(train[i] for i in idx)))
-        t0 = time.perf_counter()
-        logits = ddp(x)
-        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)), y.reshape(-1))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        times.append(time.perf_counter() - t0)
+        x, y = _batch(train, args.batch_size, g)
+        seconds, loss = _timed_step(ddp, opt, x, y)
+        times.append(seconds)
         if not math.isfinite(loss.item()):
             raise SystemExit(f"{cfg}: loss is not finite at step {step}")
         if step >= args.warmup_steps and isinstance(state, MaskedExchange):
@@ -184,19 +196,12 @@ def interleaved_d1(args, train, rank: int) -> None:
     g = torch.Generator().manual_seed(1000 + rank)
     names = list(variants)
     for step in range(args.steps):
-        idx = torch.randint(0, len(train), (args.batch_size,), generator=g).tolist()
-        x, y = (torch.stack(t) for t in zip(*(train[i] for i in idx)))
+        x, y = _batch(train, args.batch_size, g)
         order = names[step % 3:] + names[:step % 3]
         for name in order:
             ddp, opt, times = variants[name]
             dist.barrier()
-            t0 = time.perf_counter()
-            logits = ddp(x)
-            loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)), y.reshape(-1))
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            times.append(time.perf_counter() - t0)
+            times.append(_timed_step(ddp, opt, x, y)[0])
     w = args.warmup_steps
     med = {n: statistics.median(v[2][w:]) for n, v in variants.items()}
     ratio = {n: statistics.median(a / b for a, b in zip(variants[n][2][w:], variants["ddp"][2][w:]))
