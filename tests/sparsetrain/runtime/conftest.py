@@ -23,3 +23,19 @@ needs_cusparselt = [
     pytest.mark.gpu,
     pytest.mark.skipif(not _cslt.available(), reason="needs CUDA with cuSPARSELt"),
 ]
+
+
+def gpt_24(cfg, *, seed_by_name=False):
+    """The demo GPT of ``cfg`` (torch seed 0) with random 2:4 MLP weights (``random_24`` of seed 0, or of the
+    layer name's length), bf16, in eval mode, on the CPU."""
+    from torch import nn
+
+    from sparsetrain.demo import GPT
+
+    torch.manual_seed(0)
+    model = GPT(cfg)
+    with torch.no_grad():
+        for name, m in model.named_modules():
+            if isinstance(m, nn.Linear) and ".mlp." in name:
+                m.weight.copy_(random_24(*m.weight.shape, dtype=torch.float32, seed=len(name) if seed_by_name else 0))
+    return model.to(torch.bfloat16).eval()

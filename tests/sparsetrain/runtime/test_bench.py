@@ -5,21 +5,15 @@ import pytest
 import torch
 from torch import nn
 
-from sparsetrain.demo.model import GPT, GPTConfig
+from sparsetrain.demo.model import GPTConfig
 from sparsetrain.runtime import sparsify_model
 from sparsetrain.runtime.bench import compare, example_input, format_report, layer_bytes
 
-from .conftest import random_24
+from .conftest import gpt_24
 
 
 def _gpt():
-    torch.manual_seed(0)
-    model = GPT(GPTConfig(d_model=64, n_layer=1, n_head=2, block_size=32))
-    with torch.no_grad():
-        for name, m in model.named_modules():
-            if isinstance(m, nn.Linear) and ".mlp." in name:
-                m.weight.copy_(random_24(*m.weight.shape, dtype=torch.float32))
-    return model.to(torch.bfloat16).eval()
+    return gpt_24(GPTConfig(d_model=64, n_layer=1, n_head=2, block_size=32))
 
 
 def test_compare_on_the_cpu_runs_the_dense_path():

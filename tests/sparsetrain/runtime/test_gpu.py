@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sparsetrain.demo.model import GPT, GPTConfig
+from sparsetrain.demo.model import GPTConfig
 from sparsetrain.runtime import (
     DispatchTable,
     Sparse24Linear,
@@ -20,7 +20,7 @@ from sparsetrain.runtime import (
 from sparsetrain.runtime.bench import compare, format_report, layer_bytes
 from sparsetrain.runtime.table import device_key
 
-from .conftest import needs_cusparselt, random_24
+from .conftest import gpt_24, needs_cusparselt, random_24
 
 pytestmark = needs_cusparselt
 
@@ -139,13 +139,7 @@ def test_layer_memory_is_at_most_0_6_of_dense():
 
 
 def _gpt():
-    torch.manual_seed(0)
-    model = GPT(GPTConfig(d_model=128, n_layer=2, n_head=2, block_size=256))
-    with torch.no_grad():
-        for name, m in model.named_modules():
-            if isinstance(m, nn.Linear) and ".mlp." in name:
-                m.weight.copy_(random_24(*m.weight.shape, dtype=torch.float32, seed=len(name)))
-    return model.cuda().to(torch.bfloat16).eval()
+    return gpt_24(GPTConfig(d_model=128, n_layer=2, n_head=2, block_size=256), seed_by_name=True).cuda()
 
 
 @pytest.mark.parametrize("which", ["mlp", "gpt"])
