@@ -26,6 +26,7 @@ from sparsetrain.launch import LaunchConfig, SlurmOptions
 from torch import nn
 
 from sparsetrain.compression import DGCConfig, DGCState
+from sparsetrain.moe import MoE, gather_expert_stack
 from sparsetrain.nm import NMConfig, NMSparsifier, pack_mask, permute_for_nm, unpack_mask
 from sparsetrain.sparsity import DynamicSparsifier, DynamicSparsityConfig
 from sparsetrain.train import resume_checkpoint
@@ -168,6 +169,10 @@ ROWS = [
         "`include` pattern 'encoder.\\*' matches no layer"),
     Row("dyn-bool-string", lambda m, _: DynamicSparsifier(m, keep_first_dense="no"), TypeError,
         "`keep_first_dense` must be a bool"),
+    Row("moe-gather-not-a-layer", lambda m, _: gather_expert_stack(nn.Linear(2, 2), torch.zeros(4, 2)), TypeError,
+        "`layer` must be an MoE layer"),
+    Row("moe-gather-wrong-experts", lambda m, _: gather_expert_stack(MoE(8, 16, 4, 2), torch.zeros(3, 2)), ValueError,
+        r"`t` must hold this rank's 4 experts along dim 0, got shape \(3, 2\)"),
     Row("dyn-expert-group-string", lambda m, _: DynamicSparsifier(m, sparsity=0.5, expert_group="edp"), TypeError,
         "`expert_group` must be a torch.distributed ProcessGroup or None, got str"),
     Row("dyn-config-and-fields", lambda m, _: DynamicSparsifier(m, DynamicSparsityConfig(), sparsity=0.5), ValueError,

@@ -364,7 +364,21 @@ def _expert_entries(model: nn.Module) -> list[tuple[str, Any, str, nn.Parameter]
 def gather_expert_stack(layer: Any, t: torch.Tensor) -> torch.Tensor:
     """The full ``[E, ...]`` stack (global expert id = index along dim 0) from every rank's ``[E/P, ...]``
     slice ``t`` of MoE layer ``layer`` (an all-gather in the layer's expert-parallel group: every rank of it
-    must call this; ``t`` itself without expert parallelism). Optimizer state and sparsity masks use it."""
+    must call this; ``t`` itself without expert parallelism). Optimizer state and sparsity masks use it.
+
+    Raises:
+        TypeError: ``layer`` is not an MoE layer (no ``ep_size``, ``ep_group``, ``num_experts``), ``t`` not a
+            tensor.
+        ValueError: ``t``'s first dim is not the layer's number of local experts.
+    """
+    if not all(hasattr(layer, a) for a in ("ep_size", "ep_group", "num_experts")):
+        raise TypeError("`layer` must be an MoE layer (with ep_size, ep_group, num_experts), got "
+                        f"{type(layer).__name__}")
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"`t` must be a tensor, got {type(t).__name__}")
+    local = layer.num_experts // layer.ep_size
+    if t.dim() < 1 or t.shape[0] != local:
+        raise ValueError(f"`t` must hold this rank's {local} experts along dim 0, got shape {tuple(t.shape)}")
     if layer.ep_size == 1:
         return t
     parts = [torch.empty_like(t) for _ in range(layer.ep_size)]
