@@ -106,15 +106,18 @@ def _horovodrun() -> str:
     return exe
 
 
-@pytest.mark.slow
-def test_horovodrun_matches_reference():
+def run_horovod_worker(module: str, timeout: float) -> list[dict]:
+    """Run ``python -m module TMP`` on 2 gloo ranks under ``horovodrun``; each rank's saved ``rank<r>.pt``."""
     exe = _horovodrun()
     with tempfile.TemporaryDirectory() as tmp:
         env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
                "OMP_NUM_THREADS": "1"}
-        cmd = [exe, "-np", "2", "--gloo", "-H", "localhost:2", sys.executable, "-m",
-               "tests.sparsetrain.compression.horovod_worker", tmp]
-        proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
+        cmd = [exe, "-np", "2", "--gloo", "-H", "localhost:2", sys.executable, "-m", module, tmp]
+        proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-        results = [torch.load(Path(tmp) / f"rank{r}.pt", weights_only=True) for r in range(2)]
-    _check(results, 2)
+        return [torch.load(Path(tmp) / f"rank{r}.pt", weights_only=True) for r in range(2)]
+
+
+@pytest.mark.slow
+def test_horovodrun_matches_reference():
+    _check(run_horovod_worker("tests.sparsetrain.compression.horovod_worker", timeout=240), 2)

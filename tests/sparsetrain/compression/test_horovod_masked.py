@@ -15,32 +15,18 @@ where RigL reads the dense gradient from the Horovod exchange on its update step
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-import tempfile
-from pathlib import Path
-
 import pytest
 import torch
 
 from sparsetrain.compression.horovod import DistributedOptimizer
 from sparsetrain.compression.masked import MaskedExchangeConfig
-from tests.sparsetrain.compression.test_horovod import ROOT, _horovodrun
+from tests.sparsetrain.compression.test_horovod import run_horovod_worker
 from tests.sparsetrain.compression.test_masked import STEPS, _assert_equal, _dgc_reference, _model
 
 
 @pytest.fixture(scope="module")
 def results():
-    exe = _horovodrun()
-    with tempfile.TemporaryDirectory() as tmp:
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
-               "OMP_NUM_THREADS": "1"}
-        cmd = [exe, "-np", "2", "--gloo", "-H", "localhost:2", sys.executable, "-m",
-               "tests.sparsetrain.compression.horovod_masked_worker", tmp]
-        proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-        return [torch.load(Path(tmp) / f"rank{r}.pt", weights_only=True) for r in range(2)]
+    return run_horovod_worker("tests.sparsetrain.compression.horovod_masked_worker", timeout=300)
 
 
 @pytest.mark.slow
