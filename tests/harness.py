@@ -215,3 +215,19 @@ def save_after_first_epoch(path):
                 trainer.save_checkpoint(path)
 
     return SaveAfterFirstEpoch()
+
+
+def outside_mask_counts(model, opt, masks) -> tuple[int, int]:
+    """Nonzero weights, and nonzero entries of the optimizer's weight-shaped state, outside ``masks``
+    (parameter name -> bool mask): both 0 when a sparsifier's invariant holds."""
+    import torch
+
+    weights = state = 0
+    params = dict(model.named_parameters())
+    for name, mask in masks.items():
+        w = params[name]
+        weights += int(((w != 0) & ~mask).sum())
+        for value in opt.state.get(w, {}).values():
+            if isinstance(value, torch.Tensor) and value.shape == w.shape:
+                state += int(((value != 0) & ~mask).sum())
+    return weights, state

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from tests.harness import run_distributed, state_digest, stop_and_save
+from tests.harness import outside_mask_counts, run_distributed, state_digest, stop_and_save
 
 STEPS = 12
 HALF = 6
@@ -61,15 +61,8 @@ def _batch(rank: int, step: int):
 
 def _violations(model: nn.Module, opt, dyn, nm) -> dict[str, int]:
     """Counts of broken invariants right after an optimizer step."""
-    out = {"weights_outside_mask": 0, "state_outside_mask": 0, "not_nm": 0}
-    params = dict(model.named_parameters())
-    if dyn is not None:
-        for name, mask in dyn.masks().items():
-            w = params[name]
-            out["weights_outside_mask"] += int(((w != 0) & ~mask).sum())
-            for value in opt.state.get(w, {}).values():
-                if isinstance(value, torch.Tensor) and value.shape == w.shape:
-                    out["state_outside_mask"] += int(((value != 0) & ~mask).sum())
+    weights, state = outside_mask_counts(model, opt, dyn.masks()) if dyn is not None else (0, 0)
+    out = {"weights_outside_mask": weights, "state_outside_mask": state, "not_nm": 0}
     if nm is not None:
         from sparsetrain.nm import is_nm
 

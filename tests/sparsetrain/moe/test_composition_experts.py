@@ -20,7 +20,7 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from tests.harness import run_distributed, state_digest, stop_and_save
+from tests.harness import outside_mask_counts, run_distributed, state_digest, stop_and_save
 
 STEPS = 10
 HALF = 5
@@ -53,14 +53,8 @@ def _batch(rank: int, step: int):
 def _violations(model, opt, dyn, dgc, step_masks) -> dict[str, int]:
     """Broken invariants right after an optimizer step; DGC's state is held to the masks the step ran with
     (``step_masks``: a mask update at the end of the step is followed at the start of the next one)."""
-    out = {"weights_outside_mask": 0, "state_outside_mask": 0, "dgc_outside_mask": 0, "dgc_slices": 0}
-    params = dict(model.named_parameters())
-    for name, mask in dyn.masks().items():
-        w = params[name]
-        out["weights_outside_mask"] += int(((w != 0) & ~mask).sum())
-        for value in opt.state.get(w, {}).values():
-            if isinstance(value, torch.Tensor) and value.shape == w.shape:
-                out["state_outside_mask"] += int(((value != 0) & ~mask).sum())
+    n_weights, n_state = outside_mask_counts(model, opt, dyn.masks())
+    out = {"weights_outside_mask": n_weights, "state_outside_mask": n_state, "dgc_outside_mask": 0, "dgc_slices": 0}
     masks = step_masks
     state = dgc.state_dict() if dgc is not None else {"residuals": {}, "momenta": {}}
     for table in (state["residuals"], state["momenta"]):
